@@ -1,0 +1,44 @@
+"""sa-envelope: envelope encryption of SQLAlchemy columns.
+
+Declare a column as ``EncryptedType(String(200), keys)`` and its values are
+encrypted in the application with a data key (AES-256-GCM, or AES-SIV for
+deterministic columns); data keys are wrapped by a master key held by AWS
+KMS or, for development, a local key file. See ``docs/`` for the format, the
+threat model and the rotation runbook.
+"""
+
+from __future__ import annotations
+
+from ._aws import AwsKmsProvider
+from ._cache import CacheLimits
+from ._errors import (
+    ConfigurationError,
+    DecryptionError,
+    EncryptionError,
+    EnvelopeError,
+    KeyNotFoundError,
+    KeyProviderError,
+    UnsupportedQueryError,
+)
+from ._manager import KeyManager
+from ._providers import DataKey, KeyProvider, LocalKeyProvider
+from ._type import EncryptedType
+
+__all__ = [
+    "AwsKmsProvider",
+    "CacheLimits",
+    "ConfigurationError",
+    "DataKey",
+    "DecryptionError",
+    "EncryptedType",
+    "EncryptionError",
+    "EnvelopeError",
+    "KeyManager",
+    "KeyNotFoundError",
+    "KeyProvider",
+    "KeyProviderError",
+    "LocalKeyProvider",
+    "UnsupportedQueryError",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,99 @@
+"""A bounded, thread-safe cache of plaintext data keys.
+
+Modelled on the AWS Encryption SDK's local cache: entries expire by age and
+by number of uses, and the cache holds at most ``max_size`` keys (the oldest
+loaded goes first). Reads take no lock: a dict lookup is atomic in CPython,
+and the per-value path must stay cheap. Writes and evictions take the lock.
+Use counts come from ``itertools.count`` (atomic under the GIL), so the
+limit holds across threads without a lock per value; the hit and miss
+statistics are plain integers and may undercount under contention.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["CacheLimits", "CachedKey", "KeyCache"]
+
+
+@dataclass(frozen=True)
+class CacheLimits:
+    """How long and how much a plaintext key may be served from memory.
+
+    Defaults: 1,000 keys, 15 minutes, 2**24 uses. A key past its age or use
+    limit is unwrapped again through the provider on next use, which is what
+    bounds how long a revoked CMK keeps working in a running process.
+    """
+
+    max_size: int = 1_000
+    max_age: float = 900.0
+    max_uses: int = 1 << 24
+
+
+@dataclass(eq=False, repr=False)
+class CachedKey:
+    """One plaintext key ready to use: its cipher object, built once."""
+
+    key_id: int
+    cipher: Any
+    head: bytes  # the value header for this key: version byte + key id
+    expires: float
+    uses: itertools.count = field(default_factory=itertools.count)
+
+    def __repr__(self) -> str:
+        return f"CachedKey({self.key_id:016x})"
+
+
+class KeyCache:
+    """Plaintext keys by key id, bounded by size, age and uses."""
+
+    def __init__(self, limits: CacheLimits) -> None:
+        self.limits = limits
+        self._entries: OrderedDict[int, CachedKey] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0  # plain ints: statistics, not limits (+= may race)
+        self.misses = 0
+        self.evictions = 0
+
+    def get(self, key_id: int) -> CachedKey | None:
+        """The cached key, or ``None`` if absent, too old or used up."""
+        entry = self._entries.get(key_id)
+        if entry is None:
+            self.misses += 1
+            return None
+        if time.monotonic() >= entry.expires or next(entry.uses) >= self.limits.max_uses:
+            self.evict(key_id)
+            self.misses += 1
+            return None
+        self.hits += 1
+        return entry
+
+    def put(self, key_id: int, cipher: Any, head: bytes) -> CachedKey:
+        """Cache a cipher object for ``key_id``, evicting the oldest if full."""
+        entry = CachedKey(key_id, cipher, head, time.monotonic() + self.limits.max_age)
+        with self._lock:
+            self._entries[key_id] = entry
+            self._entries.move_to_end(key_id)
+            while len(self._entries) > self.limits.max_size:
+                self._entries.popitem(last=False)
+                self.evictions += 1
+        return entry
+
+    def evict(self, key_id: int) -> None:
+        """Forget one key (rolled back, shredded, expired)."""
+        with self._lock:
+            if self._entries.pop(key_id, None) is not None:
+                self.evictions += 1
+
+    def clear(self) -> None:
+        """Forget every key."""
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,133 @@
+"""The package's exceptions: one root, narrow subclasses, in one module.
+
+Every error derives from :class:`EnvelopeError`, which mixes in SQLAlchemy's
+``DontWrapMixin``: an error raised while a statement binds or loads values
+reaches the caller as itself, not wrapped in ``StatementError``, so
+``except KeyProviderError:`` works around ``session.commit()``.
+
+Messages name the table, column and key id. They never carry key material or
+plaintext: the constructors take only those names, never values.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import DontWrapMixin
+
+__all__ = [
+    "ConfigurationError",
+    "DecryptionError",
+    "EncryptionError",
+    "EnvelopeError",
+    "KeyNotFoundError",
+    "KeyProviderError",
+    "UnsupportedQueryError",
+]
+
+
+def _where(table: str | None, column: str | None, key_id: str | None) -> str:
+    """Render ``table.column (key K)`` from whichever parts are known."""
+    place = ".".join(p for p in (table, column) if p) or "<unbound column>"
+    return f"{place} (key {key_id})" if key_id else place
+
+
+class EnvelopeError(DontWrapMixin, Exception):
+    """Root of every error sa-envelope raises.
+
+    ``table``, ``column`` and ``key_id`` are kept as attributes so that
+    callers and logs can tell where a failure happened without parsing text.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        table: str | None = None,
+        column: str | None = None,
+        key_id: str | None = None,
+    ) -> None:
+        self.table = table
+        self.column = column
+        self.key_id = key_id
+        super().__init__(message)
+
+
+class ConfigurationError(EnvelopeError, ValueError):
+    """A declaration or argument cannot work (caught at declaration time)."""
+
+
+class EncryptionError(EnvelopeError, TypeError):
+    """A value cannot be serialised for its column's inner type."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        table: str | None = None,
+        column: str | None = None,
+        key_id: str | None = None,
+    ) -> None:
+        where = _where(table, column, key_id)
+        super().__init__(
+            f"cannot encrypt a value for {where}: {reason}",
+            table=table,
+            column=column,
+            key_id=key_id,
+        )
+
+
+class DecryptionError(EnvelopeError):
+    """A stored value is tampered, truncated, swapped, corrupt or foreign.
+
+    One opaque error for every way a value can fail to authenticate: telling
+    them apart would help an attacker more than it helps an operator.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        table: str | None = None,
+        column: str | None = None,
+        key_id: str | None = None,
+    ) -> None:
+        where = _where(table, column, key_id)
+        super().__init__(
+            f"cannot decrypt a value of {where}: {reason}",
+            table=table,
+            column=column,
+            key_id=key_id,
+        )
+
+
+class KeyNotFoundError(DecryptionError, LookupError):
+    """A value names a data key that the key table does not hold.
+
+    A subclass of :class:`DecryptionError`: a value whose key is gone cannot
+    be decrypted, and a header tampered to name an unknown key is caught by
+    ``except DecryptionError`` too. Catch this class to tell lost keys apart.
+    """
+
+    def __init__(
+        self,
+        *,
+        table: str | None = None,
+        column: str | None = None,
+        key_id: str | None = None,
+        reason: str = "no such key in sa_envelope_keys",
+    ) -> None:
+        where = _where(table, column, key_id)
+        EnvelopeError.__init__(
+            self,
+            f"data key not found for {where}: {reason}",
+            table=table,
+            column=column,
+            key_id=key_id,
+        )
+
+
+class KeyProviderError(EnvelopeError):
+    """The key provider (KMS) refused, failed or could not be reached."""
+
+
+class UnsupportedQueryError(EnvelopeError):
+    """A query form cannot give a correct answer on an encrypted column."""

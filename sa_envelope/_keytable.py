@@ -1,0 +1,167 @@
+"""The key table ``sa_envelope_keys``: its schema and the queries on it.
+
+Plain SQLAlchemy metadata, so ``create_all`` and Alembic treat it like any
+table. It holds wrapped keys only; plaintext never reaches it. Every query
+runs on a connection the caller passes, so key rows are written inside the
+caller's transaction and share its fate.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    DateTime,
+    Index,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    select,
+)
+
+__all__ = [
+    "ACTIVE",
+    "KeyRecord",
+    "RETIRED",
+    "SCOPE_DETERMINISTIC",
+    "SCOPE_ROW",
+    "SCOPE_TABLE",
+    "SHREDDED",
+    "find_active",
+    "get_record",
+    "get_records",
+    "insert_record",
+    "key_table",
+    "new_key_id",
+    "utcnow",
+]
+
+KEY_TABLE_NAME = "sa_envelope_keys"
+SCOPE_TABLE = "table"
+SCOPE_ROW = "row"
+SCOPE_DETERMINISTIC = "deterministic"
+ACTIVE = "active"
+RETIRED = "retired"
+SHREDDED = "shredded"
+
+
+def key_table(metadata: MetaData, name: str = KEY_TABLE_NAME) -> Table:
+    """Define the key table on ``metadata`` (or return it if already there)."""
+    if name in metadata.tables:
+        return metadata.tables[name]
+    return Table(
+        name,
+        metadata,
+        Column("id", BigInteger, primary_key=True, autoincrement=False),
+        Column("scope", String(16), nullable=False),
+        Column("owner_table", String(255), nullable=False),
+        Column("parent_id", BigInteger, nullable=True),
+        Column("wrapping_key_id", String(2048), nullable=False),
+        Column("wrapped_key", LargeBinary, nullable=True),
+        Column("algorithm", String(32), nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+        Index(f"ix_{name}_owner", "owner_table", "scope", "status"),
+        Index(f"ix_{name}_parent", "parent_id"),
+    )
+
+
+@dataclass(frozen=True, repr=False)
+class KeyRecord:
+    """One row of the key table. Holds wrapped bytes only, never plaintext."""
+
+    id: int
+    scope: str
+    owner_table: str
+    parent_id: int | None
+    wrapping_key_id: str
+    wrapped_key: bytes | None
+    algorithm: str
+    status: str
+
+    def __repr__(self) -> str:
+        return (
+            f"KeyRecord(id={self.id:016x}, scope={self.scope!r}, owner={self.owner_table!r}, "
+            f"status={self.status!r}, wrapping_key_id={self.wrapping_key_id!r})"
+        )
+
+    @classmethod
+    def from_row(cls, row: Any) -> KeyRecord:
+        m = row._mapping
+        wrapped = m["wrapped_key"]
+        return cls(
+            id=m["id"],
+            scope=m["scope"],
+            owner_table=m["owner_table"],
+            parent_id=m["parent_id"],
+            wrapping_key_id=m["wrapping_key_id"],
+            wrapped_key=bytes(wrapped) if wrapped is not None else None,
+            algorithm=m["algorithm"],
+            status=m["status"],
+        )
+
+
+def new_key_id() -> int:
+    """A random 63-bit key id (fits a signed BIGINT on every backend)."""
+    while True:
+        key_id = int.from_bytes(os.urandom(8), "big") >> 1
+        if key_id:
+            return key_id
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def find_active(conn: Connection, table: Table, owner: str, scope: str) -> KeyRecord | None:
+    """The newest active key of ``scope`` for ``owner``, as ``conn`` sees it."""
+    stmt = (
+        select(table)
+        .where(table.c.owner_table == owner, table.c.scope == scope, table.c.status == ACTIVE)
+        .order_by(table.c.created_at.desc(), table.c.id.desc())
+        .limit(1)
+    )
+    row = conn.execute(stmt).first()
+    return KeyRecord.from_row(row) if row is not None else None
+
+
+def get_record(conn: Connection, table: Table, key_id: int) -> KeyRecord | None:
+    """The key row with this id, or ``None``."""
+    row = conn.execute(select(table).where(table.c.id == key_id)).first()
+    return KeyRecord.from_row(row) if row is not None else None
+
+
+def get_records(conn: Connection, table: Table, key_ids: Iterable[int]) -> list[KeyRecord]:
+    """Several key rows in one query."""
+    ids = list(key_ids)
+    if not ids:
+        return []
+    rows = conn.execute(select(table).where(table.c.id.in_(ids))).all()
+    return [KeyRecord.from_row(r) for r in rows]
+
+
+def insert_record(conn: Connection, table: Table, record: KeyRecord) -> None:
+    """Write a new key row on ``conn`` (inside the caller's transaction)."""
+    now = utcnow()
+    conn.execute(
+        table.insert().values(
+            id=record.id,
+            scope=record.scope,
+            owner_table=record.owner_table,
+            parent_id=record.parent_id,
+            wrapping_key_id=record.wrapping_key_id,
+            wrapped_key=record.wrapped_key,
+            algorithm=record.algorithm,
+            status=record.status,
+            created_at=now,
+            updated_at=now,
+        )
+    )

@@ -1,0 +1,319 @@
+"""KeyManager: the key table, the key cache and the rules that keep data safe.
+
+The one rule everything here serves: **no value is ever written under a key
+that is not durably stored.** A new table key is inserted on the same
+connection, in the same transaction, as the first value that uses it, so the
+key and its values commit or roll back together (and SQLite's single writer
+is never asked for a second connection). A key is trusted process-wide only
+once it has been *read back* from the key table by a transaction that did
+not create it, which proves it committed. Until then it is known only to the
+connection that made it, and forgotten if that connection rolls back.
+
+The per-value path (:meth:`KeyManager.encryption_key`,
+:meth:`KeyManager.decryption_key`) is two dict lookups once a key is cached;
+only a miss does I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+from sqlalchemy import Connection, Engine, MetaData, event
+from sqlalchemy.exc import SQLAlchemyError
+
+from . import _format as fmt
+from . import _keytable as kt
+from ._cache import CacheLimits, CachedKey, KeyCache
+from ._errors import EnvelopeError, KeyNotFoundError
+from ._faults import fault_point
+from ._providers import KeyProvider
+
+__all__ = ["KeyManager"]
+
+ALGORITHMS: Mapping[str, tuple[type, int, int]] = {
+    # name: (cipher class, key bytes, format version)
+    "AES-256-GCM": (AESGCM, 32, fmt.VERSION_GCM),
+    "AES-256-SIV": (AESSIV, 64, fmt.VERSION_SIV),
+}
+SCOPE_ALGORITHM = {
+    kt.SCOPE_TABLE: "AES-256-GCM",
+    kt.SCOPE_ROW: "AES-256-GCM",
+    kt.SCOPE_DETERMINISTIC: "AES-256-SIV",
+}
+ROW_KEY_WRAPPING = "parent"  # wrapping_key_id of keys wrapped by another key
+
+
+@dataclass
+class _ConnState:
+    """What one connection's open transaction knows that others must not.
+
+    ``created``: keys this transaction inserted (not yet known to be stored).
+    ``active``: (owner, scope) -> key id chosen for writing in this transaction.
+    """
+
+    created: set[int] = field(default_factory=set)
+    active: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+def kms_context(owner: str, key_id: int) -> dict[str, str]:
+    """The encryption context bound to a wrapped key (visible in CloudTrail)."""
+    return {"sa_envelope:table": owner, "sa_envelope:key": fmt.format_key_id(key_id)}
+
+
+class KeyManager:
+    """Owns the key table, the plaintext key cache and key creation.
+
+    ``engine`` is the Engine (or AsyncEngine) your sessions use: the manager
+    listens to its connections to learn which transaction a value is bound
+    in. ``metadata`` lets the key table live in your own MetaData so that
+    Alembic autogenerate sees it. No network or database call happens here.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        provider: KeyProvider,
+        *,
+        cache: CacheLimits | None = None,
+        metadata: MetaData | None = None,
+        table_name: str = kt.KEY_TABLE_NAME,
+    ) -> None:
+        self.engine: Engine = getattr(engine, "sync_engine", engine)
+        self.provider = provider
+        self.table = kt.key_table(metadata if metadata is not None else MetaData(), table_name)
+        self._cache = KeyCache(cache or CacheLimits())
+        self._active: dict[tuple[str, str], int] = {}  # trusted: read back as stored
+        self._lock = threading.RLock()
+        self._conn: ContextVar[Connection | None] = ContextVar(f"sa_envelope_conn_{id(self)}", default=None)
+        self._state_key = f"sa_envelope_state_{id(self)}"
+        self.provider_calls = 0
+        self.keys_created = 0
+        self._listen(self.engine)
+
+    # -- wiring ---------------------------------------------------------------
+
+    def _listen(self, engine: Engine) -> None:
+        """Track the executing connection and the fate of its transaction."""
+        event.listen(engine, "before_execute", self._on_execute)
+        event.listen(engine, "commit", self._on_commit)
+        event.listen(engine, "rollback", self._on_rollback)
+        event.listen(engine, "rollback_savepoint", self._on_rollback_savepoint)
+        event.listen(engine, "reset", self._on_pool_reset)
+
+    def _on_execute(self, conn: Connection, *args: Any) -> None:
+        self._conn.set(conn)
+
+    def _on_commit(self, conn: Connection) -> None:
+        # The keys are stored now (or the commit fails and nothing is). Either
+        # way, they are no longer private to this connection; the next reader
+        # finds them in the key table and only then trusts them.
+        conn.info.pop(self._state_key, None)
+
+    def _on_rollback(self, conn: Connection) -> None:
+        self._forget(conn.info.pop(self._state_key, None))
+
+    def _on_rollback_savepoint(self, conn: Connection, name: Any, context: Any) -> None:
+        # A key made before the savepoint may survive, one made after may not:
+        # drop the choices, keep ``created`` so neither is ever trusted early.
+        state = conn.info.get(self._state_key)
+        if state is not None:
+            state.active.clear()
+
+    def _on_pool_reset(self, dbapi_conn: Any, record: Any, reset_state: Any) -> None:
+        self._forget(record.info.pop(self._state_key, None))
+
+    def _forget(self, state: _ConnState | None) -> None:
+        """Evict keys whose rows were rolled back."""
+        if state is not None:
+            for key_id in state.created:
+                self._cache.evict(key_id)
+
+    @contextlib.contextmanager
+    def use_connection(self, conn: Connection) -> Iterator[Connection]:
+        """Bind values through ``conn`` (for connections of another engine,
+        such as Alembic's): new keys are then written in its transaction."""
+        token = self._conn.set(conn)
+        try:
+            yield conn
+        finally:
+            self._conn.reset(token)
+
+    # -- public -----------------------------------------------------------------
+
+    def create_table(self) -> None:
+        """Create the key table if it does not exist (idempotent)."""
+        self.table.create(self.engine, checkfirst=True)
+
+    def stats(self) -> dict[str, int]:
+        """Counters: provider calls, cache hits and misses, keys created."""
+        return {
+            "provider_calls": self.provider_calls,
+            "cache_hits": self._cache.hits,
+            "cache_misses": self._cache.misses,
+            "cache_evictions": self._cache.evictions,
+            "cached_keys": len(self._cache),
+            "keys_created": self.keys_created,
+        }
+
+    def clear_cache(self) -> None:
+        """Forget every plaintext key (the next use unwraps again)."""
+        with self._lock:
+            self._cache.clear()
+            self._active.clear()
+
+    # -- the per-value path -------------------------------------------------------
+
+    def encryption_key(self, owner: str, scope: str = kt.SCOPE_TABLE) -> CachedKey:
+        """The key new values of ``owner`` are written under."""
+        key_id = self._active.get((owner, scope))
+        if key_id is not None:
+            entry = self._cache.get(key_id)
+            if entry is not None:
+                return entry
+        return self._resolve_encryption_key(owner, scope)
+
+    def decryption_key(self, key_id: int, *, table: str, column: str) -> CachedKey:
+        """The key a stored value names in its header."""
+        entry = self._cache.get(key_id)
+        if entry is not None:
+            return entry
+        return self._load_key(key_id, table=table, column=column)
+
+    # -- misses -----------------------------------------------------------------
+
+    def _current(self) -> Connection | None:
+        conn = self._conn.get()
+        if conn is None or conn.closed or conn.invalidated:
+            return None
+        return conn
+
+    def _state(self, conn: Connection) -> _ConnState:
+        state = conn.info.get(self._state_key)
+        if state is None:
+            state = conn.info[self._state_key] = _ConnState()
+        return state
+
+    def _resolve_encryption_key(self, owner: str, scope: str) -> CachedKey:
+        conn = self._current()
+        if conn is None:
+            # Bound outside any tracked execution: make the key durable first,
+            # in a transaction of its own, then use it.
+            with self.engine.begin() as own:
+                with self.use_connection(own):
+                    entry = self._resolve_on(own, owner, scope)
+            return entry
+        return self._resolve_on(conn, owner, scope)
+
+    def _resolve_on(self, conn: Connection, owner: str, scope: str) -> CachedKey:
+        state = self._state(conn)
+        key_id = state.active.get((owner, scope)) or self._active.get((owner, scope))
+        if key_id is not None:
+            entry = self._cache.get(key_id)
+            if entry is not None:
+                return entry
+            return self._load_key(key_id, table=owner, column=None, conn=conn)
+        record = self._db(lambda: kt.find_active(conn, self.table, owner, scope), owner)
+        if record is None:
+            return self._create_key(conn, state, owner, scope)
+        if record.id in state.created:
+            state.active[(owner, scope)] = record.id
+        else:
+            self._active[(owner, scope)] = record.id  # read back: it is stored
+        return self._cache.get(record.id) or self._unwrap_and_cache(record, table=owner, column=None, conn=conn)
+
+    def _create_key(self, conn: Connection, state: _ConnState, owner: str, scope: str) -> CachedKey:
+        """Generate a key and insert it in ``conn``'s transaction."""
+        algorithm = SCOPE_ALGORITHM[scope]
+        cipher_cls, size, version = ALGORITHMS[algorithm]
+        key_id = kt.new_key_id()
+        data_key = self._provider_call(lambda: self.provider.generate(kms_context(owner, key_id), size))
+        record = kt.KeyRecord(
+            id=key_id,
+            scope=scope,
+            owner_table=owner,
+            parent_id=None,
+            wrapping_key_id=data_key.wrapping_key_id,
+            wrapped_key=data_key.wrapped,
+            algorithm=algorithm,
+            status=kt.ACTIVE,
+        )
+        fault_point("key.create.before_insert")
+        self._db(lambda: kt.insert_record(conn, self.table, record), owner)
+        fault_point("key.create.after_insert")
+        state.created.add(key_id)
+        state.active[(owner, scope)] = key_id
+        self.keys_created += 1
+        return self._cache.put(key_id, cipher_cls(data_key.plaintext), fmt.header(version, key_id))
+
+    def _load_key(
+        self, key_id: int, *, table: str, column: str | None, conn: Connection | None = None
+    ) -> CachedKey:
+        conn = conn or self._current()
+        if conn is None:
+            with self.engine.connect() as own:
+                record = self._db(lambda: kt.get_record(own, self.table, key_id), table)
+                return self._checked_unwrap(record, key_id, table, column, own)
+        record = self._db(lambda: kt.get_record(conn, self.table, key_id), table)
+        return self._checked_unwrap(record, key_id, table, column, conn)
+
+    def _checked_unwrap(
+        self, record: kt.KeyRecord | None, key_id: int, table: str, column: str | None, conn: Connection
+    ) -> CachedKey:
+        if record is None:
+            raise KeyNotFoundError(table=table, column=column, key_id=fmt.format_key_id(key_id))
+        if record.wrapped_key is None:
+            raise KeyNotFoundError(
+                table=table, column=column, key_id=fmt.format_key_id(key_id),
+                reason=f"key is {record.status}",
+            )
+        return self._unwrap_and_cache(record, table=table, column=column, conn=conn)
+
+    def _unwrap_and_cache(
+        self, record: kt.KeyRecord, *, table: str, column: str | None, conn: Connection
+    ) -> CachedKey:
+        cipher_cls, _, version = ALGORITHMS[record.algorithm]
+        plaintext = self._unwrap(record, table=table, column=column, conn=conn)
+        return self._cache.put(record.id, cipher_cls(plaintext), fmt.header(version, record.id))
+
+    def _unwrap(self, record: kt.KeyRecord, *, table: str, column: str | None, conn: Connection) -> bytes:
+        """Plaintext of a stored key: by its parent key, or by the provider."""
+        assert record.wrapped_key is not None
+        if record.parent_id is not None:
+            parent = self.decryption_key(record.parent_id, table=table, column=column or "")
+            return self._unwrap_child(parent, record, table=table, column=column)
+        context = kms_context(record.owner_table, record.id)
+        return self._provider_call(
+            lambda: self.provider.unwrap(record.wrapped_key, context, record.wrapping_key_id)  # type: ignore[arg-type]
+        )
+
+    def _unwrap_child(self, parent: CachedKey, record: kt.KeyRecord, *, table: str, column: str | None) -> bytes:
+        """Row keys are wrapped locally by their table key (see _rowkeys)."""
+        from ._rowkeys import unwrap_row_key
+
+        return unwrap_row_key(parent, record, table=table, column=column)
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _provider_call(self, fn: Any) -> Any:
+        self.provider_calls += 1
+        return fn()
+
+    def _db(self, fn: Any, owner: str) -> Any:
+        """Run a key-table query; a database failure becomes ours, named."""
+        try:
+            return fn()
+        except EnvelopeError:
+            raise
+        except SQLAlchemyError as exc:
+            raise EnvelopeError(
+                f"key table {self.table.name} query failed for table {owner}: {type(exc).__name__}",
+                table=owner,
+            ) from exc
+
+    def __repr__(self) -> str:
+        return f"KeyManager(table={self.table.name!r}, provider={self.provider!r})"

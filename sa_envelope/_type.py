@@ -1,0 +1,223 @@
+"""EncryptedType: the column type that encrypts in the application.
+
+A ``TypeDecorator`` over a binary column. It learns its table and column
+names when the column is attached to a table (it is a
+``SchemaEventTarget``, as ``Enum`` is), and binds every value to them as
+associated data, so a value copied to another column or table fails to
+decrypt. Pin the names with ``context="table.column"`` to survive a rename.
+
+Everything that can be decided once is decided at declaration: the codec,
+the context bytes, the storage type per dialect. The per-value path is:
+encode, fetch the cached key (two dict lookups), one AEAD call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Column, LargeBinary, Table
+from sqlalchemy.dialects import mysql, postgresql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql.base import SchemaEventTarget
+from sqlalchemy.types import String, TypeDecorator, TypeEngine, to_instance
+
+from . import _format as fmt
+from . import _keytable as kt
+from ._codecs import UnsupportedValue, codec_for
+from ._errors import ConfigurationError, DecryptionError, EncryptionError
+
+__all__ = ["EncryptedType"]
+
+SCOPES = ("table", "row")
+MYSQL_VARBINARY_MAX = 3072  # InnoDB's longest index key: beyond it, LONGBLOB
+UTF8_MAX_BYTES = 4
+
+
+class EncryptedType(TypeDecorator[Any], SchemaEventTarget):
+    """Encrypt values of ``inner`` with a data key from ``keys``.
+
+    ``scope="table"`` uses the table's key (AES-256-GCM, random nonce);
+    ``scope="row"`` a key per row. ``deterministic=True`` uses AES-SIV so
+    that equal values give equal ciphertexts within the column, which
+    makes ``==`` queries work and reveals equality. ``keys`` may be omitted
+    where only DDL is needed (Alembic migrations).
+    """
+
+    impl = LargeBinary
+    cache_ok = True
+
+    def __init__(
+        self,
+        inner: TypeEngine[Any] | type[TypeEngine[Any]],
+        keys: Any = None,
+        *,
+        scope: str = "table",
+        deterministic: bool = False,
+        context: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.inner = to_instance(inner)
+        self.keys = keys
+        self.scope = scope
+        self.deterministic = deterministic
+        self.context = context
+        self._validate()
+        try:
+            self._codec = codec_for(self.inner)
+        except TypeError as exc:
+            raise ConfigurationError(str(exc)) from None
+        self._table: str | None = None
+        self._column: str | None = None
+        self._ctx = b""
+        self._parent: Column[Any] | None = None
+        if context is not None:
+            table, _, column = context.rpartition(".")
+            if not table or not column:
+                raise ConfigurationError(f"context must be 'table.column', got {context!r}")
+            self._bind_names(table, column)
+
+    def _validate(self) -> None:
+        if self.scope not in SCOPES:
+            raise ConfigurationError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.scope == "row" and self.deterministic:
+            raise ConfigurationError(
+                "scope='row' cannot be deterministic: equal values under different "
+                "row keys never compare equal; use scope='table' for queryable columns"
+            )
+
+    # -- learning the column --------------------------------------------------------
+
+    def _set_parent(self, parent: Any, **kw: Any) -> None:
+        """Called by ``Column`` when this type is given to it.
+
+        One instance serves one column: its names are its identity. A copied
+        column (mixins, ``to_metadata``) gets a copied type, see :meth:`copy`.
+        """
+        if not isinstance(parent, Column):
+            return
+        if self._parent is not None and self._parent is not parent:
+            raise ConfigurationError(
+                f"one EncryptedType instance is given to two columns ({self._parent.name!r} "
+                f"and {parent.name!r}); give each column its own instance"
+            )
+        self._parent = parent
+        parent._on_table_attach(self._on_table_attach)
+
+    def _on_table_attach(self, column: Column[Any], table: Table) -> None:
+        if self.context is None:
+            self._bind_names(table.name, column.name)
+
+    def _bind_names(self, table: str, column: str) -> None:
+        self._table, self._column = table, column
+        self._ctx = fmt.context_bytes(table, column)
+
+    @property
+    def bound_context(self) -> str | None:
+        """``table.column`` bound into every value, once known."""
+        return f"{self._table}.{self._column}" if self._table else None
+
+    # -- storage -----------------------------------------------------------------------
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        """BYTEA on PostgreSQL, VARBINARY or LONGBLOB on MySQL, BLOB elsewhere."""
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.BYTEA())
+        if dialect.name in ("mysql", "mariadb"):
+            limit = self.max_stored_length()
+            if limit is not None and limit <= MYSQL_VARBINARY_MAX:
+                return dialect.type_descriptor(mysql.VARBINARY(limit))
+            return dialect.type_descriptor(mysql.LONGBLOB())
+        return dialect.type_descriptor(LargeBinary())
+
+    def max_stored_length(self) -> int | None:
+        """Largest stored value in bytes, where the inner type bounds it."""
+        length = getattr(self.inner, "length", None)
+        if isinstance(self.inner, String) and length:
+            return length * UTF8_MAX_BYTES + fmt.GCM_OVERHEAD
+        return None
+
+    def copy(self, **kw: Any) -> EncryptedType:
+        """A copy keeps the names (SQLAlchemy's per-dialect copies need them);
+        a copy given to a new column re-learns them when that column attaches."""
+        clone = super().copy(**kw)
+        clone._parent = None
+        return clone
+
+    @property
+    def python_type(self) -> type:
+        return self.inner.python_type
+
+    def coerce_compared_value(self, op: Any, value: Any) -> TypeEngine[Any]:
+        """Compare with values of this same type, so they get encrypted."""
+        return self
+
+    # -- the per-value path --------------------------------------------------------------
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> bytes | None:
+        if value is None:
+            return None
+        return self.encrypt(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        return self.decrypt(value)
+
+    def encrypt(self, value: Any) -> bytes:
+        """Serialise and seal one value for this column."""
+        table, keys = self._table, self.keys
+        if table is None or keys is None:
+            raise self._unbound(EncryptionError)
+        try:
+            data = self._codec.encode(value)
+        except UnsupportedValue as exc:
+            raise EncryptionError(str(exc), table=table, column=self._column) from None
+        if self.deterministic:
+            key = keys.encryption_key(table, kt.SCOPE_DETERMINISTIC)
+            return fmt.encrypt_siv(key.cipher, key.head, data, self._ctx)
+        key = keys.encryption_key(table)
+        return fmt.encrypt_gcm(key.cipher, key.head, data, self._ctx)
+
+    def decrypt(self, value: bytes) -> Any:
+        """Open and deserialise one stored value of this column."""
+        table, column, keys = self._table, self._column, self.keys
+        if table is None or keys is None:
+            raise self._unbound(DecryptionError)
+        try:
+            version, key_id = fmt.read_header(value)
+        except fmt.InvalidEnvelope as exc:
+            raise DecryptionError(str(exc), table=table, column=column) from None
+        key = keys.decryption_key(key_id, table=table, column=column)
+        try:
+            if version != key.head[0]:
+                raise fmt.InvalidEnvelope("format version does not match the key's algorithm")
+            if version == fmt.VERSION_SIV:
+                data = fmt.decrypt_siv(key.cipher, value, self._ctx)
+            else:
+                data = fmt.decrypt_gcm(key.cipher, value, self._ctx)
+            return self._codec.decode(data)
+        except fmt.InvalidEnvelope as exc:
+            reason = str(exc)
+        except Exception:  # authentic bytes that do not decode: a codec change
+            reason = f"stored bytes do not decode as {self._codec.name}"
+        raise DecryptionError(
+            reason, table=table, column=column, key_id=fmt.format_key_id(key_id)
+        )
+
+    def _unbound(self, error: type[EncryptionError] | type[DecryptionError]) -> Exception:
+        if self.keys is None:
+            return error(
+                "this EncryptedType has no KeyManager (declared for DDL only)",
+                table=self._table, column=self._column,
+            )
+        return error("the column is not attached to a table and has no context=")
+
+    def __repr__(self) -> str:
+        args = [repr(self.inner)]
+        if self.scope != "table":
+            args.append(f"scope={self.scope!r}")
+        if self.deterministic:
+            args.append("deterministic=True")
+        if self.context is not None:
+            args.append(f"context={self.context!r}")
+        return f"EncryptedType({', '.join(args)})"
