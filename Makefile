@@ -1,0 +1,44 @@
+# Developer and CI entry points. Every target that runs code first makes sure
+# .venv exists and matches pyproject.toml; the stamp file keeps that a no-op
+# when nothing changed, so `make test` stays fast on repeat runs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stamp
+BENCH_STAMP := $(VENV)/.stamp-bench
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+.PHONY: venv demo test reliability bench clean
+
+venv: $(STAMP)
+
+# Re-run the install whenever pyproject.toml changes (new dependency, extra...).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,alembic]'
+	touch $@
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	touch $@
+
+demo: venv
+	$(BIN)/sa-envelope demo
+
+test: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Placeholder until failure-injection tests exist (pytest exits 5 when none match).
+reliability: venv
+	$(BIN)/python -m pytest -q -m reliability tests
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+# Keeps .sa_envelope/ (a development master key: deleting it makes data unreadable)
+# and benchmarks/results/.
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis sa_envelope_demo
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
