@@ -22,6 +22,9 @@ from ._errors import (
 )
 from ._manager import KeyManager
 from ._providers import DataKey, KeyProvider, LocalKeyProvider
+from ._reencrypt import ReencryptReport
+from ._rewrap import RewrapReport
+from ._rollover import RolloverPolicy
 from ._type import EncryptedType
 
 __all__ = [
@@ -38,6 +41,9 @@ __all__ = [
     "KeyProvider",
     "KeyProviderError",
     "LocalKeyProvider",
+    "ReencryptReport",
+    "RewrapReport",
+    "RolloverPolicy",
     "UnsupportedQueryError",
 ]
 

@@ -17,7 +17,9 @@ only a miss does I/O.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
+from collections import defaultdict
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
@@ -32,6 +34,7 @@ from ._cache import CacheLimits, CachedKey, KeyCache
 from ._errors import EnvelopeError, KeyNotFoundError
 from ._faults import fault_point
 from ._providers import KeyProvider
+from ._rollover import RolloverPolicy
 
 __all__ = ["KeyManager"]
 
@@ -82,6 +85,7 @@ class KeyManager:
         cache: CacheLimits | None = None,
         metadata: MetaData | None = None,
         table_name: str = kt.KEY_TABLE_NAME,
+        rollover: RolloverPolicy | None = None,
     ) -> None:
         self.engine: Engine = getattr(engine, "sync_engine", engine)
         self.provider = provider
@@ -93,6 +97,10 @@ class KeyManager:
         self._state_key = f"sa_envelope_state_{id(self)}"
         self.provider_calls = 0
         self.keys_created = 0
+        # Table-key roll-over (docs/rotation.md): encryptions per key, this process.
+        self.rollover = rollover if rollover is not None else RolloverPolicy()
+        self._max_encryptions = self.rollover.max_encryptions or 0
+        self._encryptions: defaultdict[int, itertools.count[int]] = defaultdict(itertools.count)
         self._listen(self.engine)
 
     # -- wiring ---------------------------------------------------------------
@@ -174,7 +182,13 @@ class KeyManager:
         if key_id is not None:
             entry = self._cache.get(key_id)
             if entry is not None:
-                return entry
+                if (
+                    scope != kt.SCOPE_TABLE
+                    or not self._max_encryptions
+                    or next(self._encryptions[key_id]) < self._max_encryptions
+                ):
+                    return entry
+                return self._resolve_encryption_key(owner, scope, stale=key_id)  # roll over
         return self._resolve_encryption_key(owner, scope)
 
     def decryption_key(self, key_id: int, *, table: str, column: str) -> CachedKey:
@@ -198,21 +212,27 @@ class KeyManager:
             state = conn.info[self._state_key] = _ConnState()
         return state
 
-    def _resolve_encryption_key(self, owner: str, scope: str) -> CachedKey:
+    def _resolve_encryption_key(self, owner: str, scope: str, stale: int | None = None) -> CachedKey:
         conn = self._current()
         if conn is None:
             # Bound outside any tracked execution: make the key durable first,
             # in a transaction of its own, then use it.
             with self.engine.begin() as own:
                 with self.use_connection(own):
-                    entry = self._resolve_on(own, owner, scope)
+                    entry = self._resolve_on(own, owner, scope, stale)
             return entry
-        return self._resolve_on(conn, owner, scope)
+        return self._resolve_on(conn, owner, scope, stale)
 
-    def _resolve_on(self, conn: Connection, owner: str, scope: str) -> CachedKey:
+    def _resolve_on(self, conn: Connection, owner: str, scope: str, stale: int | None = None) -> CachedKey:
+        """The key to write under. ``stale``: a key past its roll-over limit.
+
+        A miss re-reads the active key (rather than trusting ``_active``), so
+        a key rolled over by another process is picked up within one cache
+        lifetime.
+        """
         state = self._state(conn)
-        key_id = state.active.get((owner, scope)) or self._active.get((owner, scope))
-        if key_id is not None:
+        key_id = state.active.get((owner, scope))
+        if key_id is not None and key_id != stale:
             entry = self._cache.get(key_id)
             if entry is not None:
                 return entry
@@ -220,6 +240,8 @@ class KeyManager:
         record = self._db(lambda: kt.find_active(conn, self.table, owner, scope), owner)
         if record is None:
             return self._create_key(conn, state, owner, scope)
+        if record.id not in state.created and self._rollover_due(conn, record, stale):
+            return self._roll_over(conn, state, owner, scope)
         if record.id in state.created:
             state.active[(owner, scope)] = record.id
         else:
@@ -317,3 +339,99 @@ class KeyManager:
 
     def __repr__(self) -> str:
         return f"KeyManager(table={self.table.name!r}, provider={self.provider!r})"
+
+    # -- rotation: rewrap, table-key roll-over, re-encryption (docs/rotation.md) ---
+
+    def _rollover_due(self, conn: Connection, record: kt.KeyRecord, stale: int | None) -> bool:
+        """Whether the active key just read must be replaced before writing."""
+        if record.scope != kt.SCOPE_TABLE:
+            return False  # deterministic keys never roll over (equality queries)
+        if record.id == stale:
+            return True
+        if self.rollover.max_age is None:
+            return False
+        from ._rollover import created_at
+
+        return self.rollover.too_old(self._db(lambda: created_at(conn, self.table, record.id), record.owner_table))
+
+    def _roll_over(self, conn: Connection, state: _ConnState, owner: str, scope: str) -> CachedKey:
+        """A new active key in ``conn``'s transaction; the others become retired.
+
+        Both writes share the writer's transaction, so a rollback undoes the
+        roll-over as a whole and the old key stays active.
+        """
+        from ._rollover import retire_others
+
+        entry = self._create_key(conn, state, owner, scope)
+        fault_point("rollover.before_retire")
+        self._db(lambda: retire_others(conn, self.table, owner, scope, entry.key_id), owner)
+        fault_point("rollover.after_retire")
+        with self._lock:
+            self._active.pop((owner, scope), None)
+        return entry
+
+    def rotate_table_key(self, table: str) -> int:
+        """Make a new active key for ``table`` now; older keys stay for reading.
+
+        Runs in a transaction of its own and returns the new key id. No value
+        is re-encrypted (see :meth:`reencrypt` for that).
+        """
+        return self._rotate(table, kt.SCOPE_TABLE)
+
+    def _rotate(self, owner: str, scope: str) -> int:
+        from ._rollover import lock_active
+
+        with self.engine.begin() as conn, self.use_connection(conn):
+            self._db(lambda: lock_active(conn, self.table, owner, scope), owner)
+            new_id = self._roll_over(conn, self._state(conn), owner, scope).key_id
+        with self.engine.connect() as conn:  # read back: only a stored key is trusted
+            record = self._db(lambda: kt.find_active(conn, self.table, owner, scope), owner)
+        if record is not None:
+            with self._lock:
+                self._active[(owner, scope)] = record.id
+        return new_id
+
+    def rewrap(
+        self,
+        to: KeyProvider | None = None,
+        *,
+        source: KeyProvider | None = None,
+        batch_size: int = 100,
+        progress: bool | None = None,
+    ) -> Any:
+        """Re-wrap every provider-wrapped key under ``to`` (default: ``self.provider``).
+
+        ``source`` unwraps keys where ``to`` cannot move them itself (KMS
+        ``ReEncrypt`` needs none); it defaults to the current provider. Once
+        every key is moved, ``self.provider`` becomes ``to``, so new keys are
+        wrapped by it too. Returns a :class:`~sa_envelope.RewrapReport`.
+        """
+        from ._rewrap import rewrap_keys
+
+        target = to if to is not None else self.provider
+        report = rewrap_keys(
+            self.engine, self.table, source or self.provider, target,
+            batch_size=batch_size, progress=progress,
+        )
+        if report.complete:
+            self.provider = target
+        return report
+
+    def reencrypt(
+        self,
+        columns: Any,
+        *,
+        key_id: int | str,
+        batch_size: int = 500,
+        progress: bool | None = None,
+    ) -> Any:
+        """Re-encrypt the values of ``columns`` stored under ``key_id`` with the
+        active key (rolled over first if ``key_id`` is still active).
+
+        ``columns`` are table columns declared with ``EncryptedType``. Returns
+        a :class:`~sa_envelope.ReencryptReport`; once it shows nothing left,
+        the old key encrypts nothing any more and may be shredded.
+        """
+        from ._reencrypt import reencrypt_columns
+
+        return reencrypt_columns(self, list(columns), key_id=key_id, batch_size=batch_size, progress=progress)

@@ -1,0 +1,274 @@
+"""Alembic glue: operations for the key table, CMK rotation and column
+encryption, and autogenerate rendering of ``EncryptedType``.
+
+Importing this module registers the operations on ``alembic.op`` (that is
+what ``Operations.register_operation`` does) and patches nothing else::
+
+    import sa_envelope.alembic  # noqa: F401  (in env.py or script.py.mako)
+
+    op.create_key_table()
+    op.encrypt_column("patients", "email", EncryptedType(String(200)))
+    op.decrypt_column("patients", "email", EncryptedType(String(200)))
+    op.rewrap_keys()
+
+The data operations need a :class:`~sa_envelope.KeyManager` on the same
+database: pass ``keys=`` or put it in ``config.attributes["sa_envelope.keys"]``
+in env.py (see ``migrations_example/env.py``). They run their batches in
+transactions of their own, inside Alembic's ``autocommit_block`` (which
+commits the migration's work so far), so a crash loses at most one batch and
+running the migration again resumes. Use ``transaction_per_migration=True``.
+For autogenerate, pass ``render_item=sa_envelope.alembic.render_item`` to
+``context.configure``; the key table is in your metadata when the KeyManager
+was given ``metadata=Base.metadata``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alembic.autogenerate.api import AutogenContext
+from alembic.operations import MigrateOperation, Operations
+from sqlalchemy import Column, MetaData, inspect
+from sqlalchemy.types import TypeDecorator
+
+from . import _keytable as kt
+from ._convert import copy_column
+from ._errors import ConfigurationError, EnvelopeError
+from ._faults import fault_point
+from ._type import EncryptedType
+
+__all__ = [
+    "CreateKeyTableOp",
+    "DecryptColumnOp",
+    "DropKeyTableOp",
+    "EncryptColumnOp",
+    "KEYS_ATTRIBUTE",
+    "RewrapKeysOp",
+    "render_item",
+]
+
+KEYS_ATTRIBUTE = "sa_envelope.keys"
+ENCRYPT_SUFFIX = "__sa_envelope_new"
+
+
+# --------------------------------------------------------------------------- key table
+
+
+@Operations.register_operation("create_key_table")
+class CreateKeyTableOp(MigrateOperation):
+    """Create ``sa_envelope_keys`` (or ``table_name``) with its indexes."""
+
+    def __init__(self, table_name: str = kt.KEY_TABLE_NAME) -> None:
+        self.table_name = table_name
+
+    @classmethod
+    def create_key_table(cls, operations: Operations, table_name: str = kt.KEY_TABLE_NAME) -> Any:
+        return operations.invoke(cls(table_name))
+
+    def reverse(self) -> DropKeyTableOp:
+        return DropKeyTableOp(self.table_name)
+
+
+@Operations.register_operation("drop_key_table")
+class DropKeyTableOp(MigrateOperation):
+    """Drop the key table: every encrypted value becomes unreadable."""
+
+    def __init__(self, table_name: str = kt.KEY_TABLE_NAME) -> None:
+        self.table_name = table_name
+
+    @classmethod
+    def drop_key_table(cls, operations: Operations, table_name: str = kt.KEY_TABLE_NAME) -> Any:
+        return operations.invoke(cls(table_name))
+
+    def reverse(self) -> CreateKeyTableOp:
+        return CreateKeyTableOp(self.table_name)
+
+
+@Operations.implementation_for(CreateKeyTableOp)
+def _create_key_table(operations: Operations, op: CreateKeyTableOp) -> None:
+    table = kt.key_table(MetaData(), op.table_name)
+    operations.create_table(table.name, *(c._copy() for c in table.columns))
+    for index in sorted(table.indexes, key=lambda i: str(i.name)):
+        operations.create_index(str(index.name), table.name, [c.name for c in index.columns])
+
+
+@Operations.implementation_for(DropKeyTableOp)
+def _drop_key_table(operations: Operations, op: DropKeyTableOp) -> None:
+    operations.drop_table(op.table_name)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _keys(operations: Operations, keys: Any) -> Any:
+    """The KeyManager given to the operation, else the one env.py registered."""
+    if keys is not None:
+        return keys
+    config = operations.get_context().config
+    found = config.attributes.get(KEYS_ATTRIBUTE) if config is not None else None
+    if found is None:
+        raise ConfigurationError(
+            f"this operation needs a KeyManager: pass keys=... or set "
+            f"config.attributes[{KEYS_ATTRIBUTE!r}] in env.py"
+        )
+    return found
+
+
+def _online(operations: Operations, name: str) -> None:
+    if operations.get_context().as_sql:
+        raise ConfigurationError(f"{name} reads and writes data: it cannot run in offline (--sql) mode")
+
+
+# --------------------------------------------------------------------------- rewrap
+
+
+@Operations.register_operation("rewrap_keys")
+class RewrapKeysOp(MigrateOperation):
+    """Re-wrap every table key under ``to`` (default: the KeyManager's provider).
+
+    Its natural downgrade is nothing: keys wrapped by the new CMK stay
+    readable. Fails the migration if any key could not be re-wrapped, so the
+    revision is not recorded and running it again finishes the job.
+    """
+
+    def __init__(self, to: Any = None, *, source: Any = None, keys: Any = None, batch_size: int = 100) -> None:
+        self.to, self.source, self.keys, self.batch_size = to, source, keys, batch_size
+
+    @classmethod
+    def rewrap_keys(
+        cls, operations: Operations, to: Any = None, *, source: Any = None, keys: Any = None, batch_size: int = 100
+    ) -> Any:
+        return operations.invoke(cls(to, source=source, keys=keys, batch_size=batch_size))
+
+
+@Operations.implementation_for(RewrapKeysOp)
+def _rewrap_keys(operations: Operations, op: RewrapKeysOp) -> None:
+    _online(operations, "rewrap_keys")
+    keys = _keys(operations, op.keys)
+    with operations.get_context().autocommit_block():
+        report = keys.rewrap(op.to, source=op.source, batch_size=op.batch_size)
+    if not report.complete:
+        raise EnvelopeError(f"{report}; run the migration again once the cause is fixed")
+
+
+# --------------------------------------------------------------------------- columns
+
+
+class _ColumnOp(MigrateOperation):
+    def __init__(
+        self, table_name: str, column_name: str, type_: EncryptedType, *,
+        keys: Any = None, batch_size: int = 500,
+    ) -> None:
+        if not isinstance(type_, EncryptedType):
+            raise ConfigurationError("give the column's EncryptedType, e.g. EncryptedType(String(200))")
+        self.table_name, self.column_name, self.type_ = table_name, column_name, type_
+        self.keys, self.batch_size = keys, batch_size
+
+
+@Operations.register_operation("encrypt_column")
+class EncryptColumnOp(_ColumnOp):
+    """Encrypt an existing plaintext column in place (batched, resumable)."""
+
+    @classmethod
+    def encrypt_column(
+        cls, operations: Operations, table_name: str, column_name: str, type_: EncryptedType,
+        *, keys: Any = None, batch_size: int = 500,
+    ) -> Any:
+        return operations.invoke(cls(table_name, column_name, type_, keys=keys, batch_size=batch_size))
+
+    def reverse(self) -> DecryptColumnOp:
+        return DecryptColumnOp(self.table_name, self.column_name, self.type_, keys=self.keys, batch_size=self.batch_size)
+
+
+@Operations.register_operation("decrypt_column")
+class DecryptColumnOp(_ColumnOp):
+    """Turn an encrypted column back into plaintext of ``type_.inner`` (downgrade)."""
+
+    @classmethod
+    def decrypt_column(
+        cls, operations: Operations, table_name: str, column_name: str, type_: EncryptedType,
+        *, keys: Any = None, batch_size: int = 500,
+    ) -> Any:
+        return operations.invoke(cls(table_name, column_name, type_, keys=keys, batch_size=batch_size))
+
+    def reverse(self) -> EncryptColumnOp:
+        return EncryptColumnOp(self.table_name, self.column_name, self.type_, keys=self.keys, batch_size=self.batch_size)
+
+
+def bound_type(type_: EncryptedType, keys: Any, table: str, column: str) -> EncryptedType:
+    """A copy of ``type_`` that encrypts for ``table.column`` with ``keys``."""
+    return EncryptedType(
+        type_.inner, keys, scope=type_.scope, deterministic=type_.deterministic,
+        context=type_.context or f"{table}.{column}",
+    )
+
+
+def _storage_type(type_: Any, dialect: Any) -> Any:
+    """What the column is in the database (ALTER needs the plain type)."""
+    if isinstance(type_, TypeDecorator):
+        return type_.load_dialect_impl(dialect)
+    return type_
+
+
+def _convert(operations: Operations, op: _ColumnOp, new_type: Any, transform: Any, label: str) -> None:
+    """Add a temporary column, fill it in batches, swap it for the old one.
+
+    Every step checks where a previous (crashed) run stopped: the temporary
+    column may exist already, or (MariaDB, whose DDL is not transactional)
+    the old column may already be gone.
+    """
+    _online(operations, label)
+    keys = _keys(operations, op.keys)
+    table, column = op.table_name, op.column_name
+    temp = column + ENCRYPT_SUFFIX
+    columns = {c["name"]: c for c in inspect(operations.get_bind()).get_columns(table)}
+    nullable = columns.get(column, columns.get(temp, {})).get("nullable", True)
+    if column in columns:
+        if temp not in columns:
+            operations.add_column(table, Column(temp, new_type, nullable=True))
+        with operations.get_context().autocommit_block():
+            copy_column(keys, table, column, temp, transform, batch_size=op.batch_size, label=label)
+    elif temp not in columns:
+        raise ConfigurationError(f"table {table} has neither column {column} nor {temp}")
+    storage = _storage_type(new_type, operations.get_bind().dialect)
+    fault_point(f"{label}.before_swap")
+    with operations.batch_alter_table(table) as batch:
+        if column in columns:
+            batch.drop_column(column)
+        batch.alter_column(temp, new_column_name=column, nullable=nullable, existing_type=storage)
+    fault_point(f"{label}.after_swap")
+
+
+@Operations.implementation_for(EncryptColumnOp)
+def _encrypt_column(operations: Operations, op: EncryptColumnOp) -> None:
+    enc = bound_type(op.type_, _keys(operations, op.keys), op.table_name, op.column_name)
+    _convert(operations, op, op.type_.copy(), enc.encrypt, "encrypt_column")
+
+
+@Operations.implementation_for(DecryptColumnOp)
+def _decrypt_column(operations: Operations, op: DecryptColumnOp) -> None:
+    enc = bound_type(op.type_, _keys(operations, op.keys), op.table_name, op.column_name)
+    _convert(operations, op, op.type_.inner, lambda raw: enc.decrypt(bytes(raw)), "decrypt_column")
+
+
+# --------------------------------------------------------------------------- autogenerate
+
+
+def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | bool:
+    """Render ``EncryptedType(...)`` in autogenerated migrations, with its import.
+
+    The rendered type has no KeyManager: DDL does not need one.
+    """
+    if type_ != "type" or not isinstance(obj, EncryptedType):
+        return False
+    from alembic.autogenerate.render import _repr_type
+
+    autogen_context.imports.add("from sa_envelope import EncryptedType")
+    args = [_repr_type(obj.inner, autogen_context)]
+    if obj.scope != "table":
+        args.append(f"scope={obj.scope!r}")
+    if obj.deterministic:
+        args.append("deterministic=True")
+    if obj.context is not None:
+        args.append(f"context={obj.context!r}")
+    return f"EncryptedType({', '.join(args)})"
