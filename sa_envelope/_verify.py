@@ -71,7 +71,7 @@ def _open(keys: Any, value: bytes, table: str, column: str, context: bytes) -> t
         else:
             fmt.decrypt_gcm(key.cipher, value, context)
     except fmt.InvalidEnvelope as exc:
-        return shown, f"authentication failed: {exc}"
+        return shown, str(exc)
     except EnvelopeError as exc:
         return shown, str(exc)
     return shown, None
@@ -89,16 +89,22 @@ def _looks_encrypted(conn: Any, keys: Any, table: Table, column: str) -> bool:
     return conn.execute(select(keys.table.c.id).where(keys.table.c.id == key_id)).first() is not None
 
 
-def _verify_column(conn: Any, keys: Any, table: Table, column: str, context: bytes, report: VerifyReport) -> None:
+def _verify_column(
+    conn: Any, lookups: Any, keys: Any, table: Table, column: str, context: bytes, report: VerifyReport
+) -> None:
+    """Stream the column on ``conn``; key misses query ``lookups`` (a streaming
+    cursor, on MySQL, leaves its connection busy until fully read)."""
     stmt = select(table.c[column]).where(table.c[column].is_not(None))
-    for value in conn.execution_options(yield_per=1000).execute(stmt).scalars():
-        key, reason = _open(keys, bytes(value), table.name, column, context)
-        result = report.results[(table.name, column, key)]
-        if reason is None:
-            result.ok += 1
-        else:
-            result.failed += 1
-            result.reason = result.reason or reason
+    values = conn.execution_options(yield_per=1000).execute(stmt).scalars()
+    with keys.use_connection(lookups):
+        for value in values:
+            key, reason = _open(keys, bytes(value), table.name, column, context)
+            result = report.results[(table.name, column, key)]
+            if reason is None:
+                result.ok += 1
+            else:
+                result.failed += 1
+                result.reason = result.reason or reason
 
 
 def verify_database(
@@ -110,7 +116,7 @@ def verify_database(
         t for t in inspect(engine).get_table_names() if t not in (keys.table.name, *SKIP_TABLES)
     ]
     contexts = contexts or {}
-    with engine.connect() as conn:
+    with engine.connect() as conn, engine.connect() as lookups:
         for name in names:
             table = Table(name, MetaData(), autoload_with=conn)
             for col in table.columns:
@@ -118,5 +124,5 @@ def verify_database(
                     continue
                 bound = contexts.get(f"{name}.{col.name}", f"{name}.{col.name}")
                 t, _, c = bound.rpartition(".")
-                _verify_column(conn, keys, table, col.name, fmt.context_bytes(t, c), report)
+                _verify_column(conn, lookups, keys, table, col.name, fmt.context_bytes(t, c), report)
     return report
