@@ -26,7 +26,17 @@ from .cli import command
 __all__: list[str] = []
 
 
+def _one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """A bad argument prints one line (not argparse's usage block) and exits 2."""
+
+    def error(message: str) -> Any:
+        parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
+
+    parser.error = error  # type: ignore[method-assign]
+
+
 def _database_option(parser: argparse.ArgumentParser) -> None:
+    _one_line_errors(parser)
     parser.add_argument(
         "--database-url", default=os.environ.get("SA_ENVELOPE_DATABASE_URL"),
         help="SQLAlchemy URL (default $SA_ENVELOPE_DATABASE_URL)",
@@ -47,7 +57,8 @@ def _records(engine: Any) -> list[Any]:
 
 @command("keys", "inspect the key table (keys list)")
 def _keys(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="keys_command", required=True)
+    _one_line_errors(parser)
+    sub = parser.add_subparsers(dest="keys_command", required=True, metavar="{list}")
     listing = sub.add_parser("list", help="list every key: id, scope, table, status, wrapping key")
     _database_option(listing)
 
