@@ -121,12 +121,22 @@ def _store(conn: Connection, table: Table, record: kt.KeyRecord, wrapped: bytes,
     return result.rowcount == 1
 
 
+def _batch_connection(engine: Engine) -> Connection:
+    """A connection for one batch. On MySQL/MariaDB in READ COMMITTED: under
+    the default REPEATABLE READ, ``FOR UPDATE`` also locks the gaps between
+    the scanned key rows, which would block applications inserting new keys."""
+    conn = engine.connect()
+    if conn.dialect.name in ("mysql", "mariadb"):
+        conn.execution_options(isolation_level="READ COMMITTED")
+    return conn
+
+
 def _run_batch(
     engine: Engine, table: Table, source: KeyProvider, target: KeyProvider,
     report: RewrapReport, size: int, skip: set[int],
 ) -> int:
     """One transaction: claim a batch, re-wrap it, commit. Returns the batch size."""
-    with engine.begin() as conn:
+    with _batch_connection(engine) as conn, conn.begin():
         records = _claim(conn, table, report.target, size, skip)
         for record in records:
             try:

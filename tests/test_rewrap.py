@@ -222,7 +222,8 @@ def test_application_writes_during_rewrap(engine: Engine, kms_client: Any, cmk: 
 
     try:
         with _faults.inject(hook):
-            report = keys.rewrap(to=AwsKmsProvider(cmk_b, client=kms_client), batch_size=1)
+            # One batch claims every key: under gap locks, any key insert would wait.
+            report = keys.rewrap(to=AwsKmsProvider(cmk_b, client=kms_client), batch_size=100)
         assert written and report.complete
         assert_all_wrapped_by(engine, cmk_b)
         fresh = KeyManager(engine, AwsKmsProvider(cmk_b, client=kms_client))
