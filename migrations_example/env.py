@@ -16,8 +16,7 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 
 import sa_envelope.alembic
-from sa_envelope import KeyManager
-from sa_envelope._spec import provider_from_spec
+from sa_envelope import KeyManager, provider_from_spec
 
 config = context.config
 if config.config_file_name is not None:

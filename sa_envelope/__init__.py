@@ -25,6 +25,7 @@ from ._providers import DataKey, KeyProvider, LocalKeyProvider
 from ._reencrypt import ReencryptReport
 from ._rewrap import RewrapReport
 from ._rollover import RolloverPolicy
+from ._spec import provider_from_spec
 from ._type import EncryptedType
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "RewrapReport",
     "RolloverPolicy",
     "UnsupportedQueryError",
+    "provider_from_spec",
 ]
 
 __version__ = "0.1.0"

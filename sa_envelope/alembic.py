@@ -54,12 +54,14 @@ ENCRYPT_SUFFIX = "__sa_envelope_new"
 # --------------------------------------------------------------------------- key table
 
 
-@Operations.register_operation("create_key_table")
-class CreateKeyTableOp(MigrateOperation):
-    """Create ``sa_envelope_keys`` (or ``table_name``) with its indexes."""
-
+class _KeyTableOp(MigrateOperation):
     def __init__(self, table_name: str = kt.KEY_TABLE_NAME) -> None:
         self.table_name = table_name
+
+
+@Operations.register_operation("create_key_table")
+class CreateKeyTableOp(_KeyTableOp):
+    """Create ``sa_envelope_keys`` (or ``table_name``) with its indexes."""
 
     @classmethod
     def create_key_table(cls, operations: Operations, table_name: str = kt.KEY_TABLE_NAME) -> Any:
@@ -70,11 +72,8 @@ class CreateKeyTableOp(MigrateOperation):
 
 
 @Operations.register_operation("drop_key_table")
-class DropKeyTableOp(MigrateOperation):
+class DropKeyTableOp(_KeyTableOp):
     """Drop the key table: every encrypted value becomes unreadable."""
-
-    def __init__(self, table_name: str = kt.KEY_TABLE_NAME) -> None:
-        self.table_name = table_name
 
     @classmethod
     def drop_key_table(cls, operations: Operations, table_name: str = kt.KEY_TABLE_NAME) -> Any:
@@ -264,11 +263,7 @@ def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | 
     from alembic.autogenerate.render import _repr_type
 
     autogen_context.imports.add("from sa_envelope import EncryptedType")
-    args = [_repr_type(obj.inner, autogen_context)]
-    if obj.scope != "table":
-        args.append(f"scope={obj.scope!r}")
-    if obj.deterministic:
-        args.append("deterministic=True")
-    if obj.context is not None:
-        args.append(f"context={obj.context!r}")
-    return f"EncryptedType({', '.join(args)})"
+    # EncryptedType's repr already renders the options; only the inner type
+    # needs Alembic's rendering (``sa.String(length=200)``).
+    options = repr(obj)[len(f"EncryptedType({obj.inner!r}") :]
+    return f"EncryptedType({_repr_type(obj.inner, autogen_context)}{options}"

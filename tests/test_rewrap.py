@@ -112,8 +112,7 @@ def _bulk_keys(engine: Engine, keys: KeyManager, count: int) -> None:
 REWRAP_SCRIPT = """
 import os, signal, sys
 from sqlalchemy import create_engine
-from sa_envelope import KeyManager, _faults
-from sa_envelope._spec import provider_from_spec
+from sa_envelope import KeyManager, _faults, provider_from_spec
 
 url, source, target, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 seen = []

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 from typing import Any
 
 import pytest
-from sqlalchemy import LargeBinary, select, type_coerce, update
+from sqlalchemy import LargeBinary, String, select, type_coerce, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from rotation_support import data_tables, expected_row, fill, provider_keys, read_all
-from sa_envelope import KeyManager, LocalKeyProvider, RolloverPolicy
+from rotation_support import ROOT, data_tables, expected_row, fill, provider_keys, read_all
+from sa_envelope import AwsKmsProvider, EncryptedType, KeyManager, LocalKeyProvider, RolloverPolicy
 from sa_envelope import _faults
 from sa_envelope import _format as fmt
 from sa_envelope import _keytable as kt
@@ -140,3 +142,47 @@ def test_reencrypt_off_a_key(engine: Engine, provider: LocalKeyProvider) -> None
     assert read_all(engine, KeyManager(engine, provider), 1) == [[expected_row(i) for i in range(60)]]
     again = keys.reencrypt([table.c.name, table.c.ssn], key_id=old)
     assert (again.reencrypted, again.remaining) == (0, 0)
+
+
+@pytest.mark.backends("sqlite")
+def test_rotation_runbook_python_examples_run(
+    engine: Engine, kms_server: str, kms_admin: Any, cmk: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every ```python block of docs/rotation.md, in order, on a small database."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", kms_server)
+    target = kms_admin.create_key()["KeyMetadata"]["KeyId"]
+    kms_admin.create_alias(AliasName="alias/app-data-2027", TargetKeyId=target)
+    keys = KeyManager(engine, AwsKmsProvider(cmk))
+    keys.create_table()
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Patient(Base):
+        __tablename__ = "patients"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(EncryptedType(String(100), keys))
+        notes: Mapped[str] = mapped_column(EncryptedType(String(100), keys))
+
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add_all([Patient(id=i, name=f"n{i}", notes=f"x{i}") for i in range(1, 21)])
+        session.commit()
+    (suspect,) = statuses(engine, "patients")
+    namespace: dict[str, Any] = {
+        "keys": keys, "engine": engine, "provider": keys.provider, "Patient": Patient,
+        "suspect_key_id": fmt.format_key_id(suspect), "AwsKmsProvider": AwsKmsProvider,
+        "KeyManager": KeyManager, "RolloverPolicy": RolloverPolicy,
+    }
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "rotation.md").read_text(), flags=re.S)
+    assert len(blocks) == 6
+    try:
+        for block in blocks:
+            exec(compile(block, "rotation.md", "exec"), namespace)
+    finally:
+        kms_admin.delete_alias(AliasName="alias/app-data-2027")
+    assert namespace["report"].reencrypted == 40
+    arn = kms_admin.describe_key(KeyId=target)["KeyMetadata"]["Arn"]
+    assert {r.wrapping_key_id for r in provider_keys(engine)} == {arn}
+    with Session(engine) as session:
+        assert [p.notes for p in session.query(Patient).order_by(Patient.id)] == [f"x{i}" for i in range(1, 21)]
