@@ -35,6 +35,7 @@ from . import _keytable as kt
 from ._convert import copy_column
 from ._errors import ConfigurationError, EnvelopeError
 from ._faults import fault_point
+from ._spec import provider_from_spec
 from ._type import EncryptedType
 
 __all__ = [
@@ -125,6 +126,9 @@ def _online(operations: Operations, name: str) -> None:
 class RewrapKeysOp(MigrateOperation):
     """Re-wrap every table key under ``to`` (default: the KeyManager's provider).
 
+    ``to`` and ``source`` are providers or CMK strings (``alias/app``, a key
+    ARN, ``local:PATH``).
+
     Its natural downgrade is nothing: keys wrapped by the new CMK stay
     readable. Fails the migration if any key could not be re-wrapped, so the
     revision is not recorded and running it again finishes the job.
@@ -144,8 +148,10 @@ class RewrapKeysOp(MigrateOperation):
 def _rewrap_keys(operations: Operations, op: RewrapKeysOp) -> None:
     _online(operations, "rewrap_keys")
     keys = _keys(operations, op.keys)
+    to = provider_from_spec(op.to, check=True) if isinstance(op.to, str) else op.to
+    source = provider_from_spec(op.source) if isinstance(op.source, str) else op.source
     with operations.get_context().autocommit_block():
-        report = keys.rewrap(op.to, source=op.source, batch_size=op.batch_size)
+        report = keys.rewrap(to, source=source, batch_size=op.batch_size)
     if not report.complete:
         raise EnvelopeError(f"{report}; run the migration again once the cause is fixed")
 
