@@ -173,3 +173,26 @@ def test_key_table_operation_offline_sql(db_url: str, tmp_path: Path, monkeypatc
         assert inspect(engine).get_table_names() == []
     finally:
         engine.dispose()
+
+
+@pytest.mark.backends("sqlite")
+def test_rewrap_operation_takes_cmk_strings(engine: Engine, tmp_path: Path) -> None:
+    from alembic.operations import Operations
+
+    old_file, new_file = tmp_path / "old.key", tmp_path / "new.key"
+    keys = KeyManager(engine, LocalKeyProvider.from_file(old_file))
+    keys.create_table()
+    table = Table("t", MetaData(), Column("id", Integer, primary_key=True), Column("v", EncryptedType(String(9), keys)))
+    table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": 1, "v": "secret"}])
+    new = LocalKeyProvider.from_file(new_file)
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"transaction_per_migration": True})
+        with context.begin_transaction(_per_migration=True):  # as Alembic runs one revision
+            Operations(context).rewrap_keys(to=f"local:{new_file}", source=f"local:{old_file}", keys=keys)
+    assert {r.wrapping_key_id for r in provider_keys(engine)} == {new.wrapping_key_id}
+    with engine.connect() as conn:
+        fresh = Table("t", MetaData(), Column("id", Integer, primary_key=True),
+                      Column("v", EncryptedType(String(9), KeyManager(engine, new))))
+        assert conn.execute(select(fresh.c.v)).scalar_one() == "secret"
