@@ -37,6 +37,7 @@ def test_keys_list_and_rewrap_between_kms_keys(
     result = cli("rewrap", "--database-url", db_url, "--to", cmk_alias, kms_server=kms_server)
     assert result.returncode == 0, result.stderr
     assert "4 re-wrapped, 0 already current, 0 failed" in result.stdout
+    assert result.stderr == ""  # stderr is not a terminal: no progress bar
     target = kms_admin.describe_key(KeyId=cmk_alias)["KeyMetadata"]["Arn"]
     assert all(r.wrapping_key_id == target and r.wrapped_key.startswith(cmk_uuid(target))
                for r in provider_keys(engine))
@@ -93,3 +94,12 @@ def test_errors_are_one_line(db_url: str, kms_server: str, closed_port_url: str,
     assert_one_line_error(cli("keys"), "required")
     unreachable_kms = cli("rewrap", "--database-url", db_url, "--to", "alias/x", kms_server=closed_port_url)
     assert_one_line_error(unreachable_kms, "KMS DescribeKey failed")
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(capsys: Any) -> None:
+    from sa_envelope._progress import NullBar, progress_bar
+
+    assert isinstance(progress_bar(10, "rewrap keys"), NullBar)  # pytest's stderr is no terminal
+    with progress_bar(10, "rewrap keys", enabled=True) as bar:
+        bar.update(10)
+    assert "10/10" in capsys.readouterr().err
