@@ -46,7 +46,8 @@ class BackendEnv:
             with engine.connect() as conn:
                 if conn.dialect.name == "sqlite":
                     return "SQLite " + str(conn.execute(text("select sqlite_version()")).scalar())
-                return str(conn.execute(text("select version()")).scalar())
+                version = str(conn.execute(text("select version()")).scalar())
+                return version.split(" on ")[0]  # PostgreSQL appends the build platform
         finally:
             engine.dispose()
 

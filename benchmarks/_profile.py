@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Callable
 
 __all__ = ["profile_text"]
@@ -14,9 +15,12 @@ def profile_text(fn: Callable[[], object], title: str) -> str:
     except ImportError:
         return f"{title}: pyinstrument is not installed (pip install -e '.[bench]')\n"
     profiler = Profiler(interval=0.0005)
+    gc.collect()
+    gc.freeze()  # as in the timed rounds: old objects are not this step's garbage
     profiler.start()
     try:
         fn()
     finally:
         profiler.stop()
+        gc.unfreeze()
     return f"== {title}\n" + profiler.output_text(unicode=False, color=False, show_all=False)

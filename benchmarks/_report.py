@@ -93,7 +93,7 @@ def _jobs(backends: dict[str, Any]) -> list[str]:
             continue
         rewrap = jobs["rewrap"]
         if "unavailable" in rewrap:
-            rows.append([name, "rewrap", *_na(rewrap["unavailable"], 3)])
+            rows.append([name, "rewrap", *_na(rewrap["unavailable"], 2)])
         else:
             for size, info in rewrap["sizes"].items():
                 rows.append([name, f"rewrap, {int(size):,} row keys under {rewrap['table_keys']} table keys",
