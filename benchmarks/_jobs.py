@@ -30,11 +30,11 @@ CHUNK = 10_000
 BATCH = 1_000
 
 
-def _find(target: Any, names: tuple[str, ...]) -> Callable[..., Any] | None:
+def _find(target: Any, names: tuple[str, ...]) -> str | None:
+    """The first of ``names`` that ``target`` has as a callable."""
     for name in names:
-        fn = getattr(target, name, None)
-        if callable(fn):
-            return fn
+        if callable(getattr(target, name, None)):
+            return name
     return None
 
 
@@ -137,11 +137,8 @@ def run_rewrap(env: BackendEnv, settings: Settings) -> dict[str, Any]:
 # -- re-encryption and encrypt-column --------------------------------------------------------
 
 
-def _plain_table(env: BackendEnv, name: str, column_type: Any) -> tuple[Any, Table]:
-    engine = env.engine()
-    metadata = MetaData()
-    table = Table(PREFIX + name, metadata, Column("id", Integer, primary_key=True), Column("email", column_type))
-    return engine, table
+def _job_table(name: str, column_type: Any) -> Table:
+    return Table(PREFIX + name, MetaData(), Column("id", Integer, primary_key=True), Column("email", column_type))
 
 
 def _load(engine: Any, table: Table, rows: int) -> None:
@@ -163,14 +160,14 @@ def run_reencrypt(env: BackendEnv, settings: Settings) -> dict[str, Any]:
         return {"unavailable": "KeyManager.reencrypt / rotate_table_key are not implemented yet (issue 4)"}
     engine = env.engine()
     keys, _ = env.key_manager(engine)
-    _, table = _plain_table(env, "reencrypt", EncryptedType(String(64), keys))
+    table = _job_table("reencrypt", EncryptedType(String(64), keys))
     name = table.name
     forms = [((name,), {"columns": ["email"], "batch_size": BATCH}), ((), {"tables": [name], "batch_size": BATCH}),
              ((name,), {"batch_size": BATCH})]
-    job = getattr(keys, reencrypt.__name__)
+    job = getattr(keys, reencrypt)
     chosen = _bindable(job, forms)
     if chosen is None:
-        return {"unavailable": f"re-encryption API differs from the forms tried: {inspect.signature(reencrypt)}"}
+        return {"unavailable": f"re-encryption API differs from the forms tried: {inspect.signature(job)}"}
 
     def prepare() -> None:
         _load(engine, table, settings.job_rows)
@@ -190,12 +187,13 @@ def run_encrypt_column(env: BackendEnv, settings: Settings) -> dict[str, Any]:
         import sa_envelope.alembic as glue  # type: ignore[import-not-found]
     except ImportError:
         glue = None
-    fn = _find(sa_envelope, ("encrypt_column",)) or (glue and _find(glue, ("encrypt_column",)))
+    module = sa_envelope if _find(sa_envelope, ("encrypt_column",)) else glue
+    fn = getattr(module, "encrypt_column", None) if module is not None else None
     if fn is None:
         return {"unavailable": "encrypt_column is not implemented yet (issue 4)"}
     engine = env.engine()
     keys, _ = env.key_manager(engine)
-    _, table = _plain_table(env, "encrypt_column", String(64))
+    table = _job_table("encrypt_column", String(64))
     forms = [((), {"engine": engine, "table": table.name, "column": "email", "keys": keys, "batch_size": BATCH}),
              ((engine, table.name, "email"), {"keys": keys, "batch_size": BATCH})]
     chosen = _bindable(fn, forms)

@@ -27,12 +27,15 @@ class KmsClient:
     client: Any
     calls: Counter[str] = field(default_factory=Counter)
     latency: float = 0.0  # seconds slept before each request is sent
+    seconds: float = 0.0  # wall time spent inside KMS calls (latency included)
+    _started: float = 0.0
 
     def total(self) -> int:
         return sum(self.calls.values())
 
     def reset(self) -> None:
         self.calls.clear()
+        self.seconds = 0.0
 
 
 class MotoKms:
@@ -65,6 +68,10 @@ class MotoKms:
 
         def count(model: Any, **_: Any) -> None:
             counted.calls[model.name] += 1
+            counted._started = time.perf_counter()
+
+        def done(**_: Any) -> None:
+            counted.seconds += time.perf_counter() - counted._started
 
         def delay(**_: Any) -> None:
             if counted.latency:
@@ -72,6 +79,7 @@ class MotoKms:
 
         counted.client.meta.events.register("before-call.kms", count)
         counted.client.meta.events.register("before-send.kms", delay)
+        counted.client.meta.events.register("after-call.kms", done)
         return counted
 
     def provider(self, cmk: str) -> tuple[Any, KmsClient]:

@@ -42,6 +42,7 @@ def _one(env: BackendEnv, variant: Variant, rows: list[Any], latency_ms: float) 
     result = {
         "insert_calls": dict(writer_kms.calls), "select_calls": dict(reader_kms.calls),
         "insert_s": write_s, "select_s": read_s,
+        "insert_kms_s": writer_kms.seconds, "select_kms_s": reader_kms.seconds,
     }
     writer.dispose()
     reader_engine.dispose()
@@ -53,6 +54,8 @@ def run_kms_calls(env: BackendEnv, variants: list[Variant], settings: Settings) 
     result: dict[str, Any] = {"rows": settings.rows, "latency_ms": settings.kms_latency_ms, "variants": {}}
     for variant in variants:
         if not variant.uses_keys:
+            why = "no key" if variant.name == "plaintext" else "fixed key in the process"
+            result["variants"][variant.name] = {"no_kms": why}
             continue
         result["variants"][variant.name] = {
             "no_latency": _one(env, variant, rows, 0.0),

@@ -57,7 +57,7 @@ def _kms_calls(backend: dict[str, Any]) -> tuple[str, bool | None]:
     kms = backend.get("kms") or {}
     per_process = [
         sum(run["no_latency"][side].values())
-        for run in kms.get("variants", {}).values()
+        for run in kms.get("variants", {}).values() if "no_kms" not in run
         for side in ("insert_calls", "select_calls")
     ]
     if not per_process:
