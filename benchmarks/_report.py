@@ -32,22 +32,25 @@ def _na(reason: str, width: int) -> list[str]:
 
 def _orm(name: str, backend: dict[str, Any], unavailable: dict[str, str]) -> list[str]:
     orm = backend["orm"]
-    timings = Timings(orm["timings"]["rounds"], orm["timings"]["seconds"])
+    timings = Timings.from_dict(orm["timings"])
     header = ["variant", "insert s", "insert vs plain", "insert vs floor", "select s", "select vs plain",
-              "select vs floor", "stored +bytes/value", "KMS calls (all rounds)"]
+              "select vs floor", "client CPU vs floor, insert / select", "stored +bytes/value",
+              "KMS calls (all rounds)"]
     rows = []
     for variant, info in orm["variants"].items():
         cells = [variant]
         for step in ("insert", "select"):
             cells += [_s(timings.median(variant, step)), _x(timings.ratio(variant, "plaintext", step)),
                       _x(timings.ratio(variant, "floor", step))]
+        cells.append(" / ".join(_x(timings.ratio(variant, "floor", step, clock="cpu")) for step in ("insert", "select")))
         cells.append(f"{info['stored_overhead']['mean']:.0f}")
         cells.append(str(info.get("kms_calls_all_rounds", "-")))
         rows.append(cells)
     rows += [[variant, *_na(f"not available: {reason}", len(header) - 1)] for variant, reason in unavailable.items()]
     title = f"### ORM insert and select: {name} ({backend['server']}), {orm['rows']:,} rows x 3 columns"
     note = (f"Medians over {timings.rounds} rounds; each ratio is taken within a round, then the median. "
-            "\"floor (again)\" vs \"floor\" shows the noise.")
+            "\"floor (again)\" vs \"floor\" shows the noise. Ratios are of wall time; the client CPU "
+            "column (this process only, no database server) is for diagnosis on a busy machine.")
     return [title, "", note, "", *_table(header, rows), ""]
 
 
@@ -85,7 +88,7 @@ def _lookup(backends: dict[str, Any]) -> list[str]:
         if "unavailable" in lookup:
             rows.append([name, *_na(lookup["unavailable"], 5)])
             continue
-        t = Timings(lookup["timings"]["rounds"], lookup["timings"]["seconds"])
+        t = Timings.from_dict(lookup["timings"])
         per = 1e3 / lookup["lookups"]
         rows.append([name, f"{lookup['rows']:,}", str(lookup["lookups"]),
                      f"{per * (t.median('plaintext', 'lookup') or 0):.3f}",

@@ -14,7 +14,7 @@ import gc
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 __all__ = ["Contender", "Timings", "run_interleaved"]
 
@@ -32,25 +32,41 @@ class Contender:
 
 @dataclass
 class Timings:
-    """Seconds per (contender, step), one entry per timed round, in round order."""
+    """Seconds per (contender, step), one entry per timed round, in round order.
+
+    ``seconds`` is wall time, what every reported ratio uses. ``cpu`` is this
+    process's CPU time over the same step: it leaves out the database
+    server's work and time spent descheduled, so on a busy machine it tells
+    client-side cost (where the variants differ) from noise.
+    """
 
     rounds: int
     seconds: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    cpu: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def median(self, name: str, step: str) -> float | None:
         values = self.seconds.get(name, {}).get(step)
         return statistics.median(values) if values else None
 
-    def ratio(self, name: str, base: str, step: str) -> float | None:
+    def ratio(self, name: str, base: str, step: str, *, clock: str = "seconds") -> float | None:
         """Median over rounds of the within-round ratio ``name / base``."""
-        a = self.seconds.get(name, {}).get(step)
-        b = self.seconds.get(base, {}).get(step)
-        if not a or not b:
+        series = self.cpu if clock == "cpu" else self.seconds
+        a = series.get(name, {}).get(step)
+        b = series.get(base, {}).get(step)
+        if not a or not b or not all(b):
             return None
         return statistics.median(x / y for x, y in zip(a, b))
 
-    def as_dict(self) -> dict[str, object]:
-        return {"rounds": self.rounds, "seconds": self.seconds}
+    def record(self, name: str, step: str, wall: float, cpu: float) -> None:
+        self.seconds.setdefault(name, {}).setdefault(step, []).append(wall)
+        self.cpu.setdefault(name, {}).setdefault(step, []).append(cpu)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Timings:
+        return cls(rounds=raw["rounds"], seconds=raw["seconds"], cpu=raw.get("cpu", {}))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "seconds": self.seconds, "cpu": self.cpu}
 
 
 def _rotated(items: list[Contender], by: int) -> list[Contender]:
@@ -60,11 +76,12 @@ def _rotated(items: list[Contender], by: int) -> list[Contender]:
     return items[k:] + items[:k]
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def _timed(fn: Callable[[], object]) -> tuple[float, float]:
     gc.collect()
+    cpu = time.process_time()
     start = time.perf_counter()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def run_interleaved(contenders: list[Contender], *, rounds: int, warmup: int = 1) -> Timings:
@@ -87,6 +104,6 @@ def _rounds(contenders: list[Contender], timings: Timings, *, rounds: int, warmu
         for contender in _rotated(contenders, round_no):
             contender.prepare()
             for step, fn in contender.steps:
-                elapsed = _timed(fn)
+                wall, cpu = _timed(fn)
                 if round_no >= warmup:
-                    timings.seconds.setdefault(contender.name, {}).setdefault(step, []).append(elapsed)
+                    timings.record(contender.name, step, wall, cpu)

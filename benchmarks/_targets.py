@@ -23,8 +23,7 @@ def _timings(backend: dict[str, Any]) -> Timings | None:
     orm = backend.get("orm")
     if not orm:
         return None
-    raw = orm["timings"]
-    return Timings(rounds=raw["rounds"], seconds=raw["seconds"])
+    return Timings.from_dict(orm["timings"])
 
 
 def _ratio_check(name: str, base: str, step: str, limit: float, *, at_least: bool = False) -> Check:
@@ -35,9 +34,11 @@ def _ratio_check(name: str, base: str, step: str, limit: float, *, at_least: boo
         ratio = timings.ratio(name, base, step) if timings else None
         if ratio is None:
             return "n/a (not measured or not available)", None
+        cpu = timings.ratio(name, base, step, clock="cpu") if timings else None
+        also = f" (client CPU {cpu:.3f}x)" if cpu else ""
         if at_least:  # ratio is the other's time over ours: our speed-up
-            return f"{ratio:.2f}x faster", ratio >= limit
-        return f"{ratio:.3f}x", ratio <= limit
+            return f"{ratio:.2f}x faster{also}", ratio >= limit
+        return f"{ratio:.3f}x{also}", ratio <= limit
 
     return check
 
