@@ -33,7 +33,10 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def parse(argv: list[str] | None) -> tuple[Settings, list[str] | None]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="sa-envelope beside its peers, as ratios measured in one run (see benchmarks/README.md).",
+    )
     parser.add_argument("--full", action="store_true", help="the README size (20,000 rows, 100,000 lookups rows, ...)")
     parser.add_argument("--backend", default="sqlite,postgresql,mysql",
                         help="comma-separated: sqlite, postgresql, mysql (URLs from SA_ENVELOPE_TEST_*_URL)")

@@ -86,16 +86,18 @@ def _lookup(backends: dict[str, Any]) -> list[str]:
         if lookup is None:
             continue
         if "unavailable" in lookup:
-            rows.append([name, *_na(lookup["unavailable"], 5)])
+            rows.append([name, *_na(lookup["unavailable"], 6)])
             continue
         t = Timings.from_dict(lookup["timings"])
         per = 1e3 / lookup["lookups"]
         rows.append([name, f"{lookup['rows']:,}", str(lookup["lookups"]),
                      f"{per * (t.median('plaintext', 'lookup') or 0):.3f}",
-                     f"{per * (t.median('sa-envelope deterministic', 'lookup') or 0):.3f}", _x(lookup["ratio"])])
+                     f"{per * (t.median('sa-envelope deterministic', 'lookup') or 0):.3f}", _x(lookup["ratio"]),
+                     _x(lookup.get("cpu_ratio"))])
     if not rows:
         return []
-    header = ["backend", "rows", "lookups", "plaintext ms/lookup", "deterministic ms/lookup", "ratio"]
+    header = ["backend", "rows", "lookups", "plaintext ms/lookup", "deterministic ms/lookup", "ratio",
+              "client CPU ratio"]
     return ["### Indexed equality lookup", "", *_table(header, rows), ""]
 
 

@@ -51,7 +51,9 @@ def _lookup(backend: dict[str, Any]) -> tuple[str, bool | None]:
     ratio = (backend.get("lookup") or {}).get("ratio")
     if ratio is None:
         return "n/a", None
-    return f"{ratio:.3f}x plaintext ({backend['lookup']['rows']:,} rows)", ratio <= 1.2
+    cpu = backend["lookup"].get("cpu_ratio")
+    also = f", client CPU {cpu:.3f}x" if cpu else ""
+    return f"{ratio:.3f}x plaintext ({backend['lookup']['rows']:,} rows{also})", ratio <= 1.2
 
 
 def _kms_calls(backend: dict[str, Any]) -> tuple[str, bool | None]:
