@@ -43,7 +43,10 @@ def _orm(name: str, backend: dict[str, Any], unavailable: dict[str, str]) -> lis
             cells += [_s(timings.median(variant, step)), _x(timings.ratio(variant, "plaintext", step)),
                       _x(timings.ratio(variant, "floor", step))]
         cells.append(" / ".join(_x(timings.ratio(variant, "floor", step, clock="cpu")) for step in ("insert", "select")))
-        cells.append(f"{info['stored_overhead']['mean']:.0f}")
+        stored = f"{info['stored_overhead']['mean']:.0f}"
+        if info.get("keys_per_1k_rows", 0) >= 1:  # row scope: a key row per row, on top
+            stored += f" (+{info['keys_per_1k_rows']:.0f} key rows per 1k rows)"
+        cells.append(stored)
         cells.append(str(info.get("kms_calls_all_rounds", "-")))
         rows.append(cells)
     rows += [[variant, *_na(f"not available: {reason}", len(header) - 1)] for variant, reason in unavailable.items()]
