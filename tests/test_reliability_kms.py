@@ -139,7 +139,8 @@ def test_slow_kms_completes_or_times_out(engine: Engine, cmk: str, proxy: KmsFau
     assert info.value.table == "patients"
     assert (key_rows(engine), count_rows(engine, "patients")) == (0, 0)
     slow = schema(engine, via(proxy, cmk, read_timeout=5))
-    proxy.plan("*", delay(0.2))  # slower than usual, within the timeout
+    proxy.clear()
+    proxy.plan("*", delay(0.1))  # slower than usual, within the timeout
     insert_rows(slow, "patients", range(ROWS))
     assert check_rows(engine, via(proxy, cmk, read_timeout=5), "patients", range(ROWS)) == (ROWS, 0)
     reliability.fault("slow KMS", sum(v for k, v in proxy.injected.items() if k.startswith("delay")))

@@ -20,6 +20,7 @@ from sa_envelope import EncryptedType, KeyManager
 
 __all__ = [
     "ENCRYPTED_COLUMNS",
+    "add_rows",
     "Schema",
     "check_rows",
     "count_rows",
@@ -76,8 +77,8 @@ def schema(engine: Engine, provider: Any, names: Iterable[str] = ("patients",), 
     return Schema(keys, metadata, tables, models)
 
 
-def insert_rows(s: Schema, table: str, ns: Iterable[int], session: Session | None = None) -> None:
-    """ORM ``add_all`` of rows ``ns`` and commit (in ``session`` if given)."""
+def add_rows(s: Schema, session: Session, table: str, ns: Iterable[int]) -> None:
+    """ORM ``add_all`` of rows ``ns`` (the caller commits)."""
     model = s.models[table]
     objs = []
     for n in ns:
@@ -86,14 +87,18 @@ def insert_rows(s: Schema, table: str, ns: Iterable[int], session: Session | Non
         for column, value in expected(n).items():
             setattr(obj, column, value)
         objs.append(obj)
-    own = session is None
-    session = session or Session(s.keys.engine)
-    try:
-        session.add_all(objs)
+    session.add_all(objs)
+
+
+def insert_rows(s: Schema, table: str, ns: Iterable[int], session: Session | None = None) -> None:
+    """Add rows ``ns`` and commit, in ``session`` if given, else in a new one."""
+    if session is not None:
+        add_rows(s, session, table, ns)
         session.commit()
-    finally:
-        if own:
-            session.close()
+        return
+    with Session(s.keys.engine) as own:
+        add_rows(s, own, table, ns)
+        own.commit()
 
 
 def count_rows(engine: Engine, table: str) -> int:
