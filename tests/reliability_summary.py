@@ -32,6 +32,8 @@ class Figures:
     faults: Counter[str] = field(default_factory=Counter)  # kind -> injected and survived
     crashes: Counter[str] = field(default_factory=Counter)  # kind -> survived
     bad_inputs: Counter[str] = field(default_factory=Counter)  # kind -> tried, all refused
+    writers: int = 0  # concurrent first writers on a cold cache
+    race_keys: int = 0  # keys those races created (bounded by ``writers``)
     rows_checked: int = 0
     rows_lost: int = 0
     tests: int = 0
@@ -48,6 +50,11 @@ class Figures:
         """``n`` tampered or bad inputs of ``kind`` were refused with our error."""
         self.bad_inputs[kind] += n
 
+    def race(self, writers: int, keys: int) -> None:
+        """``writers`` raced to write first under a cold cache and made ``keys`` keys."""
+        self.writers += writers
+        self.race_keys += keys
+
     def rows(self, checked: int, lost: int = 0) -> None:
         """``checked`` committed rows were read back; ``lost`` were missing or wrong."""
         self.rows_checked += checked
@@ -63,6 +70,7 @@ class Figures:
             f"faults injected and survived: {total(self.faults)}",
             f"crashes survived: {total(self.crashes)}",
             f"bad inputs tried (all refused or harmless): {total(self.bad_inputs)}",
+            f"first-key races: {self.writers} concurrent first writers, {self.race_keys} keys created (bound: one per writer and scope)",
             f"committed rows checked: {self.rows_checked}",
             f"rows lost: {self.rows_lost}",
         ]

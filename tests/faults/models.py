@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from sqlalchemy import Column, Integer, MetaData, String, Table, Text, func, select, text
+from sqlalchemy import Column, Integer, MetaData, String, Table, Text, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, registry
 
@@ -132,14 +132,12 @@ def check_rows(engine: Engine, provider: Any, table: str, ns: Iterable[int] | No
     t = fresh.tables[table]
     with engine.connect() as conn:
         rows = conn.execute(select(t.c.n, *(t.c[c] for c in ENCRYPTED_COLUMNS))).all()
-        stored = int(conn.execute(select(func.count()).select_from(t)).scalar_one())
     seen: dict[int, int] = {}
     wrong = 0
     for row in rows:
         seen[row.n] = seen.get(row.n, 0) + 1
         if {c: getattr(row, c) for c in ENCRYPTED_COLUMNS} != expected(row.n):
             wrong += 1
-    assert stored == len(rows)
     if ns is None:
         return len(rows), wrong
     want = set(ns)
