@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, TypeVar
 
+from . import _redact
 from ._errors import KeyProviderError
 from ._providers import Context, DataKey, KeyProvider
 
@@ -53,6 +54,7 @@ class AwsKmsProvider(KeyProvider):
         self._config = config
         self._lock = threading.Lock()
         self._resolved: str | None = None
+        _redact.install()  # botocore's DEBUG logs would show data keys
 
     @property
     def client(self) -> Any:

@@ -28,6 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import _format as fmt
 from . import _keytable as kt
+from . import _redact
 from ._cache import CacheLimits, CachedKey, KeyCache
 from ._errors import DecryptionError, EnvelopeError, KeyNotFoundError
 from ._faults import fault_point
@@ -94,6 +95,7 @@ class KeyManager:
         self.provider_calls = 0
         self.keys_created = 0
         self._listen(self.engine)
+        _redact.hide_rows(self.engine)  # SQLAlchemy logs rows after decryption
 
     # -- wiring ---------------------------------------------------------------
 
