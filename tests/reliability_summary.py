@@ -17,6 +17,7 @@ below are called after the assertions), so a failed test adds nothing.
 
 from __future__ import annotations
 
+import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ class Figures:
     bad_inputs: Counter[str] = field(default_factory=Counter)  # kind -> tried, all refused
     writers: int = 0  # concurrent first writers on a cold cache
     race_keys: int = 0  # keys those races created (bounded by ``writers``)
+    secrets_searched: int = 0
     rows_checked: int = 0
     rows_lost: int = 0
     tests: int = 0
@@ -60,17 +62,24 @@ class Figures:
         self.rows_checked += checked
         self.rows_lost += lost
 
+    def secret(self, n: int) -> None:
+        """``n`` secrets were searched for in logs, echo, errors and reprs, and not found."""
+        self.secrets_searched += n
+
     def lines(self) -> list[str]:
-        def total(c: Counter[str]) -> str:
-            detail = ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
-            return f"{sum(c.values())}" + (f" ({detail})" if detail else "")
+        def total(title: str, c: Counter[str]) -> list[str]:
+            detail = "; ".join(f"{k} {v}" for k, v in sorted(c.items()))
+            wrapped = textwrap.wrap(detail, 100, initial_indent="    ", subsequent_indent="    ")
+            return [f"{title}: {sum(c.values())}", *wrapped]
 
         return [
             f"reliability tests passed: {self.tests}",
-            f"faults injected and survived: {total(self.faults)}",
-            f"crashes survived: {total(self.crashes)}",
-            f"bad inputs tried (all refused or harmless): {total(self.bad_inputs)}",
-            f"first-key races: {self.writers} concurrent first writers, {self.race_keys} keys created (bound: one per writer and scope)",
+            *total("faults injected and survived", self.faults),
+            *total("crashes survived", self.crashes),
+            *total("bad inputs tried (each refused, or harmless as documented)", self.bad_inputs),
+            f"first-key races: {self.writers} concurrent first writers made {self.race_keys} keys"
+            " (bound: one per writer and scope)",
+            f"secrets searched for in logs, echo, errors and reprs: {self.secrets_searched} (found: 0)",
             f"committed rows checked: {self.rows_checked}",
             f"rows lost: {self.rows_lost}",
         ]
