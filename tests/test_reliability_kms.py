@@ -13,6 +13,8 @@ Promises (docs/threat-model.md, "What the tests prove"):
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -90,6 +92,17 @@ def test_default_client_uses_standard_retries(
         no_retries.generate(context)
     assert proxy.injected["throttle"] == 3
     reliability.fault("throttle burst", 3)
+
+
+def test_threat_model_retry_example_runs() -> None:
+    """The retry-policy example of docs/threat-model.md runs as written (offline)."""
+    doc = (Path(__file__).parent.parent / "docs" / "threat-model.md").read_text(encoding="utf-8")
+    (example,) = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    scope: dict[str, Any] = {}
+    exec(example, scope)
+    client = scope["provider"].client
+    assert client.meta.config.retries == {"mode": "adaptive", "total_max_attempts": 8}
+    assert client.meta.config.read_timeout == 5
 
 
 @pytest.mark.parametrize("fault", OUTAGES, ids=lambda f: f.name)

@@ -125,12 +125,23 @@ def mutate_value(data: st.DataObject, world: World, cell: Cell) -> tuple[str, by
     return ("moved within a column" if same_column else "moved across columns/tables"), source.stored
 
 
-def test_tampered_values_fail_closed(world: World, reliability: Any) -> None:
+def run_property(examples: int, example: Callable[[st.DataObject], str], reliability: Any, prefix: str) -> None:
+    """Run ``example`` (which returns the kind of mutation it tried) under
+    hypothesis, then add the kinds tried to the reliability figures."""
     tried: Counter[str] = Counter()
 
-    @settings(max_examples=VALUE_EXAMPLES, **SETTINGS)
+    @settings(max_examples=examples, **SETTINGS)
     @given(data=st.data())
     def check(data: st.DataObject) -> None:
+        tried[example(data)] += 1
+
+    check()
+    for kind, n in tried.items():
+        reliability.bad_input(f"{prefix} {kind}", n)
+
+
+def test_tampered_values_fail_closed(world: World, reliability: Any) -> None:
+    def example(data: st.DataObject) -> str:
         cell = data.draw(st.sampled_from(world.cells))
         kind, value = mutate_value(data, world, cell)
         if data.draw(st.booleans()):
@@ -145,12 +156,10 @@ def test_tampered_values_fail_closed(world: World, reliability: Any) -> None:
             assert outcome in (source.plaintext, DecryptionError), (kind, outcome)
         else:
             assert outcome is DecryptionError, (kind, outcome)
-        tried[kind] += 1
+        return kind
 
-    check()
+    run_property(VALUE_EXAMPLES, example, reliability, "value")
     assert all(_read(world, c) == c.plaintext for c in world.cells)  # restored intact
-    for kind, n in tried.items():
-        reliability.bad_input(f"value {kind}", n)
 
 
 def _read(world: World, cell: Cell) -> Any:
@@ -195,11 +204,7 @@ def mutate_key(data: st.DataObject, world: World, key: dict[str, Any]) -> tuple[
 
 
 def test_tampered_key_rows_fail_closed(world: World, reliability: Any) -> None:
-    tried: Counter[str] = Counter()
-
-    @settings(max_examples=KEY_EXAMPLES, **SETTINGS)
-    @given(data=st.data())
-    def check(data: st.DataObject) -> None:
+    def example(data: st.DataObject) -> str:
         key = data.draw(st.sampled_from(world.keys))
         kind, apply = mutate_key(data, world, key)
         with world.engine.begin() as conn:
@@ -213,13 +218,11 @@ def test_tampered_key_rows_fail_closed(world: World, reliability: Any) -> None:
         finally:
             with world.engine.begin() as conn:
                 world.restore_key(conn, key["id"])
-        tried[kind] += 1
+        return kind
 
-    check()
+    run_property(KEY_EXAMPLES, example, reliability, "key row")
     world.s.keys.clear_cache()
     assert all(_read(world, c) == c.plaintext for c in world.cells)
-    for kind, n in tried.items():
-        reliability.bad_input(f"key row {kind}", n)
 
 
 def _read_any(world: World, cell: Cell) -> Any:
