@@ -9,11 +9,9 @@ the end, and the counts match.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,10 +25,11 @@ from faults.crash import (
     CrashContext,
     InjectedFault,
     declared_points,
+    kill_after,
     orphan_values,
     raise_at,
     run_worker,
-    worker_env,
+    start_worker,
 )
 from faults.models import check_rows, count_rows
 
@@ -101,12 +100,30 @@ def test_exit_at_fault_point(ctx: CrashContext, name: str, point: str, occurrenc
     reliability.crash(f"exit at {name}")
 
 
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_sigkill_during_job(ctx: CrashContext, name: str, reliability: Any) -> None:
+    """A real SIGKILL at a random moment of the job (after a randomly chosen
+    fault point), then recovery from whatever state that left."""
+    scenario = SCENARIOS[name]
+    scenario.prepare(ctx)
+    target = random.randrange(len(scenario.points) * scenario.occurrences)
+    passed: list[str] = []
+
+    def stop(line: str) -> bool:
+        passed.append(line)
+        return len(passed) > target
+
+    proc = start_worker("--url", ctx.url, "--keyfile", ctx.keyfile, "job", name)
+    killed = kill_after(proc, stop)
+    assert killed is not None and killed.startswith("point "), (passed, proc.stderr.read() if proc.stderr else "")
+    checked = scenario.verify(ctx, None)
+    scenario.run(ctx)
+    reliability.rows(checked + scenario.verify(ctx, False))
+    reliability.crash(f"SIGKILL during {name}")
+
+
 def _bulk(ctx: CrashContext, start: int, stop: int) -> subprocess.Popen[str]:
-    args = ["--url", ctx.url, "--keyfile", ctx.keyfile, "bulk", str(start), str(stop), str(BATCH)]
-    return subprocess.Popen(
-        [sys.executable, "-m", "faults.worker", *args],
-        env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    return start_worker("--url", ctx.url, "--keyfile", ctx.keyfile, "bulk", str(start), str(stop), str(BATCH))
 
 
 def test_sigkill_during_bulk_insert(ctx: CrashContext, reliability: Any) -> None:
@@ -114,15 +131,9 @@ def test_sigkill_during_bulk_insert(ctx: CrashContext, reliability: Any) -> None
     no batch is half there, and a restarted job finishes the count."""
     ctx.schema().create()
     proc = _bulk(ctx, 0, BULK_ROWS)
-    reported = 0
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        reported = int(line.split()[1])
-        if reported >= 2 * BATCH:
-            break
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read() if proc.stderr else ""
+    line = kill_after(proc, lambda line: int(line.split()[1]) >= 2 * BATCH)
+    assert line is not None and proc.returncode == -signal.SIGKILL, proc.stderr.read() if proc.stderr else ""
+    reported = int(line.split()[1])
     stored = count_rows(ctx.engine, "patients")
     assert reported <= stored <= BULK_ROWS and stored % BATCH == 0  # whole batches only
     assert orphan_values(ctx.engine, ctx.tables) == 0

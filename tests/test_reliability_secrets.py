@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from faults.kms_proxy import ACCESS_DENIED, KmsFaultProxy, proxied_client
-from faults.models import Schema, add_rows, schema
+from faults.models import Schema, schema
 from sa_envelope import (
     AwsKmsProvider,
     EncryptionError,
@@ -88,10 +88,10 @@ def transcript(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[s
 
 
 def _collect_logs(t: Transcript, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> int:
-    handler = logging.Formatter()
+    formatter = logging.Formatter()
     records = [r for r in caplog.records if not r.name.startswith(SERVER_SIDE)]
     for record in records:
-        t.add(handler.format(record))
+        t.add(formatter.format(record))
     out, err = capsys.readouterr()
     t.add(out, err)
     return len(records)

@@ -16,6 +16,14 @@ Then ``verify(ctx, crashed=True)`` checks the state the crash left,
 the job is run again to the end (``resume``) and ``verify(ctx,
 crashed=False)`` checks the finished state.
 
+A third test kills the job with a real SIGKILL at a random moment: the
+worker prints each fault point it passes (``job NAME``), and the parent
+kills it after a randomly chosen one, so the signal lands somewhere in the
+work that follows. The state is then one the job may legitimately be in at
+any moment, so ``verify(ctx, crashed=None)`` must accept every consistent
+state (nothing done yet, partly done where the job commits in steps, or
+finished) and reject anything else.
+
 Adding a job (rewrap, re-encryption, column encryption) is one call::
 
     register(CrashScenario(
@@ -37,7 +45,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
@@ -56,10 +64,12 @@ __all__ = [
     "SCENARIOS",
     "declared_points",
     "exit_at",
+    "kill_after",
     "orphan_values",
     "raise_at",
     "register",
     "run_worker",
+    "start_worker",
     "worker_env",
 ]
 
@@ -109,7 +119,7 @@ class CrashScenario:
     points: tuple[str, ...]
     prepare: Callable[[CrashContext], None]
     run: Callable[[CrashContext], None]
-    verify: Callable[[CrashContext, bool], int]  # -> committed rows checked
+    verify: Callable[[CrashContext, bool | None], int]  # -> committed rows checked
     occurrences: int = 1  # how many times the job passes each point
 
 
@@ -177,6 +187,26 @@ def run_worker(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[
     return subprocess.run(
         [sys.executable, "-m", "faults.worker", *args],
         env=worker_env(), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def kill_after(proc: subprocess.Popen[str], stop: Callable[[str], bool]) -> str | None:
+    """Read ``proc``'s output lines until ``stop(line)``, then SIGKILL it at
+    once (it is mid-work); return that line, or None if the job ended first."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if stop(line.strip()):
+            proc.kill()  # SIGKILL on POSIX
+            proc.wait(timeout=30)
+            return line.strip()
+    proc.wait(timeout=30)
+    return None
+
+
+def start_worker(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "faults.worker", *args],
+        env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 

@@ -34,8 +34,10 @@ def _run_key_create(ctx: CrashContext) -> None:
         session.commit()
 
 
-def _verify_key_create(ctx: CrashContext, crashed: bool) -> int:
+def _verify_key_create(ctx: CrashContext, crashed: bool | None) -> int:
     assert orphan_values(ctx.engine, ctx.tables) == 0
+    if crashed is None:  # killed at a random moment: one transaction, so all or nothing
+        crashed = key_rows(ctx.engine, "visits") == 0
     if crashed:  # the whole transaction is gone, the committed rows are intact
         assert key_rows(ctx.engine, "visits") == 0
         n = checked(ctx, "patients", BEFORE)

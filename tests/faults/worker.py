@@ -3,6 +3,8 @@
 Commands::
 
     scenario NAME POINT OCCURRENCE  run a crash scenario's job, os._exit at the point
+    job NAME                        run a scenario's job, printing "point P" at each
+                                    fault point passed (the parent kills it meanwhile)
     bulk START STOP BATCH           insert rows [START, STOP) committing every BATCH,
                                     printing "committed N" after each commit
     race WORKER ROWS THREADS        wait for "go" on stdin, then THREADS threads
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+
+from sa_envelope import _faults
 
 from .crash import SCENARIOS, CrashContext, exit_at
 from .models import check_rows, insert_rows
@@ -32,6 +36,15 @@ def _scenario(ctx: CrashContext, name: str, point: str, occurrence: int) -> int:
         SCENARIOS[name].run(ctx)
     print(f"point {point} #{occurrence} not reached; passed {seen}", file=sys.stderr)
     return NOT_REACHED
+
+
+def _job(ctx: CrashContext, name: str) -> int:
+    from . import scenarios  # noqa: F401 - registers them
+
+    with _faults.inject(lambda point: print(f"point {point}", flush=True)):
+        SCENARIOS[name].run(ctx)
+    print("done", flush=True)
+    return 0
 
 
 def _bulk(ctx: CrashContext, start: int, stop: int, batch: int) -> int:
@@ -72,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="faults.worker")
     parser.add_argument("--url", required=True)
     parser.add_argument("--keyfile", required=True)
-    parser.add_argument("command", choices=("scenario", "bulk", "race"))
+    parser.add_argument("command", choices=("scenario", "job", "bulk", "race"))
     parser.add_argument("args", nargs="*")
     ns = parser.parse_args(argv)
     ctx = CrashContext(ns.url, ns.keyfile)
@@ -80,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "scenario":
             name, point, occurrence = ns.args
             return _scenario(ctx, name, point, int(occurrence))
+        if ns.command == "job":
+            return _job(ctx, *ns.args)
         ints = [int(a) for a in ns.args]
         return _bulk(ctx, *ints) if ns.command == "bulk" else _race(ctx, *ints)
     finally:
