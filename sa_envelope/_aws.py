@@ -29,7 +29,7 @@ def _default_client(config: Any) -> Any:
         raise KeyProviderError("AwsKmsProvider needs boto3: pip install boto3") from exc
     if config is None:
         config = Config(
-            retries={"mode": "standard", "max_attempts": 4},
+            retries={"mode": "standard", "total_max_attempts": 4},  # 4 attempts in all
             connect_timeout=5,
             read_timeout=15,
         )

@@ -84,8 +84,10 @@ def test_default_client_uses_standard_retries(
     real backoff; ``config=`` replaces that policy (here: no retries)."""
     monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", proxy.url)
     context = {"sa_envelope:table": "t", "sa_envelope:key": "00"}
+    default = AwsKmsProvider(cmk)
+    assert default.client.meta.config.retries == {"mode": "standard", "total_max_attempts": 4}
     proxy.plan("GenerateDataKey", THROTTLE, times=2)
-    assert len(AwsKmsProvider(cmk).generate(context).plaintext) == 32
+    assert len(default.generate(context).plaintext) == 32
     no_retries = AwsKmsProvider(cmk, config=Config(retries={"mode": "standard", "total_max_attempts": 1}))
     proxy.plan("GenerateDataKey", THROTTLE, times=1)
     with pytest.raises(KeyProviderError, match="ThrottlingException"):
