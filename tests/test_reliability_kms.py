@@ -34,7 +34,7 @@ from faults.kms_proxy import (
     delay,
     proxied_client,
 )
-from faults.models import check_rows, count_rows, insert_rows, key_rows, schema
+from faults.models import add_rows, check_rows, count_rows, insert_rows, key_rows, schema
 from sa_envelope import AwsKmsProvider, KeyProviderError
 
 pytestmark = pytest.mark.reliability
@@ -111,21 +111,28 @@ def test_threat_model_retry_example_runs() -> None:
 def test_outage_on_write_commits_nothing(
     engine: Engine, cmk: str, proxy: KmsFaultProxy, fault: Fault, reliability: Any
 ) -> None:
-    s = schema(engine, via(proxy, cmk, max_attempts=3))
+    """One transaction adds rows to a keyed table (no KMS call: its key is
+    cached) and the first rows of a new table (needs KMS, which fails)."""
+    s = schema(engine, via(proxy, cmk, max_attempts=3), ["patients", "visits"])
     s.create()
+    insert_rows(s, "patients", range(ROWS))
     proxy.plan("*", fault)
     with Session(engine) as session:
+        add_rows(s, session, "patients", range(ROWS, 2 * ROWS))
+        add_rows(s, session, "visits", range(ROWS))
         with pytest.raises(KeyProviderError) as info:
-            insert_rows(s, "patients", range(ROWS), session=session)
+            session.commit()
         session.rollback()
-    assert_names_table(info.value, "patients", fault)
-    assert (key_rows(engine), count_rows(engine, "patients")) == (0, 0)  # nothing half-written
+    assert_names_table(info.value, "visits", fault)
+    assert key_rows(engine, "visits") == 0  # nothing half-written
+    assert (count_rows(engine, "patients"), count_rows(engine, "visits")) == (ROWS, 0)
     injected = proxy.injected[fault.name]
     proxy.clear()
-    insert_rows(s, "patients", range(ROWS))  # the next write works
+    insert_rows(s, "visits", range(ROWS))  # the next write works
     assert check_rows(engine, via(proxy, cmk), "patients", range(ROWS)) == (ROWS, 0)
+    assert check_rows(engine, via(proxy, cmk), "visits", range(ROWS)) == (ROWS, 0)
     reliability.fault(f"outage on write: {fault.name}", injected)
-    reliability.rows(ROWS)
+    reliability.rows(2 * ROWS)
 
 
 def test_outage_on_read_is_a_clear_error(engine: Engine, cmk: str, proxy: KmsFaultProxy, reliability: Any) -> None:
