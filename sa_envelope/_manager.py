@@ -28,8 +28,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import _format as fmt
 from . import _keytable as kt
+from . import _redact
 from ._cache import CacheLimits, CachedKey, KeyCache
-from ._errors import EnvelopeError, KeyNotFoundError
+from ._errors import DecryptionError, EnvelopeError, KeyNotFoundError
 from ._faults import fault_point
 from ._providers import KeyProvider
 
@@ -94,6 +95,7 @@ class KeyManager:
         self.provider_calls = 0
         self.keys_created = 0
         self._listen(self.engine)
+        _redact.hide_rows(self.engine)  # SQLAlchemy logs rows after decryption
 
     # -- wiring ---------------------------------------------------------------
 
@@ -253,6 +255,10 @@ class KeyManager:
     def _load_key(
         self, key_id: int, *, table: str, column: str | None, conn: Connection | None = None
     ) -> CachedKey:
+        if not 0 < key_id < 1 << 63:  # new_key_id() never makes it: a tampered header
+            raise KeyNotFoundError(
+                table=table, column=column, key_id=fmt.format_key_id(key_id), reason="key id out of range"
+            )
         conn = conn or self._current()
         if conn is None:
             with self.engine.connect() as own:
@@ -276,8 +282,19 @@ class KeyManager:
     def _unwrap_and_cache(
         self, record: kt.KeyRecord, *, table: str, column: str | None, conn: Connection
     ) -> CachedKey:
-        cipher_cls, _, version = ALGORITHMS[record.algorithm]
+        spec = ALGORITHMS.get(record.algorithm)
+        if spec is None:  # a tampered or foreign key row must fail closed, as ours
+            raise DecryptionError(
+                "key row names an unknown algorithm",
+                table=table, column=column, key_id=fmt.format_key_id(record.id),
+            )
+        cipher_cls, size, version = spec
         plaintext = self._unwrap(record, table=table, column=column, conn=conn)
+        if len(plaintext) != size:
+            raise DecryptionError(
+                f"unwrapped key does not fit {record.algorithm}",
+                table=table, column=column, key_id=fmt.format_key_id(record.id),
+            )
         return self._cache.put(record.id, cipher_cls(plaintext), fmt.header(version, record.id))
 
     def _unwrap(self, record: kt.KeyRecord, *, table: str, column: str | None, conn: Connection) -> bytes:

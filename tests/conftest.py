@@ -47,6 +47,10 @@ def _required_backends() -> set[str]:
 
 def pytest_configure(config: pytest.Config) -> None:
     _required_backends()  # validate early, before any test runs
+    import reliability_summary  # the figures printed after reliability tests (issue 7)
+
+    if not config.pluginmanager.has_plugin("sa_envelope_reliability"):
+        config.pluginmanager.register(reliability_summary, "sa_envelope_reliability")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
