@@ -32,6 +32,7 @@ from ._cache import CacheLimits, CachedKey, KeyCache
 from ._errors import EnvelopeError, KeyNotFoundError
 from ._faults import fault_point
 from ._providers import KeyProvider
+from ._query import check_statement
 
 __all__ = ["KeyManager"]
 
@@ -105,8 +106,9 @@ class KeyManager:
         event.listen(engine, "rollback_savepoint", self._on_rollback_savepoint)
         event.listen(engine, "reset", self._on_pool_reset)
 
-    def _on_execute(self, conn: Connection, *args: Any) -> None:
+    def _on_execute(self, conn: Connection, clauseelement: Any, *args: Any) -> None:
         self._conn.set(conn)
+        check_statement(clauseelement)  # querying: refuse ORDER BY ciphertext etc.
 
     def _on_commit(self, conn: Connection) -> None:
         # The keys are stored now (or the commit fails and nothing is). Either

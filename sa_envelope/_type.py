@@ -25,12 +25,16 @@ from . import _format as fmt
 from . import _keytable as kt
 from ._codecs import UnsupportedValue, codec_for
 from ._errors import ConfigurationError, DecryptionError, EncryptionError
+from ._query import EncryptedComparator
 
 __all__ = ["EncryptedType"]
 
 SCOPES = ("table", "row")
 MYSQL_VARBINARY_MAX = 3072  # InnoDB's longest index key: beyond it, LONGBLOB
 UTF8_MAX_BYTES = 4
+# Longest encoding of the fixed-size codecs (see _codecs), so that such
+# columns get a bounded (indexable) VARBINARY on MySQL/MariaDB too.
+CODEC_MAX_BYTES = {"int": 20, "uuid": 16, "uuid-str": 16, "bool": 1, "date": 10, "datetime": 32, "time": 21}
 
 
 class EncryptedType(TypeDecorator[Any], SchemaEventTarget):
@@ -45,6 +49,7 @@ class EncryptedType(TypeDecorator[Any], SchemaEventTarget):
 
     impl = LargeBinary
     cache_ok = True
+    comparator_factory = EncryptedComparator  # querying: see _query
 
     def __init__(
         self,
@@ -130,11 +135,17 @@ class EncryptedType(TypeDecorator[Any], SchemaEventTarget):
         return dialect.type_descriptor(LargeBinary())
 
     def max_stored_length(self) -> int | None:
-        """Largest stored value in bytes, where the inner type bounds it."""
+        """Largest stored value in bytes, where the inner type bounds it.
+
+        The envelope adds the mode's overhead (``fmt.SIV_OVERHEAD`` for
+        deterministic columns, ``fmt.GCM_OVERHEAD`` otherwise).
+        """
+        overhead = fmt.SIV_OVERHEAD if self.deterministic else fmt.GCM_OVERHEAD
         length = getattr(self.inner, "length", None)
         if isinstance(self.inner, String) and length:
-            return length * UTF8_MAX_BYTES + fmt.GCM_OVERHEAD
-        return None
+            return length * UTF8_MAX_BYTES + overhead
+        fixed = CODEC_MAX_BYTES.get(self._codec.name)
+        return fixed + overhead if fixed is not None else None
 
     def copy(self, **kw: Any) -> EncryptedType:
         """A copy keeps the names (SQLAlchemy's per-dialect copies need them);
