@@ -30,6 +30,7 @@ __all__ = [
     "ACTIVE",
     "KeyRecord",
     "RETIRED",
+    "SCOPE_BLIND_INDEX",
     "SCOPE_DETERMINISTIC",
     "SCOPE_ROW",
     "SCOPE_TABLE",
@@ -47,6 +48,7 @@ KEY_TABLE_NAME = "sa_envelope_keys"
 SCOPE_TABLE = "table"
 SCOPE_ROW = "row"
 SCOPE_DETERMINISTIC = "deterministic"
+SCOPE_BLIND_INDEX = "blind-index"  # HMAC key of a table's blind indexes (_blindindex)
 ACTIVE = "active"
 RETIRED = "retired"
 SHREDDED = "shredded"

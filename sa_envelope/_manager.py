@@ -28,6 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import _format as fmt
 from . import _keytable as kt
+from ._blindindex import HmacKey
 from ._cache import CacheLimits, CachedKey, KeyCache
 from ._errors import EnvelopeError, KeyNotFoundError
 from ._faults import fault_point
@@ -40,11 +41,13 @@ ALGORITHMS: Mapping[str, tuple[type, int, int]] = {
     # name: (cipher class, key bytes, format version)
     "AES-256-GCM": (AESGCM, 32, fmt.VERSION_GCM),
     "AES-256-SIV": (AESSIV, 64, fmt.VERSION_SIV),
+    "HMAC-SHA256": (HmacKey, 32, 0),  # blind indexes: no stored envelope, no version
 }
 SCOPE_ALGORITHM = {
     kt.SCOPE_TABLE: "AES-256-GCM",
     kt.SCOPE_ROW: "AES-256-GCM",
     kt.SCOPE_DETERMINISTIC: "AES-256-SIV",
+    kt.SCOPE_BLIND_INDEX: "HMAC-SHA256",
 }
 ROW_KEY_WRAPPING = "parent"  # wrapping_key_id of keys wrapped by another key
 
