@@ -20,7 +20,7 @@ import contextlib
 import threading
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from sqlalchemy import Connection, Engine, MetaData, event
@@ -28,6 +28,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import _format as fmt
 from . import _keytable as kt
+from . import _async
+from ._async import run_blocking
 from ._blindindex import HmacKey
 from ._cache import CacheLimits, CachedKey, KeyCache
 from ._errors import EnvelopeError, KeyNotFoundError
@@ -306,7 +308,7 @@ class KeyManager:
 
     def _provider_call(self, fn: Any) -> Any:
         self.provider_calls += 1
-        return fn()
+        return run_blocking(fn)  # off the event loop under asyncio (see _async)
 
     def _db(self, fn: Any, owner: str) -> Any:
         """Run a key-table query; a database failure becomes ours, named."""
@@ -322,3 +324,18 @@ class KeyManager:
 
     def __repr__(self) -> str:
         return f"KeyManager(table={self.table.name!r}, provider={self.provider!r})"
+
+    # -- querying & asyncio (see _async) ------------------------------------------------
+
+    def warm(self, tables: Iterable[Any] | None = None) -> int:
+        """Load the keys of ``tables`` (names or Table objects; default all)
+        into the cache now, so that first requests make no provider call."""
+        return _async.warm(self, tables)
+
+    async def warm_async(self, tables: Iterable[Any] | None = None) -> int:
+        """:meth:`warm` for asyncio; provider calls run in worker threads."""
+        return await _async.warm_async(self, tables)
+
+    async def create_table_async(self) -> None:
+        """:meth:`create_table` for a KeyManager built on an AsyncEngine."""
+        await _async.create_table_async(self)
