@@ -237,7 +237,7 @@ class KeyManager:
         """Generate a key and insert it in ``conn``'s transaction."""
         algorithm = SCOPE_ALGORITHM[scope]
         cipher_cls, size, version = ALGORITHMS[algorithm]
-        key_id = kt.new_key_id()
+        key_id = self._new_key_id(conn, owner, scope)
         data_key = self._provider_call(lambda: self.provider.generate(kms_context(owner, key_id), size))
         record = kt.KeyRecord(
             id=key_id,
@@ -326,6 +326,16 @@ class KeyManager:
         return f"KeyManager(table={self.table.name!r}, provider={self.provider!r})"
 
     # -- querying & asyncio (see _async) ------------------------------------------------
+
+    def _new_key_id(self, conn: Connection, owner: str, scope: str) -> int:
+        """A fixed id for the first deterministic / blind-index key of a table
+        (concurrent creators collide instead of splitting the column in two),
+        a random one otherwise (see ``kt.singleton_key_id``)."""
+        if scope in kt.SINGLETON_SCOPES:
+            key_id = kt.singleton_key_id(owner, scope)
+            if self._db(lambda: kt.get_record(conn, self.table, key_id), owner) is None:
+                return key_id
+        return kt.new_key_id()
 
     def warm(self, tables: Iterable[Any] | None = None) -> int:
         """Load the keys of ``tables`` (names or Table objects; default all)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -14,7 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
-from sa_envelope import EncryptedType, KeyManager, LocalKeyProvider, UnsupportedQueryError
+from sa_envelope import EncryptedType, EnvelopeError, KeyManager, LocalKeyProvider, UnsupportedQueryError
 from sa_envelope import _format as fmt
 
 # The plaintext twin must compare exactly as bytes do: MariaDB's default
@@ -262,3 +263,43 @@ def test_deterministic_key_is_separate_from_the_table_key(engine: Engine, keys: 
     with engine.connect() as conn:
         rows = conn.execute(select(t.c.scope, t.c.status).where(t.c.owner_table == "people")).all()
     assert sorted(rows) == [("deterministic", "active"), ("table", "active"), ("table", "retired")]
+
+
+@pytest.mark.backends("postgresql", "mysql")
+def test_concurrent_first_writers_never_split_the_deterministic_key(
+    engine: Engine, keys: KeyManager, models: tuple[type, type]
+) -> None:
+    """Two transactions write the first rows of a table at once. Either the
+    second fails loudly (its key insert collides with the first's) or it sees
+    the first's committed key; never do two deterministic keys both commit,
+    which would make equal values stop comparing equal."""
+    Person, _ = models
+    outcome: dict[str, Any] = {}
+
+    def second_writer() -> None:
+        with Session(engine) as session:
+            session.add(Person(id=2, plain="same", det="same"))
+            try:
+                session.commit()
+                outcome["b"] = "committed"
+            except EnvelopeError as exc:
+                outcome["b"] = exc
+
+    with Session(engine) as first:
+        first.add(Person(id=1, plain="same", det="same"))
+        first.flush()  # the deterministic key row exists, uncommitted
+        thread = threading.Thread(target=second_writer)
+        thread.start()
+        thread.join(timeout=1.0)  # let the second writer reach the key table
+        first.commit()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    t = keys.table
+    with engine.connect() as conn:
+        det_keys = conn.execute(
+            select(t.c.id).where(t.c.owner_table == "people", t.c.scope == "deterministic")
+        ).all()
+    assert len(det_keys) == 1
+    with Session(engine) as session:
+        expected = [1, 2] if outcome["b"] == "committed" else [1]
+        assert _ids(session, Person, Person.det == "same") == expected
