@@ -189,3 +189,15 @@ def test_index_misuse_is_refused(engine: Engine, users: tuple[type, list[Any]], 
     with pytest.raises(UnsupportedQueryError):
         select(User).where(User.email.like("%@example.com"))
     assert session.scalar(select(func.count()).select_from(User)) == 200
+
+
+def test_core_insert_sets_the_index_with_digest(engine: Engine, keys: KeyManager) -> None:
+    User = make_user(keys)
+    User.metadata.create_all(engine)
+    users = User.__table__
+    index_type = users.c.email_index.type
+    with engine.begin() as conn, keys.use_connection(conn):
+        conn.execute(users.insert().values(id=1, email="Core@Example.com", email_index=index_type.digest("Core@Example.com")))
+    with Session(engine) as session:
+        assert _ids(lookup(session, User.email_index, "core@example.com")) == [1]
+        assert User.email_index.type is index_type
