@@ -3,7 +3,6 @@ lookups return exactly the matching rows, never a colliding one."""
 
 from __future__ import annotations
 
-import os
 import random
 from typing import Any, Iterator
 
@@ -17,7 +16,6 @@ from sa_envelope import (
     ConfigurationError,
     EncryptedType,
     KeyManager,
-    LocalKeyProvider,
     UnsupportedQueryError,
     lookup,
     normalize_email,
@@ -57,10 +55,8 @@ def make_user(keys: KeyManager) -> type:
 
 
 @pytest.fixture
-def keys(engine: Engine) -> KeyManager:
-    manager = KeyManager(engine, LocalKeyProvider(os.urandom(32)))
-    manager.create_table()
-    return manager
+def keys(local_keys: KeyManager) -> KeyManager:
+    return local_keys
 
 
 @pytest.fixture

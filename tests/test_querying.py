@@ -3,7 +3,6 @@ plaintext twin answers; every other operator fails loudly, never wrongly."""
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 from typing import Any, Callable, Iterator
@@ -15,7 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
-from sa_envelope import EncryptedType, EnvelopeError, KeyManager, LocalKeyProvider, UnsupportedQueryError
+from sa_envelope import EncryptedType, EnvelopeError, KeyManager, UnsupportedQueryError
 from sa_envelope import _format as fmt
 
 # The plaintext twin must compare exactly as bytes do: MariaDB's default
@@ -55,10 +54,8 @@ def make_models(keys: KeyManager) -> tuple[type, type]:
 
 
 @pytest.fixture
-def keys(engine: Engine) -> KeyManager:
-    manager = KeyManager(engine, LocalKeyProvider(os.urandom(32)))
-    manager.create_table()
-    return manager
+def keys(local_keys: KeyManager) -> KeyManager:
+    return local_keys
 
 
 @pytest.fixture
