@@ -30,6 +30,7 @@ over the same value do not match each other.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import re
@@ -263,8 +264,12 @@ def _on_mapper_configured(mapper: Mapper[Any], class_: type) -> None:
             if changed_only and not attributes.get_history(target, index_type.source).has_changes():
                 continue
             value = getattr(target, index_type.source)
-            with index_type.keys.use_connection(connection):
-                setattr(target, key, None if value is None else index_type.digest(value))
+            if value is None:
+                setattr(target, key, None)
+                continue
+            keys = index_type.keys
+            with keys.use_connection(connection) if keys is not None else contextlib.nullcontext():
+                setattr(target, key, index_type.digest(value))
 
     event.listen(mapper, "before_insert", lambda m, conn, target: fill(conn, target, False))
     event.listen(mapper, "before_update", lambda m, conn, target: fill(conn, target, True))

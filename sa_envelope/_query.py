@@ -33,7 +33,7 @@ from sqlalchemy.sql.elements import (
 )
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import CompoundSelect, Select
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.types import NullType, TypeDecorator
 
 from ._errors import UnsupportedQueryError
 
@@ -121,7 +121,13 @@ def _operand_ok(expr_type: Any, value: Any) -> bool:
         return len(cols) == 1 and _same_column(expr_type, cols[0])
     if isinstance(value, (list, tuple, set, frozenset)):
         return all(_operand_ok(expr_type, v) for v in value)
-    if isinstance(value, BindParameter) or not isinstance(value, ClauseElement):
+    if isinstance(value, BindParameter):
+        # untyped: SQLAlchemy gives it the column's type, so it is encrypted;
+        # typed otherwise (literal("x")): it would reach the database as plaintext
+        return isinstance(value.type, NullType) or value.type is expr_type or (
+            getattr(value.type, "bound_context", None) == expr_type.bound_context
+        )
+    if not isinstance(value, ClauseElement):
         return True
     return _same_column(expr_type, value)
 
@@ -151,9 +157,10 @@ class EncryptedComparator(TypeDecorator.Comparator[Any]):
                 )
             if not all(_operand_ok(expr_type, v) for v in other):
                 raise unsupported(
-                    expr_type, "comparing with another column or SQL expression",
-                    "Equal values in different columns have different ciphertexts; "
-                    "compare with Python values, or with this same column.",
+                    expr_type, "comparing with another column, a SQL expression or a typed literal()",
+                    "Equal values in different columns have different ciphertexts, and a "
+                    "typed literal is sent unencrypted; compare with plain Python values "
+                    "(or an untyped bindparam()), or with this same column.",
                 )
             return
         if op is ops.distinct_op and getattr(expr_type, "deterministic", False):

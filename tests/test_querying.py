@@ -8,7 +8,7 @@ import threading
 from typing import Any, Callable, Iterator
 
 import pytest
-from sqlalchemy import Integer, String, func, inspect, select, text, update
+from sqlalchemy import Integer, String, bindparam, func, inspect, literal, select, text, update
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -121,6 +121,8 @@ def test_orm_forms_return_decrypted_objects(engine: Engine, people: tuple[type, 
         assert {p.det for p in found} == {p.rnd for p in found} == {target}
         assert sorted(p.id for p in session.scalars(select(Person).filter_by(det=target))) == expected
         assert sorted(p.id for p in session.query(Person).filter(Person.det == target)) == expected
+        by_param = session.scalars(select(Person.id).where(Person.det == bindparam("v")), {"v": target})
+        assert sorted(by_param) == expected  # an untyped bindparam takes the column's type
         # a self-join on the same column compares like with like
         other = aliased(Person)
         pairs = session.execute(
@@ -206,11 +208,14 @@ def test_equal_values_differ_across_columns_and_tables(engine: Engine, models: t
         lambda P: P.det == P.det2,
         lambda P: P.det == P.plain,
         lambda P: func.coalesce(P.det, "x") == "a",
+        lambda P: P.det == literal("a"),
+        lambda P: P.det.in_([literal("a"), "b"]),
     ],
     ids=[
         "lt", "ge", "reflected-gt", "between", "like", "ilike", "contains", "startswith",
         "endswith", "regexp", "desc", "concat", "rnd-eq", "rnd-ne", "rnd-in", "rnd-like",
         "rnd-lt", "det-vs-other-det", "det-vs-plain", "function-of-column",
+        "typed-literal", "typed-literal-in-list",
     ],
 )
 def test_unsupported_operators_raise_when_built(keys: KeyManager, build: Callable[[Any], Any]) -> None:
