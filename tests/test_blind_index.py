@@ -197,3 +197,19 @@ def test_core_insert_sets_the_index_with_digest(engine: Engine, keys: KeyManager
     with Session(engine) as session:
         assert _ids(lookup(session, User.email_index, "core@example.com")) == [1]
         assert User.email_index.type is index_type
+
+
+def test_a_rolled_back_first_index_key_is_never_used(engine: Engine, keys: KeyManager) -> None:
+    User = make_user(keys)
+    User.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add(User(id=1, email="gone@example.com"))
+        session.flush()  # creates the blind-index key in this transaction
+        session.rollback()
+        session.add(User(id=2, email="kept@example.com"))
+        session.commit()
+        assert _ids(lookup(session, User.email_index, "KEPT@example.com")) == [2]
+    fresh = KeyManager(engine, keys.provider)
+    Fresh = make_user(fresh)
+    with Session(engine) as session:
+        assert _ids(lookup(session, Fresh.email_index, "kept@EXAMPLE.com")) == [2]

@@ -305,3 +305,21 @@ def test_concurrent_first_writers_never_split_the_deterministic_key(
     with Session(engine) as session:
         expected = [1, 2] if outcome["b"] == "committed" else [1]
         assert _ids(session, Person, Person.det == "same") == expected
+
+
+def test_a_rolled_back_first_key_is_replaced_not_reused(engine: Engine, keys: KeyManager, models: tuple[type, type]) -> None:
+    """The first deterministic key has a fixed id; if its transaction rolls
+    back, the next writer makes it again, and every process agrees on it."""
+    Person, _ = models
+    with Session(engine) as session:
+        session.add(Person(id=1, plain="v", det="v"))
+        session.flush()
+        session.rollback()
+        session.add(Person(id=2, plain="v", det="v"))
+        session.commit()
+        assert _ids(session, Person, Person.det == "v") == [2]
+    fresh = KeyManager(engine, keys.provider)  # another process: reads the stored key
+    Fresh, _ = make_models(fresh)
+    with Session(engine) as session:
+        assert _ids(session, Fresh, Fresh.det == "v") == [2]
+        assert session.get(Fresh, 2).det == "v"
