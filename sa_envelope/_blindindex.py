@@ -134,6 +134,7 @@ class BlindIndexType(TypeDecorator[bytes], SchemaEventTarget):
         *,
         normalizer: Callable[[Any], Any] | None = None,
         bits: int = 32,
+        context: str | None = None,
     ) -> None:
         super().__init__()
         if bits % 8 or not 8 <= bits <= 256:
@@ -143,24 +144,45 @@ class BlindIndexType(TypeDecorator[bytes], SchemaEventTarget):
         self.normalizer = normalizer
         self.bits = bits
         self._size = bits // 8
+        self.context = context
         self._table: str | None = None
         self._column: str | None = None
         self._ctx = b""
+        self._parent: Column[Any] | None = None
         self._subkey: tuple[Any, Any] = (None, None)  # (cached key entry, hmac object)
+        if context is not None:
+            table, _, column = context.rpartition(".")
+            if not table or not column:
+                raise ConfigurationError(f"context must be 'table.column', got {context!r}")
+            self._bind_names(table, column)
         _install_orm_hooks()
 
     # -- learning the column (as EncryptedType does) ----------------------------------
 
     def _set_parent(self, parent: Any, **kw: Any) -> None:
-        if isinstance(parent, Column):
-            parent._on_table_attach(self._on_table_attach)
+        """Learn the table and column names, which key the index (the subkey
+        is derived from them): pin them with ``context=`` to survive a rename."""
+        if not isinstance(parent, Column):
+            return
+        if self._parent is not None and self._parent is not parent:
+            raise ConfigurationError(
+                f"one BlindIndexType instance is given to two columns ({self._parent.name!r} "
+                f"and {parent.name!r}); give each column its own instance"
+            )
+        self._parent = parent
+        parent._on_table_attach(self._on_table_attach)
 
     def _on_table_attach(self, column: Column[Any], table: Table) -> None:
-        self._table, self._column = table.name, column.name
-        self._ctx = fmt.context_bytes(table.name, column.name)
+        if self.context is None:
+            self._bind_names(table.name, column.name)
+
+    def _bind_names(self, table: str, column: str) -> None:
+        self._table, self._column = table, column
+        self._ctx = fmt.context_bytes(table, column)
 
     def copy(self, **kw: Any) -> BlindIndexType:
         clone = super().copy(**kw)
+        clone._parent = None
         clone._subkey = (None, None)
         return clone
 

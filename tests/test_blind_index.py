@@ -7,7 +7,7 @@ import random
 from typing import Any, Iterator
 
 import pytest
-from sqlalchemy import Integer, String, func, select, text
+from sqlalchemy import Column, Integer, String, func, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -180,6 +180,12 @@ def test_index_misuse_is_refused(engine: Engine, users: tuple[type, list[Any]], 
         session.rollback()
     with pytest.raises(ConfigurationError, match="bits"):
         BlindIndexType("email", keys, bits=12)
+    with pytest.raises(ConfigurationError, match="context"):
+        BlindIndexType("email", keys, context="no-dot")
+    shared = BlindIndexType("email", keys)
+    Column("a", shared)
+    with pytest.raises(ConfigurationError, match="two columns"):
+        Column("b", shared)
     with pytest.raises(ConfigurationError, match="blind indexes"):
         lookup(Session(engine), User.id, 1)
     with pytest.raises(UnsupportedQueryError):
@@ -213,3 +219,33 @@ def test_a_rolled_back_first_index_key_is_never_used(engine: Engine, keys: KeyMa
     Fresh = make_user(fresh)
     with Session(engine) as session:
         assert _ids(lookup(session, Fresh.email_index, "kept@EXAMPLE.com")) == [2]
+
+
+def test_pinned_context_survives_a_column_rename(engine: Engine, keys: KeyManager) -> None:
+    """The subkey is derived from the index's table and column names;
+    ``context=`` pins them, so a renamed index column keeps matching."""
+
+    def model(column_name: str) -> type:
+        class Base(DeclarativeBase):
+            pass
+
+        class User(Base):
+            __tablename__ = "users"
+            id: Mapped[int] = mapped_column(primary_key=True)
+            email: Mapped[str] = mapped_column(EncryptedType(String(200), keys, context="users.email"))
+            idx: Mapped[bytes | None] = mapped_column(
+                column_name, BlindIndexType("email", keys, normalizer=normalize_email, context="users.email_index")
+            )
+
+        return User
+
+    Before = model("email_index")
+    Before.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add(Before(id=1, email="Pinned@example.com"))
+        session.commit()
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE users RENAME COLUMN email_index TO email_bidx"))
+    After = model("email_bidx")
+    with Session(engine) as session:
+        assert _ids(lookup(session, After.idx, "pinned@EXAMPLE.com")) == [1]
