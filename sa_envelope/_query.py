@@ -111,6 +111,13 @@ def _same_column(expr_type: Any, element: Any) -> bool:
     )
 
 
+def _is_itself(expr: Any, value: Any) -> bool:
+    """The very same column (annotated or not): not an alias, not a copy."""
+    if not isinstance(value, ColumnClause) or not isinstance(expr, ColumnClause):
+        return False
+    return value._deannotate() is expr._deannotate()
+
+
 def _operand_ok(expr_type: Any, value: Any) -> bool:
     """Python values and bind parameters are encrypted as we encrypt; a SQL
     expression is only comparable if it is this same column (self-join)."""
@@ -149,6 +156,8 @@ class EncryptedComparator(TypeDecorator.Comparator[Any]):
         expr_type = self.expr.type
         if op in NULL_TESTS and len(other) == 1 and _is_null(other[0]):
             return
+        if op in (ops.eq, ops.ne) and len(other) == 1 and _is_itself(self.expr, other[0]):
+            return  # SQLAlchemy's own dict lookups compare a column with itself
         if op in EQUALITY and getattr(expr_type, "deterministic", False):
             if not isinstance(self.expr, ColumnClause):
                 raise unsupported(

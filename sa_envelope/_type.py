@@ -32,9 +32,11 @@ __all__ = ["EncryptedType"]
 SCOPES = ("table", "row")
 MYSQL_VARBINARY_MAX = 3072  # InnoDB's longest index key: beyond it, LONGBLOB
 UTF8_MAX_BYTES = 4
-# Longest encoding of the fixed-size codecs (see _codecs), so that such
-# columns get a bounded (indexable) VARBINARY on MySQL/MariaDB too.
-CODEC_MAX_BYTES = {"int": 20, "uuid": 16, "uuid-str": 16, "bool": 1, "date": 10, "datetime": 32, "time": 21}
+# Longest encoding of the fixed-size codecs (see _codecs), so that
+# deterministic (queryable, indexable) columns of these types get a bounded
+# VARBINARY on MySQL/MariaDB too (times allow a UTC offset with seconds and
+# microseconds: "+HH:MM:SS.ffffff").
+CODEC_MAX_BYTES = {"int": 20, "uuid": 16, "uuid-str": 16, "bool": 1, "date": 10, "datetime": 42, "time": 31}
 
 
 class EncryptedType(TypeDecorator[Any], SchemaEventTarget):
@@ -144,7 +146,7 @@ class EncryptedType(TypeDecorator[Any], SchemaEventTarget):
         length = getattr(self.inner, "length", None)
         if isinstance(self.inner, String) and length:
             return length * UTF8_MAX_BYTES + overhead
-        fixed = CODEC_MAX_BYTES.get(self._codec.name)
+        fixed = CODEC_MAX_BYTES.get(self._codec.name) if self.deterministic else None
         return fixed + overhead if fixed is not None else None
 
     def copy(self, **kw: Any) -> EncryptedType:
