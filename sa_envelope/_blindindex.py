@@ -37,16 +37,16 @@ import re
 import unicodedata
 from typing import Any, Callable
 
-from sqlalchemy import Column, LargeBinary, Table, event, literal, select
+from sqlalchemy import LargeBinary, event, literal, select
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapper, Session, attributes
-from sqlalchemy.sql.base import SchemaEventTarget
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from . import _format as fmt
 from . import _keytable as kt
 from ._errors import ConfigurationError, EncryptionError, UnsupportedQueryError
+from ._naming import ColumnNames
 
 __all__ = [
     "BlindIndexType",
@@ -114,7 +114,7 @@ class _Probe:
 # -- the column type -------------------------------------------------------------------
 
 
-class BlindIndexType(TypeDecorator[bytes], SchemaEventTarget):
+class BlindIndexType(TypeDecorator[bytes], ColumnNames):
     """A keyed, truncated HMAC of the normalised value of attribute ``source``.
 
     ``normalizer`` maps a source value to the str or bytes that is indexed
@@ -144,41 +144,11 @@ class BlindIndexType(TypeDecorator[bytes], SchemaEventTarget):
         self.normalizer = normalizer
         self.bits = bits
         self._size = bits // 8
-        self.context = context
-        self._table: str | None = None
-        self._column: str | None = None
-        self._ctx = b""
-        self._parent: Column[Any] | None = None
         self._subkey: tuple[Any, Any] = (None, None)  # (cached key entry, hmac object)
-        if context is not None:
-            table, _, column = context.rpartition(".")
-            if not table or not column:
-                raise ConfigurationError(f"context must be 'table.column', got {context!r}")
-            self._bind_names(table, column)
+        self._init_names(context)
         _install_orm_hooks()
 
-    # -- learning the column (as EncryptedType does) ----------------------------------
-
-    def _set_parent(self, parent: Any, **kw: Any) -> None:
-        """Learn the table and column names, which key the index (the subkey
-        is derived from them): pin them with ``context=`` to survive a rename."""
-        if not isinstance(parent, Column):
-            return
-        if self._parent is not None and self._parent is not parent:
-            raise ConfigurationError(
-                f"one BlindIndexType instance is given to two columns ({self._parent.name!r} "
-                f"and {parent.name!r}); give each column its own instance"
-            )
-        self._parent = parent
-        parent._on_table_attach(self._on_table_attach)
-
-    def _on_table_attach(self, column: Column[Any], table: Table) -> None:
-        if self.context is None:
-            self._bind_names(table.name, column.name)
-
-    def _bind_names(self, table: str, column: str) -> None:
-        self._table, self._column = table, column
-        self._ctx = fmt.context_bytes(table, column)
+    # -- the column (names: _naming) --------------------------------------------------
 
     def copy(self, **kw: Any) -> BlindIndexType:
         clone = super().copy(**kw)
