@@ -15,7 +15,7 @@ randomised column never matches. :class:`EncryptedComparator` raises
 :class:`UnsupportedQueryError` when such an expression is *built*;
 :func:`check_statement` catches, when a statement is *executed*, what no
 operator sees: ``ORDER BY`` an encrypted column, ``GROUP BY`` a randomised
-one, ``min()``/``max()`` of one.
+one, ``min()``/``max()``/``sum()``/``avg()`` of one.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ ORDERING = frozenset(
      ops.asc_op, ops.desc_op, ops.nulls_first_op, ops.nulls_last_op}
 )
 PATTERN_NAMES = ("like", "contains", "startswith", "endswith", "match", "regexp")
-ORDER_FUNCTIONS = frozenset({"max", "min"})
+AGGREGATES = frozenset({"max", "min", "sum", "avg"})
 
 
 def _where(expr_type: Any) -> tuple[str | None, str | None]:
@@ -217,14 +217,14 @@ def _check_select(stmt: Select[Any] | CompoundSelect[Any]) -> None:
 def _check_function(element: Any) -> None:
     while isinstance(element, Label):
         element = element.element
-    if isinstance(element, FunctionElement) and element.name.lower() in ORDER_FUNCTIONS:
+    if isinstance(element, FunctionElement) and element.name.lower() in AGGREGATES:
         for arg in element.clauses:
             found = _encrypted_type(arg)
             if found is not None:
                 raise unsupported(
                     found, f"{element.name}()",
-                    "The database would pick the extreme ciphertext, not the extreme "
-                    "value; load the values and use Python's min()/max().",
+                    "The database would aggregate ciphertexts, not values; load the "
+                    "values and aggregate in Python (min(), max(), sum()).",
                 )
 
 

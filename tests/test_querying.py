@@ -242,6 +242,8 @@ def test_misleading_statements_raise_when_executed(engine: Engine, people: tuple
         select(Person.id).where(Person.id < 3).union(select(Person.id)).order_by(Person.rnd),
         select(func.max(Person.det)),
         select(func.min(Person.rnd).label("m")),
+        select(func.sum(Person.det)),
+        select(Person.id, func.avg(Person.rnd)),
         select(Person.rnd, func.count()).group_by(Person.rnd),
     ]
     with Session(engine) as session:
@@ -328,9 +330,11 @@ def test_a_rolled_back_first_key_is_replaced_not_reused(engine: Engine, keys: Ke
         assert _ids(session, Person, Person.det == "v") == [2]
     fresh = KeyManager(engine, keys.provider)  # another process: reads the stored key
     Fresh, _ = make_models(fresh)
+    assert fresh.warm([Fresh.__table__]) == 1  # sync warming, by Table object
     with Session(engine) as session:
         assert _ids(session, Fresh, Fresh.det == "v") == [2]
         assert session.get(Fresh, 2).det == "v"
+    assert fresh.stats()["provider_calls"] == 1  # only the warm-up unwrapped
 
 
 def test_fixed_size_deterministic_columns_are_indexable(engine: Engine, keys: KeyManager) -> None:
