@@ -51,6 +51,7 @@ from ._naming import ColumnNames
 __all__ = [
     "BlindIndexType",
     "HmacKey",
+    "check_index_writes",
     "lookup",
     "normalize_email",
     "normalize_phone",
@@ -262,9 +263,50 @@ def _on_mapper_configured(mapper: Mapper[Any], class_: type) -> None:
             keys = index_type.keys
             with keys.use_connection(connection) if keys is not None else contextlib.nullcontext():
                 setattr(target, key, index_type.digest(value))
+            if changed_only:  # an unchanged digest must still be in the UPDATE,
+                attributes.flag_modified(target, key)  # or check_index_writes objects
 
     event.listen(mapper, "before_insert", lambda m, conn, target: fill(conn, target, False))
     event.listen(mapper, "before_update", lambda m, conn, target: fill(conn, target, True))
+
+
+# -- statements that would leave an index stale -------------------------------------------
+
+
+def _written_keys(stmt: Any, multiparams: Any, params: Any) -> set[str]:
+    """Column keys an INSERT/UPDATE sets, from its values() and its parameters."""
+    keys = {getattr(k, "key", k) for k in (stmt._values or ())}
+    for row in stmt._multi_values[:1]:
+        for values in row[:1]:
+            keys.update(getattr(k, "key", k) for k in (values if isinstance(values, dict) else ()))
+    first = multiparams[0] if multiparams else params
+    if isinstance(first, dict):
+        keys.update(first)
+    return keys
+
+
+def check_index_writes(stmt: Any, multiparams: Any = (), params: Any = None) -> None:
+    """Refuse an INSERT/UPDATE that sets a blind index's source column but not
+    the index (Core, or ORM bulk statements, which skip the flush events):
+    the index would go stale and lookups would silently miss the row."""
+    if not (getattr(stmt, "is_insert", False) or getattr(stmt, "is_update", False)):
+        return
+    table = getattr(stmt, "table", None)
+    columns = getattr(table, "c", ())
+    indexes = [c for c in columns if isinstance(c.type, BlindIndexType)]
+    if not indexes:
+        return
+    written = _written_keys(stmt, multiparams, params)
+    for index_column in indexes:
+        source = table.c.get(index_column.type.source)
+        if source is not None and source.key in written and index_column.key not in written:
+            raise UnsupportedQueryError(
+                f"this statement writes {table.name}.{source.name} but not its blind index "
+                f"{index_column.name}, which would go stale; change the row through the ORM "
+                f"unit of work, or also set {index_column.key}=<type>.digest(value)",
+                table=table.name,
+                column=index_column.name,
+            )
 
 
 # -- exact lookups ---------------------------------------------------------------------

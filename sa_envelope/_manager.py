@@ -113,7 +113,7 @@ class KeyManager:
 
     def _on_execute(self, conn: Connection, clauseelement: Any, *args: Any) -> None:
         self._conn.set(conn)
-        check_statement(clauseelement)  # querying: refuse ORDER BY ciphertext etc.
+        check_statement(clauseelement, *args)  # querying: refuse ORDER BY ciphertext etc.
 
     def _on_commit(self, conn: Connection) -> None:
         # The keys are stored now (or the commit fails and nothing is). Either

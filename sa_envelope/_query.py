@@ -228,12 +228,18 @@ def _check_function(element: Any) -> None:
                 )
 
 
-def check_statement(stmt: Any) -> None:
+def check_statement(stmt: Any, multiparams: Any = (), params: Any = None, *_: Any) -> None:
     """Refuse, before it runs, a statement that would answer wrongly.
 
     Looks at the top-level SELECT (or each SELECT of a UNION) only: the
     clauses users write by hand. Cheap: no traversal of the whole tree.
+    An INSERT or UPDATE is checked for blind indexes it would leave stale.
     """
+    if getattr(stmt, "is_dml", False):
+        from ._blindindex import check_index_writes
+
+        check_index_writes(stmt, multiparams, params)
+        return
     if isinstance(stmt, CompoundSelect):
         _check_select(stmt)
         selects: Iterable[Any] = stmt.selects

@@ -7,7 +7,7 @@ import random
 from typing import Any, Iterator
 
 import pytest
-from sqlalchemy import Column, Integer, String, func, select, text
+from sqlalchemy import Column, Integer, String, func, insert, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -197,12 +197,45 @@ def test_core_insert_sets_the_index_with_digest(engine: Engine, keys: KeyManager
     User = make_user(keys)
     User.metadata.create_all(engine)
     users = User.__table__
-    index_type = users.c.email_index.type
+    narrow, wide = users.c.email_index.type, users.c.email_index_wide.type
+    email = "Core@Example.com"
     with engine.begin() as conn, keys.use_connection(conn):
-        conn.execute(users.insert().values(id=1, email="Core@Example.com", email_index=index_type.digest("Core@Example.com")))
+        conn.execute(
+            users.insert().values(id=1, email=email, email_index=narrow.digest(email), email_index_wide=wide.digest(email))
+        )
     with Session(engine) as session:
         assert _ids(lookup(session, User.email_index, "core@example.com")) == [1]
-        assert User.email_index.type is index_type
+        assert User.email_index.type is narrow
+
+
+def test_statements_that_would_leave_an_index_stale_are_refused(engine: Engine, keys: KeyManager) -> None:
+    """Core and ORM bulk statements skip the flush that keeps indexes in
+    step: writing the source without the index raises instead of leaving
+    rows that lookups silently miss."""
+    User = make_user(keys)
+    User.metadata.create_all(engine)
+    users = User.__table__
+    stale = [
+        (users.insert().values(id=1, email="a@example.com"), None),
+        (insert(User), [{"id": 2, "email": "b@example.com"}, {"id": 3, "email": "c@example.com"}]),
+        (update(User).where(User.id == 1).values(email="d@example.com"), None),
+        (update(User), [{"id": 1, "email": "e@example.com"}]),
+    ]
+    with Session(engine) as session:
+        session.add(User(id=1, email="first@example.com", phone="+1 555"))
+        session.commit()
+        for stmt, rows in stale:
+            with pytest.raises(UnsupportedQueryError, match="blind index"):
+                session.execute(stmt, rows)
+            session.rollback()
+        # writes that do not touch an indexed source are fine
+        session.execute(update(User).where(User.id == 1).values(id=1))
+        # a change the index cannot see (case only) still goes through the ORM
+        user = session.get(User, 1)
+        user.email = "FIRST@example.com"
+        session.commit()
+        assert _ids(lookup(session, User.email_index, "first@EXAMPLE.com")) == [1]
+        assert session.get(User, 1).email == "FIRST@example.com"
 
 
 def test_a_rolled_back_first_index_key_is_never_used(engine: Engine, keys: KeyManager) -> None:
