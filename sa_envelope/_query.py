@@ -131,8 +131,9 @@ def _operand_ok(expr_type: Any, value: Any) -> bool:
     if isinstance(value, BindParameter):
         # untyped: SQLAlchemy gives it the column's type, so it is encrypted;
         # typed otherwise (literal("x")): it would reach the database as plaintext
+        other_context = getattr(value.type, "bound_context", None)
         return isinstance(value.type, NullType) or value.type is expr_type or (
-            getattr(value.type, "bound_context", None) == expr_type.bound_context
+            other_context is not None and other_context == expr_type.bound_context
         )
     if not isinstance(value, ClauseElement):
         return True
