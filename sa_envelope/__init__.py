@@ -10,6 +10,7 @@ threat model and the rotation runbook.
 from __future__ import annotations
 
 from ._aws import AwsKmsProvider
+from ._blindindex import BlindIndexType, lookup, normalize_email, normalize_phone
 from ._cache import CacheLimits
 from ._errors import (
     ConfigurationError,
@@ -26,6 +27,7 @@ from ._type import EncryptedType
 
 __all__ = [
     "AwsKmsProvider",
+    "BlindIndexType",
     "CacheLimits",
     "ConfigurationError",
     "DataKey",
@@ -39,6 +41,9 @@ __all__ = [
     "KeyProviderError",
     "LocalKeyProvider",
     "UnsupportedQueryError",
+    "lookup",
+    "normalize_email",
+    "normalize_phone",
 ]
 
 __version__ = "0.1.0"

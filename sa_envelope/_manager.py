@@ -20,7 +20,7 @@ import contextlib
 import threading
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from sqlalchemy import Connection, Engine, MetaData, event
@@ -28,11 +28,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import _format as fmt
 from . import _keytable as kt
-from . import _redact
+from . import _async, _redact
+from ._async import run_blocking
+from ._blindindex import HmacKey
 from ._cache import CacheLimits, CachedKey, KeyCache
 from ._errors import DecryptionError, EnvelopeError, KeyNotFoundError
 from ._faults import fault_point
 from ._providers import KeyProvider
+from ._query import check_statement
 
 __all__ = ["KeyManager"]
 
@@ -40,11 +43,13 @@ ALGORITHMS: Mapping[str, tuple[type, int, int]] = {
     # name: (cipher class, key bytes, format version)
     "AES-256-GCM": (AESGCM, 32, fmt.VERSION_GCM),
     "AES-256-SIV": (AESSIV, 64, fmt.VERSION_SIV),
+    "HMAC-SHA256": (HmacKey, 32, 0),  # blind indexes: no stored envelope, no version
 }
 SCOPE_ALGORITHM = {
     kt.SCOPE_TABLE: "AES-256-GCM",
     kt.SCOPE_ROW: "AES-256-GCM",
     kt.SCOPE_DETERMINISTIC: "AES-256-SIV",
+    kt.SCOPE_BLIND_INDEX: "HMAC-SHA256",
 }
 ROW_KEY_WRAPPING = "parent"  # wrapping_key_id of keys wrapped by another key
 
@@ -107,8 +112,9 @@ class KeyManager:
         event.listen(engine, "rollback_savepoint", self._on_rollback_savepoint)
         event.listen(engine, "reset", self._on_pool_reset)
 
-    def _on_execute(self, conn: Connection, *args: Any) -> None:
+    def _on_execute(self, conn: Connection, clauseelement: Any, *args: Any) -> None:
         self._conn.set(conn)
+        check_statement(clauseelement, *args)  # querying: refuse ORDER BY ciphertext etc.
 
     def _on_commit(self, conn: Connection) -> None:
         # The keys are stored now (or the commit fails and nothing is). Either
@@ -232,7 +238,7 @@ class KeyManager:
         """Generate a key and insert it in ``conn``'s transaction."""
         algorithm = SCOPE_ALGORITHM[scope]
         cipher_cls, size, version = ALGORITHMS[algorithm]
-        key_id = kt.new_key_id()
+        key_id = self._new_key_id(conn, owner, scope)
         data_key = self._provider_call(lambda: self.provider.generate(kms_context(owner, key_id), size))
         record = kt.KeyRecord(
             id=key_id,
@@ -318,7 +324,7 @@ class KeyManager:
 
     def _provider_call(self, fn: Any) -> Any:
         self.provider_calls += 1
-        return fn()
+        return run_blocking(fn)  # off the event loop under asyncio (see _async)
 
     def _db(self, fn: Any, owner: str) -> Any:
         """Run a key-table query; a database failure becomes ours, named."""
@@ -334,3 +340,28 @@ class KeyManager:
 
     def __repr__(self) -> str:
         return f"KeyManager(table={self.table.name!r}, provider={self.provider!r})"
+
+    # -- querying & asyncio (see _async) ------------------------------------------------
+
+    def _new_key_id(self, conn: Connection, owner: str, scope: str) -> int:
+        """A fixed id for the first deterministic / blind-index key of a table
+        (concurrent creators collide instead of splitting the column in two),
+        a random one otherwise (see ``kt.singleton_key_id``)."""
+        if scope in kt.SINGLETON_SCOPES:
+            key_id = kt.singleton_key_id(owner, scope)
+            if self._db(lambda: kt.get_record(conn, self.table, key_id), owner) is None:
+                return key_id
+        return kt.new_key_id()
+
+    def warm(self, tables: Iterable[Any] | None = None) -> int:
+        """Load the keys of ``tables`` (names or Table objects; default all)
+        into the cache now, so that first requests make no provider call."""
+        return _async.warm(self, tables)
+
+    async def warm_async(self, tables: Iterable[Any] | None = None) -> int:
+        """:meth:`warm` for asyncio; provider calls run in worker threads."""
+        return await _async.warm_async(self, tables)
+
+    async def create_table_async(self) -> None:
+        """:meth:`create_table` for a KeyManager built on an AsyncEngine."""
+        await _async.create_table_async(self)

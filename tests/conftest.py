@@ -292,3 +292,16 @@ def closed_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@pytest.fixture
+def local_keys(engine: Engine) -> Any:
+    """A KeyManager on ``engine`` with a random LocalKeyProvider, key table created."""
+    from sa_envelope import KeyManager, LocalKeyProvider
+
+    manager = KeyManager(engine, LocalKeyProvider(os.urandom(32)))
+    manager.create_table()
+    return manager
