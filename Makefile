@@ -30,7 +30,7 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Placeholder until failure-injection tests exist (pytest exits 5 when none match).
+# Faults, crashes, concurrency and tampering; ends with the reliability figures.
 reliability: venv
 	$(BIN)/python -m pytest -q -m reliability tests
 

@@ -10,6 +10,7 @@ threat model and the rotation runbook.
 from __future__ import annotations
 
 from ._aws import AwsKmsProvider
+from ._blindindex import BlindIndexType, lookup, normalize_email, normalize_phone
 from ._cache import CacheLimits
 from ._errors import (
     ConfigurationError,
@@ -30,6 +31,7 @@ from ._type import EncryptedType
 
 __all__ = [
     "AwsKmsProvider",
+    "BlindIndexType",
     "CacheLimits",
     "ConfigurationError",
     "DataKey",
@@ -46,6 +48,9 @@ __all__ = [
     "RewrapReport",
     "RolloverPolicy",
     "UnsupportedQueryError",
+    "lookup",
+    "normalize_email",
+    "normalize_phone",
     "provider_from_spec",
 ]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, TypeVar
 
+from . import _redact
 from ._errors import KeyProviderError
 from ._providers import Context, DataKey, KeyProvider
 
@@ -28,7 +29,7 @@ def _default_client(config: Any) -> Any:
         raise KeyProviderError("AwsKmsProvider needs boto3: pip install boto3") from exc
     if config is None:
         config = Config(
-            retries={"mode": "standard", "max_attempts": 4},
+            retries={"mode": "standard", "total_max_attempts": 4},  # 4 attempts in all
             connect_timeout=5,
             read_timeout=15,
         )
@@ -53,6 +54,7 @@ class AwsKmsProvider(KeyProvider):
         self._config = config
         self._lock = threading.Lock()
         self._resolved: str | None = None
+        _redact.install()  # botocore's DEBUG logs would show data keys
 
     @property
     def client(self) -> Any:

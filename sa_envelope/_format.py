@@ -55,6 +55,8 @@ GCM_OVERHEAD = HEADER_LEN + NONCE_LEN + TAG_LEN  # 37 bytes
 SIV_OVERHEAD = HEADER_LEN + TAG_LEN  # 25 bytes
 
 _U16 = struct.Struct(">H")
+_HEADER = struct.Struct(">BQ")  # version, key id: parsed in one C call per value
+_VERSIONS = frozenset((VERSION_GCM, VERSION_SIV))
 
 
 class InvalidEnvelope(Exception):
@@ -93,10 +95,10 @@ def read_header(value: bytes) -> tuple[int, int]:
     """
     if len(value) < HEADER_LEN:
         raise InvalidEnvelope("value shorter than its header")
-    version = value[0]
-    if version not in (VERSION_GCM, VERSION_SIV):
+    version, key_id = _HEADER.unpack_from(value)
+    if version not in _VERSIONS:
         raise InvalidEnvelope("unknown format version")
-    return version, int.from_bytes(value[1:HEADER_LEN], "big")
+    return version, key_id
 
 
 def encrypt_gcm(

@@ -9,6 +9,7 @@ caller's transaction and share its fate.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -30,6 +31,7 @@ __all__ = [
     "ACTIVE",
     "KeyRecord",
     "RETIRED",
+    "SCOPE_BLIND_INDEX",
     "SCOPE_DETERMINISTIC",
     "SCOPE_ROW",
     "SCOPE_TABLE",
@@ -40,6 +42,7 @@ __all__ = [
     "insert_record",
     "key_table",
     "new_key_id",
+    "singleton_key_id",
     "utcnow",
 ]
 
@@ -47,6 +50,7 @@ KEY_TABLE_NAME = "sa_envelope_keys"
 SCOPE_TABLE = "table"
 SCOPE_ROW = "row"
 SCOPE_DETERMINISTIC = "deterministic"
+SCOPE_BLIND_INDEX = "blind-index"  # HMAC key of a table's blind indexes (_blindindex)
 ACTIVE = "active"
 RETIRED = "retired"
 SHREDDED = "shredded"
@@ -165,3 +169,20 @@ def insert_record(conn: Connection, table: Table, record: KeyRecord) -> None:
             updated_at=now,
         )
     )
+
+
+# -- querying: one deterministic / blind-index key per table ---------------------------
+
+SINGLETON_SCOPES = frozenset({SCOPE_DETERMINISTIC, SCOPE_BLIND_INDEX})
+
+
+def singleton_key_id(owner: str, scope: str) -> int:
+    """The id of the *first* key of a scope that must have one key per table.
+
+    Two transactions that each create the deterministic (or blind-index) key
+    of a new table would otherwise commit two keys, and equal values written
+    by each would stop comparing equal. With a fixed id the second insert
+    collides on the primary key and fails loudly instead.
+    """
+    digest = hashlib.sha256(b"sa-envelope singleton key\x00" + scope.encode() + b"\x00" + owner.encode())
+    return (int.from_bytes(digest.digest()[:8], "big") >> 1) or 1

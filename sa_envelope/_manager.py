@@ -22,7 +22,7 @@ import threading
 from collections import defaultdict
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from sqlalchemy import Connection, Engine, MetaData, event
@@ -30,10 +30,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import _format as fmt
 from . import _keytable as kt
+from . import _async, _redact
+from ._async import run_blocking
+from ._blindindex import HmacKey
 from ._cache import CacheLimits, CachedKey, KeyCache
-from ._errors import EnvelopeError, KeyNotFoundError
+from ._errors import DecryptionError, EnvelopeError, KeyNotFoundError
 from ._faults import fault_point
 from ._providers import KeyProvider
+from ._query import check_statement
 from ._rollover import RolloverPolicy
 
 __all__ = ["KeyManager"]
@@ -42,11 +46,13 @@ ALGORITHMS: Mapping[str, tuple[type, int, int]] = {
     # name: (cipher class, key bytes, format version)
     "AES-256-GCM": (AESGCM, 32, fmt.VERSION_GCM),
     "AES-256-SIV": (AESSIV, 64, fmt.VERSION_SIV),
+    "HMAC-SHA256": (HmacKey, 32, 0),  # blind indexes: no stored envelope, no version
 }
 SCOPE_ALGORITHM = {
     kt.SCOPE_TABLE: "AES-256-GCM",
     kt.SCOPE_ROW: "AES-256-GCM",
     kt.SCOPE_DETERMINISTIC: "AES-256-SIV",
+    kt.SCOPE_BLIND_INDEX: "HMAC-SHA256",
 }
 ROW_KEY_WRAPPING = "parent"  # wrapping_key_id of keys wrapped by another key
 
@@ -102,6 +108,7 @@ class KeyManager:
         self._max_encryptions = self.rollover.max_encryptions or 0
         self._encryptions: defaultdict[int, itertools.count[int]] = defaultdict(itertools.count)
         self._listen(self.engine)
+        _redact.hide_rows(self.engine)  # SQLAlchemy logs rows after decryption
 
     # -- wiring ---------------------------------------------------------------
 
@@ -113,8 +120,9 @@ class KeyManager:
         event.listen(engine, "rollback_savepoint", self._on_rollback_savepoint)
         event.listen(engine, "reset", self._on_pool_reset)
 
-    def _on_execute(self, conn: Connection, *args: Any) -> None:
+    def _on_execute(self, conn: Connection, clauseelement: Any, *args: Any) -> None:
         self._conn.set(conn)
+        check_statement(clauseelement, *args)  # querying: refuse ORDER BY ciphertext etc.
 
     def _on_commit(self, conn: Connection) -> None:
         # The keys are stored now (or the commit fails and nothing is). Either
@@ -252,7 +260,7 @@ class KeyManager:
         """Generate a key and insert it in ``conn``'s transaction."""
         algorithm = SCOPE_ALGORITHM[scope]
         cipher_cls, size, version = ALGORITHMS[algorithm]
-        key_id = kt.new_key_id()
+        key_id = self._new_key_id(conn, owner, scope)
         data_key = self._provider_call(lambda: self.provider.generate(kms_context(owner, key_id), size))
         record = kt.KeyRecord(
             id=key_id,
@@ -275,6 +283,10 @@ class KeyManager:
     def _load_key(
         self, key_id: int, *, table: str, column: str | None, conn: Connection | None = None
     ) -> CachedKey:
+        if not 0 < key_id < 1 << 63:  # new_key_id() never makes it: a tampered header
+            raise KeyNotFoundError(
+                table=table, column=column, key_id=fmt.format_key_id(key_id), reason="key id out of range"
+            )
         conn = conn or self._current()
         if conn is None:
             with self.engine.connect() as own:
@@ -298,8 +310,19 @@ class KeyManager:
     def _unwrap_and_cache(
         self, record: kt.KeyRecord, *, table: str, column: str | None, conn: Connection
     ) -> CachedKey:
-        cipher_cls, _, version = ALGORITHMS[record.algorithm]
+        spec = ALGORITHMS.get(record.algorithm)
+        if spec is None:  # a tampered or foreign key row must fail closed, as ours
+            raise DecryptionError(
+                "key row names an unknown algorithm",
+                table=table, column=column, key_id=fmt.format_key_id(record.id),
+            )
+        cipher_cls, size, version = spec
         plaintext = self._unwrap(record, table=table, column=column, conn=conn)
+        if len(plaintext) != size:
+            raise DecryptionError(
+                f"unwrapped key does not fit {record.algorithm}",
+                table=table, column=column, key_id=fmt.format_key_id(record.id),
+            )
         return self._cache.put(record.id, cipher_cls(plaintext), fmt.header(version, record.id))
 
     def _unwrap(self, record: kt.KeyRecord, *, table: str, column: str | None, conn: Connection) -> bytes:
@@ -323,7 +346,7 @@ class KeyManager:
 
     def _provider_call(self, fn: Any) -> Any:
         self.provider_calls += 1
-        return fn()
+        return run_blocking(fn)  # off the event loop under asyncio (see _async)
 
     def _db(self, fn: Any, owner: str) -> Any:
         """Run a key-table query; a database failure becomes ours, named."""
@@ -435,3 +458,28 @@ class KeyManager:
         from ._reencrypt import reencrypt_columns
 
         return reencrypt_columns(self, list(columns), key_id=key_id, batch_size=batch_size, progress=progress)
+
+    # -- querying & asyncio (see _async) ------------------------------------------------
+
+    def _new_key_id(self, conn: Connection, owner: str, scope: str) -> int:
+        """A fixed id for the first deterministic / blind-index key of a table
+        (concurrent creators collide instead of splitting the column in two),
+        a random one otherwise (see ``kt.singleton_key_id``)."""
+        if scope in kt.SINGLETON_SCOPES:
+            key_id = kt.singleton_key_id(owner, scope)
+            if self._db(lambda: kt.get_record(conn, self.table, key_id), owner) is None:
+                return key_id
+        return kt.new_key_id()
+
+    def warm(self, tables: Iterable[Any] | None = None) -> int:
+        """Load the keys of ``tables`` (names or Table objects; default all)
+        into the cache now, so that first requests make no provider call."""
+        return _async.warm(self, tables)
+
+    async def warm_async(self, tables: Iterable[Any] | None = None) -> int:
+        """:meth:`warm` for asyncio; provider calls run in worker threads."""
+        return await _async.warm_async(self, tables)
+
+    async def create_table_async(self) -> None:
+        """:meth:`create_table` for a KeyManager built on an AsyncEngine."""
+        await _async.create_table_async(self)

@@ -1,7 +1,7 @@
 """EncryptedType: the column type that encrypts in the application.
 
 A ``TypeDecorator`` over a binary column. It learns its table and column
-names when the column is attached to a table (it is a
+names when the column is attached to a table (see ``_naming``: it is a
 ``SchemaEventTarget``, as ``Enum`` is), and binds every value to them as
 associated data, so a value copied to another column or table fails to
 decrypt. Pin the names with ``context="table.column"`` to survive a rename.
@@ -15,25 +15,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Column, LargeBinary, Table
+from sqlalchemy import LargeBinary
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Dialect
-from sqlalchemy.sql.base import SchemaEventTarget
 from sqlalchemy.types import String, TypeDecorator, TypeEngine, to_instance
 
 from . import _format as fmt
 from . import _keytable as kt
 from ._codecs import UnsupportedValue, codec_for
 from ._errors import ConfigurationError, DecryptionError, EncryptionError
+from ._naming import ColumnNames
+from ._query import EncryptedComparator
 
 __all__ = ["EncryptedType"]
 
 SCOPES = ("table", "row")
 MYSQL_VARBINARY_MAX = 3072  # InnoDB's longest index key: beyond it, LONGBLOB
 UTF8_MAX_BYTES = 4
+# Longest encoding of the fixed-size codecs (see _codecs), so that
+# deterministic (queryable, indexable) columns of these types get a bounded
+# VARBINARY on MySQL/MariaDB too (times allow a UTC offset with seconds and
+# microseconds: "+HH:MM:SS.ffffff").
+CODEC_MAX_BYTES = {"int": 20, "uuid": 16, "uuid-str": 16, "bool": 1, "date": 10, "datetime": 42, "time": 31}
 
 
-class EncryptedType(TypeDecorator[Any], SchemaEventTarget):
+class EncryptedType(TypeDecorator[Any], ColumnNames):
     """Encrypt values of ``inner`` with a data key from ``keys``.
 
     ``scope="table"`` uses the table's key (AES-256-GCM, random nonce);
@@ -45,6 +51,7 @@ class EncryptedType(TypeDecorator[Any], SchemaEventTarget):
 
     impl = LargeBinary
     cache_ok = True
+    comparator_factory = EncryptedComparator  # querying: see _query
 
     def __init__(
         self,
@@ -60,21 +67,12 @@ class EncryptedType(TypeDecorator[Any], SchemaEventTarget):
         self.keys = keys
         self.scope = scope
         self.deterministic = deterministic
-        self.context = context
         self._validate()
         try:
             self._codec = codec_for(self.inner)
         except TypeError as exc:
             raise ConfigurationError(str(exc)) from None
-        self._table: str | None = None
-        self._column: str | None = None
-        self._ctx = b""
-        self._parent: Column[Any] | None = None
-        if context is not None:
-            table, _, column = context.rpartition(".")
-            if not table or not column:
-                raise ConfigurationError(f"context must be 'table.column', got {context!r}")
-            self._bind_names(table, column)
+        self._init_names(context)
 
     def _validate(self) -> None:
         if self.scope not in SCOPES:
@@ -84,37 +82,6 @@ class EncryptedType(TypeDecorator[Any], SchemaEventTarget):
                 "scope='row' cannot be deterministic: equal values under different "
                 "row keys never compare equal; use scope='table' for queryable columns"
             )
-
-    # -- learning the column --------------------------------------------------------
-
-    def _set_parent(self, parent: Any, **kw: Any) -> None:
-        """Called by ``Column`` when this type is given to it.
-
-        One instance serves one column: its names are its identity. A copied
-        column (mixins, ``to_metadata``) gets a copied type, see :meth:`copy`.
-        """
-        if not isinstance(parent, Column):
-            return
-        if self._parent is not None and self._parent is not parent:
-            raise ConfigurationError(
-                f"one EncryptedType instance is given to two columns ({self._parent.name!r} "
-                f"and {parent.name!r}); give each column its own instance"
-            )
-        self._parent = parent
-        parent._on_table_attach(self._on_table_attach)
-
-    def _on_table_attach(self, column: Column[Any], table: Table) -> None:
-        if self.context is None:
-            self._bind_names(table.name, column.name)
-
-    def _bind_names(self, table: str, column: str) -> None:
-        self._table, self._column = table, column
-        self._ctx = fmt.context_bytes(table, column)
-
-    @property
-    def bound_context(self) -> str | None:
-        """``table.column`` bound into every value, once known."""
-        return f"{self._table}.{self._column}" if self._table else None
 
     # -- storage -----------------------------------------------------------------------
 
@@ -130,11 +97,17 @@ class EncryptedType(TypeDecorator[Any], SchemaEventTarget):
         return dialect.type_descriptor(LargeBinary())
 
     def max_stored_length(self) -> int | None:
-        """Largest stored value in bytes, where the inner type bounds it."""
+        """Largest stored value in bytes, where the inner type bounds it.
+
+        The envelope adds the mode's overhead (``fmt.SIV_OVERHEAD`` for
+        deterministic columns, ``fmt.GCM_OVERHEAD`` otherwise).
+        """
+        overhead = fmt.SIV_OVERHEAD if self.deterministic else fmt.GCM_OVERHEAD
         length = getattr(self.inner, "length", None)
         if isinstance(self.inner, String) and length:
-            return length * UTF8_MAX_BYTES + fmt.GCM_OVERHEAD
-        return None
+            return length * UTF8_MAX_BYTES + overhead
+        fixed = CODEC_MAX_BYTES.get(self._codec.name) if self.deterministic else None
+        return fixed + overhead if fixed is not None else None
 
     def copy(self, **kw: Any) -> EncryptedType:
         """A copy keeps the names (SQLAlchemy's per-dialect copies need them);

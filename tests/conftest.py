@@ -47,6 +47,10 @@ def _required_backends() -> set[str]:
 
 def pytest_configure(config: pytest.Config) -> None:
     _required_backends()  # validate early, before any test runs
+    import reliability_summary  # the figures printed after reliability tests (issue 7)
+
+    if not config.pluginmanager.has_plugin("sa_envelope_reliability"):
+        config.pluginmanager.register(reliability_summary, "sa_envelope_reliability")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -288,3 +292,16 @@ def closed_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@pytest.fixture
+def local_keys(engine: Engine) -> Any:
+    """A KeyManager on ``engine`` with a random LocalKeyProvider, key table created."""
+    from sa_envelope import KeyManager, LocalKeyProvider
+
+    manager = KeyManager(engine, LocalKeyProvider(os.urandom(32)))
+    manager.create_table()
+    return manager

@@ -1,0 +1,63 @@
+"""One database backend under test, with the KMS the sa-envelope variants use.
+
+Every table the benchmark makes starts with ``bench_`` (the key table too:
+``bench_sa_envelope_keys``), so a run can clean up after itself, before and
+after, without touching anything else in the database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import MetaData, create_engine, text
+from sqlalchemy.engine import Engine
+
+from ._kms import KmsClient, MotoKms
+
+__all__ = ["BackendEnv", "PREFIX"]
+
+PREFIX = "bench_"
+KEY_TABLE = PREFIX + "sa_envelope_keys"
+
+
+@dataclass
+class BackendEnv:
+    name: str
+    url: str
+    kms: MotoKms
+    cmk: str
+
+    def engine(self) -> Engine:
+        return create_engine(self.url)
+
+    def key_manager(self, engine: Engine, cmk: str | None = None) -> tuple[Any, KmsClient]:
+        """A fresh KeyManager (a "process": empty cache) and its counted KMS client."""
+        from sa_envelope import KeyManager
+
+        provider, counted = self.kms.provider(cmk or self.cmk)
+        keys = KeyManager(engine, provider, table_name=KEY_TABLE)
+        keys.create_table()
+        return keys, counted
+
+    def server_version(self) -> str:
+        engine = self.engine()
+        try:
+            with engine.connect() as conn:
+                if conn.dialect.name == "sqlite":
+                    return "SQLite " + str(conn.execute(text("select sqlite_version()")).scalar())
+                version = str(conn.execute(text("select version()")).scalar())
+                return version.split(" on ")[0]  # PostgreSQL appends the build platform
+        finally:
+            engine.dispose()
+
+    def reset(self) -> None:
+        """Drop every ``bench_`` table (left by an earlier, maybe killed, run)."""
+        engine = self.engine()
+        try:
+            with engine.begin() as conn:
+                metadata = MetaData()
+                metadata.reflect(conn, only=lambda name, _: name.startswith(PREFIX))
+                metadata.drop_all(conn)
+        finally:
+            engine.dispose()
