@@ -12,15 +12,22 @@ is stored in that same transaction.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from sqlalchemy import MetaData, Table, and_, bindparam, func, select, update
 
 from ._errors import ConfigurationError
-from ._faults import fault_point
 from ._progress import progress_bar
 
 __all__ = ["copy_column"]
+
+
+def _points(points: Mapping[str, Callable[[], None]] | None) -> Callable[[str], None]:
+    def point(step: str) -> None:
+        if points is not None:
+            points[step]()
+
+    return point
 
 
 def _reflect(engine: Any, name: str) -> Table:
@@ -40,8 +47,14 @@ def copy_column(
     batch_size: int = 500,
     progress: bool | None = None,
     label: str = "convert",
+    points: Mapping[str, Callable[[], None]] | None = None,
 ) -> int:
-    """Set ``target = transform(source)`` where source is set and target is not."""
+    """Set ``target = transform(source)`` where source is set and target is not.
+
+    ``points``: the caller's fault points (``before_update``, ``after_update``,
+    ``after_commit``), each a call of ``fault_point`` with a literal name.
+    """
+    point = _points(points)
     engine = keys.engine
     table = _reflect(engine, table_name)
     pk = list(table.primary_key.columns)
@@ -65,10 +78,10 @@ def copy_column(
                     {**{f"_pk{i}": row[i] for i in range(len(pk))}, "_value": transform(row[-1])}
                     for row in rows
                 ]
-                fault_point(f"{label}.batch.before_update")
+                point("before_update")
                 conn.execute(stmt, params)
-                fault_point(f"{label}.batch.after_update")
-            fault_point(f"{label}.batch.after_commit")
+                point("after_update")
+            point("after_commit")
             done += len(rows)
             bar.update(len(rows))
     return done

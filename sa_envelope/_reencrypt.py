@@ -83,6 +83,8 @@ def _batch(keys: Any, column: Column[Any], key_id: int, size: int, after: Any, r
         stmt = stmt.where(tuple_(*pk) > tuple_(*after))
     with keys.engine.begin() as conn:
         rows = conn.execute(stmt.order_by(*pk).limit(size)).all()
+        if not rows:
+            return None
         for row in rows:
             old = bytes(row.raw)
             try:
@@ -101,7 +103,7 @@ def _batch(keys: Any, column: Column[Any], key_id: int, size: int, after: Any, r
             report.reencrypted += 1
         fault_point("reencrypt.batch.before_commit")
     fault_point("reencrypt.batch.after_commit")
-    return tuple(rows[-1][: len(pk)]) if rows else None
+    return tuple(rows[-1][: len(pk)])
 
 
 def reencrypt_columns(

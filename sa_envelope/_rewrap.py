@@ -138,6 +138,8 @@ def _run_batch(
     """One transaction: claim a batch, re-wrap it, commit. Returns the batch size."""
     with _batch_connection(engine) as conn, conn.begin():
         records = _claim(conn, table, report.target, size, skip)
+        if not records:
+            return 0
         for record in records:
             try:
                 wrapped, wrapping_key_id = _new_wrap(record, source, target)

@@ -24,12 +24,12 @@ was given ``metadata=Base.metadata``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from alembic.autogenerate.api import AutogenContext
 from alembic.operations import MigrateOperation, Operations
-from sqlalchemy import Column, MetaData, inspect
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy import Column, MetaData, Table, inspect, select
+from sqlalchemy.types import TypeDecorator, _Binary
 
 from . import _keytable as kt
 from ._convert import copy_column
@@ -215,45 +215,101 @@ def _storage_type(type_: Any, dialect: Any) -> Any:
     return type_
 
 
-def _convert(operations: Operations, op: _ColumnOp, new_type: Any, transform: Any, label: str) -> None:
+# Fault points, spelled out so that tools (and the crash tests) can find them.
+ENCRYPT_POINTS: dict[str, Callable[[], None]] = {
+    "before_update": lambda: fault_point("encrypt_column.batch.before_update"),
+    "after_update": lambda: fault_point("encrypt_column.batch.after_update"),
+    "after_commit": lambda: fault_point("encrypt_column.batch.after_commit"),
+    "before_swap": lambda: fault_point("encrypt_column.before_swap"),
+    "after_swap": lambda: fault_point("encrypt_column.after_swap"),
+}
+DECRYPT_POINTS: dict[str, Callable[[], None]] = {
+    "before_update": lambda: fault_point("decrypt_column.batch.before_update"),
+    "after_update": lambda: fault_point("decrypt_column.batch.after_update"),
+    "after_commit": lambda: fault_point("decrypt_column.batch.after_commit"),
+    "before_swap": lambda: fault_point("decrypt_column.before_swap"),
+    "after_swap": lambda: fault_point("decrypt_column.after_swap"),
+}
+
+
+def _opens(enc: EncryptedType, value: Any) -> bool:
+    """Whether ``value`` is a value of ``enc``'s column that decrypts."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        return False
+    try:
+        enc.decrypt(bytes(value))
+    except EnvelopeError:
+        return False
+    return True
+
+
+def _already_converted(operations: Operations, table: str, column: str, enc: EncryptedType, encrypting: bool) -> bool:
+    """After a swap that committed without the revision being stamped (MariaDB's
+    DDL is not transactional), the column is already in its new form."""
+    bind = operations.get_bind()
+    reflected = Table(table, MetaData(), autoload_with=bind).c[column]
+    first = bind.execute(select(reflected).where(reflected.is_not(None)).limit(1)).scalar()
+    if first is None:  # no value to tell by: the storage type does
+        return isinstance(reflected.type, _Binary) == encrypting
+    return _opens(enc, first) == encrypting
+
+
+def _drop_batch_debris(operations: Operations, table: str) -> None:
+    """pysqlite runs CREATE TABLE outside the transaction, so an interrupted
+    batch recreate leaves Alembic's scratch table behind: remove it."""
+    bind = operations.get_bind()
+    scratch = f"_alembic_tmp_{table}"
+    if bind.dialect.name == "sqlite" and scratch in inspect(bind).get_table_names():
+        operations.drop_table(scratch)
+
+
+def _convert(
+    operations: Operations, op: _ColumnOp, new_type: Any, enc: EncryptedType, encrypting: bool,
+) -> None:
     """Add a temporary column, fill it in batches, swap it for the old one.
 
     Every step checks where a previous (crashed) run stopped: the temporary
-    column may exist already, or (MariaDB, whose DDL is not transactional)
-    the old column may already be gone.
+    column may exist already; the old column may already be gone, or already
+    converted (MariaDB, whose DDL is not transactional).
     """
+    label = "encrypt_column" if encrypting else "decrypt_column"
+    points = ENCRYPT_POINTS if encrypting else DECRYPT_POINTS
+    transform: Callable[[Any], Any] = enc.encrypt if encrypting else (lambda raw: enc.decrypt(bytes(raw)))
     _online(operations, label)
     keys = _keys(operations, op.keys)
     table, column = op.table_name, op.column_name
     temp = column + ENCRYPT_SUFFIX
     columns = {c["name"]: c for c in inspect(operations.get_bind()).get_columns(table)}
+    if column in columns and temp not in columns and _already_converted(operations, table, column, enc, encrypting):
+        return
     nullable = columns.get(column, columns.get(temp, {})).get("nullable", True)
     if column in columns:
         if temp not in columns:
             operations.add_column(table, Column(temp, new_type, nullable=True))
         with operations.get_context().autocommit_block():
-            copy_column(keys, table, column, temp, transform, batch_size=op.batch_size, label=label)
+            copy_column(keys, table, column, temp, transform, batch_size=op.batch_size, label=label, points=points)
     elif temp not in columns:
         raise ConfigurationError(f"table {table} has neither column {column} nor {temp}")
     storage = _storage_type(new_type, operations.get_bind().dialect)
-    fault_point(f"{label}.before_swap")
+    _drop_batch_debris(operations, table)
+    points["before_swap"]()
     with operations.batch_alter_table(table) as batch:
         if column in columns:
             batch.drop_column(column)
         batch.alter_column(temp, new_column_name=column, nullable=nullable, existing_type=storage)
-    fault_point(f"{label}.after_swap")
+    points["after_swap"]()
 
 
 @Operations.implementation_for(EncryptColumnOp)
 def _encrypt_column(operations: Operations, op: EncryptColumnOp) -> None:
     enc = bound_type(op.type_, _keys(operations, op.keys), op.table_name, op.column_name)
-    _convert(operations, op, op.type_.copy(), enc.encrypt, "encrypt_column")
+    _convert(operations, op, op.type_.copy(), enc, encrypting=True)
 
 
 @Operations.implementation_for(DecryptColumnOp)
 def _decrypt_column(operations: Operations, op: DecryptColumnOp) -> None:
     enc = bound_type(op.type_, _keys(operations, op.keys), op.table_name, op.column_name)
-    _convert(operations, op, op.type_.inner, lambda raw: enc.decrypt(bytes(raw)), "decrypt_column")
+    _convert(operations, op, op.type_.inner, enc, encrypting=False)
 
 
 # --------------------------------------------------------------------------- autogenerate

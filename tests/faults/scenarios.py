@@ -1,7 +1,7 @@
 """The registered crash scenarios (see :mod:`faults.crash`).
 
-Key creation is here now; the rewrap, re-encryption and column-encryption
-jobs add theirs in the same way when they land.
+Key creation is here; the rotation jobs (rewrap, roll-over, re-encryption,
+column encryption) are in :mod:`faults.rotation_scenarios`, imported below.
 """
 
 from __future__ import annotations
@@ -57,3 +57,5 @@ KEY_CREATE = register(
         occurrences=2,
     )
 )
+
+from . import rotation_scenarios  # noqa: E402,F401 - rewrap, roll-over, re-encryption, column jobs
