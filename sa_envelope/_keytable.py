@@ -39,6 +39,7 @@ __all__ = [
     "find_active",
     "get_record",
     "get_records",
+    "get_record_locked",
     "insert_record",
     "key_table",
     "new_key_id",
@@ -152,11 +153,19 @@ def get_records(conn: Connection, table: Table, key_ids: Iterable[int]) -> list[
     return [KeyRecord.from_row(r) for r in rows]
 
 
-def insert_record(conn: Connection, table: Table, record: KeyRecord) -> None:
-    """Write a new key row on ``conn`` (inside the caller's transaction)."""
+def insert_record(conn: Connection, table: Table, record: KeyRecord, *, if_absent: bool = False) -> bool:
+    """Write a new key row on ``conn`` (inside the caller's transaction).
+
+    With ``if_absent`` an id already taken is not an error: the insert does
+    nothing and returns ``False`` (``ON CONFLICT DO NOTHING``, ``INSERT
+    IGNORE``). PostgreSQL and InnoDB make it wait for a concurrent inserter
+    of the same id to commit or roll back first, so ``False`` means the row
+    is there, committed by another transaction.
+    """
     now = utcnow()
-    conn.execute(
-        table.insert().values(
+    stmt = _insert(conn, table, if_absent).execution_options(preserve_rowcount=True)
+    result = conn.execute(
+        stmt.values(
             id=record.id,
             scope=record.scope,
             owner_table=record.owner_table,
@@ -169,6 +178,34 @@ def insert_record(conn: Connection, table: Table, record: KeyRecord) -> None:
             updated_at=now,
         )
     )
+    return result.rowcount != 0
+
+
+def _insert(conn: Connection, table: Table, if_absent: bool) -> Any:
+    name = conn.dialect.name
+    if not if_absent:
+        return table.insert()
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing(index_elements=[table.c.id])
+    if name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table).on_conflict_do_nothing(index_elements=[table.c.id])
+    if name in ("mysql", "mariadb"):
+        return table.insert().prefix_with("IGNORE")
+    return table.insert()
+
+
+def get_record_locked(conn: Connection, table: Table, key_id: int) -> KeyRecord | None:
+    """Read the newest committed version of a key row (``FOR SHARE``), even
+    where the transaction's snapshot predates it (InnoDB repeatable read)."""
+    stmt = select(table).where(table.c.id == key_id)
+    if conn.dialect.name != "sqlite":
+        stmt = stmt.with_for_update(read=True)
+    row = conn.execute(stmt).first()
+    return KeyRecord.from_row(row) if row is not None else None
 
 
 # -- querying: one deterministic / blind-index key per table ---------------------------

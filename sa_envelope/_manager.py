@@ -272,13 +272,28 @@ class KeyManager:
             algorithm=algorithm,
             status=kt.ACTIVE,
         )
+        singleton = key_id == kt.singleton_key_id(owner, scope)
         fault_point("key.create.before_insert")
-        self._db(lambda: kt.insert_record(conn, self.table, record), owner)
+        inserted = self._db(lambda: kt.insert_record(conn, self.table, record, if_absent=singleton), owner)
         fault_point("key.create.after_insert")
+        if not inserted:
+            return self._adopt_winner(conn, owner, scope, key_id)
         state.created.add(key_id)
         state.active[(owner, scope)] = key_id
         self.keys_created += 1
         return self._cache.put(key_id, cipher_cls(data_key.plaintext), fmt.header(version, key_id))
+
+    def _adopt_winner(self, conn: Connection, owner: str, scope: str, key_id: int) -> CachedKey:
+        """Another transaction committed this table's one key of ``scope``
+        while we made ours: use theirs (it is stored, so it is trusted)."""
+        record = self._db(lambda: kt.get_record_locked(conn, self.table, key_id), owner)
+        if record is None:
+            raise EnvelopeError(
+                f"the {scope} key of {owner} was created concurrently but cannot be read; retry",
+                table=owner, key_id=fmt.format_key_id(key_id),
+            )
+        self._active[(owner, scope)] = key_id
+        return self._unwrap_and_cache(record, table=owner, column=None, conn=conn)
 
     def _load_key(
         self, key_id: int, *, table: str, column: str | None, conn: Connection | None = None
