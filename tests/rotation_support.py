@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import Column, Integer, MetaData, String, Table, inspect, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, mapped_column
 
 from sa_envelope import EncryptedType, KeyManager
 from sa_envelope import _keytable as kt
@@ -98,3 +99,14 @@ PYTHON = sys.executable
 
 def table_names(engine: Engine) -> set[str]:
     return set(inspect(engine).get_table_names())
+
+
+def patients_model(**columns: Any) -> Any:
+    """An ORM class for ``patients``: an integer ``id`` and the given column types."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    attrs = {"__tablename__": "patients", "id": mapped_column(Integer, primary_key=True)}
+    attrs.update({name: mapped_column(type_) for name, type_ in columns.items()})
+    return type("Patient", (Base,), attrs)

@@ -14,9 +14,9 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, inspect, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
-from rotation_support import PYTHON, ROOT, cmk_uuid, provider_keys, stored_hash, subprocess_env
+from rotation_support import PYTHON, ROOT, cmk_uuid, patients_model, provider_keys, stored_hash, subprocess_env
 from sa_envelope import AwsKmsProvider, EncryptedType, KeyManager, LocalKeyProvider
 from sa_envelope import _faults
 from sa_envelope import _keytable as kt
@@ -28,18 +28,11 @@ ROWS = 300
 
 def patient_model(keys: KeyManager) -> Any:
     """The ORM view of migrations_example's ``patients`` at head."""
-
-    class Base(DeclarativeBase):
-        pass
-
-    class Patient(Base):
-        __tablename__ = "patients"
-        id: Mapped[int] = mapped_column(primary_key=True)
-        name: Mapped[str] = mapped_column(EncryptedType(String(200), keys))
-        ssn: Mapped[str | None] = mapped_column(EncryptedType(String(11), keys, deterministic=True))
-        email: Mapped[str | None] = mapped_column(EncryptedType(String(200), keys))
-
-    return Patient
+    return patients_model(
+        name=EncryptedType(String(200), keys),
+        ssn=EncryptedType(String(11), keys, deterministic=True),
+        email=EncryptedType(String(200), keys),
+    )
 
 
 def seed(engine: Engine, keys: KeyManager, rows: int = ROWS) -> None:

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from sqlalchemy import LargeBinary, String, select, type_coerce, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
-from rotation_support import ROOT, data_tables, expected_row, fill, provider_keys, read_all
+from rotation_support import ROOT, data_tables, expected_row, fill, patients_model, provider_keys, read_all
 from sa_envelope import AwsKmsProvider, EncryptedType, KeyManager, LocalKeyProvider, RolloverPolicy
 from sa_envelope import _faults
 from sa_envelope import _format as fmt
@@ -155,16 +155,8 @@ def test_rotation_runbook_python_examples_run(
     keys = KeyManager(engine, AwsKmsProvider(cmk))
     keys.create_table()
 
-    class Base(DeclarativeBase):
-        pass
-
-    class Patient(Base):
-        __tablename__ = "patients"
-        id: Mapped[int] = mapped_column(primary_key=True)
-        name: Mapped[str] = mapped_column(EncryptedType(String(100), keys))
-        notes: Mapped[str] = mapped_column(EncryptedType(String(100), keys))
-
-    Base.metadata.create_all(engine)
+    Patient = patients_model(name=EncryptedType(String(100), keys), notes=EncryptedType(String(100), keys))
+    Patient.metadata.create_all(engine)
     with Session(engine) as session:
         session.add_all([Patient(id=i, name=f"n{i}", notes=f"x{i}") for i in range(1, 21)])
         session.commit()
