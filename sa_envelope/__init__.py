@@ -18,6 +18,7 @@ from ._errors import (
     EnvelopeError,
     KeyNotFoundError,
     KeyProviderError,
+    RowKeyRequiredError,
     UnsupportedQueryError,
 )
 from ._manager import KeyManager
@@ -38,6 +39,7 @@ __all__ = [
     "KeyProvider",
     "KeyProviderError",
     "LocalKeyProvider",
+    "RowKeyRequiredError",
     "UnsupportedQueryError",
 ]
 

@@ -25,6 +25,7 @@ from . import _format as fmt
 from . import _keytable as kt
 from ._codecs import UnsupportedValue, codec_for
 from ._errors import ConfigurationError, DecryptionError, EncryptionError
+from ._rowkeys import row_key_of
 
 __all__ = ["EncryptedType"]
 
@@ -62,6 +63,8 @@ class EncryptedType(TypeDecorator[Any], SchemaEventTarget):
         self.deterministic = deterministic
         self.context = context
         self._validate()
+        if scope == kt.SCOPE_ROW and keys is not None:
+            keys.enable_row_scope()  # ORM hooks and read prefetch, once per manager
         try:
             self._codec = codec_for(self.inner)
         except TypeError as exc:
@@ -168,10 +171,14 @@ class EncryptedType(TypeDecorator[Any], SchemaEventTarget):
         table, keys = self._table, self.keys
         if table is None or keys is None:
             raise self._unbound(EncryptionError)
+        if self.scope == kt.SCOPE_ROW:  # the row's key travels with the value
+            row_key, value = row_key_of(value, table, self._column)
         try:
             data = self._codec.encode(value)
         except UnsupportedValue as exc:
             raise EncryptionError(str(exc), table=table, column=self._column) from None
+        if self.scope == kt.SCOPE_ROW:
+            return fmt.encrypt_gcm(row_key.cipher, row_key.head, data, self._ctx)
         if self.deterministic:
             key = keys.encryption_key(table, kt.SCOPE_DETERMINISTIC)
             return fmt.encrypt_siv(key.cipher, key.head, data, self._ctx)
@@ -187,7 +194,12 @@ class EncryptedType(TypeDecorator[Any], SchemaEventTarget):
             version, key_id = fmt.read_header(value)
         except fmt.InvalidEnvelope as exc:
             raise DecryptionError(str(exc), table=table, column=column) from None
-        key = keys.decryption_key(key_id, table=table, column=column)
+        if self.scope == kt.SCOPE_ROW:
+            key = keys.row_decryption_key(key_id, table=table, column=column)
+            if key is None:  # the row's key was shredded: erased on purpose
+                return None
+        else:
+            key = keys.decryption_key(key_id, table=table, column=column)
         try:
             if version != key.head[0]:
                 raise fmt.InvalidEnvelope("format version does not match the key's algorithm")
