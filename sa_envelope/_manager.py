@@ -165,6 +165,9 @@ class KeyManager:
         with self._lock:
             self._cache.clear()
             self._active.clear()
+            rows = self.__dict__.get("_row_keys")  # row scope (issue 3)
+            if rows is not None:
+                rows.cache.clear()
 
     # -- the per-value path -------------------------------------------------------
 

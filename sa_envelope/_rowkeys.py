@@ -43,7 +43,8 @@ from typing import Any, Iterable, Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import Connection, Table, event, select, update
+from sqlalchemy import BigInteger, Connection, Table, any_, bindparam, event, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from . import _format as fmt
 from . import _keytable as kt
@@ -67,7 +68,9 @@ ROW_CACHE_SIZE = 65_536
 PARENT = "parent"  # wrapping_key_id of a key wrapped by its parent key
 ALGORITHM = "AES-256-GCM"
 IN_CHUNK = 1_000  # ids per IN (...) query
+PG_CHUNK = 10_000  # ids per = ANY(:array) query on PostgreSQL
 _AD_LABEL = b"sa-envelope row key\x00"
+_GCM_BYTE = bytes((fmt.VERSION_GCM,))
 
 
 def row_key_ad(key_id: int, parent_id: int, owner: str) -> bytes:
@@ -196,7 +199,8 @@ class RowKeys:
             parent = m.encryption_key(owner, kt.SCOPE_TABLE)  # at most one provider call
         material = os.urandom(ROW_KEY_BYTES * count)
         now = kt.utcnow()
-        rows, keys = [], []
+        rows: list[dict[str, Any]] = []
+        opened: list[tuple[int, Any, bytes]] = []
         touched = self._touched(conn)
         for i in range(count):
             key_id = kt.new_key_id()
@@ -208,12 +212,12 @@ class RowKeys:
                 "algorithm": ALGORITHM, "status": kt.ACTIVE, "created_at": now, "updated_at": now,
             })
             touched.add(key_id)
-            keys.append(self.cache.put(key_id, AESGCM(plain), fmt.header(fmt.VERSION_GCM, key_id)))
+            opened.append((key_id, AESGCM(plain), fmt.header(fmt.VERSION_GCM, key_id)))
         fault_point("rowkey.create.before_insert")
         m._db(lambda: conn.execute(self.table.insert(), rows), owner)
         fault_point("rowkey.create.after_insert")
         self.keys_created += count
-        return keys
+        return self.cache.put_many(opened)
 
     # -- loading --------------------------------------------------------------------
 
@@ -239,31 +243,53 @@ class RowKeys:
         return entry if entry.cipher is not None else None
 
     def load(self, conn: Connection, key_ids: Iterable[int], *, table: str, column: str | None) -> None:
-        """Load row keys into the cache with one query per 1,000 ids."""
+        """Load row keys into the cache with few queries (1,000 ids per ``IN``;
+        10,000 per ``= ANY(array)`` on PostgreSQL). Loaded keys are not marked
+        as this transaction's: a key inserted by it was marked at creation."""
         ids = list(key_ids)
-        touched = self._touched(conn) if conn.in_transaction() else set()
-        for start in range(0, len(ids), IN_CHUNK):
-            chunk = ids[start : start + IN_CHUNK]
+        chunk_size = PG_CHUNK if conn.dialect.name == "postgresql" else IN_CHUNK
+        parents: dict[int, CachedKey] = {}
+        for start in range(0, len(ids), chunk_size):
+            chunk = ids[start : start + chunk_size]
             self.key_queries += 1
-            rows = self.manager._db(lambda: conn.execute(self._select_keys(chunk)).all(), table)
-            for row in rows:
-                if row.parent_id is None:
-                    continue  # a table key: the manager's own cache handles it
-                touched.add(row.id)
-                self._cache_row(row, table=table, column=column)
+            rows = self.manager._db(lambda: conn.execute(self._select_keys(conn, chunk)).all(), table)
+            # parent_id None: a table key, which the manager's own cache serves
+            self.cache.put_many([self._opened(r, parents, table, column) for r in rows if r[1] is not None])
 
-    def _select_keys(self, ids: Sequence[int]) -> Any:
+    def _select_keys(self, conn: Connection, ids: Sequence[int]) -> Any:
         t = self.table
         cols = (t.c.id, t.c.parent_id, t.c.owner_table, t.c.wrapped_key, t.c.status)
+        if conn.dialect.name == "postgresql":  # one array parameter, not thousands
+            return select(*cols).where(t.c.id == any_(bindparam("ids", list(ids), type_=ARRAY(BigInteger))))
         return select(*cols).where(t.c.id.in_(ids))
 
-    def _cache_row(self, row: Any, *, table: str, column: str | None) -> None:
-        if row.status == kt.SHREDDED or row.wrapped_key is None:
-            self.cache.put(row.id, None, fmt.header(fmt.VERSION_GCM, row.id))  # tombstone
-            return
-        parent = self.manager.decryption_key(row.parent_id, table=table, column=column or "")
-        plain = unwrap_row_key(parent, row, table=table, column=column)
-        self.cache.put(row.id, AESGCM(plain), fmt.header(fmt.VERSION_GCM, row.id))
+    def _opened(
+        self, row: Any, parents: dict[int, CachedKey], table: str, column: str | None
+    ) -> tuple[int, Any, bytes]:
+        """``(key id, cipher, head)`` of a key row; cipher ``None`` for a tombstone.
+
+        Runs once per row key read (20,000 times for 20,000 rows): kept to
+        tuple indexing and two AES calls, no intermediate objects.
+        """
+        key_id, parent_id, owner, wrapped, status = row
+        id_bytes = key_id.to_bytes(8, "big")
+        head = _GCM_BYTE + id_bytes
+        if wrapped is None or status == kt.SHREDDED:
+            return key_id, None, head
+        parent = parents.get(parent_id)
+        if parent is None:
+            parent = parents[parent_id] = self.manager.decryption_key(parent_id, table=table, column=column or "")
+        wrapped = bytes(wrapped)
+        ad = _AD_LABEL + id_bytes + parent_id.to_bytes(8, "big") + owner.encode("utf-8")
+        try:
+            if wrapped[0] != ROW_WRAP_VERSION:
+                raise InvalidTag
+            return key_id, AESGCM(parent.cipher.decrypt(wrapped[1:13], wrapped[13:], ad)), head
+        except (InvalidTag, IndexError):
+            raise DecryptionError(
+                "row key does not unwrap under its table key",
+                table=table, column=column, key_id=fmt.format_key_id(key_id),
+            ) from None
 
     def missing(self, key_ids: Iterable[int]) -> set[int]:
         """Ids not in the cache (no statistics touched)."""

@@ -67,7 +67,7 @@ def install_prefetch(rows: RowKeys) -> None:
         fetched = cursor.fetchall()
         context.cursor_fetch_strategy = sa_cursor.FullyBufferedCursorFetchStrategy(cursor, initial_buffer=fetched)
         ids = {
-            int.from_bytes(bytes(v[1 : fmt.HEADER_LEN]), "big")
+            int.from_bytes(v[1 : fmt.HEADER_LEN], "big")
             for row in fetched
             for v in (row[i] for i in positions)
             if v
