@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rowmodels import count, key_rows, make_model, row_key_ids, setup
-from sa_envelope import AwsKmsProvider, KeyManager, RowKeyRequiredError
+from sa_envelope import AwsKmsProvider, DecryptionError, KeyManager, KeyNotFoundError, RowKeyRequiredError
 from sa_envelope import _format as fmt
 from sa_envelope._rowkeys import RowValue
 
@@ -182,3 +182,21 @@ def test_table_and_row_scoped_columns_mix_in_one_model(engine: Engine) -> None:
     with Session(engine) as s:
         got = [(p.name, p.notes, p.ssn) for p in s.scalars(select(make_model(reader)).order_by("id"))]
     assert got == [(p["name"], p["notes"], p["ssn"]) for p in patients(2)]
+
+
+def test_swapped_wrapped_row_keys_do_not_unwrap(engine: Engine) -> None:
+    keys, Patient = setup(engine)
+    with Session(engine) as s:
+        s.add_all([Patient(**p) for p in patients(2)])
+        s.commit()
+    t = keys.table
+    with engine.begin() as conn:
+        ids = row_key_ids(conn, Patient)
+        k0, k1 = ids[0][0], ids[1][0]
+        w0, w1 = (conn.execute(select(t.c.wrapped_key).where(t.c.id == k)).scalar_one() for k in (k0, k1))
+        conn.execute(update(t).where(t.c.id == k0).values(wrapped_key=w1))
+        conn.execute(update(t).where(t.c.id == k1).values(wrapped_key=w0))
+    with Session(engine) as s:
+        with pytest.raises(DecryptionError) as err:
+            s.scalars(select(make_model(KeyManager(engine, keys.provider)))).all()
+        assert not isinstance(err.value, KeyNotFoundError)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import sys
+import types
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -134,3 +138,20 @@ def test_a_value_copied_from_a_shredded_row_is_shredded_with_it(engine: Engine) 
         keys.shred(s.get(Patient, 1))
         s.commit()
     assert read_fresh(engine)[2] == ("Bob", None, B["ssn"])
+
+
+def test_shredding_doc_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/shredding.md: every ```python block, in order (SQLite in tmp_path)."""
+    page = (Path(__file__).parent.parent / "docs" / "shredding.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    module = types.ModuleType("docs_shredding")  # annotations resolve here
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    try:
+        for block in blocks:
+            exec(compile(block, "shredding.md", "exec"), module.__dict__)
+        assert len(module.__dict__["shredded"]) == 1
+    finally:
+        if "engine" in module.__dict__:
+            module.__dict__["engine"].dispose()
