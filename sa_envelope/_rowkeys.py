@@ -58,8 +58,8 @@ __all__ = [
     "RowKeys",
     "RowValue",
     "row_key_ad",
+    "open_wrapped",
     "unwrap_row_key",
-    "wrap_row_key",
 ]
 
 ROW_KEY_BYTES = 32
@@ -71,6 +71,7 @@ IN_CHUNK = 1_000  # ids per IN (...) query
 PG_CHUNK = 10_000  # ids per = ANY(:array) query on PostgreSQL
 _AD_LABEL = b"sa-envelope row key\x00"
 _GCM_BYTE = bytes((fmt.VERSION_GCM,))
+_WRAP_BYTE = bytes((ROW_WRAP_VERSION,))
 
 
 def row_key_ad(key_id: int, parent_id: int, owner: str) -> bytes:
@@ -79,25 +80,24 @@ def row_key_ad(key_id: int, parent_id: int, owner: str) -> bytes:
     return _AD_LABEL + key_id.to_bytes(8, "big") + parent_id.to_bytes(8, "big") + owner.encode("utf-8")
 
 
-def wrap_row_key(parent: Any, parent_id: int, key_id: int, owner: str, plaintext: bytes) -> bytes:
-    """Seal a row key under its table key's AES-GCM cipher."""
-    nonce = os.urandom(fmt.NONCE_LEN)
-    ad = row_key_ad(key_id, parent_id, owner)
-    return bytes((ROW_WRAP_VERSION,)) + nonce + parent.encrypt(nonce, plaintext, ad)
-
-
 def unwrap_row_key(parent: CachedKey, record: Any, *, table: str, column: str | None) -> bytes:
     """Open a wrapped row key (``record`` is a :class:`KeyRecord` or a row)."""
-    wrapped = bytes(record.wrapped_key)
-    ad = row_key_ad(record.id, record.parent_id, record.owner_table)
+    return open_wrapped(parent, record.id, record.parent_id, record.owner_table, record.wrapped_key, table, column)
+
+
+def open_wrapped(
+    parent: CachedKey, key_id: int, parent_id: int, owner: str, wrapped: Any, table: str, column: str | None
+) -> bytes:
+    """The one place a wrapped row key is opened (format in the module docstring)."""
+    wrapped = bytes(wrapped)
     try:
         if wrapped[0] != ROW_WRAP_VERSION:
             raise InvalidTag
-        return bytes(parent.cipher.decrypt(wrapped[1:13], wrapped[13:], ad))
-    except (InvalidTag, IndexError, TypeError):
+        return bytes(parent.cipher.decrypt(wrapped[1:13], wrapped[13:], row_key_ad(key_id, parent_id, owner)))
+    except (InvalidTag, IndexError):
         raise DecryptionError(
             "row key does not unwrap under its table key",
-            table=table, column=column, key_id=fmt.format_key_id(record.id),
+            table=table, column=column, key_id=fmt.format_key_id(key_id),
         ) from None
 
 
@@ -202,13 +202,16 @@ class RowKeys:
         rows: list[dict[str, Any]] = []
         opened: list[tuple[int, Any, bytes]] = []
         touched = self._touched(conn)
+        ad_tail = parent.key_id.to_bytes(8, "big") + owner.encode("utf-8")  # row_key_ad, hoisted
+        seal, nonces = parent.cipher.encrypt, os.urandom(fmt.NONCE_LEN * count)
         for i in range(count):
             key_id = kt.new_key_id()
             plain = material[i * ROW_KEY_BYTES : (i + 1) * ROW_KEY_BYTES]
+            nonce = nonces[i * fmt.NONCE_LEN : (i + 1) * fmt.NONCE_LEN]
+            wrapped = _WRAP_BYTE + nonce + seal(nonce, plain, _AD_LABEL + key_id.to_bytes(8, "big") + ad_tail)
             rows.append({
                 "id": key_id, "scope": kt.SCOPE_ROW, "owner_table": owner,
-                "parent_id": parent.key_id, "wrapping_key_id": PARENT,
-                "wrapped_key": wrap_row_key(parent.cipher, parent.key_id, key_id, owner, plain),
+                "parent_id": parent.key_id, "wrapping_key_id": PARENT, "wrapped_key": wrapped,
                 "algorithm": ALGORITHM, "status": kt.ACTIVE, "created_at": now, "updated_at": now,
             })
             touched.add(key_id)
@@ -272,24 +275,13 @@ class RowKeys:
         tuple indexing and two AES calls, no intermediate objects.
         """
         key_id, parent_id, owner, wrapped, status = row
-        id_bytes = key_id.to_bytes(8, "big")
-        head = _GCM_BYTE + id_bytes
+        head = _GCM_BYTE + key_id.to_bytes(8, "big")
         if wrapped is None or status == kt.SHREDDED:
             return key_id, None, head
         parent = parents.get(parent_id)
         if parent is None:
             parent = parents[parent_id] = self.manager.decryption_key(parent_id, table=table, column=column or "")
-        wrapped = bytes(wrapped)
-        ad = _AD_LABEL + id_bytes + parent_id.to_bytes(8, "big") + owner.encode("utf-8")
-        try:
-            if wrapped[0] != ROW_WRAP_VERSION:
-                raise InvalidTag
-            return key_id, AESGCM(parent.cipher.decrypt(wrapped[1:13], wrapped[13:], ad)), head
-        except (InvalidTag, IndexError):
-            raise DecryptionError(
-                "row key does not unwrap under its table key",
-                table=table, column=column, key_id=fmt.format_key_id(key_id),
-            ) from None
+        return key_id, AESGCM(open_wrapped(parent, key_id, parent_id, owner, wrapped, table, column)), head
 
     def missing(self, key_ids: Iterable[int]) -> set[int]:
         """Ids not in the cache (no statistics touched)."""

@@ -213,24 +213,25 @@ def _before_flush(session: Session, flush_context: UOWTransaction, instances: An
         for spec, items in plan.items():
             conn = session.connection(bind_arguments={"mapper": items[0][0].mapper})
             pks = [_pk_of(s, spec) for s, _ in items] if is_update else None
+            restore = session.info.setdefault(_RESTORE, [])
             for (state, attrs), key in zip(items, _keys_for(conn, spec, pks, len(items))):
-                _wrap(session, state, attrs, key)
+                _wrap(restore, state, attrs, key)
 
 
-def _wrap(session: Session, state: InstanceState[Any], attrs: Iterable[str], key: CachedKey) -> None:
+def _wrap(restore: list[Any], state: InstanceState[Any], attrs: Iterable[str], key: CachedKey) -> None:
     """Pair each value with its row key for the coming INSERT/UPDATE only."""
-    restore = session.info.setdefault(_RESTORE, [])
+    dict_ = state.dict
     for attr in attrs:
-        original = state.dict[attr]
-        state.dict[attr] = RowValue(original, key)
-        restore.append((state, attr, original))
+        original = dict_[attr]
+        dict_[attr] = RowValue(original, key)
+        restore.append((dict_, attr, original))
 
 
 def _restore(session: Session, *args: Any) -> None:
     """Put the plain values back once the flush ran (or failed)."""
-    for state, attr, original in session.info.pop(_RESTORE, ()):
-        if type(state.dict.get(attr)) is RowValue:
-            state.dict[attr] = original
+    for dict_, attr, original in session.info.pop(_RESTORE, ()):
+        if type(dict_.get(attr)) is RowValue:
+            dict_[attr] = original
 
 
 # -- ORM bulk statements -----------------------------------------------------------------

@@ -19,6 +19,15 @@ def patients(n: int, start: int = 0) -> list[dict[str, Any]]:
     return [{"id": i, "name": f"name {i}", "notes": {"i": i}, "ssn": f"{i:03d}-00"} for i in range(start, start + n)]
 
 
+def stored(engine: Engine, n: int) -> tuple[KeyManager, Any]:
+    """Set up, then store patients 0..n-1 through the ORM."""
+    keys, Patient = setup(engine)
+    with Session(engine) as s:
+        s.add_all([Patient(**p) for p in patients(n)])
+        s.commit()
+    return keys, Patient
+
+
 def test_thousand_rows_get_thousand_row_keys_with_two_kms_calls(engine: Engine, kms_client: Any, cmk: str) -> None:
     keys, Patient = setup(engine, AwsKmsProvider(cmk, client=kms_client))
     with Session(engine) as s:
@@ -46,10 +55,7 @@ def test_thousand_rows_get_thousand_row_keys_with_two_kms_calls(engine: Engine, 
 
 
 def test_flush_then_rollback_leaves_key_table_as_it_was(engine: Engine) -> None:
-    keys, Patient = setup(engine)
-    with Session(engine) as s:
-        s.add(Patient(**patients(1)[0]))
-        s.commit()
+    keys, Patient = stored(engine, 1)
     with engine.connect() as conn:
         before = key_rows(conn, keys)
     with Session(engine) as s:
@@ -64,10 +70,7 @@ def test_flush_then_rollback_leaves_key_table_as_it_was(engine: Engine) -> None:
 
 
 def test_failed_flush_restores_plain_values(engine: Engine) -> None:
-    keys, Patient = setup(engine)
-    with Session(engine) as s:
-        s.add(Patient(**patients(1)[0]))
-        s.commit()
+    keys, Patient = stored(engine, 1)
     with Session(engine) as s:
         dup = Patient(id=0, name="dup", notes={"dup": True}, ssn="999-99")
         s.add(dup)
@@ -106,10 +109,7 @@ def test_updates_keep_the_row_key(engine: Engine) -> None:
 
 
 def test_merge_keeps_existing_keys_and_gives_new_rows_their_own(engine: Engine) -> None:
-    keys, Patient = setup(engine)
-    with Session(engine) as s:
-        s.add(Patient(**patients(1)[0]))
-        s.commit()
+    keys, Patient = stored(engine, 1)
     with engine.connect() as conn:
         old_key = row_key_ids(conn, Patient)[0][0]
     with Session(engine) as s:
@@ -167,10 +167,7 @@ def test_core_insert_needs_a_row_key(engine: Engine) -> None:
 
 
 def test_table_and_row_scoped_columns_mix_in_one_model(engine: Engine) -> None:
-    keys, Patient = setup(engine)
-    with Session(engine) as s:
-        s.add_all([Patient(**p) for p in patients(2)])
-        s.commit()
+    keys, Patient = stored(engine, 2)
     t = keys.table
     with engine.connect() as conn:
         table_key = conn.execute(select(t.c.id).where(t.c.scope == "table")).scalar_one()
@@ -185,10 +182,7 @@ def test_table_and_row_scoped_columns_mix_in_one_model(engine: Engine) -> None:
 
 
 def test_swapped_wrapped_row_keys_do_not_unwrap(engine: Engine) -> None:
-    keys, Patient = setup(engine)
-    with Session(engine) as s:
-        s.add_all([Patient(**p) for p in patients(2)])
-        s.commit()
+    keys, Patient = stored(engine, 2)
     t = keys.table
     with engine.begin() as conn:
         ids = row_key_ids(conn, Patient)
