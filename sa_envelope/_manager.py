@@ -325,7 +325,8 @@ class KeyManager:
 
     @property
     def rows(self) -> Any:
-        """The row keys of this manager (created with the first row-scoped column)."""
+        """The row keys of this manager (see _rowkeys). Created with the first
+        row-scoped column, which also installs the ORM hooks and the read prefetch."""
         rows = self.__dict__.get("_row_keys")
         if rows is None:
             with self._lock:
@@ -340,14 +341,6 @@ class KeyManager:
                     install_orm_hooks()
                     self.__dict__["_row_keys"] = rows
         return rows
-
-    def enable_row_scope(self) -> None:
-        """Install the ORM hooks and the read prefetch (EncryptedType calls this)."""
-        self.rows  # noqa: B018 - created on first access
-
-    def row_decryption_key(self, key_id: int, *, table: str, column: str | None) -> CachedKey | None:
-        """The key of a row-scoped value, or ``None`` if it was shredded."""
-        return self.rows.decryption_key(key_id, table=table, column=column)
 
     def new_row_keys(self, conn: Connection, table: str, count: int) -> list[Any]:
         """``count`` new row keys for ``table``, inserted on ``conn`` (Core API):

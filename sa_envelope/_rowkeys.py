@@ -204,8 +204,9 @@ class RowKeys:
         touched = self._touched(conn)
         ad_tail = parent.key_id.to_bytes(8, "big") + owner.encode("utf-8")  # row_key_ad, hoisted
         seal, nonces = parent.cipher.encrypt, os.urandom(fmt.NONCE_LEN * count)
+        ids = os.urandom(8 * count)
         for i in range(count):
-            key_id = kt.new_key_id()
+            key_id = (int.from_bytes(ids[i * 8 : (i + 1) * 8], "big") >> 1) or kt.new_key_id()  # 63 bits
             plain = material[i * ROW_KEY_BYTES : (i + 1) * ROW_KEY_BYTES]
             nonce = nonces[i * fmt.NONCE_LEN : (i + 1) * fmt.NONCE_LEN]
             wrapped = _WRAP_BYTE + nonce + seal(nonce, plain, _AD_LABEL + key_id.to_bytes(8, "big") + ad_tail)

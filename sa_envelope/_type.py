@@ -63,8 +63,8 @@ class EncryptedType(TypeDecorator[Any], SchemaEventTarget):
         self.deterministic = deterministic
         self.context = context
         self._validate()
-        if scope == kt.SCOPE_ROW and keys is not None:
-            keys.enable_row_scope()  # ORM hooks and read prefetch, once per manager
+        # row scope: the manager's row keys (installs the ORM hooks and read prefetch once)
+        self._row_keys = keys.rows if scope == kt.SCOPE_ROW and keys is not None else None
         try:
             self._codec = codec_for(self.inner)
         except TypeError as exc:
@@ -195,7 +195,7 @@ class EncryptedType(TypeDecorator[Any], SchemaEventTarget):
         except fmt.InvalidEnvelope as exc:
             raise DecryptionError(str(exc), table=table, column=column) from None
         if self.scope == kt.SCOPE_ROW:
-            key = keys.row_decryption_key(key_id, table=table, column=column)
+            key = self._row_keys.decryption_key(key_id, table=table, column=column)
             if key is None:  # the row's key was shredded: erased on purpose
                 return None
         else:
