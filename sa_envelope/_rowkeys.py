@@ -301,6 +301,7 @@ class RowKeys:
         fault_point("shred.before_update")
         result = self.manager._db(lambda: conn.execute(stmt), owner or t.name)
         fault_point("shred.after_update")
+        self._touched(conn).add(key_id)  # a tombstone cached before a rollback must go with it
         self.cache.evict(key_id)
         self.manager._cache.evict(key_id)
         if result.rowcount == 0:

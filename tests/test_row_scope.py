@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from rowmodels import count, key_rows, make_model, row_key_ids, setup
 from sa_envelope import AwsKmsProvider, DecryptionError, KeyManager, KeyNotFoundError, RowKeyRequiredError
+from sa_envelope import _faults as faults
 from sa_envelope import _format as fmt
 from sa_envelope._rowkeys import RowValue
 
@@ -194,3 +195,25 @@ def test_swapped_wrapped_row_keys_do_not_unwrap(engine: Engine) -> None:
         with pytest.raises(DecryptionError) as err:
             s.scalars(select(make_model(KeyManager(engine, keys.provider)))).all()
         assert not isinstance(err.value, KeyNotFoundError)
+
+
+@pytest.mark.parametrize("point", ["rowkey.create.before_insert", "rowkey.create.after_insert"])
+def test_failure_around_the_key_insert_leaves_nothing_behind(engine: Engine, point: str) -> None:
+    keys, Patient = stored(engine, 1)
+    with engine.connect() as conn:
+        before = key_rows(conn, keys)
+
+    def fail(name: str) -> None:
+        if name == point:
+            raise RuntimeError(f"injected at {name}")
+
+    with Session(engine) as s:
+        p = Patient(**patients(1, start=5)[0])
+        s.add(p)
+        with faults.inject(fail), pytest.raises(RuntimeError):
+            s.commit()
+        s.rollback()
+        assert p.notes == {"i": 5}
+    with engine.connect() as conn:
+        assert key_rows(conn, keys) == before
+        assert count(conn, "SELECT count(*) FROM patients") == 1
