@@ -155,6 +155,7 @@ class RowKeys:
         limits: CacheLimits = manager._cache.limits
         self.cache = KeyCache(CacheLimits(max(ROW_CACHE_SIZE, limits.max_size), limits.max_age, limits.max_uses))
         self._state_key = f"sa_envelope_rowkeys_{id(self)}"
+        self.streaming_key = f"sa_envelope_streaming_{id(self)}"  # set by _rowprefetch
         self.keys_created = 0
         self.key_queries = 0
         engine = manager.engine
@@ -234,8 +235,10 @@ class RowKeys:
         entry = self.cache.get(key_id)
         if entry is None:
             conn = self.manager._current()
-            if conn is None:
-                with self.manager.engine.connect() as own:
+            if conn is None or conn.info.get(self.streaming_key):
+                # No connection, or one still streaming rows: read on another.
+                # Keys this transaction created are cached since creation.
+                with self.manager.engine.connect() as own, self.manager.use_connection(own):
                     self.load(own, [key_id], table=table, column=column)
             else:
                 self.load(conn, [key_id], table=table, column=column)

@@ -19,8 +19,10 @@ The prefetch is one extra round trip per 1,000 distinct keys on every
 backend, and costs nothing when the keys are cached.
 
 Skipped (the per-value path then loads keys one by one, still correct):
-server-side cursors (``yield_per``, ``stream_results``), executemany,
-DML with RETURNING, and textual SQL whose columns SQLAlchemy cannot type.
+server-side cursors (``yield_per``, ``stream_results``; keys are then loaded
+on a separate connection, since a second query on the streaming one would
+cut an unbuffered MySQL result short), DML with RETURNING, and textual SQL
+whose columns SQLAlchemy cannot type.
 """
 
 from __future__ import annotations
@@ -55,14 +57,21 @@ def install_prefetch(rows: RowKeys) -> None:
     def after_cursor_execute(
         conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
     ) -> None:
+        conn.info.pop(rows.streaming_key, None)  # whatever streamed before is over now
         if executemany or context is None or context.compiled is None or cursor.description is None:
             return
-        if context.isinsert or context.isupdate or context.isdelete or context._is_server_side:
-            return
-        if context.cursor_fetch_strategy is not sa_cursor._DEFAULT_FETCH:
+        if context.isinsert or context.isupdate or context.isdelete:
             return
         positions, owner = row_positions(context.compiled, rows.manager)
         if not positions or len(cursor.description) != len(context.compiled._result_columns):
+            return
+        if context._is_server_side:
+            # Rows arrive while the caller iterates: no prefetch, and key
+            # misses must not query this connection (an unbuffered MySQL
+            # result would be cut short), see RowKeys.decryption_key.
+            conn.info[rows.streaming_key] = True
+            return
+        if context.cursor_fetch_strategy is not sa_cursor._DEFAULT_FETCH:
             return
         fetched = cursor.fetchall()
         context.cursor_fetch_strategy = sa_cursor.FullyBufferedCursorFetchStrategy(cursor, initial_buffer=fetched)

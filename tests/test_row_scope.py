@@ -217,3 +217,14 @@ def test_failure_around_the_key_insert_leaves_nothing_behind(engine: Engine, poi
     with engine.connect() as conn:
         assert key_rows(conn, keys) == before
         assert count(conn, "SELECT count(*) FROM patients") == 1
+
+
+def test_streamed_reads_load_keys_without_cutting_the_stream(engine: Engine) -> None:
+    """yield_per uses a server-side cursor (unbuffered on MySQL): key misses
+    must not run a second query on the streaming connection."""
+    keys, Patient = stored(engine, 30)
+    Fresh = make_model(KeyManager(engine, keys.provider))
+    with Session(engine) as s:
+        stmt = select(Fresh.id, Fresh.notes, Fresh.ssn).order_by(Fresh.id).execution_options(yield_per=10)
+        got = [tuple(r) for r in s.execute(stmt)]
+    assert got == [(p["id"], p["notes"], p["ssn"]) for p in patients(30)]
