@@ -28,7 +28,8 @@ and use limits: a row key is only as fresh as the table key that unwraps it.
 A shredded key is cached as a tombstone (cipher ``None``) once *read* from the
 key table, so a shred done by another process is honoured as soon as this
 process reloads the key, and at the latest after ``CacheLimits.max_age``.
-Keys inserted or loaded inside a transaction that rolls back are evicted.
+Keys inserted, and keys shredded, by a transaction that rolls back are
+evicted with it (a tombstone read inside a rolled-back shred must not stay).
 
 **Reading without a query per row.** ``_rowprefetch`` looks at every SELECT
 that returns row-scoped columns of this manager, collects the key ids from the
