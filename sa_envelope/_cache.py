@@ -112,4 +112,3 @@ class KeyCache:
                 self._entries.popitem(last=False)
                 self.evictions += 1
         return entries
-

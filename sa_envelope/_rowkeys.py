@@ -70,6 +70,7 @@ PARENT = "parent"  # wrapping_key_id of a key wrapped by its parent key
 ALGORITHM = "AES-256-GCM"
 IN_CHUNK = 1_000  # ids per IN (...) query
 PG_CHUNK = 10_000  # ids per = ANY(:array) query on PostgreSQL
+COPY_MIN_ROWS = 100  # below this, a plain executemany is as fast as COPY
 _AD_LABEL = b"sa-envelope row key\x00"
 _GCM_BYTE = bytes((fmt.VERSION_GCM,))
 _WRAP_BYTE = bytes((ROW_WRAP_VERSION,))
@@ -220,10 +221,24 @@ class RowKeys:
             touched.add(key_id)
             opened.append((key_id, AESGCM(plain), fmt.header(fmt.VERSION_GCM, key_id)))
         fault_point("rowkey.create.before_insert")
-        m._db(lambda: conn.execute(self.table.insert(), rows), owner)
+        m._db(lambda: self._insert_rows(conn, rows), owner)
         fault_point("rowkey.create.after_insert")
         self.keys_created += count
         return self.cache.put_many(opened)
+
+    def _insert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """One executemany; with psycopg 3, a COPY on the same DBAPI connection
+        (same transaction), which costs a tenth of the executemany's client time."""
+        if conn.dialect.driver != "psycopg" or len(rows) < COPY_MIN_ROWS:
+            conn.execute(self.table.insert(), rows)
+            return
+        names = list(rows[0])
+        quote = conn.dialect.identifier_preparer
+        sql = f"COPY {quote.format_table(self.table)} ({', '.join(quote.quote(n) for n in names)}) FROM STDIN"
+        with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
+            with cursor.copy(sql) as copy:
+                for row in rows:
+                    copy.write_row([row[n] for n in names])
 
     # -- loading --------------------------------------------------------------------
 

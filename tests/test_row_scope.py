@@ -60,10 +60,10 @@ def test_flush_then_rollback_leaves_key_table_as_it_was(engine: Engine) -> None:
     with engine.connect() as conn:
         before = key_rows(conn, keys)
     with Session(engine) as s:
-        new = [Patient(**p) for p in patients(20, start=10)]
+        new = [Patient(**p) for p in patients(150, start=10)]  # >= 100: COPY on psycopg
         s.add_all(new)
         s.flush()
-        assert count(s.connection(), "SELECT count(*) FROM sa_envelope_keys WHERE scope = 'row'") == 21
+        assert count(s.connection(), "SELECT count(*) FROM sa_envelope_keys WHERE scope = 'row'") == 151
         s.rollback()
     with engine.connect() as conn:
         assert key_rows(conn, keys) == before
