@@ -13,6 +13,9 @@ Stored wrapped form (column ``wrapped_key``, ``wrapping_key_id = "parent"``)::
 
     01 | nonce (12) | AES-256-GCM(row key) | tag (16)
 
+    associated data: b"sa-envelope row key\x00" | row key id (8, big-endian)
+                     | table key id (8, big-endian) | owner table (UTF-8)
+
 **Where a row's key comes from.** A row key is named by the header of each
 row-scoped value (as every key is): the row itself is the index from row to
 key, so the key table needs no column pointing back at user rows, and a row
@@ -58,8 +61,9 @@ __all__ = [
     "RowKey",
     "RowKeys",
     "RowValue",
-    "row_key_ad",
     "open_wrapped",
+    "row_key_ad",
+    "row_key_of",
     "unwrap_row_key",
 ]
 
