@@ -16,15 +16,15 @@ __all__ = ["LOCAL", "count", "key_rows", "make_model", "row_key_ids", "setup"]
 LOCAL = LocalKeyProvider(b"\x07" * 32)
 
 
-def make_model(keys: KeyManager) -> Any:
-    """A fresh mapped class on table ``patients``: one table-scoped column
-    and two row-scoped ones, bound to ``keys`` (a new manager = a new process)."""
+def make_model(keys: KeyManager, table: str = "patients") -> Any:
+    """A fresh mapped class on ``table``: one table-scoped column and two
+    row-scoped ones, bound to ``keys`` (a new manager = a new process)."""
 
     class Base(DeclarativeBase):
         metadata = MetaData()
 
     class Patient(Base):
-        __tablename__ = "patients"
+        __tablename__ = table
         id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
         name: Mapped[str] = mapped_column(EncryptedType(String(100), keys))
         notes: Mapped[dict | None] = mapped_column(EncryptedType(JSON, keys, scope="row"))
