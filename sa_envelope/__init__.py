@@ -19,6 +19,7 @@ from ._errors import (
     EnvelopeError,
     KeyNotFoundError,
     KeyProviderError,
+    RowKeyRequiredError,
     UnsupportedQueryError,
 )
 from ._manager import KeyManager
@@ -40,6 +41,7 @@ __all__ = [
     "KeyProvider",
     "KeyProviderError",
     "LocalKeyProvider",
+    "RowKeyRequiredError",
     "UnsupportedQueryError",
     "lookup",
     "normalize_email",

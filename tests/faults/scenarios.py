@@ -57,3 +57,4 @@ KEY_CREATE = register(
         occurrences=2,
     )
 )
+from . import rowkeys  # noqa: E402,F401
