@@ -19,6 +19,7 @@ from ._errors import (
     EnvelopeError,
     KeyNotFoundError,
     KeyProviderError,
+    RowKeyRequiredError,
     UnsupportedQueryError,
 )
 from ._manager import KeyManager
@@ -47,6 +48,7 @@ __all__ = [
     "ReencryptReport",
     "RewrapReport",
     "RolloverPolicy",
+    "RowKeyRequiredError",
     "UnsupportedQueryError",
     "lookup",
     "normalize_email",

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 __all__ = ["CacheLimits", "CachedKey", "KeyCache"]
 
@@ -97,3 +97,18 @@ class KeyCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    # -- row scope (issue 3): many row keys at once ----------------------------------
+
+    def put_many(self, items: Iterable[tuple[int, Any, bytes]]) -> list[CachedKey]:
+        """Cache ``(key_id, cipher, head)`` triples under one lock and one clock read."""
+        expires = time.monotonic() + self.limits.max_age
+        entries = [CachedKey(key_id, cipher, head, expires) for key_id, cipher, head in items]
+        with self._lock:
+            for entry in entries:
+                self._entries[entry.key_id] = entry
+                self._entries.move_to_end(entry.key_id)
+            while len(self._entries) > self.limits.max_size:
+                self._entries.popitem(last=False)
+                self.evictions += 1
+        return entries

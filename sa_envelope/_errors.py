@@ -20,6 +20,7 @@ __all__ = [
     "EnvelopeError",
     "KeyNotFoundError",
     "KeyProviderError",
+    "RowKeyRequiredError",
     "UnsupportedQueryError",
 ]
 
@@ -131,3 +132,23 @@ class KeyProviderError(EnvelopeError):
 
 class UnsupportedQueryError(EnvelopeError):
     """A query form cannot give a correct answer on an encrypted column."""
+
+
+# -- row scope (issue 3) --------------------------------------------------------
+
+
+class RowKeyRequiredError(EncryptionError):
+    """A row-scoped value reached the database without its row's key.
+
+    Raised for Core ``insert()``/``update()`` of a row-scoped column with a
+    bare value: only the ORM hooks, or :meth:`KeyManager.new_row_key`, know
+    which row a value belongs to and insert its key in the same transaction.
+    """
+
+    def __init__(self, *, table: str | None = None, column: str | None = None) -> None:
+        super().__init__(
+            "a row-scoped value needs its row's key: write it through an ORM Session, "
+            "or wrap it with KeyManager.new_row_key(conn, table).value(...)",
+            table=table,
+            column=column,
+        )

@@ -181,6 +181,9 @@ class KeyManager:
         with self._lock:
             self._cache.clear()
             self._active.clear()
+            rows = self.__dict__.get("_row_keys")  # row scope (issue 3)
+            if rows is not None:
+                rows.cache.clear()
 
     # -- the per-value path -------------------------------------------------------
 
@@ -498,3 +501,53 @@ class KeyManager:
     async def create_table_async(self) -> None:
         """:meth:`create_table` for a KeyManager built on an AsyncEngine."""
         await _async.create_table_async(self)
+
+    # -- row scope and crypto-shredding (issue 3: _rowkeys, _roworm, _rowprefetch) --
+
+    @property
+    def rows(self) -> Any:
+        """The row keys of this manager (see _rowkeys). Created with the first
+        row-scoped column, which also installs the ORM hooks and the read prefetch."""
+        rows = self.__dict__.get("_row_keys")
+        if rows is None:
+            with self._lock:
+                rows = self.__dict__.get("_row_keys")
+                if rows is None:
+                    from ._rowkeys import RowKeys
+                    from ._roworm import install_orm_hooks
+                    from ._rowprefetch import install_prefetch
+
+                    rows = RowKeys(self)
+                    install_prefetch(rows)
+                    install_orm_hooks()
+                    self.__dict__["_row_keys"] = rows
+        return rows
+
+    def new_row_keys(self, conn: Connection, table: str, count: int) -> list[Any]:
+        """``count`` new row keys for ``table``, inserted on ``conn`` (Core API):
+        ``conn.execute(insert(t), [{"notes": k.value(v)} for k, v in zip(keys, values)])``."""
+        from ._rowkeys import RowKey
+
+        return [RowKey(k, table) for k in self.rows.create(conn, table, count)]
+
+    def new_row_key(self, conn: Connection, table: str) -> Any:
+        """One new row key for a row of ``table``, inserted on ``conn``."""
+        return self.new_row_keys(conn, table, 1)[0]
+
+    def shred(self, instance: Any) -> list[str]:
+        """Crypto-shred an ORM instance's row: destroy its row key in the
+        session's transaction (commit to make it final). Its row-scoped
+        attributes then load as ``None``. Returns the shredded key ids."""
+        from ._roworm import shred_instance
+
+        return [fmt.format_key_id(k) for k in shred_instance(self, instance)]
+
+    def shred_key(self, key_id: int | str, conn: Connection | None = None) -> None:
+        """Destroy one row key's material, on ``conn`` (the caller's
+        transaction) or, without it, in a transaction of its own."""
+        kid = fmt.parse_key_id(key_id) if isinstance(key_id, str) else key_id
+        if conn is not None:
+            self.rows.shred_key(conn, kid)
+            return
+        with self.engine.begin() as own:
+            self.rows.shred_key(own, kid)

@@ -26,6 +26,7 @@ from ._codecs import UnsupportedValue, codec_for
 from ._errors import ConfigurationError, DecryptionError, EncryptionError
 from ._naming import ColumnNames
 from ._query import EncryptedComparator
+from ._rowkeys import row_key_of
 
 __all__ = ["EncryptedType"]
 
@@ -68,6 +69,8 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         self.scope = scope
         self.deterministic = deterministic
         self._validate()
+        # row scope: the manager's row keys (installs the ORM hooks and read prefetch once)
+        self._row_keys = keys.rows if scope == kt.SCOPE_ROW and keys is not None else None
         try:
             self._codec = codec_for(self.inner)
         except TypeError as exc:
@@ -141,10 +144,14 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         table, keys = self._table, self.keys
         if table is None or keys is None:
             raise self._unbound(EncryptionError)
+        if self.scope == kt.SCOPE_ROW:  # the row's key travels with the value
+            row_key, value = row_key_of(value, table, self._column)
         try:
             data = self._codec.encode(value)
         except UnsupportedValue as exc:
             raise EncryptionError(str(exc), table=table, column=self._column) from None
+        if self.scope == kt.SCOPE_ROW:
+            return fmt.encrypt_gcm(row_key.cipher, row_key.head, data, self._ctx)
         if self.deterministic:
             key = keys.encryption_key(table, kt.SCOPE_DETERMINISTIC)
             return fmt.encrypt_siv(key.cipher, key.head, data, self._ctx)
@@ -160,7 +167,12 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
             version, key_id = fmt.read_header(value)
         except fmt.InvalidEnvelope as exc:
             raise DecryptionError(str(exc), table=table, column=column) from None
-        key = keys.decryption_key(key_id, table=table, column=column)
+        if self.scope == kt.SCOPE_ROW:
+            key = self._row_keys.decryption_key(key_id, table=table, column=column)
+            if key is None:  # the row's key was shredded: erased on purpose
+                return None
+        else:
+            key = keys.decryption_key(key_id, table=table, column=column)
         try:
             if version != key.head[0]:
                 raise fmt.InvalidEnvelope("format version does not match the key's algorithm")
