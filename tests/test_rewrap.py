@@ -232,3 +232,42 @@ def test_application_writes_during_rewrap(engine: Engine, kms_client: Any, cmk: 
         assert len(tables) == 2
     finally:
         app_engine.dispose()
+
+
+def test_rewrap_leaves_row_keys_and_rows_alone(engine: Engine, kms_client: Any, cmk: str, cmk_b: str) -> None:
+    from sqlalchemy import JSON, String
+    from sqlalchemy.orm import Session
+
+    from rotation_support import patients_model
+    from sa_envelope import EncryptedType
+    from sa_envelope._verify import verify_database
+
+    keys = KeyManager(engine, AwsKmsProvider(cmk, client=kms_client))
+    keys.create_table()
+    Patient = patients_model(name=EncryptedType(String(50), keys), notes=EncryptedType(JSON, keys, scope="row"))
+    Patient.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add_all([Patient(id=i, name=f"p{i}", notes={"n": i}) for i in range(1, 301)])
+        session.commit()
+    with engine.connect() as conn:
+        row_keys = conn.execute(select(keys.table).where(keys.table.c.parent_id.is_not(None))
+                                .order_by(keys.table.c.id)).all()
+    assert len(row_keys) == 300
+    before = stored_hash(engine)
+    kms_client.calls.clear()
+
+    report = keys.rewrap(to=AwsKmsProvider(cmk_b, client=kms_client))
+
+    assert report.rewrapped == 1 and kms_client.calls["ReEncrypt"] == 1  # the table key only
+    assert_all_wrapped_by(engine, cmk_b)
+    with engine.connect() as conn:
+        assert conn.execute(select(keys.table).where(keys.table.c.parent_id.is_not(None))
+                            .order_by(keys.table.c.id)).all() == row_keys
+    assert stored_hash(engine) == before
+    fresh = KeyManager(engine, AwsKmsProvider(cmk_b, client=kms_client))
+    FreshPatient = patients_model(name=EncryptedType(String(50), fresh), notes=EncryptedType(JSON, fresh, scope="row"))
+    with Session(engine) as session:
+        rows = session.scalars(select(FreshPatient).order_by(FreshPatient.id)).all()
+        assert [(p.name, p.notes) for p in rows] == [(f"p{i}", {"n": i}) for i in range(1, 301)]
+    verified = verify_database(fresh)  # no models: finds both columns by their headers
+    assert (verified.ok, verified.failed) == (600, 0)
