@@ -27,7 +27,9 @@ class CacheLimits:
 
     Defaults: 1,000 keys, 15 minutes, 2**24 uses. A key past its age or use
     limit is unwrapped again through the provider on next use, which is what
-    bounds how long a revoked CMK keeps working in a running process.
+    bounds how long a revoked CMK keeps working in a running process. Uses
+    count encryptions (values sealed with the cached key); decryptions are
+    bounded by age only.
     """
 
     max_size: int = 1_000
@@ -72,6 +74,18 @@ class KeyCache:
             return None
         self.hits += 1
         return entry
+
+    def peek(self, key_id: int) -> CachedKey | None:
+        """The cached key if present and fresh, without counting a use.
+
+        For decryption: the use limit bounds how many values one key
+        *encrypts* (AES-GCM's nonce budget); reading is bounded by age only.
+        """
+        entry = self._entries.get(key_id)
+        if entry is not None and time.monotonic() < entry.expires:
+            self.hits += 1
+            return entry
+        return None
 
     def put(self, key_id: int, cipher: Any, head: bytes) -> CachedKey:
         """Cache a cipher object for ``key_id``, evicting the oldest if full."""

@@ -204,7 +204,7 @@ class KeyManager:
 
     def decryption_key(self, key_id: int, *, table: str, column: str) -> CachedKey:
         """The key a stored value names in its header."""
-        entry = self._cache.get(key_id)
+        entry = self._cache.peek(key_id)
         if entry is not None:
             return entry
         return self._load_key(key_id, table=table, column=column)
