@@ -56,8 +56,10 @@ class ConfigurationError(EnvelopeError, ValueError):
     """A declaration or argument cannot work (caught at declaration time)."""
 
 
-class EncryptionError(EnvelopeError, TypeError):
-    """A value cannot be serialised for its column's inner type."""
+class _PerValueError(EnvelopeError):
+    """An error about one value: ``<what> <table.column (key K)>: <reason>``."""
+
+    what = ""
 
     def __init__(
         self,
@@ -68,36 +70,23 @@ class EncryptionError(EnvelopeError, TypeError):
         key_id: str | None = None,
     ) -> None:
         where = _where(table, column, key_id)
-        super().__init__(
-            f"cannot encrypt a value for {where}: {reason}",
-            table=table,
-            column=column,
-            key_id=key_id,
-        )
+        super().__init__(f"{self.what} {where}: {reason}", table=table, column=column, key_id=key_id)
 
 
-class DecryptionError(EnvelopeError):
+class EncryptionError(_PerValueError, TypeError):
+    """A value cannot be serialised for its column's inner type."""
+
+    what = "cannot encrypt a value for"
+
+
+class DecryptionError(_PerValueError):
     """A stored value is tampered, truncated, swapped, corrupt or foreign.
 
     One opaque error for every way a value can fail to authenticate: telling
     them apart would help an attacker more than it helps an operator.
     """
 
-    def __init__(
-        self,
-        reason: str,
-        *,
-        table: str | None = None,
-        column: str | None = None,
-        key_id: str | None = None,
-    ) -> None:
-        where = _where(table, column, key_id)
-        super().__init__(
-            f"cannot decrypt a value of {where}: {reason}",
-            table=table,
-            column=column,
-            key_id=key_id,
-        )
+    what = "cannot decrypt a value of"
 
 
 class KeyNotFoundError(DecryptionError, LookupError):
@@ -108,6 +97,8 @@ class KeyNotFoundError(DecryptionError, LookupError):
     ``except DecryptionError`` too. Catch this class to tell lost keys apart.
     """
 
+    what = "data key not found for"
+
     def __init__(
         self,
         *,
@@ -116,14 +107,7 @@ class KeyNotFoundError(DecryptionError, LookupError):
         key_id: str | None = None,
         reason: str = "no such key in sa_envelope_keys",
     ) -> None:
-        where = _where(table, column, key_id)
-        EnvelopeError.__init__(
-            self,
-            f"data key not found for {where}: {reason}",
-            table=table,
-            column=column,
-            key_id=key_id,
-        )
+        super().__init__(reason, table=table, column=column, key_id=key_id)
 
 
 class KeyProviderError(EnvelopeError):
