@@ -46,6 +46,8 @@ class CachedKey:
     head: bytes  # the value header for this key: version byte + key id
     expires: float
     uses: itertools.count = field(default_factory=itertools.count)
+    alive: bool = True  # False once evicted: per-column read memos check it
+
 
     def __repr__(self) -> str:
         return f"CachedKey({self.key_id:016x})"
@@ -91,26 +93,41 @@ class KeyCache:
         """Cache a cipher object for ``key_id``, evicting the oldest if full."""
         entry = CachedKey(key_id, cipher, head, time.monotonic() + self.limits.max_age)
         with self._lock:
-            self._entries[key_id] = entry
-            self._entries.move_to_end(key_id)
-            while len(self._entries) > self.limits.max_size:
-                self._entries.popitem(last=False)
-                self.evictions += 1
+            self._store(entry)
+            self._trim()
         return entry
 
     def evict(self, key_id: int) -> None:
         """Forget one key (rolled back, shredded, expired)."""
         with self._lock:
-            if self._entries.pop(key_id, None) is not None:
+            entry = self._entries.pop(key_id, None)
+            if entry is not None:
+                entry.alive = False
                 self.evictions += 1
 
     def clear(self) -> None:
         """Forget every key."""
         with self._lock:
+            for entry in self._entries.values():
+                entry.alive = False
             self._entries.clear()
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def _store(self, entry: CachedKey) -> None:
+        """Add or replace an entry (under the lock); a replaced one dies."""
+        old = self._entries.pop(entry.key_id, None)
+        if old is not None:
+            old.alive = False
+        self._entries[entry.key_id] = entry
+
+    def _trim(self) -> None:
+        """Drop the oldest entries beyond ``max_size`` (under the lock)."""
+        while len(self._entries) > self.limits.max_size:
+            _, old = self._entries.popitem(last=False)
+            old.alive = False
+            self.evictions += 1
 
     # -- row scope (issue 3): many row keys at once ----------------------------------
 
@@ -120,9 +137,6 @@ class KeyCache:
         entries = [CachedKey(key_id, cipher, head, expires) for key_id, cipher, head in items]
         with self._lock:
             for entry in entries:
-                self._entries[entry.key_id] = entry
-                self._entries.move_to_end(entry.key_id)
-            while len(self._entries) > self.limits.max_size:
-                self._entries.popitem(last=False)
-                self.evictions += 1
+                self._store(entry)
+            self._trim()
         return entries

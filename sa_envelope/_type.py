@@ -13,6 +13,7 @@ encode, fetch the cached key (two dict lookups), one AEAD call.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from sqlalchemy import LargeBinary
@@ -29,6 +30,11 @@ from ._query import EncryptedComparator
 from ._rowkeys import row_key_of
 
 __all__ = ["EncryptedType"]
+
+_HEAD = fmt.HEADER_LEN  # value[:_HEAD] is the header, value[_HEAD:_BODY] the GCM nonce
+_BODY = fmt.HEADER_LEN + fmt.NONCE_LEN
+_MEMO_SIZE = 16  # distinct table keys remembered per column
+_monotonic = time.monotonic
 
 SCOPES = ("table", "row")
 MYSQL_VARBINARY_MAX = 3072  # InnoDB's longest index key: beyond it, LONGBLOB
@@ -75,6 +81,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
             self._codec = codec_for(self.inner)
         except TypeError as exc:
             raise ConfigurationError(str(exc)) from None
+        self._read_memo: dict[bytes, tuple[Any, Any, bytes]] = {}
         self._init_names(context)
 
     def _validate(self) -> None:
@@ -176,7 +183,26 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         return fmt.encrypt_gcm(key.cipher, key.head, data, self._ctx)
 
     def decrypt(self, value: bytes) -> Any:
-        """Open and deserialise one stored value of this column."""
+        """Open and deserialise one stored value of this column.
+
+        The fast path: a per-column memo from the 9 header bytes to the
+        cached key, its bound ``decrypt`` and the precomputed associated
+        data, valid while the cache keeps the key alive and fresh. It skips
+        the header parse and the cache lookup, which cost as much as the
+        AES-GCM call itself. Any failure takes the full path, which raises.
+        """
+        memo = self._read_memo.get(value[:_HEAD])
+        if memo is not None:
+            entry, open_gcm, aad = memo
+            if entry.alive and entry.expires > _monotonic():
+                try:
+                    return self._codec.decode(open_gcm(value[_HEAD:_BODY], value[_BODY:], aad))
+                except Exception:
+                    pass
+        return self._decrypt_full(value)
+
+    def _decrypt_full(self, value: bytes) -> Any:
+        """Parse the header, find the key, open the value, fill the memo."""
         table, column, keys = self._table, self._column, self.keys
         if table is None or keys is None:
             raise self._unbound(DecryptionError)
@@ -197,6 +223,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
                 data = fmt.decrypt_siv(key.cipher, value, self._ctx)
             else:
                 data = fmt.decrypt_gcm(key.cipher, value, self._ctx)
+                self._remember(key, value[:_HEAD])
             return self._codec.decode(data)
         except fmt.InvalidEnvelope as exc:
             reason = str(exc)
@@ -205,6 +232,16 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         raise DecryptionError(
             reason, table=table, column=column, key_id=fmt.format_key_id(key_id)
         )
+
+    def _remember(self, key: Any, head: bytes) -> None:
+        """Memo a table-level GCM key for this column (row keys are one per
+        row: memoising them would only churn)."""
+        if self.scope != kt.SCOPE_ROW and len(self._read_memo) < _MEMO_SIZE:
+            self._read_memo[head] = (key, key.cipher.decrypt, head + self._ctx)
+
+    def _bind_names(self, table: str, column: str) -> None:
+        super()._bind_names(table, column)
+        self._read_memo = {}  # the associated data depends on the names
 
     def _unbound(self, error: type[EncryptionError] | type[DecryptionError]) -> Exception:
         if self.keys is None:
