@@ -81,7 +81,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
             self._codec = codec_for(self.inner)
         except TypeError as exc:
             raise ConfigurationError(str(exc)) from None
-        self._read_memo: dict[bytes, tuple[Any, Any, bytes]] = {}
+        self._read_memo: dict[bytes, tuple[Any, Any]] = {}
         self._init_names(context)
 
     def _validate(self) -> None:
@@ -186,17 +186,17 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         """Open and deserialise one stored value of this column.
 
         The fast path: a per-column memo from the 9 header bytes to the
-        cached key, its bound ``decrypt`` and the precomputed associated
-        data, valid while the cache keeps the key alive and fresh. It skips
+        cached key and an opener with the associated data precomputed,
+        valid while the cache keeps the key alive and fresh. It skips
         the header parse and the cache lookup, which cost as much as the
         AES-GCM call itself. Any failure takes the full path, which raises.
         """
         memo = self._read_memo.get(value[:_HEAD])
         if memo is not None:
-            entry, open_gcm, aad = memo
+            entry, open_value = memo
             if entry.alive and entry.expires > _monotonic():
                 try:
-                    return self._codec.decode(open_gcm(value[_HEAD:_BODY], value[_BODY:], aad))
+                    return self._codec.decode(open_value(value))
                 except Exception:
                     pass
         return self._decrypt_full(value)
@@ -223,7 +223,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
                 data = fmt.decrypt_siv(key.cipher, value, self._ctx)
             else:
                 data = fmt.decrypt_gcm(key.cipher, value, self._ctx)
-                self._remember(key, value[:_HEAD])
+            self._remember(key, version, value[:_HEAD])
             return self._codec.decode(data)
         except fmt.InvalidEnvelope as exc:
             reason = str(exc)
@@ -233,11 +233,17 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
             reason, table=table, column=column, key_id=fmt.format_key_id(key_id)
         )
 
-    def _remember(self, key: Any, head: bytes) -> None:
-        """Memo a table-level GCM key for this column (row keys are one per
-        row: memoising them would only churn)."""
-        if self.scope != kt.SCOPE_ROW and len(self._read_memo) < _MEMO_SIZE:
-            self._read_memo[head] = (key, key.cipher.decrypt, head + self._ctx)
+    def _remember(self, key: Any, version: int, head: bytes) -> None:
+        """Memo a table-level key for this column (row keys are one per row:
+        memoising them would only churn)."""
+        if self.scope == kt.SCOPE_ROW or len(self._read_memo) >= _MEMO_SIZE:
+            return
+        aad, decrypt = head + self._ctx, key.cipher.decrypt
+        if version == fmt.VERSION_SIV:
+            siv_aad = [aad]
+            self._read_memo[head] = (key, lambda v: decrypt(v[_HEAD:], siv_aad))
+        else:
+            self._read_memo[head] = (key, lambda v: decrypt(v[_HEAD:_BODY], v[_BODY:], aad))
 
     def _bind_names(self, table: str, column: str) -> None:
         super()._bind_names(table, column)
