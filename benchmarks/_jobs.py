@@ -13,7 +13,6 @@ wrapped bytes, real rows, which is all a rewrap may read.
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Any, Callable
 
@@ -28,29 +27,6 @@ __all__ = ["run_jobs"]
 
 CHUNK = 10_000
 BATCH = 1_000
-
-
-def _find(target: Any, names: tuple[str, ...]) -> str | None:
-    """The first of ``names`` that ``target`` has as a callable."""
-    for name in names:
-        if callable(getattr(target, name, None)):
-            return name
-    return None
-
-
-def _bindable(fn: Callable[..., Any], forms: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> tuple[Any, ...] | None:
-    """The first (args, kwargs) form ``fn``'s signature accepts, without calling it."""
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return forms[0]
-    for args, kwargs in forms:
-        try:
-            signature.bind(*args, **kwargs)
-        except TypeError:
-            continue
-        return args, kwargs
-    return None
 
 
 # -- rewrap ---------------------------------------------------------------------------------
@@ -116,10 +92,7 @@ def _plain(report: Any) -> Any:
 
 
 def run_rewrap(env: BackendEnv, settings: Settings) -> dict[str, Any]:
-    from sa_envelope import KeyManager
 
-    if not callable(getattr(KeyManager, "rewrap", None)):
-        return {"unavailable": "KeyManager.rewrap is not implemented yet (issue 4)"}
     cmks = (env.kms.create_cmk(), env.kms.create_cmk())
     sets = [RewrapSet(env, n, settings.table_keys, cmks) for n in settings.rewrap_sizes]
     try:
@@ -152,55 +125,49 @@ def _load(engine: Any, table: Table, rows: int) -> None:
 
 def run_reencrypt(env: BackendEnv, settings: Settings) -> dict[str, Any]:
     """Re-encrypt every value of one column from a retired key to the active one."""
-    from sa_envelope import EncryptedType, KeyManager
+    from sqlalchemy import select
 
-    reencrypt = _find(KeyManager, ("reencrypt", "re_encrypt"))
-    rotate = _find(KeyManager, ("rotate_table_key",))
-    if reencrypt is None or rotate is None:
-        return {"unavailable": "KeyManager.reencrypt / rotate_table_key are not implemented yet (issue 4)"}
+    from sa_envelope import EncryptedType
+
     engine = env.engine()
     keys, _ = env.key_manager(engine)
     table = _job_table("reencrypt", EncryptedType(String(64), keys))
-    name = table.name
-    forms = [((name,), {"columns": ["email"], "batch_size": BATCH}), ((), {"tables": [name], "batch_size": BATCH}),
-             ((name,), {"batch_size": BATCH})]
-    job = getattr(keys, reencrypt)
-    chosen = _bindable(job, forms)
-    if chosen is None:
-        return {"unavailable": f"re-encryption API differs from the forms tried: {inspect.signature(job)}"}
+    old: list[int] = []
 
     def prepare() -> None:
         _load(engine, table, settings.job_rows)
-        keys.rotate_table_key(name)
+        kt = keys.table
+        with engine.connect() as conn:
+            old[:] = [conn.execute(select(kt.c.id).where(kt.c.owner_table == table.name, kt.c.status == "active")).scalar_one()]
+        keys.rotate_table_key(table.name)
 
     def run() -> None:
-        job(*chosen[0], **chosen[1])
+        keys.reencrypt([table.c.email], key_id=old[0], batch_size=BATCH)
 
     return _throughput(Contender("reencrypt", [("job", run)], prepare), settings, engine, table)
 
 
 def run_encrypt_column(env: BackendEnv, settings: Settings) -> dict[str, Any]:
-    """Encrypt an existing plaintext column in place (issue 4's migration path)."""
-    import sa_envelope
+    """Encrypt an existing plaintext column in place with the Alembic operation."""
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
 
-    try:
-        import sa_envelope.alembic as glue  # type: ignore[import-not-found]
-    except ImportError:
-        glue = None
-    module = sa_envelope if _find(sa_envelope, ("encrypt_column",)) else glue
-    fn = getattr(module, "encrypt_column", None) if module is not None else None
-    if fn is None:
-        return {"unavailable": "encrypt_column is not implemented yet (issue 4)"}
+    import sa_envelope.alembic  # noqa: F401  (registers op.encrypt_column)
+    from sa_envelope import EncryptedType
+
     engine = env.engine()
     keys, _ = env.key_manager(engine)
     table = _job_table("encrypt_column", String(64))
-    forms = [((), {"engine": engine, "table": table.name, "column": "email", "keys": keys, "batch_size": BATCH}),
-             ((engine, table.name, "email"), {"keys": keys, "batch_size": BATCH})]
-    chosen = _bindable(fn, forms)
-    if chosen is None:
-        return {"unavailable": f"encrypt_column API differs from the forms tried: {inspect.signature(fn)}"}
-    contender = Contender("encrypt_column", [("job", lambda: fn(*chosen[0], **chosen[1]))],
-                          lambda: _load(engine, table, settings.job_rows))
+
+    def run() -> None:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"transaction_per_migration": True})
+            with context.begin_transaction(_per_migration=True):  # as Alembic runs a revision
+                Operations(context).encrypt_column(
+                    table.name, "email", EncryptedType(String(64)), keys=keys, batch_size=BATCH
+                )
+
+    contender = Contender("encrypt_column", [("job", run)], lambda: _load(engine, table, settings.job_rows))
     return _throughput(contender, settings, engine, table)
 
 

@@ -43,7 +43,6 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapper, Session, attributes
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from . import _format as fmt
 from . import _keytable as kt
 from ._errors import ConfigurationError, EncryptionError, UnsupportedQueryError
 from ._naming import ColumnNames

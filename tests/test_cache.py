@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any
 
-import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, select
 from sqlalchemy.engine import Engine
 

@@ -12,7 +12,6 @@ import sys
 import textwrap
 from typing import Any
 
-import pytest
 from sqlalchemy import String, func, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
