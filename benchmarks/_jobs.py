@@ -92,7 +92,7 @@ def _plain(report: Any) -> Any:
 
 
 def run_rewrap(env: BackendEnv, settings: Settings) -> dict[str, Any]:
-
+    """Rewrap the same table keys under growing numbers of row keys: flat."""
     cmks = (env.kms.create_cmk(), env.kms.create_cmk())
     sets = [RewrapSet(env, n, settings.table_keys, cmks) for n in settings.rewrap_sizes]
     try:
