@@ -347,12 +347,26 @@ class KeyManager:
         """Plaintext of a stored key: by its parent key, or by the provider."""
         assert record.wrapped_key is not None
         if record.parent_id is not None:
-            parent = self.decryption_key(record.parent_id, table=table, column=column or "")
+            parent = self._cache.peek(record.parent_id) or self._load_parent(record, table, column, conn)
             return self._unwrap_child(parent, record, table=table, column=column)
         context = kms_context(record.owner_table, record.id)
         return self._provider_call(
             lambda: self.provider.unwrap(record.wrapped_key, context, record.wrapping_key_id)  # type: ignore[arg-type]
         )
+
+    def _load_parent(self, record: kt.KeyRecord, table: str, column: str | None, conn: Connection) -> CachedKey:
+        """A child key's parent, which the provider must wrap: one level only,
+        so a key table edited into a chain or a cycle of parents fails closed
+        instead of recursing (tampering, issue 7)."""
+        parent_id = record.parent_id
+        assert parent_id is not None
+        parent = self._db(lambda: kt.get_record(conn, self.table, parent_id), table)
+        if parent is not None and parent.parent_id is not None:
+            raise DecryptionError(
+                f"key row names parent {fmt.format_key_id(parent_id)}, which is not wrapped by the provider",
+                table=table, column=column, key_id=fmt.format_key_id(record.id),
+            )
+        return self._checked_unwrap(parent, parent_id, table, column, conn)
 
     def _unwrap_child(self, parent: CachedKey, record: kt.KeyRecord, *, table: str, column: str | None) -> bytes:
         """Row keys are wrapped locally by their table key (see _rowkeys)."""
