@@ -318,20 +318,22 @@ class KeyManager:
     ) -> CachedKey:
         if record is None:
             raise KeyNotFoundError(table=table, column=column, key_id=fmt.format_key_id(key_id))
-        if record.wrapped_key is None:
-            raise KeyNotFoundError(
-                table=table, column=column, key_id=fmt.format_key_id(key_id),
-                reason=f"key is {record.status}",
-            )
         return self._unwrap_and_cache(record, table=table, column=column, conn=conn)
 
     def _unwrap_and_cache(
         self, record: kt.KeyRecord, *, table: str, column: str | None, conn: Connection
     ) -> CachedKey:
+        if record.wrapped_key is None:
+            raise KeyNotFoundError(
+                table=table, column=column, key_id=fmt.format_key_id(record.id),
+                reason=f"key is {record.status}",
+            )
         spec = ALGORITHMS.get(record.algorithm)
-        if spec is None:  # a tampered or foreign key row must fail closed, as ours
+        if spec is None or SCOPE_ALGORITHM.get(record.scope) != record.algorithm:
+            # a tampered or foreign key row must fail closed, as ours: a 32-byte
+            # HMAC key relabelled AES-256-GCM would otherwise load as a cipher
             raise DecryptionError(
-                "key row names an unknown algorithm",
+                f"key row names algorithm {record.algorithm!r}, which its scope {record.scope!r} does not use",
                 table=table, column=column, key_id=fmt.format_key_id(record.id),
             )
         cipher_cls, size, version = spec
