@@ -25,7 +25,7 @@ from sqlalchemy import delete, select, text
 from sqlalchemy.engine import Connection, Engine
 
 from faults.models import ENCRYPTED_COLUMNS, Schema, insert_rows, schema
-from faults.tamper import BYTE_MUTATIONS, flip, mutate_bytes, outcome, run_property, write_raw
+from faults.tamper import BYTE_MUTATIONS, StoredCell, flip, mutate_bytes, outcome, run_property, write_raw
 from sa_envelope import DecryptionError, EnvelopeError, LocalKeyProvider
 from sa_envelope import _format as fmt
 
@@ -38,11 +38,7 @@ KEY_EXAMPLES = 40
 
 
 @dataclass(frozen=True)
-class Cell:
-    table: str
-    id: int
-    column: str
-    stored: bytes
+class Cell(StoredCell):
     plaintext: Any
 
 

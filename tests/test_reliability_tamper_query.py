@@ -35,7 +35,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from faults.tamper import BYTE_MUTATIONS, flip, mutate_bytes, outcome, run_property, write_raw
+from faults.tamper import BYTE_MUTATIONS, StoredCell, flip, mutate_bytes, outcome, run_property, write_raw
 from sa_envelope import (
     BlindIndexType,
     DecryptionError,
@@ -52,9 +52,9 @@ pytestmark = pytest.mark.reliability
 
 TABLES = ("people", "staff")
 ROWS = range(8)
-VALUE_EXAMPLES = 60
-INDEX_EXAMPLES = 40
-KEY_EXAMPLES = 30
+VALUE_EXAMPLES = 120
+INDEX_EXAMPLES = 80
+KEY_EXAMPLES = 80
 
 
 def _ssn(n: int) -> str:
@@ -81,12 +81,7 @@ def make_model(keys: KeyManager, table: str) -> Any:
     return Person
 
 
-@dataclass(frozen=True)
-class Cell:
-    table: str
-    id: int
-    column: str
-    stored: bytes
+Cell = StoredCell
 
 
 @dataclass

@@ -32,7 +32,7 @@ from sqlalchemy import Connection, delete, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from faults.tamper import BYTE_MUTATIONS, flip, mutate_bytes, outcome, run_property, write_raw
+from faults.tamper import BYTE_MUTATIONS, StoredCell, flip, mutate_bytes, outcome, run_property, write_raw
 from rowmodels import make_model
 from sa_envelope import DecryptionError, EnvelopeError, KeyManager, LocalKeyProvider
 from sa_envelope import _format as fmt
@@ -45,17 +45,13 @@ ROWS = range(4)
 SHREDDED = ("patients", 3)
 COLUMNS = ("name", "notes", "ssn")  # name: table scope; notes, ssn: row scope
 ROW_COLUMNS = ("notes", "ssn")
-VALUE_EXAMPLES = 80
-KEY_EXAMPLES = 50
+VALUE_EXAMPLES = 150
+KEY_EXAMPLES = 100
 TOMBSTONE_KINDS = ("status shredded by hand", "wrapped key erased")
 
 
 @dataclass(frozen=True)
-class Cell:
-    table: str
-    id: int
-    column: str
-    stored: bytes
+class Cell(StoredCell):
     plaintext: Any
 
     @property

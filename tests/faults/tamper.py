@@ -9,6 +9,7 @@ the reliability figures.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from hypothesis import HealthCheck, given, settings
@@ -18,7 +19,7 @@ from sqlalchemy.engine import Engine
 
 from sa_envelope import EnvelopeError
 
-__all__ = ["BYTE_MUTATIONS", "SETTINGS", "flip", "mutate_bytes", "outcome", "run_property", "write_raw"]
+__all__ = ["BYTE_MUTATIONS", "SETTINGS", "StoredCell", "flip", "mutate_bytes", "outcome", "run_property", "write_raw"]
 
 SETTINGS: dict[str, Any] = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -27,6 +28,16 @@ def flip(data: st.DataObject, b: bytes) -> bytes:
     """``b`` with one drawn bit flipped."""
     i = data.draw(st.integers(0, len(b) - 1))
     return b[:i] + bytes([b[i] ^ (1 << data.draw(st.integers(0, 7)))]) + b[i + 1 :]
+
+
+@dataclass(frozen=True)
+class StoredCell:
+    """One stored encrypted value as written: where it is, and its bytes."""
+
+    table: str
+    id: int
+    column: str
+    stored: bytes
 
 
 BYTE_MUTATIONS = ("flip", "truncate", "extend", "version")
