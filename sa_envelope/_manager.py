@@ -259,11 +259,16 @@ class KeyManager:
             self._active[(owner, scope)] = record.id  # read back: it is stored
         return self._cache.get(record.id) or self._unwrap_and_cache(record, table=owner, column=None, conn=conn)
 
-    def _create_key(self, conn: Connection, state: _ConnState, owner: str, scope: str) -> CachedKey:
-        """Generate a key and insert it in ``conn``'s transaction."""
+    def _create_key(
+        self, conn: Connection, state: _ConnState, owner: str, scope: str, *, replacing: bool = False
+    ) -> CachedKey:
+        """Generate a key and insert it in ``conn``'s transaction (``replacing``:
+        a roll-over, which must make a new key even where one is active)."""
         algorithm = SCOPE_ALGORITHM[scope]
         cipher_cls, size, version = ALGORITHMS[algorithm]
-        key_id = self._new_key_id(conn, owner, scope)
+        key_id = self._new_key_id(conn, owner, scope, replacing)
+        if key_id is None:  # the table's one key of this scope committed since we looked
+            return self._adopt_winner(conn, owner, scope, kt.singleton_key_id(owner, scope))
         data_key = self._provider_call(lambda: self.provider.generate(kms_context(owner, key_id), size))
         record = kt.KeyRecord(
             id=key_id,
@@ -419,7 +424,7 @@ class KeyManager:
         """
         from ._rollover import retire_others
 
-        entry = self._create_key(conn, state, owner, scope)
+        entry = self._create_key(conn, state, owner, scope, replacing=True)
         fault_point("rollover.before_retire")
         self._db(lambda: retire_others(conn, self.table, owner, scope, entry.key_id), owner)
         fault_point("rollover.after_retire")
@@ -495,14 +500,23 @@ class KeyManager:
 
     # -- querying & asyncio (see _async) ------------------------------------------------
 
-    def _new_key_id(self, conn: Connection, owner: str, scope: str) -> int:
+    def _new_key_id(self, conn: Connection, owner: str, scope: str, replacing: bool = False) -> int | None:
         """A fixed id for the first deterministic / blind-index key of a table
         (concurrent creators collide instead of splitting the column in two),
-        a random one otherwise (see ``kt.singleton_key_id``)."""
+        a random one otherwise (see ``kt.singleton_key_id``).
+
+        ``None``: that first key is stored and active although the caller's
+        ``find_active`` saw none, because a concurrent writer committed it in
+        between (READ COMMITTED sees it now): the caller adopts it. Making a
+        random-id key here instead gave PostgreSQL two deterministic keys.
+        """
         if scope in kt.SINGLETON_SCOPES:
             key_id = kt.singleton_key_id(owner, scope)
-            if self._db(lambda: kt.get_record(conn, self.table, key_id), owner) is None:
+            record = self._db(lambda: kt.get_record(conn, self.table, key_id), owner)
+            if record is None:
                 return key_id
+            if record.status == kt.ACTIVE and not replacing:
+                return None
         return kt.new_key_id()
 
     def warm(self, tables: Iterable[Any] | None = None) -> int:
