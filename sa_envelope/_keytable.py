@@ -219,7 +219,8 @@ def singleton_key_id(owner: str, scope: str) -> int:
     Two transactions that each create the deterministic (or blind-index) key
     of a new table would otherwise commit two keys, and equal values written
     by each would stop comparing equal. With a fixed id the second insert
-    collides on the primary key and fails loudly instead.
+    collides on the primary key; inserted with ``if_absent`` it does nothing
+    and its writer adopts the stored key (``KeyManager._adopt_winner``).
     """
     digest = hashlib.sha256(b"sa-envelope singleton key\x00" + scope.encode() + b"\x00" + owner.encode())
     return (int.from_bytes(digest.digest()[:8], "big") >> 1) or 1

@@ -259,11 +259,16 @@ class KeyManager:
             self._active[(owner, scope)] = record.id  # read back: it is stored
         return self._cache.get(record.id) or self._unwrap_and_cache(record, table=owner, column=None, conn=conn)
 
-    def _create_key(self, conn: Connection, state: _ConnState, owner: str, scope: str) -> CachedKey:
-        """Generate a key and insert it in ``conn``'s transaction."""
+    def _create_key(
+        self, conn: Connection, state: _ConnState, owner: str, scope: str, *, replacing: bool = False
+    ) -> CachedKey:
+        """Generate a key and insert it in ``conn``'s transaction (``replacing``:
+        a roll-over, which must make a new key even where one is active)."""
         algorithm = SCOPE_ALGORITHM[scope]
         cipher_cls, size, version = ALGORITHMS[algorithm]
-        key_id = self._new_key_id(conn, owner, scope)
+        key_id = self._new_key_id(conn, owner, scope, replacing)
+        if key_id is None:  # the table's one key of this scope committed since we looked
+            return self._adopt_winner(conn, owner, scope, kt.singleton_key_id(owner, scope))
         data_key = self._provider_call(lambda: self.provider.generate(kms_context(owner, key_id), size))
         record = kt.KeyRecord(
             id=key_id,
@@ -318,20 +323,22 @@ class KeyManager:
     ) -> CachedKey:
         if record is None:
             raise KeyNotFoundError(table=table, column=column, key_id=fmt.format_key_id(key_id))
-        if record.wrapped_key is None:
-            raise KeyNotFoundError(
-                table=table, column=column, key_id=fmt.format_key_id(key_id),
-                reason=f"key is {record.status}",
-            )
         return self._unwrap_and_cache(record, table=table, column=column, conn=conn)
 
     def _unwrap_and_cache(
         self, record: kt.KeyRecord, *, table: str, column: str | None, conn: Connection
     ) -> CachedKey:
+        if record.wrapped_key is None:
+            raise KeyNotFoundError(
+                table=table, column=column, key_id=fmt.format_key_id(record.id),
+                reason=f"key is {record.status}",
+            )
         spec = ALGORITHMS.get(record.algorithm)
-        if spec is None:  # a tampered or foreign key row must fail closed, as ours
+        if spec is None or SCOPE_ALGORITHM.get(record.scope) != record.algorithm:
+            # a tampered or foreign key row must fail closed, as ours: a 32-byte
+            # HMAC key relabelled AES-256-GCM would otherwise load as a cipher
             raise DecryptionError(
-                "key row names an unknown algorithm",
+                f"key row names algorithm {record.algorithm!r}, which its scope {record.scope!r} does not use",
                 table=table, column=column, key_id=fmt.format_key_id(record.id),
             )
         cipher_cls, size, version = spec
@@ -347,12 +354,26 @@ class KeyManager:
         """Plaintext of a stored key: by its parent key, or by the provider."""
         assert record.wrapped_key is not None
         if record.parent_id is not None:
-            parent = self.decryption_key(record.parent_id, table=table, column=column or "")
+            parent = self._cache.peek(record.parent_id) or self._load_parent(record, table, column, conn)
             return self._unwrap_child(parent, record, table=table, column=column)
         context = kms_context(record.owner_table, record.id)
         return self._provider_call(
             lambda: self.provider.unwrap(record.wrapped_key, context, record.wrapping_key_id)  # type: ignore[arg-type]
         )
+
+    def _load_parent(self, record: kt.KeyRecord, table: str, column: str | None, conn: Connection) -> CachedKey:
+        """A child key's parent, which the provider must wrap: one level only,
+        so a key table edited into a chain or a cycle of parents fails closed
+        instead of recursing (tampering, issue 7)."""
+        parent_id = record.parent_id
+        assert parent_id is not None
+        parent = self._db(lambda: kt.get_record(conn, self.table, parent_id), table)
+        if parent is not None and parent.parent_id is not None:
+            raise DecryptionError(
+                f"key row names parent {fmt.format_key_id(parent_id)}, which is not wrapped by the provider",
+                table=table, column=column, key_id=fmt.format_key_id(record.id),
+            )
+        return self._checked_unwrap(parent, parent_id, table, column, conn)
 
     def _unwrap_child(self, parent: CachedKey, record: kt.KeyRecord, *, table: str, column: str | None) -> bytes:
         """Row keys are wrapped locally by their table key (see _rowkeys)."""
@@ -403,7 +424,7 @@ class KeyManager:
         """
         from ._rollover import retire_others
 
-        entry = self._create_key(conn, state, owner, scope)
+        entry = self._create_key(conn, state, owner, scope, replacing=True)
         fault_point("rollover.before_retire")
         self._db(lambda: retire_others(conn, self.table, owner, scope, entry.key_id), owner)
         fault_point("rollover.after_retire")
@@ -479,14 +500,23 @@ class KeyManager:
 
     # -- querying & asyncio (see _async) ------------------------------------------------
 
-    def _new_key_id(self, conn: Connection, owner: str, scope: str) -> int:
+    def _new_key_id(self, conn: Connection, owner: str, scope: str, replacing: bool = False) -> int | None:
         """A fixed id for the first deterministic / blind-index key of a table
         (concurrent creators collide instead of splitting the column in two),
-        a random one otherwise (see ``kt.singleton_key_id``)."""
+        a random one otherwise (see ``kt.singleton_key_id``).
+
+        ``None``: that first key is stored and active although the caller's
+        ``find_active`` saw none, because a concurrent writer committed it in
+        between (READ COMMITTED sees it now): the caller adopts it. Making a
+        random-id key here instead gave PostgreSQL two deterministic keys.
+        """
         if scope in kt.SINGLETON_SCOPES:
             key_id = kt.singleton_key_id(owner, scope)
-            if self._db(lambda: kt.get_record(conn, self.table, key_id), owner) is None:
+            record = self._db(lambda: kt.get_record(conn, self.table, key_id), owner)
+            if record is None:
                 return key_id
+            if record.status == kt.ACTIVE and not replacing:
+                return None
         return kt.new_key_id()
 
     def warm(self, tables: Iterable[Any] | None = None) -> int:

@@ -68,6 +68,7 @@ __all__ = [
 ]
 
 ROW_KEY_BYTES = 32
+WRAPPED_LEN = 1 + fmt.NONCE_LEN + ROW_KEY_BYTES + fmt.TAG_LEN  # version, nonce, sealed key, tag
 ROW_WRAP_VERSION = 0x01
 ROW_CACHE_SIZE = 65_536
 PARENT = "parent"  # wrapping_key_id of a key wrapped by its parent key
@@ -97,7 +98,9 @@ def open_wrapped(
     """The one place a wrapped row key is opened (format in the module docstring)."""
     wrapped = bytes(wrapped)
     try:
-        if wrapped[0] != ROW_WRAP_VERSION:
+        # A tampered row may name a parent that is no AES-GCM table key, or hold
+        # bytes too short for a nonce (a ValueError): both fail as a bad tag.
+        if parent.head[0] != fmt.VERSION_GCM or len(wrapped) != WRAPPED_LEN or wrapped[0] != ROW_WRAP_VERSION:
             raise InvalidTag
         return bytes(parent.cipher.decrypt(wrapped[1:13], wrapped[13:], row_key_ad(key_id, parent_id, owner)))
     except (InvalidTag, IndexError):
@@ -273,7 +276,9 @@ class RowKeys:
         """Load row keys into the cache with few queries (1,000 ids per ``IN``;
         10,000 per ``= ANY(array)`` on PostgreSQL). Loaded keys are not marked
         as this transaction's: a key inserted by it was marked at creation."""
-        ids = list(key_ids)
+        # a tampered header may name an id no BIGINT holds: never stored, and
+        # PostgreSQL would refuse the query (the caller reports it not found)
+        ids = [k for k in key_ids if 0 < k < 1 << 63]
         chunk_size = PG_CHUNK if conn.dialect.name == "postgresql" else IN_CHUNK
         parents: dict[int, CachedKey] = {}
         for start in range(0, len(ids), chunk_size):

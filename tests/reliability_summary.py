@@ -78,7 +78,7 @@ class Figures:
             *total("crashes survived", self.crashes),
             *total("bad inputs tried (each refused, or harmless as documented)", self.bad_inputs),
             f"first-key races: {self.writers} concurrent first writers made {self.race_keys} keys"
-            " (bound: one per writer and scope)",
+            " (bound: one table key per writer, one deterministic key per table)",
             f"secrets searched for in logs, echo, errors and reprs: {self.secrets_searched} (found: 0)",
             f"committed rows checked: {self.rows_checked}",
             f"rows lost: {self.rows_lost}",

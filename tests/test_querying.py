@@ -281,10 +281,11 @@ def test_deterministic_key_is_separate_from_the_table_key(engine: Engine, keys: 
 def test_concurrent_first_writers_never_split_the_deterministic_key(
     engine: Engine, keys: KeyManager, models: tuple[type, type]
 ) -> None:
-    """Two transactions write the first rows of a table at once. Either the
-    second fails loudly (its key insert collides with the first's) or it sees
-    the first's committed key; never do two deterministic keys both commit,
-    which would make equal values stop comparing equal."""
+    """Two transactions write the first rows of a table at once. The second's
+    key insert collides with the first's and waits for it; it then adopts the
+    first's committed key (or, on an error, fails loudly); never do two
+    deterministic keys both commit, which would make equal values stop
+    comparing equal."""
     Person, _ = models
     outcome: dict[str, Any] = {}
 

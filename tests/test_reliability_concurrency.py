@@ -6,8 +6,9 @@ create one: the key is inserted in the writer's own transaction and only
 trusted once read back (see ``_manager.py``). The promises:
 
 * no errors, every row readable afterwards by anyone;
-* **the number of keys created is bounded by the number of concurrent
-  first writers** (per table and scope: at most one each), and once the
+* **the number of table keys created is bounded by the number of
+  concurrent first writers** (at most one each), and **the deterministic
+  key is one per table** (concurrent creators adopt the winner's); once the
   race is over every writer converges on the newest active key, so later
   writers create none.
 """
@@ -37,11 +38,12 @@ ROWS = 40
 
 
 def _assert_bounded(engine: Engine, table: str, writers: int) -> int:
-    """At most one key per writer and scope; returns the keys created."""
+    """At most one table key per writer, exactly one deterministic key
+    (docs/threat-model.md, "Concurrent first writers"); returns the keys created."""
     created = 0
-    for scope in ("table", "deterministic"):
+    for scope, bound in (("table", writers), ("deterministic", 1)):
         n = key_rows(engine, table, scope)
-        assert 1 <= n <= writers, f"{n} {scope} keys for {writers} concurrent first writers"
+        assert 1 <= n <= bound, f"{n} {scope} keys for {writers} concurrent first writers"
         created += n
     return created
 

@@ -16,17 +16,16 @@ column".
 from __future__ import annotations
 
 import os
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import pytest
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import LargeBinary, bindparam, delete, select, text
+from sqlalchemy import delete, select, text
 from sqlalchemy.engine import Connection, Engine
 
 from faults.models import ENCRYPTED_COLUMNS, Schema, insert_rows, schema
+from faults.tamper import BYTE_MUTATIONS, StoredCell, flip, mutate_bytes, outcome, run_property, write_raw
 from sa_envelope import DecryptionError, EnvelopeError, LocalKeyProvider
 from sa_envelope import _format as fmt
 
@@ -36,15 +35,10 @@ TABLES = ("patients", "visits")
 ROWS = range(6)
 VALUE_EXAMPLES = 120
 KEY_EXAMPLES = 40
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @dataclass(frozen=True)
-class Cell:
-    table: str
-    id: int
-    column: str
-    stored: bytes
+class Cell(StoredCell):
     plaintext: Any
 
 
@@ -63,11 +57,7 @@ class World:
             return conn.execute(select(t.c[cell.column]).where(t.c.id == cell.id)).scalar_one()
 
     def write_raw(self, cell: Cell, value: bytes) -> None:
-        stmt = text(f"UPDATE {cell.table} SET {cell.column} = :v WHERE id = :id").bindparams(
-            bindparam("v", type_=LargeBinary)
-        )
-        with self.engine.begin() as conn:
-            conn.execute(stmt, {"v": value, "id": cell.id})
+        write_raw(self.engine, cell.table, cell.column, cell.id, value)
 
     def restore_key(self, conn: Connection, key_id: int) -> None:
         table = self.s.keys.table
@@ -104,16 +94,9 @@ def _key_ids(world: World) -> list[int]:
 def mutate_value(data: st.DataObject, world: World, cell: Cell) -> tuple[str, bytes]:
     """Draw one mutation of ``cell.stored``; return its kind and the new bytes."""
     v = cell.stored
-    kind = data.draw(st.sampled_from(["flip", "truncate", "extend", "version", "key_id", "move"]))
-    if kind == "flip":
-        i = data.draw(st.integers(0, len(v) - 1))
-        return kind, v[:i] + bytes([v[i] ^ (1 << data.draw(st.integers(0, 7)))]) + v[i + 1 :]
-    if kind == "truncate":
-        return kind, v[: data.draw(st.integers(0, len(v) - 1))]
-    if kind == "extend":
-        return kind, v + data.draw(st.binary(min_size=1, max_size=32))
-    if kind == "version":
-        return kind, bytes([data.draw(st.integers(0, 255).filter(lambda b: b != v[0]))]) + v[1:]
+    kind = data.draw(st.sampled_from([*BYTE_MUTATIONS, "key_id", "move"]))
+    if kind in BYTE_MUTATIONS:
+        return kind, mutate_bytes(data, kind, v)
     if kind == "key_id":
         own = fmt.read_header(v)[1]
         other = st.sampled_from([k for k in _key_ids(world) if k != own])
@@ -123,21 +106,6 @@ def mutate_value(data: st.DataObject, world: World, cell: Cell) -> tuple[str, by
     source = data.draw(st.sampled_from([c for c in world.cells if c != cell and c.stored != v]))
     same_column = (source.table, source.column) == (cell.table, cell.column)
     return ("moved within a column" if same_column else "moved across columns/tables"), source.stored
-
-
-def run_property(examples: int, example: Callable[[st.DataObject], str], reliability: Any, prefix: str) -> None:
-    """Run ``example`` (which returns the kind of mutation it tried) under
-    hypothesis, then add the kinds tried to the reliability figures."""
-    tried: Counter[str] = Counter()
-
-    @settings(max_examples=examples, **SETTINGS)
-    @given(data=st.data())
-    def check(data: st.DataObject) -> None:
-        tried[example(data)] += 1
-
-    check()
-    for kind, n in tried.items():
-        reliability.bad_input(f"{prefix} {kind}", n)
 
 
 def test_tampered_values_fail_closed(world: World, reliability: Any) -> None:
@@ -165,18 +133,10 @@ def test_tampered_values_fail_closed(world: World, reliability: Any) -> None:
 def _read(world: World, cell: Cell) -> Any:
     """The plaintext, or the class DecryptionError if one of ours was raised
     (anything else propagates and fails the property)."""
-    try:
-        return world.read(cell)
-    except DecryptionError:
-        return DecryptionError
+    return outcome(lambda: world.read(cell), DecryptionError)
 
 
 # -- key-row mutations ------------------------------------------------------------------
-
-
-def _flip(data: st.DataObject, b: bytes) -> bytes:
-    i = data.draw(st.integers(0, len(b) - 1))
-    return b[:i] + bytes([b[i] ^ 0x01 << data.draw(st.integers(0, 7))]) + b[i + 1 :]
 
 
 def mutate_key(data: st.DataObject, world: World, key: dict[str, Any]) -> tuple[str, Callable[[Connection], None]]:
@@ -186,7 +146,7 @@ def mutate_key(data: st.DataObject, world: World, key: dict[str, Any]) -> tuple[
     wrapped = key["wrapped_key"]
     others = [k for k in _key_ids(world) if k != key["id"]]
     options: dict[str, Any] = {
-        "wrapped flipped": lambda: {"wrapped_key": _flip(data, wrapped)},
+        "wrapped flipped": lambda: {"wrapped_key": flip(data, wrapped)},
         "wrapped truncated": lambda: {"wrapped_key": wrapped[: data.draw(st.integers(0, len(wrapped) - 1))]},
         "wrapped extended": lambda: {"wrapped_key": wrapped + data.draw(st.binary(min_size=1, max_size=16))},
         "wrapped swapped": lambda: {"wrapped_key": next(k["wrapped_key"] for k in world.keys if k["id"] != key["id"])},
@@ -228,10 +188,7 @@ def test_tampered_key_rows_fail_closed(world: World, reliability: Any) -> None:
 def _read_any(world: World, cell: Cell) -> Any:
     """As :func:`_read`, for any of our errors (a bad key row may be the
     provider's refusal, a KeyProviderError, not a DecryptionError)."""
-    try:
-        return world.read(cell)
-    except EnvelopeError:
-        return EnvelopeError
+    return outcome(lambda: world.read(cell))
 
 
 def test_tampered_kms_wrapped_key_is_refused(engine: Engine, kms_client: Any, cmk: str, reliability: Any) -> None:
