@@ -82,6 +82,9 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         except TypeError as exc:
             raise ConfigurationError(str(exc)) from None
         self._read_memo: dict[bytes, tuple[Any, Any]] = {}
+        # chosen once: which table-level key a value uses, and how it is sealed
+        self._key_scope = kt.SCOPE_DETERMINISTIC if deterministic else kt.SCOPE_TABLE
+        self._seal = fmt.encrypt_siv if deterministic else fmt.encrypt_gcm
         self._init_names(context)
 
     def _validate(self) -> None:
@@ -168,19 +171,16 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         table, keys = self._table, self.keys
         if table is None or keys is None:
             raise self._unbound(EncryptionError)
+        key = None
         if self.scope == kt.SCOPE_ROW:  # the row's key travels with the value
-            row_key, value = row_key_of(value, table, self._column)
+            key, value = row_key_of(value, table, self._column)
         try:
             data = self._codec.encode(value)
         except UnsupportedValue as exc:
             raise EncryptionError(str(exc), table=table, column=self._column) from None
-        if self.scope == kt.SCOPE_ROW:
-            return fmt.encrypt_gcm(row_key.cipher, row_key.head, data, self._ctx)
-        if self.deterministic:
-            key = keys.encryption_key(table, kt.SCOPE_DETERMINISTIC)
-            return fmt.encrypt_siv(key.cipher, key.head, data, self._ctx)
-        key = keys.encryption_key(table)
-        return fmt.encrypt_gcm(key.cipher, key.head, data, self._ctx)
+        if key is None:
+            key = keys.encryption_key(table, self._key_scope)
+        return self._seal(key.cipher, key.head, data, self._ctx)
 
     def decrypt(self, value: bytes) -> Any:
         """Open and deserialise one stored value of this column.
