@@ -55,12 +55,13 @@ class RewrapSet:
             return int(self.keys.encryption_key(owner).key_id)
 
     def _insert_row_keys(self, parents: list[int]) -> None:
-        from sa_envelope import _keytable as kt
+        from sa_envelope.envelope import format as fmt
+        from sa_envelope.keys import table as kt
 
         now, wrapped = kt.utcnow(), os.urandom(60)
         for start in range(0, self.row_keys, CHUNK):
             batch = [
-                {"id": kt.new_key_id(), "scope": kt.SCOPE_ROW, "owner_table": f"{PREFIX}rewrap_t{i % len(parents)}",
+                {"id": fmt.new_key_id(), "scope": kt.SCOPE_ROW, "owner_table": f"{PREFIX}rewrap_t{i % len(parents)}",
                  "parent_id": parents[i % len(parents)], "wrapping_key_id": "parent", "wrapped_key": wrapped,
                  "algorithm": "AES-256-GCM", "status": kt.ACTIVE, "created_at": now, "updated_at": now}
                 for i in range(start, min(self.row_keys, start + CHUNK))

@@ -27,8 +27,9 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine
 
 import sa_envelope.alembic  # noqa: F401  (registers op.encrypt_column)
 from sa_envelope import AwsKmsProvider, EncryptedType, KeyManager
-from sa_envelope import _keytable as kt
-from sa_envelope._manager import kms_context
+from sa_envelope.keys import table as kt
+from sa_envelope.envelope import format as fmt
+from sa_envelope.providers.base import key_context
 
 TABLE_KEYS = 10
 
@@ -65,15 +66,15 @@ def bench_rewrap(url: str, row_keys: int, client: Any) -> dict[str, Any]:
     parents = []
     with engine.begin() as conn:
         for i in range(TABLE_KEYS):
-            key_id, owner = kt.new_key_id(), f"table_{i}"
-            dk = keys.provider.generate(kms_context(owner, key_id))
+            key_id, owner = fmt.new_key_id(), f"table_{i}"
+            dk = keys.provider.generate(key_context(owner, fmt.format_key_id(key_id)))
             kt.insert_record(conn, keys.table, kt.KeyRecord(key_id, kt.SCOPE_TABLE, owner, None, dk.wrapping_key_id,
                                                             dk.wrapped, "AES-256-GCM", kt.ACTIVE))
             parents.append((key_id, owner))
         now = kt.utcnow()
         for start in range(0, row_keys, 10_000):  # row keys: wrapped by their table key, never by the CMK
             conn.execute(keys.table.insert(), [
-                {"id": kt.new_key_id(), "scope": kt.SCOPE_ROW, "owner_table": parents[n % TABLE_KEYS][1],
+                {"id": fmt.new_key_id(), "scope": kt.SCOPE_ROW, "owner_table": parents[n % TABLE_KEYS][1],
                  "parent_id": parents[n % TABLE_KEYS][0], "wrapping_key_id": "parent", "wrapped_key": os.urandom(60),
                  "algorithm": "AES-256-GCM", "status": kt.ACTIVE, "created_at": now, "updated_at": now}
                 for n in range(start, min(row_keys, start + 10_000))

@@ -9,10 +9,10 @@ threat model and the rotation runbook.
 
 from __future__ import annotations
 
-from ._aws import AwsKmsProvider
-from ._blindindex import BlindIndexType, lookup, normalize_email, normalize_phone
-from ._cache import CacheLimits
-from ._errors import (
+from .columns.blindindex import BlindIndexType, lookup
+from .columns.encrypted import EncryptedType
+from .columns.normalizers import normalize_email, normalize_phone
+from .errors import (
     ConfigurationError,
     DecryptionError,
     EncryptionError,
@@ -22,13 +22,15 @@ from ._errors import (
     RowKeyRequiredError,
     UnsupportedQueryError,
 )
-from ._manager import KeyManager
-from ._providers import DataKey, KeyProvider, LocalKeyProvider
-from ._reencrypt import ReencryptReport
-from ._rewrap import RewrapReport
-from ._rollover import RolloverPolicy
-from ._spec import provider_from_spec
-from ._type import EncryptedType
+from .jobs.reencrypt import ReencryptReport
+from .jobs.rewrap import RewrapReport
+from .keys.cache import CacheLimits
+from .keys.rollover import RolloverPolicy
+from .manager import KeyManager
+from .providers.aws import AwsKmsProvider
+from .providers.base import DataKey, KeyProvider
+from .providers.local import LocalKeyProvider
+from .providers.spec import provider_from_spec
 
 __all__ = [
     "AwsKmsProvider",

@@ -31,12 +31,12 @@ from alembic.operations import MigrateOperation, Operations
 from sqlalchemy import Column, MetaData, Table, inspect, select
 from sqlalchemy.types import TypeDecorator, _Binary
 
-from . import _keytable as kt
-from ._convert import copy_column
-from ._errors import ConfigurationError, EnvelopeError
-from ._faults import fault_point
-from ._spec import provider_from_spec
-from ._type import EncryptedType
+from .columns.encrypted import EncryptedType
+from .errors import ConfigurationError, EnvelopeError
+from .faults import fault_point
+from .jobs.copy import copy_column
+from .keys import table as kt
+from .providers.spec import provider_from_spec
 
 __all__ = [
     "CreateKeyTableOp",
@@ -215,23 +215,6 @@ def _storage_type(type_: Any, dialect: Any) -> Any:
     return type_
 
 
-# Fault points, spelled out so that tools (and the crash tests) can find them.
-ENCRYPT_POINTS: dict[str, Callable[[], None]] = {
-    "before_update": lambda: fault_point("encrypt_column.batch.before_update"),
-    "after_update": lambda: fault_point("encrypt_column.batch.after_update"),
-    "after_commit": lambda: fault_point("encrypt_column.batch.after_commit"),
-    "before_swap": lambda: fault_point("encrypt_column.before_swap"),
-    "after_swap": lambda: fault_point("encrypt_column.after_swap"),
-}
-DECRYPT_POINTS: dict[str, Callable[[], None]] = {
-    "before_update": lambda: fault_point("decrypt_column.batch.before_update"),
-    "after_update": lambda: fault_point("decrypt_column.batch.after_update"),
-    "after_commit": lambda: fault_point("decrypt_column.batch.after_commit"),
-    "before_swap": lambda: fault_point("decrypt_column.before_swap"),
-    "after_swap": lambda: fault_point("decrypt_column.after_swap"),
-}
-
-
 def _opens(enc: EncryptedType, value: Any) -> bool:
     """Whether ``value`` is a value of ``enc``'s column that decrypts."""
     if not isinstance(value, (bytes, bytearray, memoryview)):
@@ -273,7 +256,6 @@ def _convert(
     converted (MariaDB, whose DDL is not transactional).
     """
     label = "encrypt_column" if encrypting else "decrypt_column"
-    points = ENCRYPT_POINTS if encrypting else DECRYPT_POINTS
     transform: Callable[[Any], Any] = enc.encrypt if encrypting else (lambda raw: enc.decrypt(bytes(raw)))
     _online(operations, label)
     keys = _keys(operations, op.keys)
@@ -287,17 +269,17 @@ def _convert(
         if temp not in columns:
             operations.add_column(table, Column(temp, new_type, nullable=True))
         with operations.get_context().autocommit_block():
-            copy_column(keys, table, column, temp, transform, batch_size=op.batch_size, label=label, points=points)
+            copy_column(keys.store, table, column, temp, transform, job=label, batch_size=op.batch_size)
     elif temp not in columns:
         raise ConfigurationError(f"table {table} has neither column {column} nor {temp}")
     storage = _storage_type(new_type, operations.get_bind().dialect)
     _drop_batch_debris(operations, table)
-    points["before_swap"]()
+    fault_point(f"{label}.before_swap")
     with operations.batch_alter_table(table) as batch:
         if column in columns:
             batch.drop_column(column)
         batch.alter_column(temp, new_column_name=column, nullable=nullable, existing_type=storage)
-    points["after_swap"]()
+    fault_point(f"{label}.after_swap")
 
 
 @Operations.implementation_for(EncryptColumnOp)

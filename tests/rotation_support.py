@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, mapped_column
 
 from sa_envelope import EncryptedType, KeyManager
-from sa_envelope import _keytable as kt
+from sa_envelope.keys import table as kt
 
 ROOT = Path(__file__).resolve().parent.parent
 

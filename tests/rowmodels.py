@@ -9,7 +9,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import LargeBinary
 
 from sa_envelope import EncryptedType, KeyManager, LocalKeyProvider
-from sa_envelope import _format as fmt
+from sa_envelope.envelope import format as fmt
 
 __all__ = ["LOCAL", "count", "key_rows", "make_model", "row_key_ids", "setup"]
 

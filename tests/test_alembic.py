@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 
 from rotation_support import PYTHON, ROOT, cmk_uuid, patients_model, provider_keys, stored_hash, subprocess_env
 from sa_envelope import AwsKmsProvider, EncryptedType, KeyManager, LocalKeyProvider
-from sa_envelope import _faults
-from sa_envelope import _keytable as kt
+from sa_envelope import faults
+from sa_envelope.keys import table as kt
 from sa_envelope.alembic import render_item
 
 INI = str(ROOT / "migrations_example" / "alembic.ini")
@@ -123,7 +123,7 @@ def test_encrypt_column_resumes_after_a_crash(
             if len(hits) == 1:
                 raise ConnectionError("simulated crash")
 
-    with _faults.inject(crash), pytest.raises(ConnectionError):
+    with faults.inject(crash), pytest.raises(ConnectionError):
         command.upgrade(config, "0002")
     with engine.connect() as conn:
         assert MigrationContext.configure(conn).get_current_revision() == "0001"

@@ -24,7 +24,7 @@ from sa_envelope import (
     lookup,
     normalize_email,
 )
-from sa_envelope._providers import Context
+from sa_envelope.providers.base import Context
 
 pytestmark = pytest.mark.backends("sqlite", "postgresql")
 

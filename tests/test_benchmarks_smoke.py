@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import String
 
 from benchmarks import main
-from sa_envelope._format import GCM_OVERHEAD
+from sa_envelope.envelope.format import GCM_OVERHEAD
 from benchmarks._variants import VARIANTS, Variant
 
 TRIVIAL = [

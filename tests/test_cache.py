@@ -10,7 +10,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, select
 from sqlalchemy.engine import Engine
 
 from sa_envelope import CacheLimits, EncryptedType, KeyManager, LocalKeyProvider
-from sa_envelope._cache import KeyCache
+from sa_envelope.keys.cache import KeyCache
 
 
 def build(engine: Engine, limits: CacheLimits, tables: int = 1) -> tuple[KeyManager, list[Table]]:

@@ -97,7 +97,7 @@ def test_errors_are_one_line(db_url: str, kms_server: str, closed_port_url: str,
 
 
 def test_progress_bar_only_when_asked_or_on_a_terminal(capsys: Any) -> None:
-    from sa_envelope._progress import NullBar, progress_bar
+    from sa_envelope.jobs.progress import NullBar, progress_bar
 
     assert isinstance(progress_bar(10, "rewrap keys"), NullBar)  # pytest's stderr is no terminal
     with progress_bar(10, "rewrap keys", enabled=True) as bar:

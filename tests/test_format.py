@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 
-from sa_envelope import _format as fmt
+from sa_envelope.envelope import format as fmt
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "format.json").read_text())["vectors"]
 

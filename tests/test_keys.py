@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from sa_envelope import EncryptedType, KeyManager, LocalKeyProvider
-from sa_envelope import _format as fmt
+from sa_envelope.envelope import format as fmt
 
 
 def build(engine: Engine, key: bytes | None = None) -> tuple[KeyManager, type, type]:

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
 from sa_envelope import EncryptedType, EnvelopeError, KeyManager, UnsupportedQueryError
-from sa_envelope import _format as fmt
+from sa_envelope.envelope import format as fmt
 
 # The plaintext twin must compare exactly as bytes do: MariaDB's default
 # collation ignores case and trailing spaces, so give it a binary no-pad one.

@@ -33,8 +33,9 @@ from sa_envelope import (
     KeyProvider,
     LocalKeyProvider,
 )
-from sa_envelope import _keytable as kt
-from sa_envelope._manager import kms_context
+from sa_envelope.keys import table as kt
+from sa_envelope.envelope import format as fmt
+from sa_envelope.providers.base import key_context
 
 pytestmark = pytest.mark.reliability
 
@@ -101,7 +102,7 @@ def _data_keys(engine: Engine, s: Schema, provider: KeyProvider) -> dict[str, by
     with engine.connect() as conn:
         records = [kt.KeyRecord.from_row(r) for r in conn.execute(select(s.keys.table))]
     return {
-        f"data key {r.id:016x}": provider.unwrap(r.wrapped_key, kms_context(r.owner_table, r.id), r.wrapping_key_id)  # type: ignore[arg-type]
+        f"data key {r.id:016x}": provider.unwrap(r.wrapped_key, key_context(r.owner_table, fmt.format_key_id(r.id)), r.wrapping_key_id)  # type: ignore[arg-type]
         for r in records
     }
 
@@ -136,10 +137,10 @@ def _session(t: Transcript, engine: Engine, s: Schema, plain: dict[str, str]) ->
     with engine.connect() as conn:
         t.error(lambda: conn.execute(select(table.c.name)).all())
     t.add(repr(s.keys), repr(s.keys.provider), repr(table.c.name.type), repr(table.c.ssn.type))
-    t.add(*(repr(entry) for entry in s.keys._cache._entries.values()))
+    t.add(*(repr(entry) for entry in s.keys.store.cache._entries.values()))
     with engine.connect() as conn:
         t.add(*(repr(kt.KeyRecord.from_row(r)) for r in conn.execute(select(s.keys.table))))
-    t.add(repr(s.keys.provider.generate(kms_context("patients", 1))))
+    t.add(repr(s.keys.provider.generate(key_context("patients", fmt.format_key_id(1)))))
 
 
 def _plaintexts() -> dict[str, str]:
@@ -175,18 +176,18 @@ def test_aws_provider_leaks_nothing(
     reliability: Any,
 ) -> None:
     """botocore logs request parameters and response bodies at DEBUG, which
-    for KMS are data keys: sa_envelope._redact filters them out."""
+    for KMS are data keys: sa_envelope.redact filters them out."""
     provider = AwsKmsProvider(cmk, client=proxied_client(kms_server))
     echo = create_engine(db_url, echo="debug")
     try:
         s = schema(echo, provider)
         plain = _plaintexts()
         _session(transcript, echo, s, plain)
-        provider.wrap(b"W" * 32, kms_context("patients", 2))  # Encrypt sends a plaintext
+        provider.wrap(b"W" * 32, key_context("patients", fmt.format_key_id(2)))  # Encrypt sends a plaintext
         with KmsFaultProxy(kms_server) as proxy:
             proxy.plan("*", ACCESS_DENIED)
             refused = AwsKmsProvider(cmk, client=proxied_client(proxy.url))
-            transcript.error(lambda: refused.generate(kms_context("patients", 3)))
+            transcript.error(lambda: refused.generate(key_context("patients", fmt.format_key_id(3))))
         secrets = {f"plaintext {k}": v.encode() for k, v in plain.items()}
         secrets |= {"wrapped plaintext": b"W" * 32, **_data_keys(echo, s, provider)}
     finally:

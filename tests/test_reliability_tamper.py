@@ -27,7 +27,7 @@ from sqlalchemy.engine import Connection, Engine
 from faults.models import ENCRYPTED_COLUMNS, Schema, insert_rows, schema
 from faults.tamper import BYTE_MUTATIONS, StoredCell, flip, mutate_bytes, outcome, run_property, write_raw
 from sa_envelope import DecryptionError, EnvelopeError, LocalKeyProvider
-from sa_envelope import _format as fmt
+from sa_envelope.envelope import format as fmt
 
 pytestmark = pytest.mark.reliability
 

@@ -46,7 +46,7 @@ from sa_envelope import (
     lookup,
     normalize_email,
 )
-from sa_envelope import _format as fmt
+from sa_envelope.envelope import format as fmt
 
 pytestmark = pytest.mark.reliability
 

@@ -35,8 +35,8 @@ from sqlalchemy.orm import Session
 from faults.tamper import BYTE_MUTATIONS, StoredCell, flip, mutate_bytes, outcome, run_property, write_raw
 from rowmodels import make_model
 from sa_envelope import DecryptionError, EnvelopeError, KeyManager, LocalKeyProvider
-from sa_envelope import _format as fmt
-from sa_envelope import _keytable as kt
+from sa_envelope.envelope import format as fmt
+from sa_envelope.keys import table as kt
 
 pytestmark = pytest.mark.reliability
 

@@ -16,9 +16,10 @@ from rotation_support import (
     subprocess_env,
 )
 from sa_envelope import AwsKmsProvider, KeyManager, LocalKeyProvider, RewrapReport
-from sa_envelope import _faults
-from sa_envelope import _keytable as kt
-from sa_envelope._manager import kms_context
+from sa_envelope import faults
+from sa_envelope.keys import table as kt
+from sa_envelope.envelope import format as fmt
+from sa_envelope.providers.base import key_context
 
 
 @pytest.fixture
@@ -99,9 +100,9 @@ def _bulk_keys(engine: Engine, keys: KeyManager, count: int) -> None:
     """``count`` real KMS-wrapped keys, inserted directly (fast set-up)."""
     records = []
     for i in range(count):
-        key_id = kt.new_key_id()
+        key_id = fmt.new_key_id()
         owner = f"bulk_{i}"
-        data_key = keys.provider.generate(kms_context(owner, key_id), 32)
+        data_key = keys.provider.generate(key_context(owner, fmt.format_key_id(key_id)), 32)
         records.append(kt.KeyRecord(key_id, kt.SCOPE_TABLE, owner, None, data_key.wrapping_key_id,
                                     data_key.wrapped, "AES-256-GCM", kt.ACTIVE))
     with engine.begin() as conn:
@@ -112,7 +113,7 @@ def _bulk_keys(engine: Engine, keys: KeyManager, count: int) -> None:
 REWRAP_SCRIPT = """
 import os, signal, sys
 from sqlalchemy import create_engine
-from sa_envelope import KeyManager, _faults, provider_from_spec
+from sa_envelope import KeyManager, faults, provider_from_spec
 
 url, source, target, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 seen = []
@@ -122,7 +123,7 @@ def hook(name):
         if len(seen) == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 keys = KeyManager(create_engine(url), provider_from_spec(source))
-with _faults.inject(hook):
+with faults.inject(hook):
     report = keys.rewrap(to=provider_from_spec(target), batch_size=50)
 print(report)
 sys.exit(0 if report.complete else 3)
@@ -154,7 +155,7 @@ def test_rewrap_killed_mid_run_then_resumed(engine: Engine, db_url: str, tmp_pat
     fresh = KeyManager(engine, new)
     assert read_all(engine, fresh, 1) == [[expected_row(i) for i in range(50)]]
     for record in records:  # every wrapped key opens under the new key file
-        new.unwrap(record.wrapped_key, kms_context(record.owner_table, record.id), new.wrapping_key_id)
+        new.unwrap(record.wrapped_key, key_context(record.owner_table, fmt.format_key_id(record.id)), new.wrapping_key_id)
 
 
 @pytest.mark.backends("postgresql", "mysql")
@@ -188,7 +189,7 @@ def test_two_workers_share_the_work(db_url: str, engine: Engine, kms_client: Any
 
     one = threading.Thread(target=work, args=("one",), name="one")
     two = threading.Thread(target=work, args=("two",), name="two")
-    with _faults.inject(hook):
+    with faults.inject(hook):
         one.start()
         second_committed.wait(0)  # let one claim first
         two.start()
@@ -220,7 +221,7 @@ def test_application_writes_during_rewrap(engine: Engine, kms_client: Any, cmk: 
             written.append(1)
 
     try:
-        with _faults.inject(hook):
+        with faults.inject(hook):
             # One batch claims every key: under gap locks, any key insert would wait.
             report = keys.rewrap(to=AwsKmsProvider(cmk_b, client=kms_client), batch_size=100)
         assert written and report.complete
@@ -240,7 +241,7 @@ def test_rewrap_leaves_row_keys_and_rows_alone(engine: Engine, kms_client: Any, 
 
     from rotation_support import patients_model
     from sa_envelope import EncryptedType
-    from sa_envelope._verify import verify_database
+    from sa_envelope.jobs.verify import verify_database
 
     keys = KeyManager(engine, AwsKmsProvider(cmk, client=kms_client))
     keys.create_table()
@@ -269,5 +270,5 @@ def test_rewrap_leaves_row_keys_and_rows_alone(engine: Engine, kms_client: Any, 
     with Session(engine) as session:
         rows = session.scalars(select(FreshPatient).order_by(FreshPatient.id)).all()
         assert [(p.name, p.notes) for p in rows] == [(f"p{i}", {"n": i}) for i in range(1, 301)]
-    verified = verify_database(fresh)  # no models: finds both columns by their headers
+    verified = verify_database(fresh.store)  # no models: finds both columns by their headers
     assert (verified.ok, verified.failed) == (600, 0)

@@ -14,9 +14,9 @@ from sqlalchemy.orm import Session
 
 from rotation_support import ROOT, data_tables, expected_row, fill, patients_model, provider_keys, read_all
 from sa_envelope import AwsKmsProvider, EncryptedType, KeyManager, LocalKeyProvider, RolloverPolicy
-from sa_envelope import _faults
-from sa_envelope import _format as fmt
-from sa_envelope import _keytable as kt
+from sa_envelope import faults
+from sa_envelope.envelope import format as fmt
+from sa_envelope.keys import table as kt
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ def test_reencrypt_off_a_key(engine: Engine, provider: LocalKeyProvider) -> None
             if len(failures) == 3:
                 raise ConnectionError("simulated crash")
 
-    with _faults.inject(crash), pytest.raises(ConnectionError):
+    with faults.inject(crash), pytest.raises(ConnectionError):
         keys.reencrypt([table.c.name], key_id=old, batch_size=10)
     assert header_keys(engine, table, "name").count(old) == 40  # two batches committed
 

@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session
 
 from rowmodels import count, key_rows, make_model, row_key_ids, setup
 from sa_envelope import AwsKmsProvider, DecryptionError, KeyManager, KeyNotFoundError, RowKeyRequiredError
-from sa_envelope import _faults as faults
-from sa_envelope import _format as fmt
-from sa_envelope._rowkeys import RowValue
+from sa_envelope import faults
+from sa_envelope.envelope import format as fmt
+from sa_envelope.columns.rowvalue import RowValue
 
 
 def patients(n: int, start: int = 0) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from rowmodels import LOCAL, make_model, row_key_ids, setup
 from sa_envelope import ConfigurationError, KeyManager, KeyNotFoundError
-from sa_envelope import _format as fmt
+from sa_envelope.envelope import format as fmt
 
 A = {"id": 1, "name": "Alice", "notes": {"diagnosis": "a"}, "ssn": "111-11"}
 B = {"id": 2, "name": "Bob", "notes": {"diagnosis": "b"}, "ssn": "222-22"}

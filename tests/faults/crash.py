@@ -1,6 +1,6 @@
 """Crash scenarios: fail a job at each of its fault points, then recover.
 
-The package calls :func:`sa_envelope._faults.fault_point` before and after
+The package calls :func:`sa_envelope.faults.fault_point` before and after
 every storage write of key creation (and, as they land, rewrap, re-encryption
 and column encryption). A :class:`CrashScenario` names a job, the points it
 passes, how to prepare the database for it, and what must hold after a crash
@@ -32,15 +32,14 @@ Adding a job (rewrap, re-encryption, column encryption) is one call::
         prepare=..., run=..., verify=...,
     ))
 
-and :func:`declared_points` makes the suite fail while any ``fault_point``
-in the package has no scenario.
+and :func:`declared_points` (the package's ``faults.POINTS`` registry) makes
+the suite fail while any fault point of the package has no scenario.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -51,8 +50,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
 from sa_envelope import LocalKeyProvider
-from sa_envelope import _faults
-from sa_envelope import _format as fmt
+from sa_envelope import faults
+from sa_envelope.envelope import format as fmt
 
 from .models import ENCRYPTED_COLUMNS, Schema, check_rows, schema
 
@@ -75,7 +74,6 @@ __all__ = [
 
 CRASH_EXIT = 77  # the exit status of a worker killed at a fault point
 TESTS_DIR = Path(__file__).resolve().parent.parent
-PACKAGE_DIR = TESTS_DIR.parent / "sa_envelope"
 
 
 class InjectedFault(RuntimeError):
@@ -145,7 +143,7 @@ def _at(point: str, occurrence: int, action: Callable[[], None]) -> Iterator[lis
         if name == point and seen.count(name) == occurrence:
             action()
 
-    with _faults.inject(hook):
+    with faults.inject(hook):
         yield seen
 
 
@@ -161,13 +159,8 @@ def exit_at(point: str, occurrence: int = 1) -> contextlib.AbstractContextManage
 
 
 def declared_points() -> set[str]:
-    """Every literal ``fault_point("...")`` in the package's sources."""
-    pattern = re.compile(r"""fault_point\(\s*["']([^"']+)["']""")
-    found: set[str] = set()
-    for path in PACKAGE_DIR.rglob("*.py"):
-        if path.name != "_faults.py":
-            found.update(pattern.findall(path.read_text(encoding="utf-8")))
-    return found
+    """Every fault point the package declares (``sa_envelope.faults.POINTS``)."""
+    return set(faults.POINTS)
 
 
 # -- subprocesses ----------------------------------------------------------------------

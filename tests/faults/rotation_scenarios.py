@@ -17,7 +17,7 @@ from sqlalchemy import Column, Integer, LargeBinary, MetaData, String, Table, in
 
 import sa_envelope.alembic  # noqa: F401 - registers op.encrypt_column / decrypt_column
 from sa_envelope import EncryptedType, KeyManager, KeyProvider, LocalKeyProvider
-from sa_envelope import _format as fmt
+from sa_envelope.envelope import format as fmt
 from sa_envelope.alembic import ENCRYPT_SUFFIX
 
 from .crash import CrashContext, CrashScenario, orphan_values, register
@@ -243,7 +243,8 @@ def _column_scenarios(name: str, encrypting: bool) -> list[CrashScenario]:
         "run": lambda ctx: _column_op(ctx, name),
         "verify": lambda ctx, crashed: _verify_people(ctx, crashed, encrypting),
     }
-    batch = (f"{name}.batch.before_update", f"{name}.batch.after_update", f"{name}.batch.after_commit")
+    batch = (f"{name}.batch.before_update", f"{name}.batch.after_update",
+             f"{name}.batch.before_commit", f"{name}.batch.after_commit")
     return [
         register(CrashScenario(name=f"{name}.batch", points=batch, occurrences=2, **common)),
         register(CrashScenario(name=f"{name}.swap", points=(f"{name}.before_swap", f"{name}.after_swap"), **common)),

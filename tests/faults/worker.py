@@ -19,7 +19,7 @@ import argparse
 import sys
 import threading
 
-from sa_envelope import _faults
+from sa_envelope import faults
 
 from .crash import SCENARIOS, CrashContext, exit_at
 from .models import check_rows, insert_rows
@@ -41,7 +41,7 @@ def _scenario(ctx: CrashContext, name: str, point: str, occurrence: int) -> int:
 def _job(ctx: CrashContext, name: str) -> int:
     from . import scenarios  # noqa: F401 - registers them
 
-    with _faults.inject(lambda point: print(f"point {point}", flush=True)):
+    with faults.inject(lambda point: print(f"point {point}", flush=True)):
         SCENARIOS[name].run(ctx)
     print("done", flush=True)
     return 0

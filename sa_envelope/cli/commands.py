@@ -1,0 +1,147 @@
+"""The CLI's subcommands: ``keys list``, ``rewrap``, ``verify``, ``demo``.
+
+Each is a ``configure(parser)`` function that adds its options and sets
+``parser.set_defaults(run=...)``; :data:`COMMANDS` lists them in the order
+``--help`` shows them. CMKs are given as for Alembic: a KMS key ARN, key id or alias,
+or ``local:PATH``; database URLs and CMKs default to the environment
+variables ``SA_ENVELOPE_DATABASE_URL``, ``SA_ENVELOPE_CMK`` and
+``SA_ENVELOPE_SOURCE_CMK``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Callable
+
+from sqlalchemy import create_engine, select
+
+from ..envelope import format as fmt
+from ..errors import ConfigurationError
+from ..jobs.verify import verify_database
+from ..keys import table as kt
+from ..manager import KeyManager
+from ..providers.base import KeyProvider
+from ..providers.spec import provider_from_spec
+from .demo import run_demo
+
+__all__ = ["COMMANDS"]
+
+Configure = Callable[[argparse.ArgumentParser], None]
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """A bad argument prints one line (not argparse's usage block) and exits 2."""
+
+    def error(message: str) -> Any:
+        parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
+
+    parser.error = error  # type: ignore[method-assign]
+
+
+def _database_option(parser: argparse.ArgumentParser) -> None:
+    _one_line_errors(parser)
+    parser.add_argument(
+        "--database-url", default=os.environ.get("SA_ENVELOPE_DATABASE_URL"),
+        help="SQLAlchemy URL (default $SA_ENVELOPE_DATABASE_URL)",
+    )
+
+
+def _engine(ns: argparse.Namespace) -> Any:
+    if not ns.database_url:
+        raise ConfigurationError("no database: pass --database-url or set SA_ENVELOPE_DATABASE_URL")
+    return create_engine(ns.database_url)
+
+
+def _records(engine: Any) -> list[Any]:
+    table = kt.key_table(kt.MetaData())
+    with engine.connect() as conn:
+        return list(conn.execute(select(table).order_by(table.c.owner_table, table.c.created_at)))
+
+
+def _keys(parser: argparse.ArgumentParser) -> None:
+    _one_line_errors(parser)
+    sub = parser.add_subparsers(dest="keys_command", required=True, metavar="{list}")
+    listing = sub.add_parser("list", help="list every key: id, scope, table, status, wrapping key")
+    _database_option(listing)
+
+    def run(ns: argparse.Namespace) -> int:
+        engine = _engine(ns)
+        try:
+            rows = _records(engine)
+        finally:
+            engine.dispose()
+        print(f"{'KEY ID':16}  {'SCOPE':13}  {'TABLE':20}  {'STATUS':8}  {'PARENT':16}  WRAPPED BY")
+        for r in rows:
+            parent = fmt.format_key_id(r.parent_id) if r.parent_id else "-"
+            print(f"{fmt.format_key_id(r.id):16}  {r.scope:13}  {r.owner_table:20}  {r.status:8}  {parent:16}  {r.wrapping_key_id}")
+        return 0
+
+    listing.set_defaults(run=run)
+
+
+def _inferred_provider(engine: Any) -> KeyProvider:
+    """Without --cmk: a KMS provider can unwrap any key by its recorded ARN."""
+    for record in _records(engine):
+        if record.parent_id is None and str(record.wrapping_key_id).startswith("arn:aws"):
+            return provider_from_spec(record.wrapping_key_id)
+    raise ConfigurationError("no KMS-wrapped key found: pass --cmk local:PATH (or set SA_ENVELOPE_CMK)")
+
+
+def _rewrap(parser: argparse.ArgumentParser) -> None:
+    _database_option(parser)
+    parser.add_argument("--to", default=os.environ.get("SA_ENVELOPE_CMK"),
+                        help="target CMK: KMS key ARN, key id, alias, or local:PATH (default $SA_ENVELOPE_CMK)")
+    parser.add_argument("--from", dest="source", default=os.environ.get("SA_ENVELOPE_SOURCE_CMK"),
+                        help="CMK that unwraps keys the target cannot move itself, e.g. local:OLD.key "
+                             "(default $SA_ENVELOPE_SOURCE_CMK; not needed from KMS to KMS)")
+    parser.add_argument("--batch-size", type=int, default=100, help="keys per transaction (default 100)")
+
+    def run(ns: argparse.Namespace) -> int:
+        target = provider_from_spec(ns.to or "", check=True)
+        source = provider_from_spec(ns.source) if ns.source else target
+        engine = _engine(ns)
+        try:
+            report = KeyManager(engine, source).rewrap(target, batch_size=ns.batch_size)
+        finally:
+            engine.dispose()
+        print(report)
+        for key_id, reason in report.failures:
+            print(f"  key {key_id}: {reason}")
+        return 0 if report.complete else 1
+
+    parser.set_defaults(run=run)
+
+
+def _verify(parser: argparse.ArgumentParser) -> None:
+    _database_option(parser)
+    parser.add_argument("--table", action="append", dest="tables", help="only this table (repeatable)")
+    parser.add_argument("--cmk", default=os.environ.get("SA_ENVELOPE_CMK"),
+                        help="provider that unwraps the keys (default $SA_ENVELOPE_CMK; KMS keys need none)")
+
+    def run(ns: argparse.Namespace) -> int:
+        engine = _engine(ns)
+        try:
+            provider = provider_from_spec(ns.cmk) if ns.cmk else _inferred_provider(engine)
+            report = verify_database(KeyManager(engine, provider).store, ns.tables)
+        finally:
+            engine.dispose()
+        for line in report.lines():
+            print(line)
+        print(f"verified {report.ok + report.failed} values: {report.ok} ok, {report.failed} failed")
+        return 1 if report.failed else 0
+
+    parser.set_defaults(run=run)
+
+
+def _demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dir", default="sa_envelope_demo", help="working folder (default ./sa_envelope_demo)")
+    parser.set_defaults(run=lambda ns: run_demo(ns.dir))
+
+
+COMMANDS: tuple[tuple[str, Configure, str], ...] = (
+    ("demo", _demo, "encrypt a few rows in SQLite with a local key file and show them"),
+    ("keys", _keys, "inspect the key table (keys list)"),
+    ("rewrap", _rewrap, "re-wrap every table key under another CMK (CMK rotation)"),
+    ("verify", _verify, "try to decrypt every encrypted value; report failures by table, column and key"),
+)

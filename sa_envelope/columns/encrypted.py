@@ -1,0 +1,261 @@
+"""EncryptedType: the column type that encrypts in the application.
+
+A ``TypeDecorator`` over a binary column. It learns its table and column
+names when the column is attached to a table (see :mod:`.naming`: it is a
+``SchemaEventTarget``, as ``Enum`` is), and binds every value to them as
+associated data, so a value copied to another column or table fails to
+decrypt. Pin the names with ``context="table.column"`` to survive a rename.
+
+Everything that can be decided once is decided at declaration: the codec,
+the context bytes, the storage type per dialect. The per-value path is:
+encode, fetch the cached key (two dict lookups), one AEAD call.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import LargeBinary
+from sqlalchemy.dialects import mysql, postgresql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import String, TypeDecorator, TypeEngine, to_instance
+
+from ..envelope import format as fmt
+from ..envelope.codecs import UnsupportedValue, codec_for
+from ..errors import ConfigurationError, DecryptionError, EncryptionError
+from ..keys import table as kt
+from .naming import ColumnNames
+from .operators import EncryptedComparator
+from .rowvalue import row_key_of
+
+__all__ = ["EncryptedType"]
+
+_HEAD = fmt.HEADER_LEN  # value[:_HEAD] is the header: the read memo's key
+_MEMO_SIZE = 16  # distinct table keys remembered per column
+_monotonic = time.monotonic
+
+SCOPES = ("table", "row")
+MYSQL_VARBINARY_MAX = 3072  # InnoDB's longest index key: beyond it, LONGBLOB
+UTF8_MAX_BYTES = 4
+# Longest encoding of the fixed-size codecs (see envelope.codecs), so that
+# deterministic (queryable, indexable) columns of these types get a bounded
+# VARBINARY on MySQL/MariaDB too (times allow a UTC offset with seconds and
+# microseconds: "+HH:MM:SS.ffffff").
+CODEC_MAX_BYTES = {"int": 20, "uuid": 16, "uuid-str": 16, "bool": 1, "date": 10, "datetime": 42, "time": 31}
+
+
+class EncryptedType(TypeDecorator[Any], ColumnNames):
+    """Encrypt values of ``inner`` with a data key from ``keys``.
+
+    ``scope="table"`` uses the table's key (AES-256-GCM, random nonce);
+    ``scope="row"`` a key per row. ``deterministic=True`` uses AES-SIV so
+    that equal values give equal ciphertexts within the column, which
+    makes ``==`` queries work and reveals equality. ``keys`` may be omitted
+    where only DDL is needed (Alembic migrations).
+    """
+
+    impl = LargeBinary
+    cache_ok = True
+    comparator_factory = EncryptedComparator  # querying: see .operators and .guard
+
+    def __init__(
+        self,
+        inner: TypeEngine[Any] | type[TypeEngine[Any]],
+        keys: Any = None,
+        *,
+        scope: str = "table",
+        deterministic: bool = False,
+        context: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.inner = to_instance(inner)
+        self.keys = keys
+        self.scope = scope
+        self.deterministic = deterministic
+        self._validate()
+        # row scope: the manager's row keys (installs the ORM hooks and read prefetch once)
+        self._row_keys = keys.rows if scope == kt.SCOPE_ROW and keys is not None else None
+        # the store's lookups, bound here: the per-value path skips the facade
+        self._store = keys.store if keys is not None else None
+        try:
+            self._codec = codec_for(self.inner)
+        except TypeError as exc:
+            raise ConfigurationError(str(exc)) from None
+        self._read_memo: dict[bytes, tuple[Any, Any]] = {}
+        # chosen once: which table-level key a value uses, and how it is sealed
+        self._key_scope = kt.SCOPE_DETERMINISTIC if deterministic else kt.SCOPE_TABLE
+        self._seal = fmt.seal_function(deterministic)
+        self._init_names(context)
+
+    def _validate(self) -> None:
+        if self.scope not in SCOPES:
+            raise ConfigurationError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.scope == "row" and self.deterministic:
+            raise ConfigurationError(
+                "scope='row' cannot be deterministic: equal values under different "
+                "row keys never compare equal; use scope='table' for queryable columns"
+            )
+
+    # -- storage -----------------------------------------------------------------------
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        """BYTEA on PostgreSQL, VARBINARY or LONGBLOB on MySQL, BLOB elsewhere."""
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.BYTEA())
+        if dialect.name in ("mysql", "mariadb"):
+            limit = self.max_stored_length()
+            if limit is not None and limit <= MYSQL_VARBINARY_MAX:
+                return dialect.type_descriptor(mysql.VARBINARY(limit))
+            return dialect.type_descriptor(mysql.LONGBLOB())
+        return dialect.type_descriptor(LargeBinary())
+
+    def max_stored_length(self) -> int | None:
+        """Largest stored value in bytes, where the inner type bounds it.
+
+        The envelope adds the mode's overhead (``fmt.SIV_OVERHEAD`` for
+        deterministic columns, ``fmt.GCM_OVERHEAD`` otherwise).
+        """
+        overhead = fmt.SIV_OVERHEAD if self.deterministic else fmt.GCM_OVERHEAD
+        length = getattr(self.inner, "length", None)
+        if isinstance(self.inner, String) and length:
+            return length * UTF8_MAX_BYTES + overhead
+        fixed = CODEC_MAX_BYTES.get(self._codec.name) if self.deterministic else None
+        return fixed + overhead if fixed is not None else None
+
+    def copy(self, **kw: Any) -> EncryptedType:
+        """A copy keeps the names (SQLAlchemy's per-dialect copies need them);
+        a copy given to a new column re-learns them when that column attaches."""
+        clone = super().copy(**kw)
+        clone._parent = None
+        return clone
+
+    @property
+    def python_type(self) -> type:
+        return self.inner.python_type
+
+    def coerce_compared_value(self, op: Any, value: Any) -> TypeEngine[Any]:
+        """Compare with values of this same type, so they get encrypted."""
+        return self
+
+    # -- the per-value path --------------------------------------------------------------
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> bytes | None:
+        return None if value is None else self.encrypt(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        return None if value is None else self.decrypt(value)
+
+    def bind_processor(self, dialect: Dialect) -> Any:
+        """One closure per dialect: the per-value path skips a call layer."""
+        encrypt = self.encrypt
+        impl = self.impl_instance.bind_processor(dialect)
+        if impl is None:
+            return lambda value: None if value is None else encrypt(value)
+        return lambda value: None if value is None else impl(encrypt(value))
+
+    def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
+        """One closure per dialect: the per-value path skips a call layer."""
+        decrypt = self.decrypt
+        impl = self.impl_instance.result_processor(dialect, coltype)
+        if impl is None:
+            return lambda value: None if value is None else decrypt(value)
+
+        def process(value: Any) -> Any:
+            value = impl(value)
+            return None if value is None else decrypt(value)
+
+        return process
+
+    def encrypt(self, value: Any) -> bytes:
+        """Serialise and seal one value for this column."""
+        table, keys = self._table, self.keys
+        if table is None or keys is None:
+            raise self._unbound(EncryptionError)
+        key = None
+        if self.scope == kt.SCOPE_ROW:  # the row's key travels with the value
+            key, value = row_key_of(value, table, self._column)
+        try:
+            data = self._codec.encode(value)
+        except UnsupportedValue as exc:
+            raise EncryptionError(str(exc), table=table, column=self._column) from None
+        if key is None:
+            key = self._store.encryption_key(table, self._key_scope)
+        return self._seal(key.cipher, key.head, data, self._ctx)
+
+    def decrypt(self, value: bytes) -> Any:
+        """Open and deserialise one stored value of this column.
+
+        The fast path: a per-column memo from the 9 header bytes to the
+        cached key and an opener with the associated data precomputed,
+        valid while the cache keeps the key alive and fresh. It skips
+        the header parse and the cache lookup, which cost as much as the
+        AES-GCM call itself. Any failure takes the full path, which raises.
+        """
+        memo = self._read_memo.get(value[:_HEAD])
+        if memo is not None:
+            entry, open_value = memo
+            if entry.alive and entry.expires > _monotonic():
+                try:
+                    return self._codec.decode(open_value(value))
+                except Exception:
+                    pass
+        return self._decrypt_full(value)
+
+    def _decrypt_full(self, value: bytes) -> Any:
+        """Parse the header, find the key, open the value, fill the memo."""
+        table, column, keys = self._table, self._column, self.keys
+        if table is None or keys is None:
+            raise self._unbound(DecryptionError)
+        try:
+            version, key_id = fmt.read_header(value)
+        except fmt.InvalidEnvelope as exc:
+            raise DecryptionError(str(exc), table=table, column=column) from None
+        if self.scope == kt.SCOPE_ROW:
+            key = self._row_keys.decryption_key(key_id, table=table, column=column)
+            if key is None:  # the row's key was shredded: erased on purpose
+                return None
+        else:
+            key = self._store.decryption_key(key_id, table=table, column=column)
+        try:
+            if version != key.head[0]:
+                raise fmt.InvalidEnvelope("format version does not match the key's algorithm")
+            data = fmt.open_value(key.cipher, version, value, self._ctx)
+            self._remember(key, version, value[:_HEAD])
+            return self._codec.decode(data)
+        except fmt.InvalidEnvelope as exc:
+            reason = str(exc)
+        except Exception:  # authentic bytes that do not decode: a codec change
+            reason = f"stored bytes do not decode as {self._codec.name}"
+        raise DecryptionError(
+            reason, table=table, column=column, key_id=fmt.format_key_id(key_id)
+        )
+
+    def _remember(self, key: Any, version: int, head: bytes) -> None:
+        """Memo a table-level key for this column (row keys are one per row:
+        memoising them would only churn)."""
+        if self.scope == kt.SCOPE_ROW or len(self._read_memo) >= _MEMO_SIZE:
+            return
+        self._read_memo[head] = (key, fmt.opener(key.cipher, version, head, self._ctx))
+
+    def _bind_names(self, table: str, column: str) -> None:
+        super()._bind_names(table, column)
+        self._read_memo = {}  # the associated data depends on the names
+
+    def _unbound(self, error: type[EncryptionError] | type[DecryptionError]) -> Exception:
+        if self.keys is None:
+            return error(
+                "this EncryptedType has no KeyManager (declared for DDL only)",
+                table=self._table, column=self._column,
+            )
+        return error("the column is not attached to a table and has no context=")
+
+    def __repr__(self) -> str:
+        args = [repr(self.inner)]
+        if self.scope != "table":
+            args.append(f"scope={self.scope!r}")
+        if self.deterministic:
+            args.append("deterministic=True")
+        if self.context is not None:
+            args.append(f"context={self.context!r}")
+        return f"EncryptedType({', '.join(args)})"

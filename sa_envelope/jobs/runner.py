@@ -1,0 +1,63 @@
+"""The one batched-job runner: small transactions, progress, resume.
+
+Every data-moving job (rewrap, re-encryption, column encryption) is a loop
+of batches, each one transaction: pick up to N items that still need the
+work (so a rerun after a crash finds exactly what is left: that is the
+resume), do it, commit. The runner owns the loop, the transaction, the
+progress bar and the fault points around each commit; a job supplies
+``batch(conn) -> int``, which does one batch on ``conn`` inside the open
+transaction and returns how many items it handled (0: nothing left).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from sqlalchemy import Connection, Engine
+
+from ..faults import batch_points, fault_point
+from .progress import progress_bar
+
+__all__ = ["read_committed", "run_batches"]
+
+
+def read_committed(engine: Engine) -> Connection:
+    """A connection for one batch that locks rows. On MySQL/MariaDB in READ
+    COMMITTED: under the default REPEATABLE READ, ``FOR UPDATE`` also locks
+    the gaps between the scanned rows, which would block applications
+    inserting new ones."""
+    conn = engine.connect()
+    if conn.dialect.name in ("mysql", "mariadb"):
+        conn.execution_options(isolation_level="READ COMMITTED")
+    return conn
+
+
+def run_batches(
+    engine: Engine,
+    job: str,
+    batch: Callable[[Connection], int],
+    *,
+    total: int | None,
+    desc: str,
+    progress: bool | None = None,
+    connect: Callable[[Engine], Connection] | None = None,
+) -> int:
+    """Run ``batch`` in one transaction after another until it returns 0.
+
+    ``job`` names the fault points (``<job>.batch.before_commit`` and
+    ``.after_commit``); ``connect`` makes each batch's connection (default
+    ``engine.connect``). Returns the number of items handled.
+    """
+    before_commit, after_commit = batch_points(job)
+    done = 0
+    with progress_bar(total, desc, progress) as bar:
+        while True:
+            with (connect or Engine.connect)(engine) as conn, conn.begin():
+                handled = batch(conn)
+                if handled:
+                    fault_point(before_commit)
+            if not handled:
+                return done
+            fault_point(after_commit)
+            done += handled
+            bar.update(handled)

@@ -1,0 +1,233 @@
+"""The key table ``sa_envelope_keys``: its schema and the queries on it.
+
+Plain SQLAlchemy metadata, so ``create_all`` and Alembic treat it like any
+table. It holds wrapped keys only; plaintext never reaches it. Every query
+runs on a connection the caller passes, so key rows are written inside the
+caller's transaction and share its fate.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    DateTime,
+    Index,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    and_,
+    select,
+)
+
+from ..envelope import format as fmt
+
+__all__ = [
+    "ACTIVE",
+    "KeyRecord",
+    "RETIRED",
+    "SCOPE_BLIND_INDEX",
+    "SCOPE_DETERMINISTIC",
+    "SCOPE_ROW",
+    "SCOPE_TABLE",
+    "SHREDDED",
+    "find_active",
+    "get_record",
+    "get_records",
+    "SCOPE_ALGORITHM",
+    "get_record_locked",
+    "insert_record",
+    "key_table",
+    "provider_wrapped",
+    "singleton_key_id",
+    "utcnow",
+]
+
+KEY_TABLE_NAME = "sa_envelope_keys"
+SCOPE_TABLE = "table"
+SCOPE_ROW = "row"
+SCOPE_DETERMINISTIC = "deterministic"
+SCOPE_BLIND_INDEX = "blind-index"  # HMAC key of a table's blind indexes (columns.blindindex)
+SCOPE_ALGORITHM = {  # the one algorithm each scope's keys have (envelope.ciphers.ALGORITHMS)
+    SCOPE_TABLE: "AES-256-GCM",
+    SCOPE_ROW: "AES-256-GCM",
+    SCOPE_DETERMINISTIC: "AES-256-SIV",
+    SCOPE_BLIND_INDEX: "HMAC-SHA256",
+}
+PARENT = "parent"  # wrapping_key_id of a key wrapped by its parent key (row keys)
+ACTIVE = "active"
+RETIRED = "retired"
+SHREDDED = "shredded"
+
+
+def key_table(metadata: MetaData, name: str = KEY_TABLE_NAME) -> Table:
+    """Define the key table on ``metadata`` (or return it if already there)."""
+    if name in metadata.tables:
+        return metadata.tables[name]
+    return Table(
+        name,
+        metadata,
+        Column("id", BigInteger, primary_key=True, autoincrement=False),
+        Column("scope", String(16), nullable=False),
+        Column("owner_table", String(255), nullable=False),
+        Column("parent_id", BigInteger, nullable=True),
+        Column("wrapping_key_id", String(2048), nullable=False),
+        Column("wrapped_key", LargeBinary, nullable=True),
+        Column("algorithm", String(32), nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+        Index(f"ix_{name}_owner", "owner_table", "scope", "status"),
+        Index(f"ix_{name}_parent", "parent_id"),
+    )
+
+
+@dataclass(frozen=True, repr=False)
+class KeyRecord:
+    """One row of the key table. Holds wrapped bytes only, never plaintext."""
+
+    id: int
+    scope: str
+    owner_table: str
+    parent_id: int | None
+    wrapping_key_id: str
+    wrapped_key: bytes | None
+    algorithm: str
+    status: str
+
+    def __repr__(self) -> str:
+        return (
+            f"KeyRecord(id={self.id:016x}, scope={self.scope!r}, owner={self.owner_table!r}, "
+            f"status={self.status!r}, wrapping_key_id={self.wrapping_key_id!r})"
+        )
+
+    @classmethod
+    def from_row(cls, row: Any) -> KeyRecord:
+        m = row._mapping
+        wrapped = m["wrapped_key"]
+        return cls(
+            id=m["id"],
+            scope=m["scope"],
+            owner_table=m["owner_table"],
+            parent_id=m["parent_id"],
+            wrapping_key_id=m["wrapping_key_id"],
+            wrapped_key=bytes(wrapped) if wrapped is not None else None,
+            algorithm=m["algorithm"],
+            status=m["status"],
+        )
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def find_active(conn: Connection, table: Table, owner: str, scope: str) -> KeyRecord | None:
+    """The newest active key of ``scope`` for ``owner``, as ``conn`` sees it."""
+    stmt = (
+        select(table)
+        .where(table.c.owner_table == owner, table.c.scope == scope, table.c.status == ACTIVE)
+        .order_by(table.c.created_at.desc(), table.c.id.desc())
+        .limit(1)
+    )
+    row = conn.execute(stmt).first()
+    return KeyRecord.from_row(row) if row is not None else None
+
+
+def get_record(conn: Connection, table: Table, key_id: int) -> KeyRecord | None:
+    """The key row with this id, or ``None``."""
+    row = conn.execute(select(table).where(table.c.id == key_id)).first()
+    return KeyRecord.from_row(row) if row is not None else None
+
+
+def get_records(conn: Connection, table: Table, key_ids: Iterable[int]) -> list[KeyRecord]:
+    """Several key rows in one query."""
+    ids = list(key_ids)
+    if not ids:
+        return []
+    rows = conn.execute(select(table).where(table.c.id.in_(ids))).all()
+    return [KeyRecord.from_row(r) for r in rows]
+
+
+def insert_record(conn: Connection, table: Table, record: KeyRecord, *, if_absent: bool = False) -> bool:
+    """Write a new key row on ``conn`` (inside the caller's transaction).
+
+    With ``if_absent`` an id already taken is not an error: the insert does
+    nothing and returns ``False`` (``ON CONFLICT DO NOTHING``, ``INSERT
+    IGNORE``). PostgreSQL and InnoDB make it wait for a concurrent inserter
+    of the same id to commit or roll back first, so ``False`` means the row
+    is there, committed by another transaction.
+    """
+    now = utcnow()
+    stmt = _insert(conn, table, if_absent).execution_options(preserve_rowcount=True)
+    result = conn.execute(
+        stmt.values(
+            id=record.id,
+            scope=record.scope,
+            owner_table=record.owner_table,
+            parent_id=record.parent_id,
+            wrapping_key_id=record.wrapping_key_id,
+            wrapped_key=record.wrapped_key,
+            algorithm=record.algorithm,
+            status=record.status,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    return result.rowcount != 0
+
+
+def _insert(conn: Connection, table: Table, if_absent: bool) -> Any:
+    name = conn.dialect.name
+    if not if_absent:
+        return table.insert()
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing(index_elements=[table.c.id])
+    if name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table).on_conflict_do_nothing(index_elements=[table.c.id])
+    if name in ("mysql", "mariadb"):
+        return table.insert().prefix_with("IGNORE")
+    return table.insert()
+
+
+def provider_wrapped(table: Table) -> Any:
+    """Rows holding a key wrapped by a provider (not by a parent key, not shredded)."""
+    return and_(table.c.parent_id.is_(None), table.c.wrapped_key.is_not(None))
+
+
+def get_record_locked(conn: Connection, table: Table, key_id: int) -> KeyRecord | None:
+    """Read the newest committed version of a key row (``FOR SHARE``), even
+    where the transaction's snapshot predates it (InnoDB repeatable read)."""
+    stmt = select(table).where(table.c.id == key_id)
+    if conn.dialect.name != "sqlite":
+        stmt = stmt.with_for_update(read=True)
+    row = conn.execute(stmt).first()
+    return KeyRecord.from_row(row) if row is not None else None
+
+
+# -- querying: one deterministic / blind-index key per table ---------------------------
+
+SINGLETON_SCOPES = frozenset({SCOPE_DETERMINISTIC, SCOPE_BLIND_INDEX})
+
+
+def singleton_key_id(owner: str, scope: str) -> int:
+    """The id of the *first* key of a scope that must have one key per table.
+
+    Two transactions that each create the deterministic (or blind-index) key
+    of a new table would otherwise commit two keys, and equal values written
+    by each would stop comparing equal. With a fixed id the second insert
+    collides on the primary key; inserted with ``if_absent`` it does nothing
+    and its writer adopts the stored key (``KeyStore._adopt_winner``).
+    """
+    digest = hashlib.sha256(b"sa-envelope singleton key\x00" + scope.encode() + b"\x00" + owner.encode())
+    return fmt.key_id_from(digest.digest())

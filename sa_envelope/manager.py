@@ -1,0 +1,234 @@
+"""KeyManager: the facade users hold. It wires, and delegates; it decides nothing.
+
+``KeyManager(engine, provider)`` makes the pieces and connects them:
+
+* a :class:`~sa_envelope.keys.cache.KeyCache` of plaintext keys, bounded;
+* a :class:`~sa_envelope.keys.tracking.Tracker` on the engine, which knows
+  the executing connection and which transaction made which key, and runs
+  the query guard (:mod:`sa_envelope.columns.guard`) before each statement;
+* a :class:`~sa_envelope.keys.store.KeyStore`, which finds, creates and
+  unwraps keys and rolls them over (the rules live there);
+* the row keys (:mod:`sa_envelope.rows`), made with the first row-scoped column;
+* the jobs (:mod:`sa_envelope.jobs`), which get the store, never the manager.
+
+The column types bind the store's lookups into their processors directly,
+so the per-value path gains no call layer from this facade.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, ContextManager, Iterable
+
+from sqlalchemy import Column, Connection, Engine, MetaData
+
+from . import redact
+from .columns.guard import check_statement
+from .columns.rowvalue import RowKey
+from .envelope import format as fmt
+from .jobs import warm as warming
+from .jobs.reencrypt import ReencryptReport, reencrypt_columns
+from .jobs.rewrap import RewrapReport, rewrap_keys
+from .keys import table as kt
+from .keys.cache import CacheLimits, CachedKey, KeyCache
+from .keys.rollover import RolloverPolicy
+from .keys.store import KeyStore
+from .keys.tracking import Tracker
+from .providers.base import KeyProvider
+from .rows.keys import RowKeys
+from .rows.orm import install_orm_hooks, shred_instance
+from .rows.prefetch import install_prefetch
+
+__all__ = ["KeyManager"]
+
+
+class KeyManager:
+    """Owns the key table, the plaintext key cache and key creation.
+
+    ``engine`` is the Engine (or AsyncEngine) your sessions use: the manager
+    listens to its connections to learn which transaction a value is bound
+    in. ``metadata`` lets the key table live in your own MetaData so that
+    Alembic autogenerate sees it. No network or database call happens here.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        provider: KeyProvider,
+        *,
+        cache: CacheLimits | None = None,
+        metadata: MetaData | None = None,
+        table_name: str = kt.KEY_TABLE_NAME,
+        rollover: RolloverPolicy | None = None,
+    ) -> None:
+        self.engine: Engine = getattr(engine, "sync_engine", engine)
+        self.table = kt.key_table(metadata if metadata is not None else MetaData(), table_name)
+        self.rollover = rollover if rollover is not None else RolloverPolicy()
+        key_cache = KeyCache(cache or CacheLimits())
+        self.tracker = Tracker(self.engine, key_cache, on_execute=check_statement)
+        self.store = KeyStore(self.engine, provider, self.table, key_cache, self.tracker, self.rollover)
+        self._rows: RowKeys | None = None
+        self._lock = threading.Lock()
+        redact.hide_rows(self.engine)  # SQLAlchemy logs rows after decryption
+
+    # -- what the store holds ------------------------------------------------------------
+
+    @property
+    def provider(self) -> KeyProvider:
+        """The provider that wraps new keys (``rewrap`` may replace it)."""
+        return self.store.provider
+
+    @provider.setter
+    def provider(self, provider: KeyProvider) -> None:
+        self.store.provider = provider
+
+    @property
+    def provider_calls(self) -> int:
+        return self.store.provider_calls
+
+    @property
+    def keys_created(self) -> int:
+        return self.store.keys_created
+
+    def encryption_key(self, owner: str, scope: str = kt.SCOPE_TABLE) -> CachedKey:
+        """The key new values of ``owner`` are written under (see KeyStore)."""
+        return self.store.encryption_key(owner, scope)
+
+    def decryption_key(self, key_id: int, *, table: str, column: str) -> CachedKey:
+        """The key a stored value names in its header (see KeyStore)."""
+        return self.store.decryption_key(key_id, table=table, column=column)
+
+    def use_connection(self, conn: Connection) -> ContextManager[Connection]:
+        """Bind values through ``conn`` (for connections of another engine,
+        such as Alembic's): new keys are then written in its transaction."""
+        return self.tracker.use_connection(conn)
+
+    # -- the key table and the cache -----------------------------------------------------
+
+    def create_table(self) -> None:
+        """Create the key table if it does not exist (idempotent)."""
+        self.table.create(self.engine, checkfirst=True)
+
+    async def create_table_async(self) -> None:
+        """:meth:`create_table` for a KeyManager built on an AsyncEngine."""
+        await warming.create_table_async(self.engine, self.table)
+
+    def stats(self) -> dict[str, int]:
+        """Counters: provider calls, cache hits and misses, keys created."""
+        cache = self.store.cache
+        return {
+            "provider_calls": self.store.provider_calls,
+            "cache_hits": cache.hits,
+            "cache_misses": cache.misses,
+            "cache_evictions": cache.evictions,
+            "cached_keys": len(cache),
+            "keys_created": self.store.keys_created,
+        }
+
+    def clear_cache(self) -> None:
+        """Forget every plaintext key (the next use unwraps again)."""
+        self.store.clear()
+        if self._rows is not None:
+            self._rows.cache.clear()
+
+    def warm(self, tables: Iterable[Any] | None = None) -> int:
+        """Load the keys of ``tables`` (names or Table objects; default all)
+        into the cache now, so that first requests make no provider call."""
+        return warming.warm(self.store, tables)
+
+    async def warm_async(self, tables: Iterable[Any] | None = None) -> int:
+        """:meth:`warm` for asyncio; provider calls run in worker threads."""
+        return await warming.warm_async(self.store, tables)
+
+    # -- rotation (docs/rotation.md) -----------------------------------------------------
+
+    def rotate_table_key(self, table: str) -> int:
+        """Make a new active key for ``table`` now; older keys stay for reading.
+
+        Runs in a transaction of its own and returns the new key id. No value
+        is re-encrypted (see :meth:`reencrypt` for that).
+        """
+        return self.store.rotate(table, kt.SCOPE_TABLE)
+
+    def rewrap(
+        self,
+        to: KeyProvider | None = None,
+        *,
+        source: KeyProvider | None = None,
+        batch_size: int = 100,
+        progress: bool | None = None,
+    ) -> RewrapReport:
+        """Re-wrap every provider-wrapped key under ``to`` (default: ``self.provider``).
+
+        ``source`` unwraps keys where ``to`` cannot move them itself (KMS
+        ``ReEncrypt`` needs none); it defaults to the current provider. Once
+        every key is moved, ``self.provider`` becomes ``to``, so new keys are
+        wrapped by it too.
+        """
+        target = to if to is not None else self.provider
+        report = rewrap_keys(self.store, source or self.provider, target, batch_size=batch_size, progress=progress)
+        if report.complete:
+            self.provider = target
+        return report
+
+    def reencrypt(
+        self,
+        columns: Iterable[Column[Any]],
+        *,
+        key_id: int | str,
+        batch_size: int = 500,
+        progress: bool | None = None,
+    ) -> ReencryptReport:
+        """Re-encrypt the values of ``columns`` stored under ``key_id`` with the
+        active key (rolled over first if ``key_id`` is still active).
+
+        ``columns`` are table columns declared with ``EncryptedType``; once
+        the report shows nothing left, the old key encrypts nothing any more
+        and may be shredded.
+        """
+        return reencrypt_columns(self.store, list(columns), key_id=key_id, batch_size=batch_size, progress=progress)
+
+    # -- row scope and crypto-shredding (docs/shredding.md) ------------------------------
+
+    @property
+    def rows(self) -> RowKeys:
+        """The row keys of this manager. Made with the first row-scoped column,
+        which also installs the ORM hooks and the read prefetch."""
+        rows = self._rows
+        if rows is None:
+            with self._lock:
+                rows = self._rows
+                if rows is None:
+                    rows = RowKeys(self.store)
+                    install_prefetch(rows, self)
+                    install_orm_hooks()
+                    self._rows = rows
+        return rows
+
+    def new_row_keys(self, conn: Connection, table: str, count: int) -> list[RowKey]:
+        """``count`` new row keys for ``table``, inserted on ``conn`` (Core API):
+        ``conn.execute(insert(t), [{"notes": k.value(v)} for k, v in zip(keys, values)])``."""
+        return [RowKey(k, table) for k in self.rows.create(conn, table, count)]
+
+    def new_row_key(self, conn: Connection, table: str) -> RowKey:
+        """One new row key for a row of ``table``, inserted on ``conn``."""
+        return self.new_row_keys(conn, table, 1)[0]
+
+    def shred(self, instance: Any) -> list[str]:
+        """Crypto-shred an ORM instance's row: destroy its row key in the
+        session's transaction (commit to make it final). Its row-scoped
+        attributes then load as ``None``. Returns the shredded key ids."""
+        return [fmt.format_key_id(k) for k in shred_instance(self, instance)]
+
+    def shred_key(self, key_id: int | str, conn: Connection | None = None) -> None:
+        """Destroy one row key's material, on ``conn`` (the caller's
+        transaction) or, without it, in a transaction of its own."""
+        kid = fmt.parse_key_id(key_id) if isinstance(key_id, str) else key_id
+        if conn is not None:
+            self.rows.shred_key(conn, kid)
+            return
+        with self.engine.begin() as own:
+            self.rows.shred_key(own, kid)
+
+    def __repr__(self) -> str:
+        return f"KeyManager(table={self.table.name!r}, provider={self.provider!r})"

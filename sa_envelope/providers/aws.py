@@ -1,0 +1,155 @@
+"""AWS KMS as a key provider, through an injectable boto3 client.
+
+Data keys come from ``GenerateDataKey``; unwrapping is ``Decrypt``; moving a
+key to another CMK is ``ReEncrypt``, so the plaintext never leaves KMS. The
+encryption context (table and key id) is bound to every wrapped key and
+shows up in CloudTrail. botocore errors become :class:`KeyProviderError`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, TypeVar
+
+from .. import redact
+from ..errors import KeyProviderError
+from .base import Context, DataKey, KeyProvider, context_key_id, context_table
+
+__all__ = ["AwsKmsProvider"]
+
+T = TypeVar("T")
+
+
+def _default_client(config: Any) -> Any:
+    """boto3's default KMS client: region, credentials and endpoint from env."""
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError as exc:  # pragma: no cover - boto3 is a dependency
+        raise KeyProviderError("AwsKmsProvider needs boto3: pip install boto3") from exc
+    if config is None:
+        config = Config(
+            retries={"mode": "standard", "total_max_attempts": 4},  # 4 attempts in all
+            connect_timeout=5,
+            read_timeout=15,
+        )
+    return boto3.client("kms", config=config)
+
+
+class AwsKmsProvider(KeyProvider):
+    """Wrap data keys with an AWS KMS customer master key.
+
+    ``key_id`` may be a key ARN, a key id, an alias name (``alias/app``) or
+    an alias ARN. New keys record the CMK ARN that KMS reports, not the
+    alias, so a re-pointed alias is visible to ``rewrap``. ``client`` is any
+    boto3 KMS client; by default one is made on first use with botocore's
+    ``standard`` retry mode (pass ``config=`` to change the retry policy).
+    """
+
+    def __init__(self, key_id: str, client: Any = None, *, config: Any = None) -> None:
+        if not key_id:
+            raise KeyProviderError("AwsKmsProvider needs a CMK key id, ARN or alias")
+        self._key_id = key_id
+        self._client = client
+        self._config = config
+        self._lock = threading.Lock()
+        self._resolved: str | None = None
+        redact.install()  # botocore's DEBUG logs would show data keys
+
+    @property
+    def client(self) -> Any:
+        """The boto3 client, made lazily so construction stays offline."""
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = _default_client(self._config)
+        return self._client
+
+    @property
+    def wrapping_key_id(self) -> str:
+        """The CMK ARN once known (after the first call), else as configured."""
+        return self._resolved or self._key_id
+
+    def owns(self, wrapping_key_id: str) -> bool:
+        return wrapping_key_id in (self._key_id, self.resolve())
+
+    def resolve(self) -> str:
+        """The CMK's ARN (one ``DescribeKey`` call the first time)."""
+        if self._resolved is None:
+            meta = self._call("DescribeKey", {}, lambda c: c.describe_key(KeyId=self._key_id))
+            self._resolved = meta["KeyMetadata"]["Arn"]
+        return self._resolved
+
+    def generate(self, context: Context, size: int = 32) -> DataKey:
+        response = self._call(
+            "GenerateDataKey",
+            context,
+            lambda c: c.generate_data_key(
+                KeyId=self._key_id, NumberOfBytes=size, EncryptionContext=dict(context)
+            ),
+        )
+        self._resolved = response["KeyId"]
+        return DataKey(response["Plaintext"], response["CiphertextBlob"], response["KeyId"])
+
+    def wrap(self, plaintext: bytes, context: Context) -> DataKey:
+        response = self._call(
+            "Encrypt",
+            context,
+            lambda c: c.encrypt(
+                KeyId=self._key_id, Plaintext=plaintext, EncryptionContext=dict(context)
+            ),
+        )
+        self._resolved = response["KeyId"]
+        return DataKey(plaintext, response["CiphertextBlob"], response["KeyId"])
+
+    def unwrap(self, wrapped: bytes, context: Context, wrapping_key_id: str) -> bytes:
+        response = self._call(
+            "Decrypt",
+            context,
+            lambda c: c.decrypt(
+                CiphertextBlob=wrapped,
+                KeyId=wrapping_key_id,
+                EncryptionContext=dict(context),
+            ),
+        )
+        return response["Plaintext"]
+
+    def rewrap(
+        self, wrapped: bytes, context: Context, wrapping_key_id: str
+    ) -> tuple[bytes, str] | None:
+        if not wrapping_key_id.startswith("arn:aws"):
+            return None  # not a KMS key: the caller unwraps and wraps
+        response = self._call(
+            "ReEncrypt",
+            context,
+            lambda c: c.re_encrypt(
+                CiphertextBlob=wrapped,
+                SourceKeyId=wrapping_key_id,
+                SourceEncryptionContext=dict(context),
+                DestinationKeyId=self._key_id,
+                DestinationEncryptionContext=dict(context),
+            ),
+        )
+        self._resolved = response["KeyId"]
+        return response["CiphertextBlob"], response["KeyId"]
+
+    def _call(self, operation: str, context: Context, fn: Callable[[Any], T]) -> T:
+        """Run one KMS call, turning every botocore failure into ours."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(self.client)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "ClientError")
+            reason = f"KMS {operation} refused with {code}"
+        except BotoCoreError as exc:
+            reason = f"KMS {operation} failed: {type(exc).__name__}"
+        raise KeyProviderError(
+            f"{reason} (CMK {self._key_id}, table {context_table(context) or '-'}, "
+            f"key {context_key_id(context) or '-'})",
+            table=context_table(context),
+            key_id=context_key_id(context),
+        )
+
+    def __repr__(self) -> str:
+        return f"AwsKmsProvider({self._key_id!r})"
