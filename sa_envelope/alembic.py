@@ -261,7 +261,7 @@ def _convert(
     keys = _keys(operations, op.keys)
     table, column = op.table_name, op.column_name
     temp = column + ENCRYPT_SUFFIX
-    columns = {c["name"]: c for c in inspect(operations.get_bind()).get_columns(table)}
+    columns: dict[str, Any] = {c["name"]: c for c in inspect(operations.get_bind()).get_columns(table)}
     if column in columns and temp not in columns and _already_converted(operations, table, column, enc, encrypting):
         return
     nullable = columns.get(column, columns.get(temp, {})).get("nullable", True)

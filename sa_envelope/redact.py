@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from typing import Any
 
 __all__ = ["PlaintextRedactor", "RowHider", "hide_rows", "install"]
 
@@ -63,8 +64,9 @@ class RowHider(logging.Filter):
     """Replace the row of SQLAlchemy's ``Row %r`` debug records by its length."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg == "Row %r" and record.args:
-            row = getattr(record.args[0], "row", record.args[0])  # sql.util._repr_row
+        args = record.args
+        if record.msg == "Row %r" and isinstance(args, tuple) and args:
+            row: Any = getattr(args[0], "row", args[0])  # sql.util._repr_row
             try:
                 size = len(row)
             except TypeError:

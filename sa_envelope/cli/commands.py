@@ -14,7 +14,7 @@ import argparse
 import os
 from typing import Any, Callable
 
-from sqlalchemy import create_engine, select
+from sqlalchemy import MetaData, create_engine, select
 
 from ..envelope import format as fmt
 from ..errors import ConfigurationError
@@ -54,7 +54,7 @@ def _engine(ns: argparse.Namespace) -> Any:
 
 
 def _records(engine: Any) -> list[Any]:
-    table = kt.key_table(kt.MetaData())
+    table = kt.key_table(MetaData())
     with engine.connect() as conn:
         return list(conn.execute(select(table).order_by(table.c.owner_table, table.c.created_at)))
 

@@ -52,7 +52,7 @@ def run_demo(workdir: str) -> int:
         ssn: Mapped[str] = mapped_column(EncryptedType(String(11), keys, deterministic=True))
         balance: Mapped[Decimal] = mapped_column(EncryptedType(Numeric(12, 2), keys))
         born: Mapped[dt.date] = mapped_column(EncryptedType(Date, keys))
-        notes: Mapped[dict] = mapped_column(EncryptedType(JSON, keys))
+        notes: Mapped[dict[str, object]] = mapped_column(EncryptedType(JSON, keys))
 
     keys.create_table()
     Base.metadata.create_all(engine)

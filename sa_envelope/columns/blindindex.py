@@ -135,7 +135,8 @@ class BlindIndexType(TypeDecorator[bytes], ColumnNames):
             self._subkey = (entry, base)
         mac = base.copy()
         mac.update(self.normalise(value))
-        return mac.digest()[: self._size]
+        digest: bytes = mac.digest()
+        return digest[: self._size]
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> bytes | None:
         if value is None:
@@ -241,7 +242,7 @@ def check_index_writes(stmt: Any, multiparams: Any = (), params: Any = None) -> 
     the index would go stale and lookups would silently miss the row."""
     if not (getattr(stmt, "is_insert", False) or getattr(stmt, "is_update", False)):
         return
-    table = getattr(stmt, "table", None)
+    table: Any = getattr(stmt, "table", None)
     columns = getattr(table, "c", ())
     indexes = [c for c in columns if isinstance(c.type, BlindIndexType)]
     if not indexes:

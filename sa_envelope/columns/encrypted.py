@@ -25,6 +25,7 @@ from ..envelope import format as fmt
 from ..envelope.codecs import UnsupportedValue, codec_for
 from ..errors import ConfigurationError, DecryptionError, EncryptionError
 from ..keys import table as kt
+from ..keys.store import KeyStore
 from .naming import ColumnNames
 from .operators import EncryptedComparator
 from .rowvalue import row_key_of
@@ -75,9 +76,9 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         self.deterministic = deterministic
         self._validate()
         # row scope: the manager's row keys (installs the ORM hooks and read prefetch once)
-        self._row_keys = keys.rows if scope == kt.SCOPE_ROW and keys is not None else None
-        # the store's lookups, bound here: the per-value path skips the facade
-        self._store = keys.store if keys is not None else None
+        self._row_keys: Any = keys.rows if scope == kt.SCOPE_ROW and keys is not None else None
+        # the store's lookups, reached directly: the per-value path skips the facade
+        self._store: KeyStore | None = keys.store if keys is not None else None
         try:
             self._codec = codec_for(self.inner)
         except TypeError as exc:
@@ -117,7 +118,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         deterministic columns, ``fmt.GCM_OVERHEAD`` otherwise).
         """
         overhead = fmt.SIV_OVERHEAD if self.deterministic else fmt.GCM_OVERHEAD
-        length = getattr(self.inner, "length", None)
+        length: int | None = getattr(self.inner, "length", None)
         if isinstance(self.inner, String) and length:
             return length * UTF8_MAX_BYTES + overhead
         fixed = CODEC_MAX_BYTES.get(self._codec.name) if self.deterministic else None
@@ -169,8 +170,8 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
 
     def encrypt(self, value: Any) -> bytes:
         """Serialise and seal one value for this column."""
-        table, keys = self._table, self.keys
-        if table is None or keys is None:
+        table, store = self._table, self._store
+        if table is None or store is None:
             raise self._unbound(EncryptionError)
         key = None
         if self.scope == kt.SCOPE_ROW:  # the row's key travels with the value
@@ -180,7 +181,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         except UnsupportedValue as exc:
             raise EncryptionError(str(exc), table=table, column=self._column) from None
         if key is None:
-            key = self._store.encryption_key(table, self._key_scope)
+            key = store.encryption_key(table, self._key_scope)
         return self._seal(key.cipher, key.head, data, self._ctx)
 
     def decrypt(self, value: bytes) -> Any:
@@ -204,8 +205,8 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
 
     def _decrypt_full(self, value: bytes) -> Any:
         """Parse the header, find the key, open the value, fill the memo."""
-        table, column, keys = self._table, self._column, self.keys
-        if table is None or keys is None:
+        table, column, store = self._table, self._column, self._store
+        if table is None or store is None:
             raise self._unbound(DecryptionError)
         try:
             version, key_id = fmt.read_header(value)
@@ -216,7 +217,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
             if key is None:  # the row's key was shredded: erased on purpose
                 return None
         else:
-            key = self._store.decryption_key(key_id, table=table, column=column)
+            key = store.decryption_key(key_id, table=table, column=column or "")
         try:
             if version != key.head[0]:
                 raise fmt.InvalidEnvelope("format version does not match the key's algorithm")

@@ -98,12 +98,12 @@ def _is_null(value: Any) -> bool:
 
 def _same_column(expr_type: Any, element: Any) -> bool:
     """Another expression whose ciphertexts are comparable with ours."""
-    other_type = getattr(element, "type", None)
+    other_context = getattr(getattr(element, "type", None), "bound_context", None)
     return (
         isinstance(element, ColumnClause)
-        and getattr(other_type, "bound_context", None) is not None
-        and other_type.bound_context == expr_type.bound_context
-        and getattr(other_type, "deterministic", False)
+        and other_context is not None
+        and other_context == expr_type.bound_context
+        and bool(getattr(element.type, "deterministic", False))
     )
 
 

@@ -104,7 +104,8 @@ def _iso_codec(kind: type, name: str) -> Codec:
             kind is dt.datetime and isinstance(value, dt.datetime)
         ):
             raise UnsupportedValue(f"expected {name}, got {type(value).__name__}")
-        return value.isoformat().encode("ascii")
+        text: str = value.isoformat()  # type: ignore[attr-defined]
+        return text.encode("ascii")
 
     return Codec(name, encode, lambda b: parse(b.decode("ascii")))
 

@@ -191,7 +191,7 @@ def decrypt_siv(siv: AESSIV, value: bytes, context: bytes) -> bytes:
 
 def seal_function(deterministic: bool) -> Callable[[Any, bytes, bytes, bytes], bytes]:
     """How a column seals its values: AES-SIV when deterministic, else AES-GCM."""
-    return encrypt_siv if deterministic else encrypt_gcm  # type: ignore[return-value]
+    return encrypt_siv if deterministic else encrypt_gcm
 
 
 def open_value(cipher: Any, version: int, value: bytes, context: bytes) -> bytes:
@@ -210,5 +210,5 @@ def opener(cipher: Any, version: int, head: bytes, context: bytes) -> Callable[[
     decrypt = cipher.decrypt
     if version == VERSION_SIV:
         siv_aad = [aad]
-        return lambda v: decrypt(v[HEADER_LEN:], siv_aad)  # type: ignore[no-any-return]
-    return lambda v: decrypt(v[HEADER_LEN:_BODY], v[_BODY:], aad)  # type: ignore[no-any-return]
+        return lambda v: decrypt(v[HEADER_LEN:], siv_aad)
+    return lambda v: decrypt(v[HEADER_LEN:_BODY], v[_BODY:], aad)

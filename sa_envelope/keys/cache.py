@@ -45,7 +45,7 @@ class CachedKey:
     cipher: Any
     head: bytes  # the value header for this key: version byte + key id
     expires: float
-    uses: itertools.count = field(default_factory=itertools.count)
+    uses: itertools.count[int] = field(default_factory=itertools.count)
     alive: bool = True  # False once evicted: per-column read memos check it
 
 

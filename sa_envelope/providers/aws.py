@@ -112,7 +112,8 @@ class AwsKmsProvider(KeyProvider):
                 EncryptionContext=dict(context),
             ),
         )
-        return response["Plaintext"]
+        plaintext: bytes = response["Plaintext"]
+        return plaintext
 
     def rewrap(
         self, wrapped: bytes, context: Context, wrapping_key_id: str

@@ -35,6 +35,7 @@ from typing import Any, Iterable, Sequence
 from sqlalchemy import Column, Connection, LargeBinary, Table, event, select, tuple_, type_coerce
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction
 from sqlalchemy.orm import attributes as orm_attributes
+from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.state import InstanceState
 
 from ..columns.encrypted import EncryptedType
@@ -82,7 +83,7 @@ def _build_specs(mapper: Mapper[Any]) -> tuple[TableSpec, ...]:
         col = prop.columns[0]
         t = col.type
         if isinstance(t, EncryptedType) and t.scope == kt.SCOPE_ROW and t.keys is not None:
-            if isinstance(col.table, Table):
+            if isinstance(col, Column) and isinstance(col.table, Table):
                 groups[(id(t.keys), col.table)].append((prop.key, col))
     out = []
     for (_, table), items in groups.items():
@@ -190,7 +191,7 @@ def _changed(state: InstanceState[Any], spec: TableSpec) -> list[str]:
         if attr not in state.committed_state or state.dict.get(attr) is None:
             continue
         old = state.committed_state[attr]
-        if old is orm_attributes.NO_VALUE or not state.manager[attr].impl.is_equal(state.dict[attr], old):
+        if old is NO_VALUE or not state.manager[attr].impl.is_equal(state.dict[attr], old):
             out.append(attr)
     return out
 
@@ -248,7 +249,7 @@ def _do_orm_execute(orm_state: ORMExecuteState) -> Any:
     table_specs = specs(mapper)
     if not table_specs:
         return None
-    plist: list[dict[str, Any]] = params if isinstance(params, list) else [params]  # type: ignore[assignment]
+    plist: list[dict[str, Any]] = list(params) if isinstance(params, list) else [dict(params)]  # type: ignore[arg-type]
     extra: list[dict[str, Any]] = [{} for _ in plist]
     conn = orm_state.session.connection(bind_arguments={"mapper": mapper})
     for spec in table_specs:
