@@ -32,7 +32,7 @@ from .rowvalue import row_key_of
 
 __all__ = ["EncryptedType"]
 
-_HEAD = fmt.HEADER_LEN  # value[:_HEAD] is the header: the read memo's key
+_HEADER = fmt.HEADER_SLICE  # value[_HEADER] is the header: the read memo's key
 _MEMO_SIZE = 16  # distinct table keys remembered per column
 _monotonic = time.monotonic
 
@@ -193,7 +193,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         the header parse and the cache lookup, which cost as much as the
         AES-GCM call itself. Any failure takes the full path, which raises.
         """
-        memo = self._read_memo.get(value[:_HEAD])
+        memo = self._read_memo.get(value[_HEADER])
         if memo is not None:
             entry, open_value = memo
             if entry.alive and entry.expires > _monotonic():
@@ -222,7 +222,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
             if version != key.head[0]:
                 raise fmt.InvalidEnvelope("format version does not match the key's algorithm")
             data = fmt.open_value(key.cipher, version, value, self._ctx)
-            self._remember(key, version, value[:_HEAD])
+            self._remember(key, version, value[_HEADER])
             return self._codec.decode(data)
         except fmt.InvalidEnvelope as exc:
             reason = str(exc)

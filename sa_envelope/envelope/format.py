@@ -28,9 +28,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 __all__ = [
     "GCM_OVERHEAD",
     "HEADER_LEN",
+    "HEADER_SLICE",
     "InvalidEnvelope",
     "KEY_ID_LEN",
     "KEY_ID_START",
+    "KEY_ID_SUBSTR",
     "NONCE_LEN",
     "SIV_OVERHEAD",
     "TAG_LEN",
@@ -65,6 +67,8 @@ NONCE_LEN = 12
 TAG_LEN = 16
 HEADER_LEN = KEY_ID_START + KEY_ID_LEN
 _BODY = HEADER_LEN + NONCE_LEN  # value[HEADER_LEN:_BODY] is the GCM nonce
+HEADER_SLICE = slice(0, HEADER_LEN)  # value[HEADER_SLICE]: the header (read memos key on it)
+KEY_ID_SUBSTR = (KEY_ID_START + 1, KEY_ID_LEN)  # SQL substr(value, start, length): counts from 1
 GCM_OVERHEAD = HEADER_LEN + NONCE_LEN + TAG_LEN  # 37 bytes
 SIV_OVERHEAD = HEADER_LEN + TAG_LEN  # 25 bytes
 

@@ -49,7 +49,7 @@ def under_key(column: Any, key_id: int) -> Any:
     """SQL: the stored value of ``column`` names ``key_id`` in its header."""
     raw = type_coerce(column, LargeBinary)
     needle = literal(fmt.key_id_bytes(key_id), LargeBinary)
-    return func.substr(raw, fmt.KEY_ID_START + 1, fmt.KEY_ID_LEN) == needle  # SQL counts from 1
+    return func.substr(raw, *fmt.KEY_ID_SUBSTR) == needle
 
 
 def _encrypted_type(column: Column[Any]) -> EncryptedType:
