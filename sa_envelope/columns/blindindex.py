@@ -107,6 +107,12 @@ class BlindIndexType(TypeDecorator[bytes], ColumnNames):
         clone._subkey = (None, None)
         return clone
 
+    @property
+    def _static_cache_key(self) -> Any:
+        """Everything that changes the digest (see EncryptedType's): the
+        source, the manager, the normaliser, the bits and the attached names."""
+        return (BlindIndexType, self.source, self.keys, self.normalizer, self.bits, self._table, self._column)
+
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         if dialect.name == "postgresql":
             return dialect.type_descriptor(postgresql.BYTEA())

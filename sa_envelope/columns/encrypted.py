@@ -132,6 +132,21 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         return clone
 
     @property
+    def _static_cache_key(self) -> Any:
+        """The compiled cache's key for this type: everything that changes the
+        bytes. SQLAlchemy's default reads only positional constructor
+        arguments, so two columns of one inner type (or a randomised and a
+        deterministic one) would share a cached bind processor, and a
+        statement whose SQL does not name the column (a typed bindparam,
+        ``type_coerce``, ``table()``/``column()``) would seal one column's
+        values under the other's context. Not memoised: the names are
+        learnt when the column is attached."""
+        return (
+            EncryptedType, self.inner._static_cache_key, self.keys,
+            self.scope, self.deterministic, self._table, self._column,
+        )
+
+    @property
     def python_type(self) -> type:
         return self.inner.python_type
 
@@ -193,7 +208,10 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         the header parse and the cache lookup, which cost as much as the
         AES-GCM call itself. Any failure takes the full path, which raises.
         """
-        memo = self._read_memo.get(value[_HEADER])
+        try:
+            memo = self._read_memo.get(value[_HEADER])
+        except TypeError:  # an unhashable bytes-like value (bytearray): the full path copies it
+            memo = None
         if memo is not None:
             entry, open_value = memo
             if entry.alive and entry.expires > _monotonic():
@@ -204,7 +222,11 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         return self._decrypt_full(value)
 
     def _decrypt_full(self, value: bytes) -> Any:
-        """Parse the header, find the key, open the value, fill the memo."""
+        """Parse the header, find the key, open the value, fill the memo.
+
+        Takes any bytes-like value (psycopg returns raw ``BYTEA`` as a
+        ``memoryview``): the fast path reads those as they are."""
+        value = bytes(value)
         table, column, store = self._table, self._column, self._store
         if table is None or store is None:
             raise self._unbound(DecryptionError)

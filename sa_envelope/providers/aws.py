@@ -12,7 +12,7 @@ import threading
 from typing import Any, Callable, TypeVar
 
 from .. import redact
-from ..errors import KeyProviderError
+from ..errors import ConfigurationError, KeyProviderError
 from .base import Context, DataKey, KeyProvider, context_key_id, context_table
 
 __all__ = ["AwsKmsProvider"]
@@ -48,7 +48,7 @@ class AwsKmsProvider(KeyProvider):
 
     def __init__(self, key_id: str, client: Any = None, *, config: Any = None) -> None:
         if not key_id:
-            raise KeyProviderError("AwsKmsProvider needs a CMK key id, ARN or alias")
+            raise ConfigurationError("AwsKmsProvider needs a CMK key id, ARN or alias (got an empty one)")
         self._key_id = key_id
         self._client = client
         self._config = config

@@ -44,7 +44,11 @@ class LocalKeyProvider(KeyProvider):
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], key_id: str | None = None) -> LocalKeyProvider:
         """Load a key file, creating a random one (mode 0600) where none exists."""
+        if not os.fspath(path):
+            raise ConfigurationError("no key file given: pass the path of a 32-byte key file")
         file = Path(path)
+        if file.is_dir():
+            raise ConfigurationError(f"key file {file} is a directory: pass the path of a 32-byte key file")
         if not file.exists():
             file.parent.mkdir(parents=True, exist_ok=True)
             try:
