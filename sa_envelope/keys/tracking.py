@@ -15,7 +15,11 @@ and every row key it shreds is recorded in that connection's
   but never become trusted early.
 
 It also knows the *executing* connection (``before_execute``), so that a key
-created while a value is bound is inserted in that statement's transaction.
+created while a value is bound is inserted in that statement's transaction,
+and whether that connection is still *streaming* a result (a server-side
+cursor: ``yield_per``, ``stream_results``). A key lookup must then go to
+another connection: a second query on the streaming one would cut an
+unbuffered MySQL/MariaDB result short, silently.
 """
 
 from __future__ import annotations
@@ -62,7 +66,9 @@ class Tracker:
         self._on_execute_hook = on_execute
         self._conn: ContextVar[Connection | None] = ContextVar(f"sa_envelope_conn_{id(self)}", default=None)
         self._state_key = f"sa_envelope_state_{id(self)}"
+        self._streaming_key = f"sa_envelope_streaming_{id(self)}"
         event.listen(engine, "before_execute", self._on_execute)
+        event.listen(engine, "after_cursor_execute", self._on_cursor_execute)
         event.listen(engine, "commit", self._on_commit)
         event.listen(engine, "rollback", self._on_rollback)
         event.listen(engine, "rollback_savepoint", self._on_rollback_savepoint)
@@ -71,9 +77,10 @@ class Tracker:
     # -- the executing connection ------------------------------------------------------
 
     def current(self) -> Connection | None:
-        """The connection of the statement being executed, if still usable."""
+        """The connection of the statement being executed, if still usable
+        for key queries (open, and not streaming a result)."""
         conn = self._conn.get()
-        if conn is None or conn.closed or conn.invalidated:
+        if conn is None or conn.closed or conn.invalidated or conn.info.get(self._streaming_key):
             return None
         return conn
 
@@ -98,8 +105,14 @@ class Tracker:
 
     def _on_execute(self, conn: Connection, clauseelement: Any, *args: Any) -> None:
         self._conn.set(conn)
+        conn.info.pop(self._streaming_key, None)  # whatever streamed before is over now
         if self._on_execute_hook is not None:
             self._on_execute_hook(clauseelement, *args)
+
+    def _on_cursor_execute(self, conn: Connection, cursor: Any, statement: Any, parameters: Any,
+                           context: Any, executemany: bool) -> None:
+        if context is not None and context._is_server_side:
+            conn.info[self._streaming_key] = True  # rows arrive while the caller iterates
 
     def _on_commit(self, conn: Connection) -> None:
         # The keys are stored now (or the commit fails and nothing is). Either

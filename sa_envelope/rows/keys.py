@@ -71,7 +71,6 @@ class RowKeys:
         limits: CacheLimits = store.cache.limits
         self.cache = KeyCache(CacheLimits(max(ROW_CACHE_SIZE, limits.max_size), limits.max_age, limits.max_uses))
         self.tracker.row_cache = self.cache  # evicted with the transactions that made them
-        self.streaming_key = f"sa_envelope_streaming_{id(self)}"  # set by rows.prefetch
         self.keys_created = 0
         self.key_queries = 0
 
@@ -131,7 +130,7 @@ class RowKeys:
         entry = self.cache.get(key_id)
         if entry is None:
             conn = self.tracker.current()
-            if conn is None or conn.info.get(self.streaming_key):
+            if conn is None:
                 # No connection, or one still streaming rows: read on another.
                 # Keys this transaction created are cached since creation.
                 with self.store.engine.connect() as own, self.tracker.use_connection(own):

@@ -58,7 +58,6 @@ def install_prefetch(rows: RowKeys, manager: Any) -> None:
     def after_cursor_execute(
         conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
     ) -> None:
-        conn.info.pop(rows.streaming_key, None)  # whatever streamed before is over now
         if executemany or context is None or context.compiled is None or cursor.description is None:
             return
         if context.isinsert or context.isupdate or context.isdelete:
@@ -67,10 +66,8 @@ def install_prefetch(rows: RowKeys, manager: Any) -> None:
         if not positions or len(cursor.description) != len(context.compiled._result_columns):
             return
         if context._is_server_side:
-            # Rows arrive while the caller iterates: no prefetch, and key
-            # misses must not query this connection (an unbuffered MySQL
-            # result would be cut short), see RowKeys.decryption_key.
-            conn.info[rows.streaming_key] = True
+            # Rows arrive while the caller iterates: no prefetch; key misses
+            # go to another connection (keys.tracking knows it streams).
             return
         if context.cursor_fetch_strategy is not sa_cursor._DEFAULT_FETCH:
             return
