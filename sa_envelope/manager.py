@@ -5,7 +5,8 @@
 * a :class:`~sa_envelope.keys.cache.KeyCache` of plaintext keys, bounded;
 * a :class:`~sa_envelope.keys.tracking.Tracker` on the engine, which knows
   the executing connection and which transaction made which key, and runs
-  the query guard (:mod:`sa_envelope.columns.guard`) before each statement;
+  the query guards before each statement (:mod:`sa_envelope.columns.guard`)
+  and once per compiled statement (:mod:`sa_envelope.columns.comparisons`);
 * a :class:`~sa_envelope.keys.store.KeyStore`, which finds, creates and
   unwraps keys and rolls them over (the rules live there);
 * the row keys (:mod:`sa_envelope.rows`), made with the first row-scoped column;
@@ -23,6 +24,7 @@ from typing import Any, ContextManager, Iterable
 from sqlalchemy import Column, Connection, Engine, MetaData
 
 from . import redact
+from .columns.comparisons import check_compiled
 from .columns.guard import check_statement
 from .columns.rowvalue import RowKey
 from .envelope import format as fmt
@@ -65,7 +67,7 @@ class KeyManager:
         self.table = kt.key_table(metadata if metadata is not None else MetaData(), table_name)
         self.rollover = rollover if rollover is not None else RolloverPolicy()
         key_cache = KeyCache(cache or CacheLimits())
-        self.tracker = Tracker(self.engine, key_cache, on_execute=check_statement)
+        self.tracker = Tracker(self.engine, key_cache, on_execute=check_statement, on_compiled=check_compiled)
         self.store = KeyStore(self.engine, provider, self.table, key_cache, self.tracker, self.rollover)
         self._rows: RowKeys | None = None
         self._lock = threading.Lock()

@@ -34,7 +34,7 @@ from sqlalchemy.types import NullType, TypeDecorator
 
 from ..errors import UnsupportedQueryError
 
-__all__ = ["EncryptedComparator", "unsupported"]
+__all__ = ["EncryptedComparator", "check_comparison", "unsupported"]
 
 EQUALITY = frozenset({ops.eq, ops.ne, ops.in_op, ops.not_in_op, ops.is_distinct_from, ops.is_not_distinct_from})
 NULL_TESTS = frozenset({ops.is_, ops.is_not, ops.eq, ops.ne, ops.is_distinct_from, ops.is_not_distinct_from})
@@ -136,40 +136,45 @@ def _operand_ok(expr_type: Any, value: Any) -> bool:
     return _same_column(expr_type, value)
 
 
+def check_comparison(expr: Any, op: Any, other: tuple[Any, ...]) -> None:
+    """Raise unless ``expr`` (an expression of an encrypted type) may be
+    compared by ``op`` with ``other``: the one rule, for expressions built
+    with the column on the left (:class:`EncryptedComparator`) and on the
+    right (:mod:`.comparisons`, at execution)."""
+    expr_type = expr.type
+    if op in NULL_TESTS and len(other) == 1 and _is_null(other[0]):
+        return
+    if op in (ops.eq, ops.ne) and len(other) == 1 and _is_itself(expr, other[0]):
+        return  # SQLAlchemy's own dict lookups compare a column with itself
+    if op in EQUALITY and getattr(expr_type, "deterministic", False):
+        if not isinstance(expr, ColumnClause):
+            raise unsupported(
+                expr_type, f"comparing {type(expr).__name__}(...) of the column",
+                "SQL functions see ciphertext; compare the column itself with ==.",
+            )
+        if not all(_operand_ok(expr_type, v) for v in other):
+            raise unsupported(
+                expr_type, "comparing with another column, a SQL expression or a typed literal()",
+                "Equal values in different columns have different ciphertexts, and a "
+                "typed literal is sent unencrypted; compare with plain Python values "
+                "(or an untyped bindparam()), or with this same column.",
+            )
+        return
+    if op is ops.distinct_op and getattr(expr_type, "deterministic", False):
+        return
+    what, instead = _advice(expr_type, op)
+    raise unsupported(expr_type, what, instead)
+
+
 class EncryptedComparator(TypeDecorator.Comparator[Any]):
     """Lets through only the operators that ciphertext answers correctly."""
 
     __slots__ = ()
 
     def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
-        self._check(op, other)
+        check_comparison(self.expr, op, other)
         return super().operate(op, *other, **kwargs)
 
     def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:
-        self._check(op, (other,))
+        check_comparison(self.expr, op, (other,))
         return super().reverse_operate(op, other, **kwargs)
-
-    def _check(self, op: Any, other: tuple[Any, ...]) -> None:
-        expr_type = self.expr.type
-        if op in NULL_TESTS and len(other) == 1 and _is_null(other[0]):
-            return
-        if op in (ops.eq, ops.ne) and len(other) == 1 and _is_itself(self.expr, other[0]):
-            return  # SQLAlchemy's own dict lookups compare a column with itself
-        if op in EQUALITY and getattr(expr_type, "deterministic", False):
-            if not isinstance(self.expr, ColumnClause):
-                raise unsupported(
-                    expr_type, f"comparing {type(self.expr).__name__}(...) of the column",
-                    "SQL functions see ciphertext; compare the column itself with ==.",
-                )
-            if not all(_operand_ok(expr_type, v) for v in other):
-                raise unsupported(
-                    expr_type, "comparing with another column, a SQL expression or a typed literal()",
-                    "Equal values in different columns have different ciphertexts, and a "
-                    "typed literal is sent unencrypted; compare with plain Python values "
-                    "(or an untyped bindparam()), or with this same column.",
-                )
-            return
-        if op is ops.distinct_op and getattr(expr_type, "deterministic", False):
-            return
-        what, instead = _advice(expr_type, op)
-        raise unsupported(expr_type, what, instead)

@@ -54,21 +54,29 @@ class TxState:
 class Tracker:
     """Follows the executing connection and the fate of its transaction.
 
-    ``on_execute`` is called with every statement before it runs (the
-    manager passes the query guard: the tracker knows no column types).
+    ``on_execute`` is called with every statement before it runs, and
+    ``on_compiled`` with its compiled form just before it is sent (the
+    manager passes the query guards: the tracker knows no column types).
     """
 
     def __init__(
-        self, engine: Engine, cache: KeyCache, on_execute: Callable[..., None] | None = None
+        self,
+        engine: Engine,
+        cache: KeyCache,
+        on_execute: Callable[..., None] | None = None,
+        on_compiled: Callable[[Any], None] | None = None,
     ) -> None:
         self.cache = cache
         self.row_cache: KeyCache | None = None  # set by the row keys, once made
         self._on_execute_hook = on_execute
+        self._on_compiled_hook = on_compiled
         self._conn: ContextVar[Connection | None] = ContextVar(f"sa_envelope_conn_{id(self)}", default=None)
         self._state_key = f"sa_envelope_state_{id(self)}"
         self._streaming_key = f"sa_envelope_streaming_{id(self)}"
         event.listen(engine, "before_execute", self._on_execute)
         event.listen(engine, "after_cursor_execute", self._on_cursor_execute)
+        if on_compiled is not None:
+            event.listen(engine, "before_cursor_execute", self._before_cursor_execute)
         event.listen(engine, "commit", self._on_commit)
         event.listen(engine, "rollback", self._on_rollback)
         event.listen(engine, "rollback_savepoint", self._on_rollback_savepoint)
@@ -108,6 +116,11 @@ class Tracker:
         conn.info.pop(self._streaming_key, None)  # whatever streamed before is over now
         if self._on_execute_hook is not None:
             self._on_execute_hook(clauseelement, *args)
+
+    def _before_cursor_execute(self, conn: Connection, cursor: Any, statement: Any, parameters: Any,
+                               context: Any, executemany: bool) -> None:
+        if context is not None and self._on_compiled_hook is not None:
+            self._on_compiled_hook(context.compiled)
 
     def _on_cursor_execute(self, conn: Connection, cursor: Any, statement: Any, parameters: Any,
                            context: Any, executemany: bool) -> None:
