@@ -17,7 +17,8 @@ from sqlalchemy.orm import Session
 from sa_envelope import AwsKmsProvider, EncryptedType, KeyManager, RolloverPolicy
 from sa_envelope.envelope import format as fmt
 from support import DOCS
-from support.rotation import key_statuses, patients_model, provider_keys
+from support.models import patients_model
+from support.rotation import key_statuses, provider_key_records
 
 
 def python_blocks(page: str) -> list[str]:
@@ -77,7 +78,7 @@ def test_rotation_runbook_python_examples_run(
         kms_admin.delete_alias(AliasName="alias/app-data-2027")
     assert namespace["report"].reencrypted == 40
     arn = kms_admin.describe_key(KeyId=target)["KeyMetadata"]["Arn"]
-    assert {r.wrapping_key_id for r in provider_keys(engine)} == {arn}
+    assert {r.wrapping_key_id for r in provider_key_records(engine)} == {arn}
     with Session(engine) as session:
         assert [p.notes for p in session.query(Patient).order_by(Patient.id)] == [f"x{i}" for i in range(1, 21)]
 

@@ -20,7 +20,8 @@ from sa_envelope import AwsKmsProvider, EncryptedType, KeyManager, LocalKeyProvi
 from sa_envelope import faults
 from sa_envelope.alembic import render_item
 from sa_envelope.keys import table as kt
-from support.rotation import PYTHON, ROOT, cmk_uuid, patients_model, provider_keys, stored_hash, subprocess_env
+from support.models import patients_model
+from support.rotation import PYTHON, ROOT, cmk_uuid, provider_key_records, stored_hash, subprocess_env
 
 INI = str(ROOT / "migrations_example" / "alembic.ini")
 ROWS = 300
@@ -84,7 +85,7 @@ def test_migrations_example_upgrade_then_rotate(
     rotated = dict(env, SA_ENVELOPE_CMK=cmk_b)
     alembic(rotated, "downgrade", "-1")
     alembic(rotated, "upgrade", "head")
-    records = provider_keys(engine)
+    records = provider_key_records(engine)
     assert len(records) == 2  # the patients table key and its deterministic key
     assert all(r.wrapping_key_id == cmk_b and r.wrapped_key.startswith(cmk_uuid(cmk_b)) for r in records)
     assert stored_hash(engine) == before
@@ -194,7 +195,7 @@ def test_rewrap_operation_takes_cmk_strings(engine: Engine, tmp_path: Path) -> N
         context = MigrationContext.configure(conn, opts={"transaction_per_migration": True})
         with context.begin_transaction(_per_migration=True):  # as Alembic runs one revision
             Operations(context).rewrap_keys(to=f"local:{new_file}", source=f"local:{old_file}", keys=keys)
-    assert {r.wrapping_key_id for r in provider_keys(engine)} == {new.wrapping_key_id}
+    assert {r.wrapping_key_id for r in provider_key_records(engine)} == {new.wrapping_key_id}
     with engine.connect() as conn:
         fresh = Table("t", MetaData(), Column("id", Integer, primary_key=True),
                       Column("v", EncryptedType(String(9), KeyManager(engine, new))))

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import String, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column
 
 from sa_envelope import (
     AwsKmsProvider,
@@ -25,6 +25,7 @@ from sa_envelope import (
     normalize_email,
 )
 from sa_envelope.providers.base import Context
+from support.models import new_base
 
 pytestmark = pytest.mark.backends("sqlite", "postgresql")
 
@@ -38,8 +39,7 @@ def async_url(db_url: str) -> str:
 
 
 def make_model(keys: KeyManager) -> type:
-    class Base(DeclarativeBase):
-        pass
+    Base = new_base()
 
     class Patient(Base):
         __tablename__ = "patients"

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import pytest
 from sqlalchemy import Column, Integer, String, func, insert, select, text, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from sa_envelope import (
     BlindIndexType,
@@ -21,6 +21,7 @@ from sa_envelope import (
     normalize_email,
     normalize_phone,
 )
+from support.models import new_base
 
 NAMES = ["ada", "alan", "grace", "édith", "ßtraße", "zoë", "o'neil", "李", "x_y", "a%b"]
 DOMAINS = ["example.com", "EXAMPLE.org", "mail.test"]
@@ -32,8 +33,7 @@ def _variants(email: str) -> list[str]:
 
 
 def make_user(keys: KeyManager) -> type:
-    class Base(DeclarativeBase):
-        pass
+    Base = new_base()
 
     class User(Base):
         __tablename__ = "users"
@@ -259,8 +259,7 @@ def test_pinned_context_survives_a_column_rename(engine: Engine, keys: KeyManage
     ``context=`` pins them, so a renamed index column keeps matching."""
 
     def model(column_name: str) -> type:
-        class Base(DeclarativeBase):
-            pass
+        Base = new_base()
 
         class User(Base):
             __tablename__ = "users"

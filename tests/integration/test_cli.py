@@ -11,7 +11,7 @@ from sqlalchemy import LargeBinary, select, type_coerce
 from sqlalchemy.engine import Engine
 
 from sa_envelope import AwsKmsProvider, KeyManager, LocalKeyProvider
-from support.rotation import PYTHON, cmk_uuid, expected_row, fill, provider_keys, read_all, subprocess_env
+from support.rotation import PYTHON, cmk_uuid, expected_row, fill, provider_key_records, read_all, subprocess_env
 
 
 def cli(*args: str, kms_server: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
@@ -40,7 +40,7 @@ def test_keys_list_and_rewrap_between_kms_keys(
     assert result.stderr == ""  # stderr is not a terminal: no progress bar
     target = kms_admin.describe_key(KeyId=cmk_alias)["KeyMetadata"]["Arn"]
     assert all(r.wrapping_key_id == target and r.wrapped_key.startswith(cmk_uuid(target))
-               for r in provider_keys(engine))
+               for r in provider_key_records(engine))
     again = cli("rewrap", "--to", cmk_alias, kms_server=kms_server, SA_ENVELOPE_DATABASE_URL=db_url)
     assert again.returncode == 0 and "0 re-wrapped, 4 already current" in again.stdout
 
@@ -56,7 +56,7 @@ def test_rewrap_local_key_files_then_verify_reports_failures(engine: Engine, db_
 
     result = cli("rewrap", "--database-url", db_url, "--to", f"local:{new_file}", "--from", f"local:{old_file}")
     assert result.returncode == 0, result.stderr
-    assert {r.wrapping_key_id for r in provider_keys(engine)} == {new.wrapping_key_id}
+    assert {r.wrapping_key_id for r in provider_key_records(engine)} == {new.wrapping_key_id}
     assert read_all(engine, KeyManager(engine, new), 2) == [[expected_row(i) for i in range(10)]] * 2
 
     with engine.begin() as conn:  # flip one bit of one stored value

@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, select, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from sa_envelope import DecryptionError, EncryptedType, EncryptionError, KeyManager, LocalKeyProvider
+from support.models import new_base
 
 
 def test_wrong_python_value_is_an_encryption_error_without_the_value(engine: Engine) -> None:
@@ -31,8 +32,7 @@ def test_ddl_needs_no_key_manager_but_values_do(engine: Engine) -> None:
 
 
 def models(keys: KeyManager, table: str, context: str | None) -> Any:
-    class Base(DeclarativeBase):
-        pass
+    Base = new_base()
 
     class Person(Base):
         __tablename__ = table

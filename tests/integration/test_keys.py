@@ -14,17 +14,17 @@ from typing import Any
 
 from sqlalchemy import String, func, inspect, select, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from sa_envelope import EncryptedType, KeyManager, LocalKeyProvider
 from sa_envelope.envelope import format as fmt
+from support.models import new_base
 
 
 def build(engine: Engine, key: bytes | None = None) -> tuple[KeyManager, type, type]:
     keys = KeyManager(engine, LocalKeyProvider(key or bytes(range(32))))
 
-    class Base(DeclarativeBase):
-        pass
+    Base = new_base()
 
     class A(Base):
         __tablename__ = "kt_a"
@@ -154,11 +154,12 @@ RACER = textwrap.dedent(
     """
     import sys, time
     from sqlalchemy import create_engine, String
-    from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+    from sqlalchemy.orm import Mapped, Session, mapped_column
     from sa_envelope import EncryptedType, KeyManager, LocalKeyProvider
+    from support.models import new_base
     engine = create_engine(sys.argv[1])
     keys = KeyManager(engine, LocalKeyProvider(bytes(range(32))))
-    class Base(DeclarativeBase): pass
+    Base = new_base()
     class A(Base):
         __tablename__ = "kt_a"
         id: Mapped[int] = mapped_column(primary_key=True)

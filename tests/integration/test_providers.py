@@ -10,7 +10,7 @@ import pytest
 from botocore.config import Config
 from sqlalchemy import String, func, insert, select, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from sa_envelope import (
     AwsKmsProvider,
@@ -20,13 +20,13 @@ from sa_envelope import (
     KeyProviderError,
     LocalKeyProvider,
 )
+from support.models import new_base
 
 
 def build(engine: Engine, provider: KeyProvider) -> tuple[KeyManager, type]:
     keys = KeyManager(engine, provider)
 
-    class Base(DeclarativeBase):
-        pass
+    Base = new_base()
 
     class Account(Base):
         __tablename__ = "pv_accounts"

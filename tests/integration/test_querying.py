@@ -14,10 +14,11 @@ from sqlalchemy import Date, Integer, String, Uuid, bindparam, func, inspect, li
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
+from sqlalchemy.orm import Mapped, Session, aliased, mapped_column
 
 from sa_envelope import EncryptedType, EnvelopeError, KeyManager, UnsupportedQueryError
 from sa_envelope.envelope import format as fmt
+from support.models import new_base
 
 # The plaintext twin must compare exactly as bytes do: MariaDB's default
 # collation ignores case and trailing spaces, so give it a binary no-pad one.
@@ -35,8 +36,7 @@ ABSENT = ["not there", "ABSENT", "é " , "😃", "value-999"]
 
 
 def make_models(keys: KeyManager) -> tuple[type, type]:
-    class Base(DeclarativeBase):
-        pass
+    Base = new_base()
 
     class Person(Base):
         __tablename__ = "people"
@@ -341,8 +341,7 @@ def test_a_rolled_back_first_key_is_replaced_not_reused(engine: Engine, keys: Ke
 def test_fixed_size_deterministic_columns_are_indexable(engine: Engine, keys: KeyManager) -> None:
     """Ints, UUIDs and dates get a bounded VARBINARY on MariaDB, so a unique
     deterministic column of those types works there too."""
-    class Base(DeclarativeBase):
-        pass
+    Base = new_base()
 
     class Ticket(Base):
         __tablename__ = "tickets"

@@ -16,8 +16,9 @@ from sa_envelope import faults
 from sa_envelope.envelope import format as fmt
 from sa_envelope.keys import table as kt
 from sa_envelope.providers.base import key_context
+from support.models import data_tables
 from support.rotation import (
-    PYTHON, cmk_uuid, data_tables, expected_row, fill, provider_keys, read_all, stored_hash,
+    PYTHON, cmk_uuid, expected_row, fill, provider_key_records, read_all, stored_hash,
     subprocess_env,
 )
 
@@ -28,7 +29,7 @@ def cmk_b(kms_admin: Any) -> str:
 
 
 def assert_all_wrapped_by(engine: Engine, arn: str) -> None:
-    records = provider_keys(engine)
+    records = provider_key_records(engine)
     assert records
     for record in records:
         assert record.wrapping_key_id == arn
@@ -39,7 +40,7 @@ def test_rewrap_a_to_b_moves_keys_not_rows(engine: Engine, kms_client: Any, cmk:
     keys = KeyManager(engine, AwsKmsProvider(cmk, client=kms_client))
     fill(engine, keys, tables=3, rows=200)
     before = stored_hash(engine)
-    key_count = len(provider_keys(engine))
+    key_count = len(provider_key_records(engine))
     assert key_count == 6  # a table key and a deterministic key per table
     kms_client.calls.clear()
 
@@ -86,7 +87,7 @@ def test_rewrap_reports_refused_keys_and_goes_on(engine: Engine, kms_client: Any
     keys = KeyManager(engine, old)
     fill(engine, keys, tables=2, rows=5)
     with engine.begin() as conn:  # one key whose wrapped bytes no longer authenticate
-        record = provider_keys(engine)[0]
+        record = provider_key_records(engine)[0]
         conn.execute(keys.table.update().where(keys.table.c.id == record.id).values(wrapped_key=b"\0" * 60))
 
     report = keys.rewrap(to=new, source=old, batch_size=1)
@@ -143,13 +144,13 @@ def test_rewrap_killed_mid_run_then_resumed(engine: Engine, db_url: str, tmp_pat
     # SIGKILL in the middle of the tenth batch, after 25 of its 50 updates.
     killed = subprocess.run([*args, str(9 * 50 + 25)], env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
-    moved = [r for r in provider_keys(engine) if r.wrapping_key_id == new.wrapping_key_id]
+    moved = [r for r in provider_key_records(engine) if r.wrapping_key_id == new.wrapping_key_id]
     assert len(moved) == 9 * 50  # committed batches only; the tenth rolled back
 
     resumed = subprocess.run([*args, "0"], env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "1552 re-wrapped, 450 already current, 0 failed" in resumed.stdout
-    records = provider_keys(engine)
+    records = provider_key_records(engine)
     assert {r.wrapping_key_id for r in records} == {new.wrapping_key_id}
     assert stored_hash(engine) == before
     fresh = KeyManager(engine, new)
@@ -239,7 +240,7 @@ def test_rewrap_leaves_row_keys_and_rows_alone(engine: Engine, kms_client: Any, 
     from sqlalchemy import JSON, String
     from sqlalchemy.orm import Session
 
-    from support.rotation import patients_model
+    from support.models import patients_model
     from sa_envelope import EncryptedType
     from sa_envelope.jobs.verify import verify_database
 

@@ -14,7 +14,8 @@ from sa_envelope import KeyManager, LocalKeyProvider, RolloverPolicy
 from sa_envelope import faults
 from sa_envelope.envelope import format as fmt
 from sa_envelope.keys import table as kt
-from support.rotation import data_tables, key_statuses, expected_row, fill, read_all
+from support.models import data_tables
+from support.rotation import expected_row, fill, key_statuses, read_all
 
 
 @pytest.fixture

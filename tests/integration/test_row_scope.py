@@ -13,7 +13,8 @@ from sa_envelope import AwsKmsProvider, DecryptionError, KeyManager, KeyNotFound
 from sa_envelope import faults
 from sa_envelope.columns.rowvalue import RowValue
 from sa_envelope.envelope import format as fmt
-from support.row_scope import count, key_rows, make_model, row_key_ids, setup
+from support.models import row_scope_model
+from support.row_scope import key_table_rows, keys_and_patients, row_key_ids, sql_count
 
 
 def patients(n: int, start: int = 0) -> list[dict[str, Any]]:
@@ -22,7 +23,7 @@ def patients(n: int, start: int = 0) -> list[dict[str, Any]]:
 
 def stored(engine: Engine, n: int) -> tuple[KeyManager, Any]:
     """Set up, then store patients 0..n-1 through the ORM."""
-    keys, Patient = setup(engine)
+    keys, Patient = keys_and_patients(engine)
     with Session(engine) as s:
         s.add_all([Patient(**p) for p in patients(n)])
         s.commit()
@@ -30,7 +31,7 @@ def stored(engine: Engine, n: int) -> tuple[KeyManager, Any]:
 
 
 def test_thousand_rows_get_thousand_row_keys_with_two_kms_calls(engine: Engine, kms_client: Any, cmk: str) -> None:
-    keys, Patient = setup(engine, AwsKmsProvider(cmk, client=kms_client))
+    keys, Patient = keys_and_patients(engine, AwsKmsProvider(cmk, client=kms_client))
     with Session(engine) as s:
         s.add_all([Patient(**p) for p in patients(1000)])
         s.commit()
@@ -46,7 +47,7 @@ def test_thousand_rows_get_thousand_row_keys_with_two_kms_calls(engine: Engine, 
     assert {(r.parent_id, r.wrapping_key_id) for r in rows} == {(table_key, "parent")}
 
     reader = KeyManager(engine, AwsKmsProvider(cmk, client=kms_client))  # a new process
-    Fresh = make_model(reader)
+    Fresh = row_scope_model(reader)
     before = sum(kms_client.calls.values())
     with Session(engine) as s:
         got = {p.id: (p.name, p.notes, p.ssn) for p in s.scalars(select(Fresh))}
@@ -58,15 +59,15 @@ def test_thousand_rows_get_thousand_row_keys_with_two_kms_calls(engine: Engine, 
 def test_flush_then_rollback_leaves_key_table_as_it_was(engine: Engine) -> None:
     keys, Patient = stored(engine, 1)
     with engine.connect() as conn:
-        before = key_rows(conn, keys)
+        before = key_table_rows(conn, keys)
     with Session(engine) as s:
         new = [Patient(**p) for p in patients(150, start=10)]  # >= 100: COPY on psycopg
         s.add_all(new)
         s.flush()
-        assert count(s.connection(), "SELECT count(*) FROM sa_envelope_keys WHERE scope = 'row'") == 151
+        assert sql_count(s.connection(), "SELECT count(*) FROM sa_envelope_keys WHERE scope = 'row'") == 151
         s.rollback()
     with engine.connect() as conn:
-        assert key_rows(conn, keys) == before
+        assert key_table_rows(conn, keys) == before
     assert new[0].notes == {"i": 10}  # the instance holds its plain value again
 
 
@@ -80,11 +81,11 @@ def test_failed_flush_restores_plain_values(engine: Engine) -> None:
         assert (dup.notes, dup.ssn) == ({"dup": True}, "999-99")
         assert not isinstance(dup.__dict__["notes"], RowValue)
     with engine.connect() as conn:
-        assert count(conn, "SELECT count(*) FROM sa_envelope_keys WHERE scope = 'row'") == 1
+        assert sql_count(conn, "SELECT count(*) FROM sa_envelope_keys WHERE scope = 'row'") == 1
 
 
 def test_updates_keep_the_row_key(engine: Engine) -> None:
-    keys, Patient = setup(engine)
+    keys, Patient = keys_and_patients(engine)
     with Session(engine) as s:
         s.add_all([Patient(**p) for p in patients(3)])
         s.add(Patient(id=3, name="no row values"))  # no row-scoped value: no key yet
@@ -101,7 +102,7 @@ def test_updates_keep_the_row_key(engine: Engine) -> None:
         s.commit()
     with engine.connect() as conn:
         after = row_key_ids(conn, Patient)
-        assert count(conn, "SELECT count(*) FROM sa_envelope_keys WHERE scope = 'row'") == 4
+        assert sql_count(conn, "SELECT count(*) FROM sa_envelope_keys WHERE scope = 'row'") == 4
     assert after[0] == before[0] and after[1] == before[1]
     assert after[3][0] is not None and after[3][0] not in {k for k, _ in before.values()}
     with Session(engine) as s:
@@ -126,7 +127,7 @@ def test_merge_keeps_existing_keys_and_gives_new_rows_their_own(engine: Engine) 
 
 
 def test_orm_bulk_insert_and_bulk_update_by_primary_key(engine: Engine) -> None:
-    keys, Patient = setup(engine)
+    keys, Patient = keys_and_patients(engine)
     with Session(engine) as s:
         s.execute(insert(Patient), patients(50))
         s.commit()
@@ -145,14 +146,14 @@ def test_orm_bulk_insert_and_bulk_update_by_primary_key(engine: Engine) -> None:
 
 
 def test_core_insert_needs_a_row_key(engine: Engine) -> None:
-    keys, Patient = setup(engine)
+    keys, Patient = keys_and_patients(engine)
     table = Patient.__table__
     with engine.connect() as conn:
         with pytest.raises(RowKeyRequiredError) as err:
             conn.execute(insert(table), patients(1))
         assert "patients" in str(err.value)
         conn.rollback()
-        assert count(conn, "SELECT count(*) FROM patients") == 0
+        assert sql_count(conn, "SELECT count(*) FROM patients") == 0
     with engine.begin() as conn:  # the Core API: keys inserted in the same transaction
         row_keys = keys.new_row_keys(conn, "patients", 3)
         conn.execute(insert(table), [
@@ -178,7 +179,7 @@ def test_table_and_row_scoped_columns_mix_in_one_model(engine: Engine) -> None:
     assert table_key not in {k for k, _ in ids.values()}
     reader = KeyManager(engine, keys.provider)
     with Session(engine) as s:
-        got = [(p.name, p.notes, p.ssn) for p in s.scalars(select(make_model(reader)).order_by("id"))]
+        got = [(p.name, p.notes, p.ssn) for p in s.scalars(select(row_scope_model(reader)).order_by("id"))]
     assert got == [(p["name"], p["notes"], p["ssn"]) for p in patients(2)]
 
 
@@ -193,7 +194,7 @@ def test_swapped_wrapped_row_keys_do_not_unwrap(engine: Engine) -> None:
         conn.execute(update(t).where(t.c.id == k1).values(wrapped_key=w0))
     with Session(engine) as s:
         with pytest.raises(DecryptionError) as err:
-            s.scalars(select(make_model(KeyManager(engine, keys.provider)))).all()
+            s.scalars(select(row_scope_model(KeyManager(engine, keys.provider)))).all()
         assert not isinstance(err.value, KeyNotFoundError)
 
 
@@ -201,7 +202,7 @@ def test_swapped_wrapped_row_keys_do_not_unwrap(engine: Engine) -> None:
 def test_failure_around_the_key_insert_leaves_nothing_behind(engine: Engine, point: str) -> None:
     keys, Patient = stored(engine, 1)
     with engine.connect() as conn:
-        before = key_rows(conn, keys)
+        before = key_table_rows(conn, keys)
 
     def fail(name: str) -> None:
         if name == point:
@@ -215,15 +216,15 @@ def test_failure_around_the_key_insert_leaves_nothing_behind(engine: Engine, poi
         s.rollback()
         assert p.notes == {"i": 5}
     with engine.connect() as conn:
-        assert key_rows(conn, keys) == before
-        assert count(conn, "SELECT count(*) FROM patients") == 1
+        assert key_table_rows(conn, keys) == before
+        assert sql_count(conn, "SELECT count(*) FROM patients") == 1
 
 
 def test_streamed_reads_load_keys_without_cutting_the_stream(engine: Engine) -> None:
     """yield_per uses a server-side cursor (unbuffered on MySQL): key misses
     must not run a second query on the streaming connection."""
     keys, Patient = stored(engine, 30)
-    Fresh = make_model(KeyManager(engine, keys.provider))
+    Fresh = row_scope_model(KeyManager(engine, keys.provider))
     with Session(engine) as s:
         stmt = select(Fresh.id, Fresh.notes, Fresh.ssn).order_by(Fresh.id).execution_options(yield_per=10)
         got = [tuple(r) for r in s.execute(stmt)]

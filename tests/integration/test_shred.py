@@ -10,14 +10,15 @@ from sqlalchemy.orm import Session
 
 from sa_envelope import ConfigurationError, KeyManager, KeyNotFoundError
 from sa_envelope.envelope import format as fmt
-from support.row_scope import LOCAL, make_model, row_key_ids, setup
+from support.models import row_scope_model
+from support.row_scope import LOCAL, keys_and_patients, row_key_ids
 
 A = {"id": 1, "name": "Alice", "notes": {"diagnosis": "a"}, "ssn": "111-11"}
 B = {"id": 2, "name": "Bob", "notes": {"diagnosis": "b"}, "ssn": "222-22"}
 
 
 def two_patients(engine: Engine) -> tuple[KeyManager, Any]:
-    keys, Patient = setup(engine)
+    keys, Patient = keys_and_patients(engine)
     with Session(engine) as s:
         s.add_all([Patient(**A), Patient(**B)])
         s.commit()
@@ -26,7 +27,7 @@ def two_patients(engine: Engine) -> tuple[KeyManager, Any]:
 
 def read_fresh(engine: Engine) -> dict[int, tuple[Any, ...]]:
     """Read every patient as a new process would: new manager, new session."""
-    Fresh = make_model(KeyManager(engine, LOCAL))
+    Fresh = row_scope_model(KeyManager(engine, LOCAL))
     with Session(engine) as s:
         return {p.id: (p.name, p.notes, p.ssn) for p in s.scalars(select(Fresh))}
 
@@ -52,7 +53,7 @@ def test_row_key_deleted_by_hand_raises_key_not_found(engine: Engine) -> None:
     with engine.begin() as conn:
         key_a = row_key_ids(conn, Patient)[1][0]
         conn.execute(delete(keys.table).where(keys.table.c.id == key_a))
-    Fresh = make_model(KeyManager(engine, LOCAL))
+    Fresh = row_scope_model(KeyManager(engine, LOCAL))
     with Session(engine) as s:
         with pytest.raises(KeyNotFoundError) as err:
             s.get(Fresh, 1)
@@ -74,7 +75,7 @@ def test_rolled_back_shred_destroys_nothing(engine: Engine) -> None:
 def test_other_manager_detects_a_shred_when_it_reloads_the_key(engine: Engine) -> None:
     keys, Patient = two_patients(engine)
     other = KeyManager(engine, LOCAL)
-    Other = make_model(other)
+    Other = row_scope_model(other)
     with Session(engine) as s:
         assert s.get(Other, 1).notes == A["notes"]  # cached in the other manager
     with Session(engine) as s:

@@ -37,9 +37,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from sa_envelope import EncryptedType, KeyManager, LocalKeyProvider
+from support.models import new_base
 
 
 class Mood(enum.Enum):
@@ -92,8 +93,7 @@ ROWS: list[dict[str, Any]] = [
 def make_model(keys: KeyManager) -> type:
     """A fresh declarative model over the same table, bound to ``keys``."""
 
-    class Base(DeclarativeBase):
-        pass
+    Base = new_base()
 
     attrs: dict[str, Any] = {
         "__tablename__": "ty_all",

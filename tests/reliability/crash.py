@@ -53,8 +53,9 @@ from sa_envelope import faults
 from sa_envelope.envelope import format as fmt
 
 from support import ROOT, TESTS
+from support.models import ENCRYPTED_COLUMNS, Schema, schema
 
-from .rows import ENCRYPTED_COLUMNS, Schema, check_rows, schema
+from .rows import check_rows
 
 __all__ = [
     "CRASH_EXIT",

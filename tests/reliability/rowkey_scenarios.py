@@ -1,7 +1,7 @@
 """Crash scenarios of row scope (issue 3): row-key creation and shredding.
 
 Registered when imported; ``reliability/scenarios.py`` imports this module.
-The model is ``support.row_scope.make_model`` (table ``shred_patients`` here, so it
+The model is ``support.models.row_scope_model`` (table ``shred_patients`` here, so it
 never meets the other scenarios' ``patients``): one table-scoped column, two
 row-scoped ones.
 """
@@ -14,7 +14,8 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from sa_envelope import KeyManager
-from support.row_scope import make_model, row_key_ids
+from support.models import row_scope_model
+from support.row_scope import row_key_ids
 
 from .crash import CrashContext, CrashScenario, register
 
@@ -28,7 +29,7 @@ SHREDDED = 3  # the row the shred job erases
 
 def _model(ctx: CrashContext) -> tuple[KeyManager, Any]:
     keys = KeyManager(ctx.engine, ctx.provider)  # a cold cache, as after a restart
-    return keys, make_model(keys, TABLE)
+    return keys, row_scope_model(keys, TABLE)
 
 
 def _value(n: int) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""One encrypted table shape shared by the reliability tests.
+"""The rows of the reliability tests' table shape (``support.models.schema``).
 
 Every row's plaintext is a pure function of its number ``n`` (:func:`expected`),
 so a test, or a fresh process after a crash, can check any committed row
@@ -9,72 +9,19 @@ reports how many were checked and how many were lost or wrong.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Iterable
 
-from sqlalchemy import Column, Integer, MetaData, String, Table, Text, select, text
+from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session, registry
+from sqlalchemy.orm import Session
 
-from sa_envelope import EncryptedType, KeyManager
+from support.models import ENCRYPTED_COLUMNS, Schema, schema
 
-__all__ = [
-    "ENCRYPTED_COLUMNS",
-    "add_rows",
-    "Schema",
-    "check_rows",
-    "count_rows",
-    "expected",
-    "insert_rows",
-    "key_rows",
-    "schema",
-]
-
-ENCRYPTED_COLUMNS = ("name", "ssn", "note")
-
+__all__ = ["add_rows", "check_rows", "count_key_rows", "count_rows", "expected", "insert_rows"]
 
 def expected(n: int) -> dict[str, Any]:
     """The plaintext of row ``n`` (non-ASCII on purpose)."""
     return {"name": f"patient {n} é", "ssn": f"{n % 1000:03d}-00-{n:04d}"[:11], "note": f"note {n} " * (n % 5)}
-
-
-def _table(metadata: MetaData, name: str, keys: KeyManager | None) -> Table:
-    return Table(
-        name,
-        metadata,
-        Column("id", Integer, primary_key=True),
-        Column("n", Integer, nullable=False, index=True),  # plain: what the row should hold
-        Column("name", EncryptedType(String(200), keys)),
-        Column("ssn", EncryptedType(String(11), keys, deterministic=True)),
-        Column("note", EncryptedType(Text, keys)),
-    )
-
-
-@dataclass
-class Schema:
-    """A KeyManager, its tables and an ORM class per table."""
-
-    keys: KeyManager
-    metadata: MetaData
-    tables: dict[str, Table]
-    models: dict[str, type]
-
-    def create(self) -> None:
-        self.keys.create_table()
-        self.metadata.create_all(self.keys.engine)
-
-
-def schema(engine: Engine, provider: Any, names: Iterable[str] = ("patients",), **kw: Any) -> Schema:
-    """Tables ``names`` encrypted by a new KeyManager on ``engine``."""
-    keys = KeyManager(engine, provider, **kw)
-    metadata = MetaData()
-    reg = registry(metadata=metadata)
-    tables, models = {}, {}
-    for name in names:
-        tables[name] = _table(metadata, name, keys)
-        models[name] = type(f"Row_{name}", (), {})
-        reg.map_imperatively(models[name], tables[name])
-    return Schema(keys, metadata, tables, models)
 
 
 def add_rows(s: Schema, session: Session, table: str, ns: Iterable[int]) -> None:
@@ -107,7 +54,7 @@ def count_rows(engine: Engine, table: str) -> int:
         return int(conn.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one())
 
 
-def key_rows(engine: Engine, owner: str | None = None, scope: str | None = None) -> int:
+def count_key_rows(engine: Engine, owner: str | None = None, scope: str | None = None) -> int:
     """Rows in the key table, optionally for one owner table and scope."""
     sql = "SELECT COUNT(*) FROM sa_envelope_keys WHERE 1 = 1"
     params: dict[str, str] = {}

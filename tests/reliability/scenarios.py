@@ -9,7 +9,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from .crash import CrashContext, CrashScenario, checked, orphan_values, register
-from .rows import add_rows, insert_rows, key_rows
+from .rows import add_rows, count_key_rows, insert_rows
 
 __all__ = ["KEY_CREATE"]
 
@@ -37,12 +37,12 @@ def _run_key_create(ctx: CrashContext) -> None:
 def _verify_key_create(ctx: CrashContext, crashed: bool | None) -> int:
     assert orphan_values(ctx.engine, ctx.tables) == 0
     if crashed is None:  # killed at a random moment: one transaction, so all or nothing
-        crashed = key_rows(ctx.engine, "visits") == 0
+        crashed = count_key_rows(ctx.engine, "visits") == 0
     if crashed:  # the whole transaction is gone, the committed rows are intact
-        assert key_rows(ctx.engine, "visits") == 0
+        assert count_key_rows(ctx.engine, "visits") == 0
         n = checked(ctx, "patients", BEFORE)
         return n + checked(ctx, "visits", range(0))
-    assert key_rows(ctx.engine, "visits") == 2  # one table key, one deterministic key
+    assert count_key_rows(ctx.engine, "visits") == 2  # one table key, one deterministic key
     n = checked(ctx, "patients", range(BEFORE.start, DURING.stop))
     return n + checked(ctx, "visits", NEW_TABLE)
 

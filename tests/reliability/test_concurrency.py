@@ -26,8 +26,9 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from reliability.crash import WORKER, CrashContext, worker_env
-from reliability.rows import check_rows, insert_rows, key_rows, schema
+from reliability.rows import check_rows, count_key_rows, insert_rows
 from sa_envelope import LocalKeyProvider
+from support.models import schema
 
 pytestmark = [pytest.mark.reliability, pytest.mark.backends("postgresql", "mysql")]
 
@@ -42,16 +43,16 @@ def _assert_bounded(engine: Engine, table: str, writers: int) -> int:
     (docs/threat-model.md, "Concurrent first writers"); returns the keys created."""
     created = 0
     for scope, bound in (("table", writers), ("deterministic", 1)):
-        n = key_rows(engine, table, scope)
+        n = count_key_rows(engine, table, scope)
         assert 1 <= n <= bound, f"{n} {scope} keys for {writers} concurrent first writers"
         created += n
     return created
 
 
 def _later_writers_create_none(engine: Engine, provider: Any, table: str, start: int) -> None:
-    before = key_rows(engine, table)
+    before = count_key_rows(engine, table)
     insert_rows(schema(engine, provider, [table]), table, range(start, start + ROWS))
-    assert key_rows(engine, table) == before
+    assert count_key_rows(engine, table) == before
 
 
 def test_threads_race_for_the_first_key(engine: Engine, reliability: Any) -> None:

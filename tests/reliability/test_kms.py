@@ -32,8 +32,9 @@ from reliability.kms_proxy import (
     delay,
     proxied_client,
 )
-from reliability.rows import add_rows, check_rows, count_rows, insert_rows, key_rows, schema
+from reliability.rows import add_rows, check_rows, count_key_rows, count_rows, insert_rows
 from sa_envelope import AwsKmsProvider, KeyProviderError
+from support.models import schema
 
 pytestmark = pytest.mark.reliability
 
@@ -111,7 +112,7 @@ def test_outage_on_write_commits_nothing(
             session.commit()
         session.rollback()
     assert_names_table(info.value, "visits", fault)
-    assert key_rows(engine, "visits") == 0  # nothing half-written
+    assert count_key_rows(engine, "visits") == 0  # nothing half-written
     assert (count_rows(engine, "patients"), count_rows(engine, "visits")) == (ROWS, 0)
     injected = proxy.injected[fault.name]
     proxy.clear()
@@ -146,7 +147,7 @@ def test_slow_kms_completes_or_times_out(engine: Engine, cmk: str, proxy: KmsFau
         with pytest.raises(KeyProviderError, match="ReadTimeoutError") as info:
             insert_rows(s, "patients", range(ROWS), session=session)
     assert info.value.table == "patients"
-    assert (key_rows(engine), count_rows(engine, "patients")) == (0, 0)
+    assert (count_key_rows(engine), count_rows(engine, "patients")) == (0, 0)
     slow = schema(engine, via(proxy, cmk, read_timeout=5))
     proxy.clear()
     proxy.plan("*", delay(0.1))  # slower than usual, within the timeout

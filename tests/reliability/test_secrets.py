@@ -25,7 +25,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from reliability.kms_proxy import ACCESS_DENIED, KmsFaultProxy, proxied_client
-from reliability.rows import Schema, schema
 from sa_envelope import (
     AwsKmsProvider,
     EncryptionError,
@@ -36,6 +35,7 @@ from sa_envelope import (
 from sa_envelope.envelope import format as fmt
 from sa_envelope.keys import table as kt
 from sa_envelope.providers.base import key_context
+from support.models import Schema, schema
 
 pytestmark = pytest.mark.reliability
 

@@ -13,16 +13,16 @@ from typing import Any, Callable
 import pytest
 from sqlalchemy import String, select, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from sa_envelope import DecryptionError, EncryptedType, EnvelopeError, KeyManager, LocalKeyProvider
+from support.models import new_base
 
 
 def build(engine: Engine) -> tuple[KeyManager, type, type]:
     keys = KeyManager(engine, LocalKeyProvider(os.urandom(32)))
 
-    class Base(DeclarativeBase):
-        pass
+    Base = new_base()
 
     class Patient(Base):
         __tablename__ = "tp_patients"

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Integer, String, delete, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from reliability.tamper import BYTE_MUTATIONS, StoredCell, flip, mutate_bytes, outcome, run_property, write_raw
 from sa_envelope import (
@@ -47,6 +47,7 @@ from sa_envelope import (
     normalize_email,
 )
 from sa_envelope.envelope import format as fmt
+from support.models import new_base
 
 pytestmark = pytest.mark.reliability
 
@@ -66,8 +67,7 @@ def _email(table: str, n: int) -> str:
 
 
 def make_model(keys: KeyManager, table: str) -> Any:
-    class Base(DeclarativeBase):
-        pass
+    Base = new_base()
 
     class Person(Base):
         __tablename__ = table

@@ -1,6 +1,6 @@
 """Tampering with row-scoped values and row keys (issue 7, row scope).
 
-A fixed database per backend: two tables (``support.row_scope.make_model``: one
+A fixed database per backend: two tables (``support.models.row_scope_model``: one
 table-scoped column, two row-scoped ones), a few rows each, one row
 shredded. Hypothesis mutates one stored row-scoped value, or one key row
 (table keys, row keys and the tombstone), with raw SQL, reads every
@@ -36,7 +36,7 @@ from reliability.tamper import BYTE_MUTATIONS, StoredCell, flip, mutate_bytes, o
 from sa_envelope import DecryptionError, EnvelopeError, KeyManager, LocalKeyProvider
 from sa_envelope.envelope import format as fmt
 from sa_envelope.keys import table as kt
-from support.row_scope import make_model
+from support.models import row_scope_model
 
 pytestmark = pytest.mark.reliability
 
@@ -107,7 +107,7 @@ def _value(table: str, n: int) -> dict[str, Any]:
 def world(engine: Engine) -> World:
     keys = KeyManager(engine, LocalKeyProvider(os.urandom(32)))
     keys.create_table()
-    models = {t: make_model(keys, t) for t in TABLES}
+    models = {t: row_scope_model(keys, t) for t in TABLES}
     for model in models.values():
         model.metadata.create_all(engine)
     with Session(engine) as session:

@@ -24,10 +24,11 @@ from hypothesis import strategies as st
 from sqlalchemy import delete, select, text
 from sqlalchemy.engine import Connection, Engine
 
-from reliability.rows import ENCRYPTED_COLUMNS, Schema, insert_rows, schema
+from reliability.rows import insert_rows
 from reliability.tamper import BYTE_MUTATIONS, StoredCell, flip, mutate_bytes, outcome, run_property, write_raw
 from sa_envelope import DecryptionError, EnvelopeError, LocalKeyProvider
 from sa_envelope.envelope import format as fmt
+from support.models import ENCRYPTED_COLUMNS, Schema, schema
 
 pytestmark = pytest.mark.reliability
 

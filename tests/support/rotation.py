@@ -7,29 +7,15 @@ import os
 import sys
 from typing import Any
 
-from sqlalchemy import Column, Integer, MetaData, String, Table, inspect, select
+from sqlalchemy import MetaData, Table, inspect, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, mapped_column
 
-from sa_envelope import EncryptedType, KeyManager
+from sa_envelope import KeyManager
 from sa_envelope.keys import table as kt
 
 from . import ROOT
+from .models import data_tables
 
-
-
-def data_tables(keys: KeyManager, count: int) -> list[Table]:
-    """``count`` tables, each with a randomised and a deterministic encrypted column."""
-    meta = MetaData()
-    return [
-        Table(
-            f"data_{i}", meta,
-            Column("id", Integer, primary_key=True, autoincrement=False),
-            Column("name", EncryptedType(String(100), keys)),
-            Column("ssn", EncryptedType(String(11), keys, deterministic=True)),
-        )
-        for i in range(count)
-    ]
 
 
 def fill(engine: Engine, keys: KeyManager, tables: int = 3, rows: int = 100) -> list[Table]:
@@ -71,7 +57,7 @@ def stored_hash(engine: Engine) -> str:
     return digest.hexdigest()
 
 
-def provider_keys(engine: Engine) -> list[Any]:
+def provider_key_records(engine: Engine) -> list[Any]:
     """Every key row wrapped by a provider (not by a parent key)."""
     table = kt.key_table(MetaData())
     with engine.connect() as conn:
@@ -81,7 +67,7 @@ def provider_keys(engine: Engine) -> list[Any]:
 
 def key_statuses(engine: Engine, owner: str, scope: str = kt.SCOPE_TABLE) -> dict[int, str]:
     """Key id -> status of ``owner``'s provider-wrapped keys of ``scope``."""
-    return {r.id: r.status for r in provider_keys(engine) if r.owner_table == owner and r.scope == scope}
+    return {r.id: r.status for r in provider_key_records(engine) if r.owner_table == owner and r.scope == scope}
 
 
 def cmk_uuid(arn: str) -> bytes:
@@ -104,14 +90,3 @@ PYTHON = sys.executable
 
 def table_names(engine: Engine) -> set[str]:
     return set(inspect(engine).get_table_names())
-
-
-def patients_model(**columns: Any) -> Any:
-    """An ORM class for ``patients``: an integer ``id`` and the given column types."""
-
-    class Base(DeclarativeBase):
-        pass
-
-    attrs = {"__tablename__": "patients", "id": mapped_column(Integer, primary_key=True)}
-    attrs.update({name: mapped_column(type_) for name, type_ in columns.items()})
-    return type("Patient", (Base,), attrs)

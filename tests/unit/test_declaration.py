@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import ARRAY, Column, Integer, MetaData, String, Table
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column
 
 from sa_envelope import ConfigurationError, EncryptedType
+from support.models import new_base
 
 
 def test_bad_declarations_raise_configuration_error() -> None:
@@ -25,8 +26,7 @@ def test_bad_declarations_raise_configuration_error() -> None:
 
 
 def test_names_are_learned_from_the_table_and_copied_for_mixins() -> None:
-    class Base(DeclarativeBase):
-        pass
+    Base = new_base()
 
     class Mixin:
         secret: Mapped[str] = mapped_column(EncryptedType(String(10)))
