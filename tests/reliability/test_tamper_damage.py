@@ -8,13 +8,14 @@ a struct.error or another row's data.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
-from sqlalchemy import String, select, text
+from sqlalchemy import String, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from reliability.tamper import read_raw, write_raw
 from sa_envelope import DecryptionError, EncryptedType, EnvelopeError, KeyManager, LocalKeyProvider
 from support.models import new_base
 
@@ -44,30 +45,26 @@ def build(engine: Engine) -> tuple[KeyManager, type, type]:
     return keys, Patient, Doctor
 
 
-def raw(engine: Engine, sql: str, **params: Any) -> Any:
-    with engine.begin() as conn:
-        return conn.execute(text(sql), params).scalar()
-
-
 def set_name(engine: Engine, value: bytes, table: str = "tp_patients", column: str = "name", row: int = 1) -> None:
-    with engine.begin() as conn:
-        conn.execute(text(f"UPDATE {table} SET {column} = :v WHERE id = :i"), {"v": value, "i": row})
+    """Store ``value`` as is in a ``name`` cell (by default), committed."""
+    write_raw(engine, table, column, row, value)
 
 
 def stored(engine: Engine, table: str = "tp_patients", column: str = "name", row: int = 1) -> bytes:
-    return bytes(raw(engine, f"SELECT {column} FROM {table} WHERE id = :i", i=row))
+    """The bytes stored in a ``name`` cell (by default)."""
+    return read_raw(engine, table, column, row)
 
 
-def flip(b: bytes, i: int) -> bytes:
+def flip_low_bit(b: bytes, i: int) -> bytes:
     return b[:i] + bytes([b[i] ^ 0x01]) + b[i + 1 :]
 
 
 CASES: dict[str, Callable[[bytes], bytes]] = {
-    "flip-version": lambda b: flip(b, 0),
-    "flip-key-id": lambda b: flip(b, 5),
-    "flip-nonce": lambda b: flip(b, 12),
-    "flip-ciphertext": lambda b: flip(b, 25),
-    "flip-tag": lambda b: flip(b, len(b) - 1),
+    "flip-version": lambda b: flip_low_bit(b, 0),
+    "flip-key-id": lambda b: flip_low_bit(b, 5),
+    "flip-nonce": lambda b: flip_low_bit(b, 12),
+    "flip-ciphertext": lambda b: flip_low_bit(b, 25),
+    "flip-tag": lambda b: flip_low_bit(b, len(b) - 1),
     "truncated-tag": lambda b: b[:-1],
     "truncated-to-header": lambda b: b[:9],
     "truncated-to-one": lambda b: b[:1],

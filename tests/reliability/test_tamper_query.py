@@ -25,17 +25,27 @@ The properties:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import pytest
 from hypothesis import strategies as st
-from sqlalchemy import Integer, String, delete, select, text
+from sqlalchemy import Integer, String, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from reliability.tamper import BYTE_MUTATIONS, StoredCell, flip, mutate_bytes, outcome, run_property, write_raw
+from reliability.tamper import (
+    BYTE_MUTATIONS,
+    Cell,
+    KeyChanges,
+    World,
+    draw_source,
+    flip,
+    mutate_bytes,
+    outcome,
+    relabel,
+    run_property,
+    wrapped_mutations,
+)
 from sa_envelope import (
     BlindIndexType,
     DecryptionError,
@@ -81,41 +91,18 @@ def make_model(keys: KeyManager, table: str) -> Any:
     return Person
 
 
-Cell = StoredCell
+def _ssn_query(world: World, table: str, value: str) -> set[int]:
+    """Ids of the rows ``WHERE ssn == value`` returns."""
+    t = world.tables[table]
+    with world.engine.connect() as conn:
+        return set(conn.execute(select(t.c.id).where(t.c.ssn == value)).scalars())
 
 
-@dataclass
-class World:
-    engine: Engine
-    keys: KeyManager
-    models: dict[str, Any]
-    cells: list[Cell]  # ssn, email and email_index of every row
-    key_rows: list[dict[str, Any]]
-
-    def cells_of(self, column: str) -> list[Cell]:
-        return [c for c in self.cells if c.column == column]
-
-    def read_ssn(self, table: str, row_id: int) -> Any:
-        t = self.models[table].__table__
-        with self.engine.connect() as conn:
-            return conn.execute(select(t.c.ssn).where(t.c.id == row_id)).scalar_one()
-
-    def ssn_query(self, table: str, value: str) -> set[int]:
-        t = self.models[table].__table__
-        with self.engine.connect() as conn:
-            return set(conn.execute(select(t.c.id).where(t.c.ssn == value)).scalars())
-
-    def lookup(self, table: str, value: str) -> set[int]:
-        model = self.models[table]
-        with Session(self.engine) as session:
-            return {p.id for p in lookup(session, model.email, value)}
-
-    def restore_key(self, key_id: int) -> None:
-        table = self.keys.table
-        with self.engine.begin() as conn:
-            conn.execute(delete(table).where(table.c.id == key_id))
-            conn.execute(table.insert(), [k for k in self.key_rows if k["id"] == key_id])
-        self.keys.clear_cache()
+def _lookup(world: World, table: str, value: str) -> set[int]:
+    """Ids of the rows ``lookup()`` finds by email."""
+    model = world.models[table]
+    with Session(world.engine) as session:
+        return {p.id for p in lookup(session, model.email, value)}
 
 
 @pytest.fixture
@@ -128,23 +115,8 @@ def world(engine: Engine) -> World:
             model.metadata.create_all(engine)
             session.add_all(model(id=n, ssn=_ssn(n), email=_email(table, n)) for n in ROWS)
         session.commit()
-    cells = []
-    with engine.connect() as conn:
-        for table in TABLES:
-            for row in conn.execute(text(f"SELECT id, ssn, email, email_index FROM {table}")):
-                cells += [Cell(table, row.id, c, bytes(row[i + 1])) for i, c in enumerate(("ssn", "email", "email_index"))]
-        key_rows = [dict(r._mapping) for r in conn.execute(select(keys.table))]
-    return World(engine, keys, models, cells, key_rows)
-
-
-def _write(world: World, cell: Cell, value: bytes | None) -> bool:
-    """Store ``value`` in ``cell``; ``False`` if the database refused it
-    (MariaDB's strict mode rejects bytes longer than a VARBINARY)."""
-    try:
-        write_raw(world.engine, cell.table, cell.column, cell.id, value)
-    except DBAPIError:
-        return False
-    return True
+    tables = {t: m.__table__ for t, m in models.items()}
+    return World.capture(engine, keys, tables, ("ssn", "email", "email_index"), models=models)
 
 
 def _ssn_matches(probe: str) -> set[int]:
@@ -164,9 +136,9 @@ def mutate_ssn(data: st.DataObject, world: World, cell: Cell) -> tuple[str, byte
         return kind, mutate_bytes(data, kind, v), None
     if kind == "key id":
         own = fmt.read_header(v)[1]
-        key_id = data.draw(st.sampled_from([k["id"] for k in world.key_rows if k["id"] != own]) | st.integers(0, (1 << 64) - 1))
-        return "key id", v[:1] + key_id.to_bytes(8, "big") + v[9:], None
-    source = data.draw(st.sampled_from([c for c in world.cells if c != cell and c.column != "email_index" and c.stored != v]))
+        key_id = data.draw(st.sampled_from([k for k in world.key_ids() if k != own]) | st.integers(0, (1 << 64) - 1))
+        return "key id", relabel(v, key_id), None
+    source = draw_source(data, cell, world.cells_of("ssn", "email"))
     if (source.table, source.column) == (cell.table, cell.column):
         return "moved within a column", source.stored, source
     return "moved across columns/tables", source.stored, None
@@ -178,12 +150,12 @@ def test_tampered_deterministic_values_fail_closed(world: World, reliability: An
         kind, value, source = mutate_ssn(data, world, cell)
         if data.draw(st.booleans()):
             world.keys.clear_cache()
-        assert _write(world, cell, value)
+        assert world.try_write(cell, value)
         try:
-            read = outcome(lambda: world.read_ssn(cell.table, cell.id), DecryptionError)
-            found = {probe: world.ssn_query(cell.table, probe) for probe in {_ssn(n) for n in ROWS}}
+            read = outcome(lambda: world.read(cell), DecryptionError)
+            found = {probe: _ssn_query(world, cell.table, probe) for probe in {_ssn(n) for n in ROWS}}
         finally:
-            _write(world, cell, cell.stored)
+            world.try_write(cell, cell.stored)
         copied = _ssn(source.id) if source is not None else None
         assert read == (copied if source is not None else DecryptionError), (kind, read)
         for probe, ids in found.items():
@@ -212,7 +184,7 @@ def mutate_index(data: st.DataObject, world: World, cell: Cell) -> tuple[str, by
         return kind, data.draw(st.sampled_from(others))
     if kind == "erased":
         return kind, None
-    column = world.models[cell.table].__table__.c.email_index
+    column = world.tables[cell.table].c.email_index
     other = data.draw(st.sampled_from([_email(t, n) for t in TABLES for n in ROWS] + ["nobody@example"]))
     with world.engine.connect() as conn, world.keys.use_connection(conn):
         return kind, column.type.digest(other)
@@ -226,12 +198,12 @@ def test_tampered_blind_index_never_finds_a_wrong_row(world: World, reliability:
         kind, value = mutate_index(data, world, cell)
         if data.draw(st.booleans()):
             world.keys.clear_cache()
-        if not _write(world, cell, value):
+        if not world.try_write(cell, value):
             return f"{kind} (refused by the database)"
         try:
-            found = {p: world.lookup(cell.table, p) for p in probes}
+            found = {p: _lookup(world, cell.table, p) for p in probes}
         finally:
-            _write(world, cell, cell.stored)
+            world.try_write(cell, cell.stored)
         for probe, ids in found.items():
             want = {n for n in ROWS if normalize_email(_email(cell.table, n)) == normalize_email(probe)}
             assert want - {cell.id} <= ids <= want, (kind, probe, ids)  # may miss the altered row only
@@ -243,12 +215,13 @@ def test_tampered_blind_index_never_finds_a_wrong_row(world: World, reliability:
 # -- deterministic and blind-index key rows ---------------------------------------------------
 
 
-def mutate_query_key(data: st.DataObject, world: World, key: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
-    """One mutation of a deterministic or blind-index key row (``None``: deleted)."""
+def mutate_query_key(data: st.DataObject, world: World, key: dict[str, Any]) -> tuple[str, KeyChanges]:
+    """One mutation of a deterministic or blind-index key row, as the change to apply."""
     wrapped = key["wrapped_key"]
+    bytes_changed = wrapped_mutations(data, wrapped)
     options: dict[str, Callable[[], dict[str, Any]]] = {
-        "wrapped flipped": lambda: {"wrapped_key": flip(data, wrapped)},
-        "wrapped truncated": lambda: {"wrapped_key": wrapped[: data.draw(st.integers(0, len(wrapped) - 1))]},
+        "wrapped flipped": bytes_changed["wrapped flipped"],
+        "wrapped truncated": bytes_changed["wrapped truncated"],
         "wrapped swapped": lambda: {"wrapped_key": data.draw(
             st.sampled_from([k["wrapped_key"] for k in world.key_rows if k["id"] != key["id"]])
         )},
@@ -262,10 +235,10 @@ def mutate_query_key(data: st.DataObject, world: World, key: dict[str, Any]) -> 
         )},
         "status retired": lambda: {"status": "retired"},
         "status shredded by hand": lambda: {"status": "shredded"},
-        "parent changed": lambda: {"parent_id": data.draw(st.sampled_from([k["id"] for k in world.key_rows]))},
+        "parent changed": lambda: {"parent_id": data.draw(st.sampled_from(world.key_ids()))},
     }
     kind = data.draw(st.sampled_from(sorted([*options, "row deleted"])))
-    return kind, None if kind == "row deleted" else options[kind]()
+    return kind, {key["id"]: None if kind == "row deleted" else options[kind]()}
 
 
 def test_tampered_query_keys_fail_closed(world: World, reliability: Any) -> None:
@@ -275,19 +248,16 @@ def test_tampered_query_keys_fail_closed(world: World, reliability: Any) -> None
 
     def example(data: st.DataObject) -> str:
         key = data.draw(st.sampled_from(queryable))
-        kind, values = mutate_query_key(data, world, key)
-        table = world.keys.table
-        with world.engine.begin() as conn:
-            where = table.c.id == key["id"]
-            conn.execute(delete(table).where(where) if values is None else table.update().where(where).values(**values))
+        kind, changes = mutate_query_key(data, world, key)
+        world.change_keys(changes)
         world.keys.clear_cache()
         owner = key["owner_table"]
         try:
-            reads = {n: outcome(lambda: world.read_ssn(owner, n)) for n in ROWS}
-            queries = {p: outcome(lambda: world.ssn_query(owner, p)) for p in ssns}
-            lookups = {e: outcome(lambda: world.lookup(owner, e)) for e in {_email(owner, n) for n in ROWS}}
+            reads = {n: outcome(lambda: world.read_at(owner, "ssn", n)) for n in ROWS}
+            queries = {p: outcome(lambda: _ssn_query(world, owner, p)) for p in ssns}
+            lookups = {e: outcome(lambda: _lookup(world, owner, e)) for e in {_email(owner, n) for n in ROWS}}
         finally:
-            world.restore_key(key["id"])
+            world.restore_keys(changes)
         for n, got in reads.items():
             assert got in (_ssn(n), EnvelopeError), (kind, n, got)
         for probe, got in queries.items():
@@ -298,7 +268,7 @@ def test_tampered_query_keys_fail_closed(world: World, reliability: Any) -> None
         return kind
 
     run_property(KEY_EXAMPLES, example, reliability, "query key row")
-    assert world.ssn_query("people", _ssn(0)) == _ssn_matches(_ssn(0))
+    assert _ssn_query(world, "people", _ssn(0)) == _ssn_matches(_ssn(0))
 
 
 def test_cases_the_properties_found(world: World, reliability: Any) -> None:
@@ -307,13 +277,11 @@ def test_cases_the_properties_found(world: World, reliability: Any) -> None:
     as a cipher: AttributeError in lookup) and an active key whose wrapped
     bytes were erased (AssertionError). Both are our errors now."""
     index_key = next(k for k in world.key_rows if k["scope"] == "blind-index" and k["owner_table"] == "people")
-    table = world.keys.table
     for kind, values in {"relabelled AES-256-GCM": {"algorithm": "AES-256-GCM"}, "wrapped erased": {"wrapped_key": None}}.items():
-        with world.engine.begin() as conn:
-            conn.execute(table.update().where(table.c.id == index_key["id"]).values(**values))
+        world.change_keys({index_key["id"]: values})
         world.keys.clear_cache()
         with pytest.raises(EnvelopeError):
-            world.lookup("people", _email("people", 0))
-        world.restore_key(index_key["id"])
+            _lookup(world, "people", _email("people", 0))
+        world.restore_keys([index_key["id"]])
         reliability.bad_input(f"query key row {kind}")
-    assert world.lookup("people", _email("people", 0)) == {0, 4}  # user0@people.example, n = 0 and 4
+    assert _lookup(world, "people", _email("people", 0)) == {0, 4}  # user0@people.example, n = 0 and 4

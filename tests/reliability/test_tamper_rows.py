@@ -23,16 +23,25 @@ Those cases are counted apart in the figures.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import pytest
 from hypothesis import strategies as st
-from sqlalchemy import Connection, delete, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from reliability.tamper import BYTE_MUTATIONS, StoredCell, flip, mutate_bytes, outcome, run_property, write_raw
+from reliability.tamper import (
+    BYTE_MUTATIONS,
+    Cell,
+    KeyChanges,
+    World,
+    draw_source,
+    mutate_bytes,
+    outcome,
+    relabel,
+    run_property,
+    wrapped_mutations,
+)
 from sa_envelope import DecryptionError, EnvelopeError, KeyManager, LocalKeyProvider
 from sa_envelope.envelope import format as fmt
 from sa_envelope.keys import table as kt
@@ -48,55 +57,6 @@ ROW_COLUMNS = ("notes", "ssn")
 VALUE_EXAMPLES = 150
 KEY_EXAMPLES = 100
 TOMBSTONE_KINDS = ("status shredded by hand", "wrapped key erased")
-
-
-@dataclass(frozen=True)
-class Cell(StoredCell):
-    plaintext: Any
-
-    @property
-    def key_id(self) -> int:
-        return fmt.read_header(self.stored)[1]
-
-
-@dataclass
-class World:
-    """The fixed database and how to read one cell through the package."""
-
-    engine: Engine
-    keys: KeyManager
-    models: dict[str, Any]
-    cells: list[Cell]  # every encrypted value (both scopes)
-    key_rows: list[dict[str, Any]]  # the key table as written
-
-    @property
-    def row_cells(self) -> list[Cell]:
-        return [c for c in self.cells if c.column in ROW_COLUMNS]
-
-    def read(self, cell: Cell) -> Any:
-        t = self.models[cell.table].__table__
-        with self.engine.connect() as conn:
-            return conn.execute(select(t.c[cell.column]).where(t.c.id == cell.id)).scalar_one()
-
-    def key(self, key_id: int) -> dict[str, Any]:
-        return next(k for k in self.key_rows if k["id"] == key_id)
-
-    def ids(self, scope: str | None = None, owner: str | None = None) -> list[int]:
-        return [
-            k["id"] for k in self.key_rows
-            if (scope is None or k["scope"] == scope) and (owner is None or k["owner_table"] == owner)
-        ]
-
-    @property
-    def tombstone(self) -> int:
-        return next(k["id"] for k in self.key_rows if k["status"] == "shredded")
-
-    def restore_keys(self, key_ids: set[int]) -> None:
-        table = self.keys.table
-        with self.engine.begin() as conn:
-            conn.execute(delete(table).where(table.c.id.in_(key_ids)))
-            conn.execute(table.insert(), [k for k in self.key_rows if k["id"] in key_ids])
-        self.keys.clear_cache()
 
 
 def _value(table: str, n: int) -> dict[str, Any]:
@@ -119,17 +79,13 @@ def world(engine: Engine) -> World:
     # keys of the other scopes, so that tampered rows can name them as parents
     keys.encryption_key("patients", kt.SCOPE_DETERMINISTIC)
     keys.encryption_key("visits", kt.SCOPE_BLIND_INDEX)
-    cells = []
-    with engine.connect() as conn:
-        for table in TABLES:
-            raw = conn.execute(text(f"SELECT id, {', '.join(COLUMNS)} FROM {table}")).all()
-            for row in raw:
-                shredded = (table, row.id) == SHREDDED
-                for i, column in enumerate(COLUMNS):
-                    plain = None if shredded and column in ROW_COLUMNS else _value(table, row.id)[column]
-                    cells.append(Cell(table, row.id, column, bytes(row[i + 1]), plain))
-        key_rows = [dict(r._mapping) for r in conn.execute(select(keys.table))]
-    return World(engine, keys, models, cells, key_rows)
+
+    def plaintext(table: str, n: int, column: str) -> Any:
+        shredded = (table, n) == SHREDDED
+        return None if shredded and column in ROW_COLUMNS else _value(table, n)[column]
+
+    tables = {t: m.__table__ for t, m in models.items()}
+    return World.capture(engine, keys, tables, COLUMNS, plaintext, models)
 
 
 # -- row-scoped values ------------------------------------------------------------------
@@ -143,31 +99,30 @@ def mutate_value(data: st.DataObject, world: World, cell: Cell) -> tuple[str, by
     if kind in BYTE_MUTATIONS:
         return kind, mutate_bytes(data, kind, v), (DecryptionError,)
     if kind == "key id":
-        return _relabel(data, world, cell)
-    source = data.draw(st.sampled_from([c for c in world.cells if c != cell and c.stored != v]))
+        return _draw_relabel(data, world, cell)
+    source = draw_source(data, cell, world.cells)
     if (source.table, source.column) == (cell.table, cell.column):
         return "moved within a column", source.stored, (source.plaintext,)  # the documented limit
     return "moved across columns/tables", source.stored, (DecryptionError,)
 
 
-def _relabel(data: st.DataObject, world: World, cell: Cell) -> tuple[str, bytes, tuple[Any, ...]]:
+def _draw_relabel(data: st.DataObject, world: World, cell: Cell) -> tuple[str, bytes, tuple[Any, ...]]:
     """The value's header made to name another key: another row's key (this
     table or another), a table key, the tombstone, or no stored key."""
     others = {
-        "another row's key": [k for k in world.ids("row", cell.table) if k not in (cell.key_id, world.tombstone)],
-        "another table's row key": [k for k in world.ids("row") if world.key(k)["owner_table"] != cell.table],
-        "another scope's key": [k for k in world.ids() if world.key(k)["scope"] != "row"],
+        "another row's key": [k for k in world.key_ids("row", cell.table) if k not in (cell.key_id, world.tombstone)],
+        "another table's row key": [k for k in world.key_ids("row") if world.key(k)["owner_table"] != cell.table],
+        "another scope's key": [k for k in world.key_ids() if world.key(k)["scope"] != "row"],
         "the shredded key": [world.tombstone],
     }
     choice = data.draw(st.sampled_from(sorted(others) + ["an unknown key"]))
     candidates = [k for k in others.get(choice, ()) if k != cell.key_id]
     if not candidates:  # an unknown key, or the shredded row's own key (no change): any id not stored
         choice = "an unknown key"
-        key_id = data.draw(st.integers(0, (1 << 64) - 1).filter(lambda k: k not in world.ids()))
+        key_id = data.draw(st.integers(0, (1 << 64) - 1).filter(lambda k: k not in world.key_ids()))
     else:
         key_id = data.draw(st.sampled_from(candidates))
-    v = cell.stored
-    return f"key id of {choice}", v[:1] + key_id.to_bytes(8, "big") + v[9:], (DecryptionError,)
+    return f"key id of {choice}", relabel(cell.stored, key_id), (DecryptionError,)
 
 
 def _names(value: bytes, key_id: int) -> bool:
@@ -180,17 +135,17 @@ def _names(value: bytes, key_id: int) -> bool:
 
 def test_tampered_row_values_fail_closed(world: World, reliability: Any) -> None:
     def example(data: st.DataObject) -> str:
-        cell = data.draw(st.sampled_from(world.row_cells))
+        cell = data.draw(st.sampled_from(world.cells_of(*ROW_COLUMNS)))
         kind, value, allowed = mutate_value(data, world, cell)
         if _names(value, world.tombstone):  # documented: a shredded key opens nothing, reads None
             allowed = (None,)
         if data.draw(st.booleans()):
             world.keys.clear_cache()  # the cold path too: keys (and prefetch) from the key table
-        write_raw(world.engine, cell.table, cell.column, cell.id, value)
+        world.write(cell, value)
         try:
             got = outcome(lambda: world.read(cell), DecryptionError)
         finally:
-            write_raw(world.engine, cell.table, cell.column, cell.id, cell.stored)
+            world.write(cell, cell.stored)
         assert got in allowed, (kind, cell, got)
         return kind
 
@@ -202,12 +157,11 @@ def test_tampered_row_values_fail_closed(world: World, reliability: Any) -> None
 # -- key rows: table keys, row keys, the tombstone -----------------------------------------
 
 
-def mutate_key(data: st.DataObject, world: World, key: dict[str, Any]) -> tuple[str, Callable[[Connection], set[int]]]:
-    """Draw one mutation of a key row; return its kind and how to apply it
-    (the function returns the ids of the key rows it changed)."""
-    table = world.keys.table
+def mutate_key(data: st.DataObject, world: World, key: dict[str, Any]) -> tuple[str, KeyChanges]:
+    """Draw one mutation of a key row; return its kind and the change to
+    apply (to two key rows for a parent cycle)."""
     key_id, wrapped = key["id"], key["wrapped_key"]
-    others = [k for k in world.ids() if k != key_id]
+    others = [k for k in world.key_ids() if k != key_id]
     options: dict[str, Callable[[], dict[str, Any]]] = {
         "parent changed": lambda: {"parent_id": data.draw(
             st.sampled_from([*others, key_id, None]) | st.integers(1, (1 << 63) - 1)
@@ -233,38 +187,21 @@ def mutate_key(data: st.DataObject, world: World, key: dict[str, Any]) -> tuple[
         )},
     }
     if wrapped is not None:
-        options.update({
-            "wrapped flipped": lambda: {"wrapped_key": flip(data, wrapped)},
-            "wrapped truncated": lambda: {"wrapped_key": wrapped[: data.draw(st.integers(0, len(wrapped) - 1))]},
-            "wrapped extended": lambda: {"wrapped_key": wrapped + data.draw(st.binary(min_size=1, max_size=16))},
-        })
+        options.update(wrapped_mutations(data, wrapped))
     kind = data.draw(st.sampled_from(sorted([*options, "row deleted", "parent cycle"])))
     if kind == "row deleted":
-        return kind, lambda conn: _run(conn, delete(table).where(table.c.id == key_id), {key_id})
+        return kind, {key_id: None}
     if kind == "parent cycle":  # two keys each naming the other as parent
         other = data.draw(st.sampled_from(others))
-        return kind, lambda conn: _cycle(conn, table, key_id, other)
-    values = options[kind]()
-    return kind, lambda conn: _run(conn, table.update().where(table.c.id == key_id).values(**values), {key_id})
-
-
-def _run(conn: Connection, stmt: Any, changed: set[int]) -> set[int]:
-    conn.execute(stmt)
-    return changed
-
-
-def _cycle(conn: Connection, table: Any, a: int, b: int) -> set[int]:
-    conn.execute(table.update().where(table.c.id == a).values(parent_id=b))
-    conn.execute(table.update().where(table.c.id == b).values(parent_id=a))
-    return {a, b}
+        return kind, {key_id: {"parent_id": other}, other: {"parent_id": key_id}}
+    return kind, {key_id: options[kind]()}
 
 
 def test_tampered_key_rows_fail_closed(world: World, reliability: Any) -> None:
     def example(data: st.DataObject) -> str:
         key = data.draw(st.sampled_from(world.key_rows))
-        kind, apply = mutate_key(data, world, key)
-        with world.engine.begin() as conn:
-            changed = apply(conn)
+        kind, changes = mutate_key(data, world, key)
+        world.change_keys(changes)
         world.keys.clear_cache()
         try:
             for cell in world.cells:
@@ -274,7 +211,7 @@ def test_tampered_key_rows_fail_closed(world: World, reliability: Any) -> None:
                     allowed = (None, EnvelopeError)  # made a tombstone by hand: documented
                 assert got in allowed, (kind, cell, got)
         finally:
-            world.restore_keys(changed)
+            world.restore_keys(changes)
         return kind
 
     run_property(KEY_EXAMPLES, example, reliability, "key row (row scope)")
@@ -287,11 +224,10 @@ def test_cases_the_properties_found(world: World, reliability: Any) -> None:
     (these recursed without end) or a key of another scope; wrapped bytes too
     short for a nonce (a ValueError); a header naming an id beyond BIGINT
     (PostgreSQL refused the prefetch query). Each is DecryptionError."""
-    table = world.keys.table
-    a, b = [c.key_id for c in world.row_cells if c.table == "visits" and c.column == "notes"][:2]
-    victim = next(c for c in world.row_cells if c.key_id == a and c.column == "notes")
-    siv = world.ids("deterministic")[0]
-    cases: dict[str, dict[int, dict[str, Any]]] = {
+    a, b = [c.key_id for c in world.cells_of("notes") if c.table == "visits"][:2]
+    victim = next(c for c in world.cells_of("notes") if c.key_id == a)
+    siv = world.key_ids("deterministic")[0]
+    cases: dict[str, KeyChanges] = {
         "parent chain": {a: {"parent_id": b}},
         "parent self": {a: {"parent_id": a}},
         "parent cycle": {a: {"parent_id": b}, b: {"parent_id": a}},
@@ -299,18 +235,15 @@ def test_cases_the_properties_found(world: World, reliability: Any) -> None:
         "wrapped too short": {a: {"wrapped_key": b"\x01"}},
     }
     for kind, changes in cases.items():
-        with world.engine.begin() as conn:
-            for key_id, values in changes.items():
-                conn.execute(table.update().where(table.c.id == key_id).values(**values))
+        world.change_keys(changes)
         world.keys.clear_cache()
         with pytest.raises(DecryptionError):
             world.read(victim)
-        world.restore_keys(set(changes))
+        world.restore_keys(changes)
         reliability.bad_input(f"key row (row scope) {kind}")
-    beyond = victim.stored[:1] + ((1 << 64) - 1).to_bytes(8, "big") + victim.stored[9:]
-    write_raw(world.engine, victim.table, victim.column, victim.id, beyond)
+    world.write(victim, relabel(victim.stored, (1 << 64) - 1))
     with pytest.raises(DecryptionError):
         world.read(victim)
-    write_raw(world.engine, victim.table, victim.column, victim.id, victim.stored)
+    world.write(victim, victim.stored)
     reliability.bad_input("row value key id beyond BIGINT")
     assert world.read(victim) == victim.plaintext

@@ -16,19 +16,29 @@ column".
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from hypothesis import strategies as st
-from sqlalchemy import delete, select, text
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
 
 from reliability.rows import insert_rows
-from reliability.tamper import BYTE_MUTATIONS, StoredCell, flip, mutate_bytes, outcome, run_property, write_raw
+from reliability.tamper import (
+    BYTE_MUTATIONS,
+    Cell,
+    KeyChanges,
+    World,
+    draw_source,
+    mutate_bytes,
+    outcome,
+    relabel,
+    run_property,
+    wrapped_mutations,
+)
 from sa_envelope import DecryptionError, EnvelopeError, LocalKeyProvider
 from sa_envelope.envelope import format as fmt
-from support.models import ENCRYPTED_COLUMNS, Schema, schema
+from support.models import ENCRYPTED_COLUMNS, schema
 
 pytestmark = pytest.mark.reliability
 
@@ -38,58 +48,20 @@ VALUE_EXAMPLES = 120
 KEY_EXAMPLES = 40
 
 
-@dataclass(frozen=True)
-class Cell(StoredCell):
-    plaintext: Any
-
-
-@dataclass
-class World:
-    """The fixed database and how to read one cell through the package."""
-
-    engine: Engine
-    s: Schema
-    cells: list[Cell]
-    keys: list[dict[str, Any]]  # the key table's rows, as written
-
-    def read(self, cell: Cell) -> Any:
-        t = self.s.tables[cell.table]
-        with self.engine.connect() as conn:
-            return conn.execute(select(t.c[cell.column]).where(t.c.id == cell.id)).scalar_one()
-
-    def write_raw(self, cell: Cell, value: bytes) -> None:
-        write_raw(self.engine, cell.table, cell.column, cell.id, value)
-
-    def restore_key(self, conn: Connection, key_id: int) -> None:
-        table = self.s.keys.table
-        conn.execute(delete(table).where(table.c.id == key_id))
-        conn.execute(table.insert(), [k for k in self.keys if k["id"] == key_id])
-
-
 @pytest.fixture
 def world(engine: Engine) -> World:
     s = schema(engine, LocalKeyProvider(os.urandom(32)), TABLES)
     s.create()
     for table in TABLES:
         insert_rows(s, table, ROWS)
-    cells = []
     with engine.connect() as conn:
-        for table in TABLES:
-            t = s.tables[table]
-            raw = conn.execute(text(f"SELECT id, {', '.join(ENCRYPTED_COLUMNS)} FROM {table}")).all()
-            plain = {r.id: r for r in conn.execute(select(t))}
-            for row in raw:
-                for i, column in enumerate(ENCRYPTED_COLUMNS):
-                    cells.append(Cell(table, row.id, column, bytes(row[i + 1]), getattr(plain[row.id], column)))
-        keys = [dict(r._mapping) for r in conn.execute(select(s.keys.table))]
-    return World(engine, s, cells, keys)
+        plain = {(table, r.id): r for table in TABLES for r in conn.execute(select(s.tables[table]))}
+    return World.capture(
+        engine, s.keys, s.tables, ENCRYPTED_COLUMNS, lambda table, n, column: getattr(plain[table, n], column)
+    )
 
 
 # -- value mutations ------------------------------------------------------------------
-
-
-def _key_ids(world: World) -> list[int]:
-    return [k["id"] for k in world.keys]
 
 
 def mutate_value(data: st.DataObject, world: World, cell: Cell) -> tuple[str, bytes]:
@@ -100,11 +72,11 @@ def mutate_value(data: st.DataObject, world: World, cell: Cell) -> tuple[str, by
         return kind, mutate_bytes(data, kind, v)
     if kind == "key_id":
         own = fmt.read_header(v)[1]
-        other = st.sampled_from([k for k in _key_ids(world) if k != own])
-        unknown = st.integers(1, (1 << 63) - 1).filter(lambda k: k not in _key_ids(world))
+        other = st.sampled_from([k for k in world.key_ids() if k != own])
+        unknown = st.integers(1, (1 << 63) - 1).filter(lambda k: k not in world.key_ids())
         key_id = data.draw(st.one_of(other, unknown))
-        return ("swapped key id" if key_id in _key_ids(world) else "unknown key id"), v[:1] + key_id.to_bytes(8, "big") + v[9:]
-    source = data.draw(st.sampled_from([c for c in world.cells if c != cell and c.stored != v]))
+        return ("swapped key id" if key_id in world.key_ids() else "unknown key id"), relabel(v, key_id)
+    source = draw_source(data, cell, world.cells)
     same_column = (source.table, source.column) == (cell.table, cell.column)
     return ("moved within a column" if same_column else "moved across columns/tables"), source.stored
 
@@ -114,12 +86,12 @@ def test_tampered_values_fail_closed(world: World, reliability: Any) -> None:
         cell = data.draw(st.sampled_from(world.cells))
         kind, value = mutate_value(data, world, cell)
         if data.draw(st.booleans()):
-            world.s.keys.clear_cache()  # the cold path too: keys read from the table
-        world.write_raw(cell, value)
+            world.keys.clear_cache()  # the cold path too: keys read from the table
+        world.write(cell, value)
         try:
             outcome = _read(world, cell)
         finally:
-            world.write_raw(cell, cell.stored)
+            world.write(cell, cell.stored)
         if kind == "moved within a column":
             source = next(c for c in world.cells if c.stored == value)
             assert outcome in (source.plaintext, DecryptionError), (kind, outcome)
@@ -140,17 +112,13 @@ def _read(world: World, cell: Cell) -> Any:
 # -- key-row mutations ------------------------------------------------------------------
 
 
-def mutate_key(data: st.DataObject, world: World, key: dict[str, Any]) -> tuple[str, Callable[[Connection], None]]:
-    """Draw one mutation of a key row; return its kind and how to apply it."""
-    table = world.s.keys.table
-    where = table.c.id == key["id"]
+def mutate_key(data: st.DataObject, world: World, key: dict[str, Any]) -> tuple[str, KeyChanges]:
+    """Draw one mutation of a key row; return its kind and the change to apply."""
     wrapped = key["wrapped_key"]
-    others = [k for k in _key_ids(world) if k != key["id"]]
+    others = [k for k in world.key_ids() if k != key["id"]]
     options: dict[str, Any] = {
-        "wrapped flipped": lambda: {"wrapped_key": flip(data, wrapped)},
-        "wrapped truncated": lambda: {"wrapped_key": wrapped[: data.draw(st.integers(0, len(wrapped) - 1))]},
-        "wrapped extended": lambda: {"wrapped_key": wrapped + data.draw(st.binary(min_size=1, max_size=16))},
-        "wrapped swapped": lambda: {"wrapped_key": next(k["wrapped_key"] for k in world.keys if k["id"] != key["id"])},
+        **wrapped_mutations(data, wrapped),
+        "wrapped swapped": lambda: {"wrapped_key": next(k["wrapped_key"] for k in world.key_rows if k["id"] != key["id"])},
         "parent changed": lambda: {"parent_id": data.draw(st.sampled_from(others) | st.integers(1, (1 << 63) - 1))},
         "owner changed": lambda: {"owner_table": data.draw(st.sampled_from([t for t in TABLES if t != key["owner_table"]] + ["other"]))},
         "wrapping key changed": lambda: {"wrapping_key_id": "local:0000000000000000"},
@@ -159,30 +127,27 @@ def mutate_key(data: st.DataObject, world: World, key: dict[str, Any]) -> tuple[
     }
     kind = data.draw(st.sampled_from(sorted(options)))
     if options[kind] is None:
-        return kind, lambda conn: conn.execute(delete(table).where(where))
-    values = options[kind]()
-    return kind, lambda conn: conn.execute(table.update().where(where).values(**values))
+        return kind, {key["id"]: None}
+    return kind, {key["id"]: options[kind]()}
 
 
 def test_tampered_key_rows_fail_closed(world: World, reliability: Any) -> None:
     def example(data: st.DataObject) -> str:
-        key = data.draw(st.sampled_from(world.keys))
-        kind, apply = mutate_key(data, world, key)
-        with world.engine.begin() as conn:
-            apply(conn)
-        world.s.keys.clear_cache()
+        key = data.draw(st.sampled_from(world.key_rows))
+        kind, changes = mutate_key(data, world, key)
+        world.change_keys(changes)
+        world.keys.clear_cache()
         try:
             for cell in world.cells:
                 if fmt.read_header(cell.stored)[1] == key["id"]:
                     outcome = _read_any(world, cell)
                     assert outcome in (cell.plaintext, EnvelopeError), (kind, outcome)
         finally:
-            with world.engine.begin() as conn:
-                world.restore_key(conn, key["id"])
+            world.restore_keys(changes)
         return kind
 
     run_property(KEY_EXAMPLES, example, reliability, "key row")
-    world.s.keys.clear_cache()
+    world.keys.clear_cache()
     assert all(_read(world, c) == c.plaintext for c in world.cells)
 
 
