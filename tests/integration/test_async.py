@@ -62,7 +62,8 @@ ROWS = [
 ]
 
 
-async def setup(engine: AsyncEngine, keys: KeyManager) -> type:
+async def create_patients(engine: AsyncEngine, keys: KeyManager) -> type:
+    """Create the key table and ``patients`` with ``ROWS``; returns the Patient model."""
     Patient = make_model(keys)
     await keys.create_table_async()
     async with engine.begin() as conn:
@@ -82,7 +83,7 @@ def aengine(engine: Engine, db_url: str) -> Any:
 def test_async_round_trip_with_deterministic_filter(aengine: AsyncEngine) -> None:
     async def main() -> None:
         keys = KeyManager(aengine, LocalKeyProvider(os.urandom(32)))
-        Patient = await setup(aengine, keys)
+        Patient = await create_patients(aengine, keys)
         async with AsyncSession(aengine) as session:
             found = (await session.scalars(select(Patient).where(Patient.ssn == "123-45-6789"))).all()
             assert sorted(p.name for p in found) == ["Ada", "Grace"]
@@ -130,7 +131,7 @@ def test_provider_call_does_not_stall_the_event_loop(aengine: AsyncEngine) -> No
 
     async def main() -> None:
         writer = KeyManager(aengine, LocalKeyProvider(master))
-        await setup(aengine, writer)
+        await create_patients(aengine, writer)
         gated = GatedProvider(master)
         reader = KeyManager(aengine, gated)  # a fresh process: empty cache
         Patient = make_model(reader)
@@ -155,7 +156,7 @@ def test_provider_call_does_not_stall_the_event_loop(aengine: AsyncEngine) -> No
 def test_warm_async_preloads_keys_from_kms(aengine: AsyncEngine, kms_client: Any, cmk: str) -> None:
     async def main() -> None:
         writer = KeyManager(aengine, AwsKmsProvider(cmk, client=kms_client))
-        await setup(aengine, writer)
+        await create_patients(aengine, writer)
         kms_client.calls.clear()
         reader = KeyManager(aengine, AwsKmsProvider(cmk, client=kms_client))
         Patient = make_model(reader)

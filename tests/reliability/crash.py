@@ -48,7 +48,7 @@ from typing import Callable, Iterator
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
-from sa_envelope import LocalKeyProvider
+from sa_envelope import KeyProvider, LocalKeyProvider
 from sa_envelope import faults
 from sa_envelope.envelope import format as fmt
 
@@ -63,6 +63,8 @@ __all__ = [
     "CrashScenario",
     "InjectedFault",
     "SCENARIOS",
+    "WORKER",
+    "count_checked_rows",
     "declared_points",
     "exit_at",
     "kill_after",
@@ -223,8 +225,9 @@ def orphan_values(engine: Engine, tables: tuple[str, ...]) -> int:
     return orphans
 
 
-def checked(ctx: CrashContext, table: str, ns: range) -> int:
-    """All of ``ns`` in ``table`` decrypt to their values; returns how many."""
-    result = check_rows(ctx.engine, ctx.provider, table, ns)
+def count_checked_rows(ctx: CrashContext, table: str, ns: range, provider: KeyProvider | None = None) -> int:
+    """Asserts that all of ``ns`` in ``table`` decrypt to their values (keys
+    unwrapped by ``provider``, by default the context's); returns how many."""
+    result = check_rows(ctx.engine, ctx.provider if provider is None else provider, table, ns)
     assert result == (len(ns), 0), f"{table}: checked, lost = {result}"
     return len(ns)

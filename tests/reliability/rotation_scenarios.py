@@ -20,8 +20,8 @@ from sa_envelope.alembic import ENCRYPT_SUFFIX
 from sa_envelope.envelope import format as fmt
 import sa_envelope.alembic  # noqa: F401 - registers op.encrypt_column / decrypt_column
 
-from .crash import CrashContext, CrashScenario, orphan_values, register
-from .rows import check_rows, insert_rows
+from .crash import CrashContext, CrashScenario, count_checked_rows, orphan_values, register
+from .rows import insert_rows
 
 __all__ = ["COLUMN_JOBS", "REENCRYPT", "REWRAP", "ROLLOVER"]
 
@@ -36,15 +36,16 @@ def _prepare_patients(ctx: CrashContext, rows: range = BEFORE) -> None:
     insert_rows(s, "patients", rows)
 
 
-def _rows_ok(ctx: CrashContext, provider: Any, ns: range) -> int:
+def _count_checked_patients(ctx: CrashContext, provider: Any, ns: range) -> int:
+    """Asserts no orphan value and all of patients ``ns`` intact; returns how many."""
     assert orphan_values(ctx.engine, ctx.tables) == 0
-    assert check_rows(ctx.engine, provider, "patients", ns) == (len(ns), 0)
-    return len(ns)
+    return count_checked_rows(ctx, "patients", ns, provider)
 
 
-def _keys(ctx: CrashContext, sql: str) -> list[Any]:
+def _key_rows(ctx: CrashContext, where: str) -> list[Any]:
+    """(id, wrapping_key_id, status) of the key rows ``where`` selects."""
     with ctx.engine.connect() as conn:
-        return list(conn.execute(text(f"SELECT id, wrapping_key_id, status FROM sa_envelope_keys WHERE {sql}")))
+        return list(conn.execute(text(f"SELECT id, wrapping_key_id, status FROM sa_envelope_keys WHERE {where}")))
 
 
 # -- rewrap ------------------------------------------------------------------------------
@@ -85,11 +86,11 @@ def _run_rewrap(ctx: CrashContext) -> None:
 
 def _verify_rewrap(ctx: CrashContext, crashed: bool | None) -> int:
     old, new = ctx.provider, _new_provider(ctx)
-    wrapped_by = {r.wrapping_key_id for r in _keys(ctx, "parent_id IS NULL")}
+    wrapped_by = {r.wrapping_key_id for r in _key_rows(ctx, "parent_id IS NULL")}
     assert wrapped_by <= {old.wrapping_key_id, new.wrapping_key_id}
     if crashed is False:
         assert wrapped_by == {new.wrapping_key_id}
-    return _rows_ok(ctx, _EitherKey(old, new), BEFORE)
+    return _count_checked_patients(ctx, _EitherKey(old, new), BEFORE)
 
 
 REWRAP = register(CrashScenario(
@@ -107,24 +108,25 @@ def _run_rollover(ctx: CrashContext) -> None:
     """Roll the patients key over, then write rows under the new key (once)."""
     s = ctx.schema()
     s.keys.rotate_table_key("patients")
-    if not _during(ctx):
+    if not _count_rows_during(ctx):
         insert_rows(s, "patients", DURING)
 
 
-def _during(ctx: CrashContext) -> int:
+def _count_rows_during(ctx: CrashContext) -> int:
+    """Patients rows the roll-over job wrote (numbered from ``DURING``)."""
     with ctx.engine.connect() as conn:
         return int(conn.execute(text(f"SELECT COUNT(*) FROM patients WHERE n >= {DURING.start}")).scalar_one())
 
 
 def _verify_rollover(ctx: CrashContext, crashed: bool | None) -> int:
-    table_keys = _keys(ctx, "owner_table = 'patients' AND scope = 'table'")
+    table_keys = _key_rows(ctx, "owner_table = 'patients' AND scope = 'table'")
     assert [k.status for k in table_keys].count("active") == 1
-    during = _during(ctx)
+    during = _count_rows_during(ctx)
     if crashed is True:  # the roll-over shares one transaction: undone whole
         assert during == 0 and len(table_keys) == 1
     if crashed is False:
         assert during == len(DURING) and len(table_keys) >= 2
-    return _rows_ok(ctx, ctx.provider, range(BEFORE.start, DURING.stop if during else BEFORE.stop))
+    return _count_checked_patients(ctx, ctx.provider, range(BEFORE.start, DURING.stop if during else BEFORE.stop))
 
 
 ROLLOVER = register(CrashScenario(
@@ -172,7 +174,7 @@ def _run_reencrypt(ctx: CrashContext) -> None:
 def _verify_reencrypt(ctx: CrashContext, crashed: bool | None) -> int:
     if crashed is False:
         assert _names_under(ctx, _first_table_key(ctx)) == 0
-    return _rows_ok(ctx, ctx.provider, range(2))
+    return _count_checked_patients(ctx, ctx.provider, range(2))
 
 
 REENCRYPT = register(CrashScenario(

@@ -18,6 +18,7 @@ from support.models import row_scope_model
 from support.row_scope import row_key_ids
 
 from .crash import CrashContext, CrashScenario, register
+from .rows import count_key_rows
 
 __all__ = ["ROWKEY_CREATE", "SHRED"]
 
@@ -27,7 +28,7 @@ DURING = range(20, 40)  # the rows the job adds (one row key each, one COPY/exec
 SHREDDED = 3  # the row the shred job erases
 
 
-def _model(ctx: CrashContext) -> tuple[KeyManager, Any]:
+def _keys_and_model(ctx: CrashContext) -> tuple[KeyManager, Any]:
     keys = KeyManager(ctx.engine, ctx.provider)  # a cold cache, as after a restart
     return keys, row_scope_model(keys, TABLE)
 
@@ -37,7 +38,7 @@ def _value(n: int) -> dict[str, Any]:
 
 
 def _prepare(ctx: CrashContext) -> None:
-    keys, Patient = _model(ctx)
+    keys, Patient = _keys_and_model(ctx)
     keys.create_table()
     Patient.metadata.create_all(ctx.engine)
     with Session(ctx.engine) as s:
@@ -45,9 +46,9 @@ def _prepare(ctx: CrashContext) -> None:
         s.commit()
 
 
-def _read(ctx: CrashContext) -> dict[int, tuple[Any, ...]]:
+def _read_rows(ctx: CrashContext) -> dict[int, tuple[Any, ...]]:
     """Every row as a new process reads it (KeyNotFoundError would propagate)."""
-    _, Patient = _model(ctx)
+    _, Patient = _keys_and_model(ctx)
     with Session(ctx.engine) as s:
         return {p.id: (p.name, p.notes, p.ssn) for p in s.scalars(select(Patient))}
 
@@ -59,24 +60,18 @@ def _expected(n: int) -> tuple[Any, ...]:
 
 def _no_orphans(ctx: CrashContext) -> None:
     """Every stored row-scoped value names a key the key table holds."""
-    _, Patient = _model(ctx)
+    _, Patient = _keys_and_model(ctx)
     with ctx.engine.connect() as conn:
         stored = {int(k) for k in conn.execute(text("SELECT id FROM sa_envelope_keys")).scalars()}
         named = {k for pair in row_key_ids(conn, Patient).values() for k in pair if k is not None}
     assert named <= stored
 
 
-def _row_keys(ctx: CrashContext) -> int:
-    with ctx.engine.connect() as conn:
-        sql = "SELECT count(*) FROM sa_envelope_keys WHERE scope = 'row' AND owner_table = :t"
-        return int(conn.execute(text(sql), {"t": TABLE}).scalar_one())
-
-
 # -- row-key creation: new rows and their keys commit or vanish together -----------
 
 
 def _run_create(ctx: CrashContext) -> None:
-    _, Patient = _model(ctx)
+    _, Patient = _keys_and_model(ctx)
     with Session(ctx.engine) as s:
         s.add_all([Patient(**_value(n)) for n in DURING])
         s.commit()
@@ -84,12 +79,12 @@ def _run_create(ctx: CrashContext) -> None:
 
 def _verify_create(ctx: CrashContext, crashed: bool | None) -> int:
     _no_orphans(ctx)
-    rows = _read(ctx)
+    rows = _read_rows(ctx)
     if crashed is None:  # killed at a random moment: one transaction, all or nothing
         crashed = len(rows) == len(BEFORE)
     ns = BEFORE if crashed else range(BEFORE.start, DURING.stop)
     assert rows == {n: _expected(n) for n in ns}
-    assert _row_keys(ctx) == len(ns)  # no key left behind by the lost rows
+    assert count_key_rows(ctx.engine, TABLE, "row") == len(ns)  # no key left behind by the lost rows
     return len(ns)
 
 
@@ -108,7 +103,7 @@ ROWKEY_CREATE = register(
 
 
 def _run_shred(ctx: CrashContext) -> None:
-    keys, Patient = _model(ctx)
+    keys, Patient = _keys_and_model(ctx)
     with Session(ctx.engine) as s:
         keys.shred(s.get(Patient, SHREDDED))
         s.commit()
@@ -116,14 +111,14 @@ def _run_shred(ctx: CrashContext) -> None:
 
 def _verify_shred(ctx: CrashContext, crashed: bool | None) -> int:
     _no_orphans(ctx)
-    rows = _read(ctx)  # a missing key would raise: shredding never looks like loss
+    rows = _read_rows(ctx)  # a missing key would raise: shredding never looks like loss
     if crashed is None:
         crashed = rows[SHREDDED][1] is not None
     want = {n: _expected(n) for n in BEFORE}
     if not crashed:
         want[SHREDDED] = (want[SHREDDED][0], None, None)
     assert rows == want
-    assert _row_keys(ctx) == len(BEFORE)  # the tombstone stays
+    assert count_key_rows(ctx.engine, TABLE, "row") == len(BEFORE)  # the tombstone stays
     return len(BEFORE)
 
 

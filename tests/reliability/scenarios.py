@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from .crash import CrashContext, CrashScenario, checked, orphan_values, register
+from .crash import CrashContext, CrashScenario, count_checked_rows, orphan_values, register
 from .rows import add_rows, count_key_rows, insert_rows
 
 __all__ = ["KEY_CREATE"]
@@ -40,11 +40,11 @@ def _verify_key_create(ctx: CrashContext, crashed: bool | None) -> int:
         crashed = count_key_rows(ctx.engine, "visits") == 0
     if crashed:  # the whole transaction is gone, the committed rows are intact
         assert count_key_rows(ctx.engine, "visits") == 0
-        n = checked(ctx, "patients", BEFORE)
-        return n + checked(ctx, "visits", range(0))
+        n = count_checked_rows(ctx, "patients", BEFORE)
+        return n + count_checked_rows(ctx, "visits", range(0))
     assert count_key_rows(ctx.engine, "visits") == 2  # one table key, one deterministic key
-    n = checked(ctx, "patients", range(BEFORE.start, DURING.stop))
-    return n + checked(ctx, "visits", NEW_TABLE)
+    n = count_checked_rows(ctx, "patients", range(BEFORE.start, DURING.stop))
+    return n + count_checked_rows(ctx, "visits", NEW_TABLE)
 
 
 KEY_CREATE = register(
