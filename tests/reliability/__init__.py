@@ -2,5 +2,5 @@
 faults, crashes, races and tampering, with its machinery: a fault-injecting
 KMS proxy (kms_proxy), crash scenarios (crash, scenarios, rotation_scenarios,
 rowkey_scenarios) and their subprocess worker (``python -m reliability.worker``),
-the reliability table shape and its rows (rows), and the tampering helpers
-(tamper)."""
+the rows of the reliability table shape (rows; the shape itself is
+``support.models.schema``) and the tampering world and mutations (tamper)."""
