@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-__all__ = ["Figures", "pytest_runtest_logreport", "pytest_terminal_summary", "reliability"]
+__all__ = ["Figures", "pytest_collection_modifyitems", "pytest_runtest_logreport", "pytest_terminal_summary", "reliability"]
 
 
 @dataclass
@@ -94,8 +94,18 @@ def reliability() -> Figures:
     return _FIGURES
 
 
+_MARKED: set[str] = set()  # node ids of the tests marked ``reliability``
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Remember the tests the ``reliability`` marker selects: a report's
+    keywords also hold node names, and tests/reliability/ is a package of
+    that name, whose unmarked tests ``-m reliability`` does not run."""
+    _MARKED.update(item.nodeid for item in items if item.get_closest_marker("reliability"))
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.when == "call" and report.passed and "reliability" in report.keywords:
+    if report.when == "call" and report.passed and report.nodeid in _MARKED:
         _FIGURES.tests += 1
 
 
