@@ -47,7 +47,7 @@ def _required_backends() -> set[str]:
 
 def pytest_configure(config: pytest.Config) -> None:
     _required_backends()  # validate early, before any test runs
-    import reliability_summary  # the figures printed after reliability tests (issue 7)
+    from support import reliability_summary  # the figures printed after reliability tests (issue 7)
 
     if not config.pluginmanager.has_plugin("sa_envelope_reliability"):
         config.pluginmanager.register(reliability_summary, "sa_envelope_reliability")

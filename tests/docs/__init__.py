@@ -1,0 +1,1 @@
+"""Tests that check the documentation: its code runs, the demo works, the threat model names real tests."""

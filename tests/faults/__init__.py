@@ -1,2 +1,0 @@
-"""Test-only machinery for the reliability suite: a fault-injecting KMS
-proxy, crash scenarios and their subprocess worker, shared models."""
