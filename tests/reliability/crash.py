@@ -187,15 +187,22 @@ def run_worker(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[
     )
 
 
-def kill_after(proc: subprocess.Popen[str], stop: Callable[[str], bool]) -> str | None:
+def kill_after(proc: subprocess.Popen[str], stop: Callable[[str], bool], *, resume: bool = False) -> str | None:
     """Read ``proc``'s output lines until ``stop(line)``, then SIGKILL it at
-    once (it is mid-work); return that line, or None if the job ended first."""
+    once (it is mid-work); return that line, or None if the job ended first.
+
+    ``resume``: the worker waits at each line for "go" (``job``): send it for
+    every line before the chosen one, so the kill lands exactly there, not
+    wherever a loaded machine let the worker run on to."""
     assert proc.stdout is not None
     for line in proc.stdout:
         if stop(line.strip()):
             proc.kill()  # SIGKILL on POSIX
             proc.wait(timeout=30)
             return line.strip()
+        if resume and proc.stdin is not None:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
     proc.wait(timeout=30)
     return None
 
@@ -203,7 +210,7 @@ def kill_after(proc: subprocess.Popen[str], stop: Callable[[str], bool]) -> str 
 def start_worker(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", WORKER, *args],
-        env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=worker_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 

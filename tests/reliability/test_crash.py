@@ -102,8 +102,8 @@ def test_exit_at_fault_point(ctx: CrashContext, name: str, point: str, occurrenc
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_sigkill_during_job(ctx: CrashContext, name: str, reliability: Any) -> None:
-    """A real SIGKILL at a random moment of the job (after a randomly chosen
-    fault point), then recovery from whatever state that left."""
+    """A real SIGKILL at a randomly chosen fault point of the job (the worker
+    waits there until killed), then recovery from whatever state that left."""
     scenario = SCENARIOS[name]
     scenario.prepare(ctx)
     target = random.randrange(len(scenario.points) * scenario.occurrences)
@@ -114,7 +114,7 @@ def test_sigkill_during_job(ctx: CrashContext, name: str, reliability: Any) -> N
         return len(passed) > target
 
     proc = start_worker("--url", ctx.url, "--keyfile", ctx.keyfile, "job", name)
-    killed = kill_after(proc, stop)
+    killed = kill_after(proc, stop, resume=True)
     assert killed is not None and killed.startswith("point "), (passed, proc.stderr.read() if proc.stderr else "")
     checked = scenario.verify(ctx, None)
     scenario.run(ctx)

@@ -4,7 +4,8 @@ Commands::
 
     scenario NAME POINT OCCURRENCE  run a crash scenario's job, os._exit at the point
     job NAME                        run a scenario's job, printing "point P" at each
-                                    fault point passed (the parent kills it meanwhile)
+                                    fault point and waiting there for "go" on stdin
+                                    (the parent kills it at the point it chose)
     bulk START STOP BATCH           insert rows [START, STOP) committing every BATCH,
                                     printing "committed N" after each commit
     race WORKER ROWS THREADS        wait for "go" on stdin, then THREADS threads
@@ -41,7 +42,11 @@ def _scenario(ctx: CrashContext, name: str, point: str, occurrence: int) -> int:
 def _job(ctx: CrashContext, name: str) -> int:
     from . import scenarios  # noqa: F401 - registers them
 
-    with faults.inject(lambda point: print(f"point {point}", flush=True)):
+    def pause(point: str) -> None:  # so the parent's SIGKILL lands at this very point
+        print(f"point {point}", flush=True)
+        sys.stdin.readline()
+
+    with faults.inject(pause):
         SCENARIOS[name].run(ctx)
     print("done", flush=True)
     return 0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "sa_envelope"
+PACKAGE = Path(__file__).resolve().parents[2] / "sa_envelope"
 DOC = PACKAGE.parent / "docs" / "architecture.md"
 
 # bottom first; a module may import from its own layer or the ones below
