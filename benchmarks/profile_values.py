@@ -38,7 +38,7 @@ from sqlalchemy import Column, Integer, LargeBinary, MetaData, String, Table, cr
 from ._data import dataset
 from ._variants import FloorAesGcm
 
-__all__ = ["main", "profile_lines"]
+__all__ = ["main", "pieces", "profile_lines"]
 
 
 def profile_lines(fn: Callable[[], object], per: int, top: int) -> list[str]:
@@ -97,10 +97,91 @@ def _processors(table: Table, engine: Any) -> tuple[Callable[[Any], Any], Callab
     return bind, result, stored
 
 
+def _cpu_us(fn: Callable[[], object], n: int) -> float:
+    """Unprofiled CPU us per value of ``fn()`` (one pass over n values), best of 7."""
+    return 1e6 * min(timeit.repeat(fn, timer=time.process_time, number=1, repeat=7)) / n
+
+
+def _loop(call: Callable[[Any], Any], items: list[Any]) -> Callable[[], None]:
+    def run() -> None:
+        for item in items:
+            call(item)
+
+    return run
+
+
+def pieces(env: dict[str, Any], n: int) -> list[str]:
+    """Each step of the per-value path timed alone (no profiler), in us per value.
+
+    Reaches into the column type's internals (``_store``, ``_codec``, ``_ctx``,
+    ``_read_memo``...): a diagnostic, so a piece whose internals moved prints
+    "n/a" instead of failing the run."""
+    from sa_envelope.envelope import format as fmt
+
+    lines: list[str] = []
+    for name in ("table", "deterministic", "row"):
+        table = env["tables"][name]
+        column_type = table.c.v.type
+        texts = [getattr(v, "value", v) for v in env["values"][name]]
+        data = [t.encode() for t in texts]
+        bind, result, stored = _processors(table, env["engine"])
+        result(stored[0])
+        try:
+            store, codec, ctx = column_type._store, column_type._codec, column_type._ctx
+            key = (store.encryption_key(table.name, column_type._key_scope) if name != "row"
+                   else column_type._row_keys.cache.peek(fmt.read_header(stored[0])[1]))
+            cipher, head = key.cipher, key.head
+            # one cipher per stored value: its row key's (row scope), else the column's key
+            ciphers = ([column_type._row_keys.cache.peek(fmt.read_header(v)[1]).cipher for v in stored]
+                       if name == "row" else [cipher] * len(stored))
+            aad = head + ctx
+            nonces = [os.urandom(12) for _ in range(n)]
+            steps: list[tuple[str, Callable[[], None]]] = [
+                ("encrypt: bind processor, whole", _loop(bind, env["values"][name])),
+                ("encrypt: EncryptedType.encrypt", _loop(column_type.encrypt, env["values"][name])),
+                ("encrypt: codec.encode (isinstance + str.encode)", _loop(codec.encode, texts)),
+                ("encrypt: os.urandom(12)", _loop(lambda _: os.urandom(12), texts)),
+                ("encrypt: aad = head + context", _loop(lambda _: head + ctx, texts)),
+            ]
+            if name == "deterministic":
+                steps.append(("encrypt: AESSIV.encrypt (aad precomputed)", _loop(lambda d: cipher.encrypt(d, [aad]), data)))
+            else:
+                pairs = list(zip(nonces, data))
+                steps.append(("encrypt: AESGCM.encrypt (nonce, aad precomputed)",
+                              _loop(lambda p: cipher.encrypt(p[0], p[1], aad), pairs)))
+            if name != "row":
+                steps.append(("encrypt: store.encryption_key (cache get, use count, monotonic)",
+                              _loop(lambda _: store.encryption_key(table.name, column_type._key_scope), texts)))
+            steps += [
+                ("decrypt: result processor, whole", _loop(result, stored)),
+                ("decrypt: EncryptedType.decrypt", _loop(column_type.decrypt, stored)),
+                ("decrypt: header slice value[:9] + memo dict get", _loop(lambda v: column_type._read_memo.get(v[:9]), stored)),
+                ("decrypt: time.monotonic()", _loop(lambda _: time.monotonic(), stored)),
+                ("decrypt: fmt.open_value (slices + cipher)",
+                 _loop(lambda p: fmt.open_value(p[0], p[1][0], p[1], ctx), list(zip(ciphers, stored)))),
+                ("decrypt: codec.decode (bytes.decode)", _loop(codec.decode, data)),
+            ]
+            if name == "row":
+                rows = column_type._row_keys
+                ids = [fmt.read_header(v)[1] for v in stored]
+                steps += [
+                    ("decrypt: fmt.read_header", _loop(fmt.read_header, stored)),
+                    ("decrypt: row_keys.decryption_key (cache get, use count)",
+                     _loop(lambda k: rows.decryption_key(k, table=table.name, column="v"), ids)),
+                ]
+        except (AttributeError, TypeError, KeyError) as exc:
+            lines.append(f"== {name}: pieces n/a (internals changed: {type(exc).__name__}: {exc})")
+            continue
+        lines.append(f"== {name}: each piece alone, CPU us per value ({n:,} values, best of 7)")
+        lines += [f"    {_cpu_us(fn, n):6.2f}  {label}" for label, fn in steps]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_values", description=__doc__)
     parser.add_argument("--values", type=int, default=20_000)
     parser.add_argument("--top", type=int, default=14)
+    parser.add_argument("--pieces", action="store_true", help="also time each step of the path alone")
     args = parser.parse_args(argv)
     n = args.values
     with tempfile.TemporaryDirectory() as directory:
@@ -127,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                 best = min(timeit.repeat(fn, timer=time.process_time, number=1, repeat=7))
                 print(f"== {name}: {step}, {n:,} values, unprofiled {1e6 * best / n:.2f} us/value")
                 print("\n".join(profile_lines(fn, n, args.top)))
+        if args.pieces:
+            print("\n".join(pieces(env, n)))
         engine.dispose()
     return 0
 
