@@ -24,14 +24,15 @@ and counted KMS client, as in the ORM section.
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import Column, Integer, MetaData, Table, insert, select
 
 from ._backend import BackendEnv
 from ._data import dataset
+from ._kms import KmsClient
 from ._orm import table_name
-from ._profile import profile_text
+from ._profile import profile_steps
 from ._rounds import Contender, run_interleaved
 from ._settings import Settings
 from ._variants import COLUMNS, Variant
@@ -56,7 +57,10 @@ class CoreTable:
         self.variant = variant
         self.rows = rows
         self.engine = env.engine()
-        self.keys, self.kms = (env.key_manager(self.engine) if variant.uses_keys else (None, None))
+        self.keys: Any = None
+        self.kms: KmsClient | None = None
+        if variant.uses_keys:
+            self.keys, self.kms = env.key_manager(self.engine)
         self.metadata = MetaData()
         types = variant.types(self.keys)
         equality = not variant.no_equality
@@ -107,7 +111,7 @@ class CoreTable:
 
     def go_cold(self) -> None:
         """Untimed, before the cold select: forget every key, as a new process would."""
-        if self.keys is not None:
+        if self.keys is not None and self.kms is not None:
             self.keys.clear_cache()
             self.kms.reset()
 
@@ -118,7 +122,7 @@ class CoreTable:
         return count
 
     def contender(self) -> Contender:
-        steps = [("insert", self.insert), ("select", self.select)]
+        steps: list[tuple[str, Callable[[], object]]] = [("insert", self.insert), ("select", self.select)]
         if not self.variant.no_equality:
             steps.append(("lookup", self.lookup))
         steps.append(("select_cold", self.select_cold))
@@ -148,18 +152,9 @@ def run_core(env: BackendEnv, variants: list[Variant], settings: Settings) -> di
                 info["cold_select_kms_calls"] = t.cold_kms_calls
             result["variants"][t.variant.name] = info
         if settings.profile:
-            result["profile"] = _profile(tables, settings.profile, env.name)
+            result["profile"] = profile_steps(tables, settings.profile, f"Core on {env.name}")
         return result
     finally:
         for t in tables:
             t.dispose()
 
-
-def _profile(tables: list[CoreTable], name: str, backend: str) -> str:
-    chosen = [t for t in tables if t.variant.name == name]
-    if not chosen:
-        return f"--profile {name!r}: no such available variant\n"
-    table = chosen[0]
-    table.recreate()
-    text = profile_text(table.insert, f"{name} Core insert on {backend}")
-    return text + profile_text(table.select, f"{name} Core select on {backend}")

@@ -4,23 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._markdown import ratio as _x
+from ._markdown import seconds as _s
+from ._markdown import table as _table
 from ._report_core import async_core, core, core_summary, stream
 from ._rounds import Timings
 
 __all__ = ["render"]
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
-def _x(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
-def _s(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 def _ms(seconds: float) -> str:

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._markdown import ratio as _x
+from ._markdown import seconds as _s
+from ._markdown import table as _table
 from ._rounds import Timings
 
 __all__ = ["async_core", "core", "core_summary", "stream"]
 
 BACKEND_NAMES = {"sqlite": "SQLite", "postgresql": "PostgreSQL", "mysql": "MariaDB"}
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
-def _x(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
-def _s(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 def _cold_calls(info: dict[str, Any]) -> str:

@@ -45,10 +45,9 @@ def stream_table(scope: str, keys: Any) -> Table:
     from sa_envelope import EncryptedType
 
     metadata = MetaData()
-    options = {"scope": "row"} if scope == "row" else {}
     return Table(
         f"{PREFIX}stream_{scope}", metadata, Column("id", Integer, primary_key=True),
-        *(Column(name, EncryptedType(String(length), keys, **options)) for name, length in COLUMNS.items()),
+        *(Column(name, EncryptedType(String(length), keys, scope=scope)) for name, length in COLUMNS.items()),
     )
 
 

@@ -57,7 +57,9 @@ def _manager(spec: dict[str, Any]) -> tuple[Any, Any, list[int]]:
 
     from ._kms import CREDENTIALS, REGION
 
-    client = boto3.session.Session(region_name=REGION, **CREDENTIALS).client("kms", endpoint_url=spec["endpoint"])
+    session = boto3.session.Session(region_name=REGION, aws_access_key_id=CREDENTIALS["aws_access_key_id"],
+                                    aws_secret_access_key=CREDENTIALS["aws_secret_access_key"])
+    client = session.client("kms", endpoint_url=spec["endpoint"])
     calls = [0]
 
     def count(**_: Any) -> None:
