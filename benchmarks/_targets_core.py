@@ -53,7 +53,8 @@ def _stream(key: str, limit: float) -> Check:
             text = f"{value:.2f}x ({stream.get('rows', 0):,} rows)" if value else ""
         else:
             value = row.get("per_row_growth")
-            text = f"{value:.2f}x ({row.get('checkpoint_rows', 0):,} vs {row.get('rows_read', 0):,} rows)" if value else ""
+            span = f"{row.get('checkpoint_rows', 0):,} vs {row.get('rows_read', 0):,} rows"
+            text = f"{value:.2f}x ({span})" if value else ""
         if not value:
             return f"n/a ({row.get('unavailable', 'not run')})", None
         return text, value <= limit
@@ -67,7 +68,8 @@ def _stream_memory(backend: dict[str, Any]) -> Result:
     if "peak_rss_growth_mib" not in row or "peak_rss_growth_mib" not in table:
         return "n/a (not run)", None
     grown, partition = row["peak_rss_growth_mib"], max(table["peak_rss_growth_mib"], 1.0)
-    return f"{grown:.1f} MiB (table scope, same partitions: {table['peak_rss_growth_mib']:.1f} MiB)", grown <= 2 * partition
+    text = f"{grown:.1f} MiB (table scope, same partitions: {table['peak_rss_growth_mib']:.1f} MiB)"
+    return text, grown <= 2 * partition
 
 
 CORE_TARGETS: list[tuple[str, Check]] = [

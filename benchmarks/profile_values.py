@@ -144,7 +144,8 @@ def pieces(env: dict[str, Any], n: int) -> list[str]:
                 ("encrypt: aad = head + context", _loop(lambda _: head + ctx, texts)),
             ]
             if name == "deterministic":
-                steps.append(("encrypt: AESSIV.encrypt (aad precomputed)", _loop(lambda d: cipher.encrypt(d, [aad]), data)))
+                steps.append(("encrypt: AESSIV.encrypt (aad precomputed)",
+                              _loop(lambda d: cipher.encrypt(d, [aad]), data)))
             else:
                 pairs = list(zip(nonces, data))
                 steps.append(("encrypt: AESGCM.encrypt (nonce, aad precomputed)",
@@ -155,7 +156,8 @@ def pieces(env: dict[str, Any], n: int) -> list[str]:
             steps += [
                 ("decrypt: result processor, whole", _loop(result, stored)),
                 ("decrypt: EncryptedType.decrypt", _loop(column_type.decrypt, stored)),
-                ("decrypt: header slice value[:9] + memo dict get", _loop(lambda v: column_type._read_memo.get(v[:9]), stored)),
+                ("decrypt: header slice value[:9] + memo dict get",
+                 _loop(lambda v: column_type._read_memo.get(v[:9]), stored)),
                 ("decrypt: time.monotonic()", _loop(lambda _: time.monotonic(), stored)),
                 ("decrypt: fmt.open_value (slices + cipher)",
                  _loop(lambda p: fmt.open_value(p[0], p[1][0], p[1], ctx), list(zip(ciphers, stored)))),

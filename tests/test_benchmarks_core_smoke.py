@@ -64,3 +64,17 @@ def test_core_async_and_stream_sections_run_at_a_trivial_size(
     assert "### Core insert, select and lookup: sqlite" in printed
     assert "### Core targets (issue 15), every backend" in printed
     assert "| pydantic-encryption AWS KMS | n/a (not available: its AWS mode makes one KMS" in printed
+
+
+def test_per_value_profile_runs_at_a_trivial_size(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import profile_values
+
+    assert profile_values.main(["--values", "30", "--top", "5", "--pieces"]) == 0
+
+    printed = capsys.readouterr().out
+    for name in ("floor", "table", "deterministic", "row"):
+        for step in ("encrypt", "decrypt", "core select"):
+            assert f"== {name}: {step}, 30 values, unprofiled " in printed, (name, step)
+    for name in ("table", "deterministic", "row"):
+        # the pieces reach into the column type's internals: either they ran or they say why not
+        assert f"== {name}: each piece alone" in printed or f"== {name}: pieces n/a (internals changed" in printed
