@@ -18,10 +18,10 @@ from ._settings import SIZES, Settings, backend_url
 
 __all__ = ["main"]
 
-SECTIONS = ("orm", "kms", "lookup", "jobs", "micro")
+SECTIONS = ("orm", "core", "async", "stream", "kms", "lookup", "jobs", "micro")
 RESULTS = Path(__file__).parent / "results"
 PACKAGES = ("sqlalchemy", "cryptography", "boto3", "moto", "sqlalchemy-utils", "sqlalchemy-encrypted-field",
-            "psycopg", "pymysql", "pyinstrument")
+            "sealed-fields", "pydantic-encryption", "psycopg", "pymysql", "aiosqlite", "asyncpg", "pyinstrument")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -50,6 +50,7 @@ def parse(argv: list[str] | None) -> tuple[Settings, list[str] | None]:
     parser.add_argument("--job-rows", type=int)
     parser.add_argument("--micro-values", type=int)
     parser.add_argument("--kms-latency-ms", type=float)
+    parser.add_argument("--stream-rows", type=int, help="rows of the streaming section (checkpoint at a tenth)")
     parser.add_argument("--output", default=str(RESULTS), help="directory for the JSON and markdown results")
     parser.add_argument("--profile", help="variant name to profile with pyinstrument (insert and select)")
     args = parser.parse_args(argv)
@@ -60,7 +61,7 @@ def parse(argv: list[str] | None) -> tuple[Settings, list[str] | None]:
     settings = base.with_(
         rows=args.rows, rounds=args.rounds, lookup_rows=args.lookup_rows, lookups=args.lookups,
         rewrap_sizes=args.rewrap_sizes, job_rows=args.job_rows, micro_values=args.micro_values,
-        kms_latency_ms=args.kms_latency_ms, backends=_names(args.backend), sections=sections,
+        kms_latency_ms=args.kms_latency_ms, stream_rows=args.stream_rows, backends=_names(args.backend), sections=sections,
         output_dir=args.output, profile=args.profile,
     )
     return settings, list(_names(args.variants)) or None
@@ -82,15 +83,21 @@ def _machine() -> dict[str, Any]:
 
 
 def _run_backend(env: Any, variants: list[Any], settings: Settings) -> dict[str, Any]:
+    from ._async import run_async
+    from ._core import run_core
     from ._jobs import run_jobs
     from ._kmscalls import run_kms_calls
     from ._lookup import run_lookup
     from ._orm import run_orm
+    from ._stream import run_stream
 
     env.reset()
     result: dict[str, Any] = {"server": env.server_version()}
     try:
         for section, run in (("orm", lambda: run_orm(env, variants, settings)),
+                             ("core", lambda: run_core(env, variants, settings)),
+                             ("async", lambda: run_async(env, variants, settings)),
+                             ("stream", lambda: run_stream(env, settings)),
                              ("kms", lambda: run_kms_calls(env, variants, settings)),
                              ("lookup", lambda: run_lookup(env, settings)),
                              ("jobs", lambda: run_jobs(env, settings))):
@@ -107,6 +114,7 @@ def run(settings: Settings, variant_names: list[str] | None) -> dict[str, Any]:
     from ._kms import MotoKms
     from ._micro import run_micro
     from ._targets import evaluate
+    from ._targets_core import evaluate_core
     from ._variants import select_variants
 
     variants = select_variants(variant_names)
@@ -128,6 +136,7 @@ def run(settings: Settings, variant_names: list[str] | None) -> dict[str, Any]:
         print("  micro ...", file=sys.stderr, flush=True)
         results["micro"] = run_micro(settings)
     results["targets"] = evaluate(results)
+    results["core_targets"] = evaluate_core(results)
     return results
 
 
@@ -151,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     markdown = render(results)
     path = write(results, markdown, settings.output_dir)
     print(markdown)
-    for name, text in ((n, b.get("orm", {}).get("profile")) for n, b in results["backends"].items()):
-        if text:
-            print(f"\n#### profile on {name}\n\n```\n{text}```")
+    for name, backend in results["backends"].items():
+        for section in ("orm", "core"):
+            text = (backend.get(section) or {}).get("profile")
+            if text:
+                print(f"\n#### {section} profile on {name}\n\n```\n{text}```")
     print(f"\nresults: {path}", file=sys.stderr)
     return 0

@@ -55,14 +55,23 @@ def _bare_siv() -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
     return (lambda data: siv.encrypt(data, None)), (lambda c: siv.decrypt(c, None))
 
 
-def _envelope(keys: Any, name: str, **options: Any) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+def _envelope(keys: Any, name: str, texts: list[str], **options: Any) -> tuple[Any, Any, list[Any]]:
+    """encrypt, decrypt and the values to encrypt (for row scope, each value
+    paired with a row key of its own, made beforehand: one key per row)."""
     from sa_envelope import EncryptedType
 
     column_type = EncryptedType(String(64), keys, **options)
-    Table(f"bench_micro_{name}", MetaData(), Column("v", column_type))
+    table = Table(f"bench_micro_{name}", MetaData(), Column("v", column_type))
+    values: list[Any] = texts
+    if options.get("scope") == "row":
+        with keys.engine.begin() as conn:
+            row_keys = keys.new_row_keys(conn, table.name, len(texts) + 1)
+        values = [key.value(text) for key, text in zip(row_keys, texts)]
+        column_type.decrypt(column_type.encrypt(row_keys[-1].value("warm-up")))
+        return column_type.encrypt, column_type.decrypt, values
     column_type.decrypt(column_type.encrypt("warm-up"))  # creates and stores the key
     column_type.decrypt(column_type.encrypt("warm-up"))  # reads it back: now trusted
-    return column_type.encrypt, column_type.decrypt
+    return column_type.encrypt, column_type.decrypt, values
 
 
 def run_micro(settings: Settings) -> dict[str, Any]:
@@ -86,7 +95,7 @@ def run_micro(settings: Settings) -> dict[str, Any]:
                 reason = VARIANTS[name].unavailable() if name in VARIANTS else "not registered"
                 if reason is None:
                     try:
-                        pairs[name] = (*_envelope(keys, name.split()[-1], **options), texts)
+                        pairs[name] = _envelope(keys, name.split()[-1], texts, **options)
                     except Exception as exc:  # row scope may need a row: report, do not crash
                         reason = f"{type(exc).__name__}: {exc}"
                 if reason:

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, registry
 
 from ._backend import PREFIX, BackendEnv
 from ._data import dataset
-from ._profile import profile_text
+from ._profile import profile_steps
 from ._rounds import Contender, run_interleaved
 from ._settings import Settings
 from ._variants import COLUMNS, Variant
@@ -123,18 +123,9 @@ def run_orm(env: BackendEnv, variants: list[Variant], settings: Settings) -> dic
                 info["keys_per_1k_rows"] = 1000 * created / (settings.rows * (settings.rounds + 1))
             result["variants"][t.variant.name] = info
         if settings.profile:
-            result["profile"] = _profile(tables, settings.profile, env.name)
+            result["profile"] = profile_steps(tables, settings.profile, f"on {env.name}")
         return result
     finally:
         for t in tables:
             t.dispose()
 
-
-def _profile(tables: list[OrmTable], name: str, backend: str) -> str:
-    chosen = [t for t in tables if t.variant.name == name]
-    if not chosen:
-        return f"--profile {name!r}: no such available variant\n"
-    table = chosen[0]
-    table.recreate()
-    text = profile_text(table.insert, f"{name} insert on {backend}")
-    return text + profile_text(table.select, f"{name} select on {backend}")

@@ -23,11 +23,15 @@ Step = tuple[str, Callable[[], object]]
 
 @dataclass
 class Contender:
-    """One variant in a section: an untimed ``prepare`` and its timed steps."""
+    """One variant in a section: an untimed ``prepare`` and its timed steps.
+
+    ``before`` maps a step name to untimed work run just before that step
+    (emptying a key cache before a cold read, for instance)."""
 
     name: str
     steps: list[Step]
     prepare: Callable[[], object] = lambda: None
+    before: dict[str, Callable[[], object]] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,6 +108,8 @@ def _rounds(contenders: list[Contender], timings: Timings, *, rounds: int, warmu
         for contender in _rotated(contenders, round_no):
             contender.prepare()
             for step, fn in contender.steps:
+                if step in contender.before:
+                    contender.before[step]()
                 wall, cpu = _timed(fn)
                 if round_no >= warmup:
                     timings.record(contender.name, step, wall, cpu)

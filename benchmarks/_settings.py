@@ -34,6 +34,7 @@ class Settings:
     job_rows: int  # rows for re-encryption / encrypt-column throughput
     micro_values: int  # values per timed step of the per-value section
     kms_latency_ms: float
+    stream_rows: int = 50_000  # rows read by the streaming section (1,000,000 with --full)
     backends: tuple[str, ...] = ("sqlite",)
     sections: tuple[str, ...] = ()
     output_dir: str = ""
@@ -52,7 +53,7 @@ SIZES = {
     "full": Settings(
         size="full", rows=20_000, rounds=7, lookup_rows=100_000, lookups=2_000,
         rewrap_sizes=(1_000, 100_000, 1_000_000), table_keys=10, job_rows=20_000,
-        micro_values=50_000, kms_latency_ms=5.0,
+        micro_values=50_000, kms_latency_ms=5.0, stream_rows=1_000_000,
     ),
 }
 

@@ -74,6 +74,10 @@ class Variant:
     uses_keys: bool = False  # needs a KeyManager (and so counts KMS calls)
     probe: Callable[[], str | None] = lambda: None  # reason it is unavailable, or None
     scope: str = ""  # sa-envelope scope shown in reports ("table", "row", "deterministic")
+    # Why ``WHERE col IN (...)`` cannot find a value (empty: it can). A random
+    # nonce makes equal plaintexts differ, so only plaintext and deterministic
+    # columns take part in the Core lookup.
+    no_equality: str = "random nonce: equal plaintexts give different bytes (needs a blind-index column)"
 
     def unavailable(self) -> str | None:
         try:
@@ -139,6 +143,48 @@ def _sef_touch(value: Any) -> Any:
     return value.decrypt()  # lazy Secret: the plaintext exists only once asked for
 
 
+def _sealed_type(length: int, keys: Any) -> TypeEngine[Any]:
+    from sealed_fields.sqlalchemy import SealedText
+
+    # The package's README: one SealedFields per process, SealedText for
+    # columns (SealedString needs a length sized for the ciphertext).
+    return SealedText(_sealed_fields())
+
+
+@lru_cache(maxsize=None)
+def _sealed_fields() -> Any:
+    from sealed_fields import create_sealed_fields
+
+    key = base64.urlsafe_b64encode(FIXED_KEY).decode().rstrip("=")
+    return create_sealed_fields(namespaces={"PII": {"key": key}}, default_namespace="PII")
+
+
+def _pydantic_type(length: int, keys: Any) -> TypeEngine[Any]:
+    from pydantic_encryption import SQLAlchemyEncryptedValue
+
+    _configure_pydantic_fernet()
+    return SQLAlchemyEncryptedValue()
+
+
+@lru_cache(maxsize=None)
+def _configure_pydantic_fernet() -> None:
+    """The README's "Fernet Setup" (``ENCRYPTION_METHOD=fernet``, ``ENCRYPTION_KEY``),
+    set on the settings object the package reads those variables into."""
+    from pydantic_encryption.config import settings
+    from pydantic_encryption.types import EncryptionMethod
+
+    settings.ENCRYPTION_METHOD = EncryptionMethod.FERNET
+    settings.ENCRYPTION_KEY = base64.urlsafe_b64encode(FIXED_KEY).decode()
+
+
+PYDANTIC_KMS_REASON = (
+    "its AWS mode makes one KMS GenerateDataKey per value written and one KMS Decrypt per value read "
+    "(pydantic_encryption/adapters/encryption/aws.py: no data-key cache), i.e. 3 KMS round trips per row "
+    "here; with a real KMS that is network latency per value, not comparable with local-key columns, "
+    "and it needs aioboto3 (pydantic-encryption[aws]). Its local-key mode (Fernet) is measured instead"
+)
+
+
 # -- sa-envelope ------------------------------------------------------------------------
 
 
@@ -159,7 +205,7 @@ def _row_scope_missing() -> str | None:
     return probe_row_scope()
 
 
-register(Variant("plaintext", "baseline", lambda length, keys: String(length)))
+register(Variant("plaintext", "baseline", lambda length, keys: String(length), no_equality=""))
 register(Variant("floor", "baseline", lambda length, keys: FloorAesGcm()))
 register(Variant("floor (again)", "baseline", lambda length, keys: FloorAesGcm()))
 register(Variant(
@@ -170,12 +216,23 @@ register(Variant(
     "sqlalchemy-encrypted-field", "peer", _sef_type, touch=_sef_touch,
     probe=lambda: _import_reason("sqlalchemy_encrypted_field"),
 ))
+register(Variant(
+    "sealed-fields SealedText", "peer", _sealed_type, probe=lambda: _import_reason("sealed_fields"),
+))
+register(Variant(
+    "pydantic-encryption Fernet", "peer", _pydantic_type,
+    probe=lambda: _import_reason("pydantic_encryption.integrations.sqlalchemy"),
+))
+register(Variant(
+    "pydantic-encryption AWS KMS", "peer", _pydantic_type, probe=lambda: PYDANTIC_KMS_REASON,
+))
 register(Variant("sa-envelope table", "sa-envelope", _envelope_type(), uses_keys=True, scope="table"))
 register(Variant(
     "sa-envelope row", "sa-envelope", _envelope_type(scope="row"), uses_keys=True,
     probe=_row_scope_missing, scope="row",
+    no_equality="row scope: every row has its own key, so equal plaintexts differ",
 ))
 register(Variant(
     "sa-envelope deterministic", "sa-envelope", _envelope_type(deterministic=True),
-    uses_keys=True, scope="deterministic",
+    uses_keys=True, scope="deterministic", no_equality="",
 ))

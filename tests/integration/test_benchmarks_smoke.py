@@ -19,7 +19,7 @@ from benchmarks._variants import VARIANTS, Variant
 
 TRIVIAL = [
     "--backend", "sqlite", "--rows", "20", "--rounds", "2", "--lookup-rows", "50", "--lookups", "5",
-    "--rewrap-sizes", "10,20", "--job-rows", "20", "--micro-values", "50",
+    "--rewrap-sizes", "10,20", "--job-rows", "20", "--micro-values", "50", "--stream-rows", "100",
 ]
 
 
