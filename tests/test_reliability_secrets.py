@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from faults.kms_proxy import ACCESS_DENIED, KmsFaultProxy, proxied_client
 from faults.models import Schema, schema
+from keyrow_support import context_of
 from sa_envelope import (
     AwsKmsProvider,
     EncryptionError,
@@ -102,7 +103,7 @@ def _data_keys(engine: Engine, s: Schema, provider: KeyProvider) -> dict[str, by
     with engine.connect() as conn:
         records = [kt.KeyRecord.from_row(r) for r in conn.execute(select(s.keys.table))]
     return {
-        f"data key {r.id:016x}": provider.unwrap(r.wrapped_key, key_context(r.owner_table, fmt.format_key_id(r.id)), r.wrapping_key_id)  # type: ignore[arg-type]
+        f"data key {r.id:016x}": provider.unwrap(r.wrapped_key, context_of(r), r.wrapping_key_id)  # type: ignore[arg-type]
         for r in records
     }
 

@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.engine import Engine
 
+from keyrow_support import context_of
 from rotation_support import (
     PYTHON, cmk_uuid, data_tables, expected_row, fill, provider_keys, read_all, stored_hash,
     subprocess_env,
@@ -155,7 +156,7 @@ def test_rewrap_killed_mid_run_then_resumed(engine: Engine, db_url: str, tmp_pat
     fresh = KeyManager(engine, new)
     assert read_all(engine, fresh, 1) == [[expected_row(i) for i in range(50)]]
     for record in records:  # every wrapped key opens under the new key file
-        new.unwrap(record.wrapped_key, key_context(record.owner_table, fmt.format_key_id(record.id)), new.wrapping_key_id)
+        new.unwrap(record.wrapped_key, context_of(record), new.wrapping_key_id)  # upgraded to context version 2
 
 
 @pytest.mark.backends("postgresql", "mysql")

@@ -12,6 +12,7 @@ from sqlalchemy import LargeBinary, String, select, type_coerce, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from keyrow_support import age_keys
 from rotation_support import ROOT, data_tables, expected_row, fill, patients_model, provider_keys, read_all
 from sa_envelope import AwsKmsProvider, EncryptedType, KeyManager, LocalKeyProvider, RolloverPolicy
 from sa_envelope import faults
@@ -94,8 +95,7 @@ def test_rollover_by_age(engine: Engine, provider: LocalKeyProvider) -> None:
     keys = KeyManager(engine, provider, rollover=RolloverPolicy(max_age=3600))
     (table,) = fill(engine, keys, tables=1, rows=3)
     (old,) = statuses(engine, "data_0")
-    with engine.begin() as conn:  # the key was made two hours ago
-        conn.execute(update(keys.table).values(created_at=kt.utcnow() - dt.timedelta(hours=2)))
+    age_keys(engine, keys, dt.timedelta(hours=2))  # the key was made two hours ago
     restarted = KeyManager(engine, provider, rollover=RolloverPolicy(max_age=3600))
     with engine.begin() as conn:
         conn.execute(data_tables(restarted, 1)[0].insert(), [expected_row(3)])
