@@ -16,6 +16,9 @@ they have no nonce to run out of. Row keys encrypt one row each.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
+import threading
+from collections import defaultdict
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, Table, select, update
@@ -25,6 +28,7 @@ from . import table as kt
 __all__ = [
     "DEFAULT_MAX_AGE",
     "DEFAULT_MAX_ENCRYPTIONS",
+    "EncryptionBudget",
     "RolloverPolicy",
     "created_at",
     "lock_active",
@@ -61,6 +65,34 @@ class RolloverPolicy:
         if created.tzinfo is None:  # SQLite and MariaDB return naive UTC
             created = created.replace(tzinfo=dt.timezone.utc)
         return ((now or kt.utcnow()) - created).total_seconds() >= self.max_age
+
+
+class EncryptionBudget:
+    """AES-GCM encryptions made under each table key by this process: every
+    value sealed (also inside the transaction that made the key) and every
+    row key wrapped under it. ``counts`` is read inline by the store's
+    per-value path; bulk uses go through :meth:`take`."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit or 0  # 0: no limit
+        self.counts: defaultdict[int, itertools.count[int]] = defaultdict(itertools.count)
+        self._lock = threading.Lock()
+
+    def take(self, key_id: int, uses: int) -> bool:
+        """Count ``uses`` encryptions under ``key_id``: whether it had the budget."""
+        if not self.limit:
+            return True
+        if uses > self.limit:
+            raise ValueError(f"{uses} encryptions exceed max_encryptions={self.limit}")
+        counter, last = self.counts[key_id], 0
+        with self._lock:
+            for _ in range(uses):
+                last = next(counter)
+        return last < self.limit
+
+    def batch(self, count: int) -> int:
+        """How many encryptions of ``count`` one key can take in one go."""
+        return min(count, self.limit or count)
 
 
 def created_at(conn: Connection, table: Table, key_id: int) -> dt.datetime | None:

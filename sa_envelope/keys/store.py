@@ -18,9 +18,7 @@ column types' processors: no facade layer in between.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import threading
-from collections import defaultdict
 from typing import Any, Callable, TypeVar
 
 from sqlalchemy import Connection, Engine, Table
@@ -68,8 +66,7 @@ class KeyStore:
         self.provider_calls = 0
         self.keys_created = 0
         # Table-key roll-over (docs/rotation.md): encryptions per key, this process.
-        self._max_encryptions = rollover.max_encryptions or 0
-        self._encryptions: defaultdict[int, itertools.count[int]] = defaultdict(itertools.count)
+        self.budget = ro.EncryptionBudget(rollover.max_encryptions)
 
     # -- the per-value path ----------------------------------------------------------
 
@@ -81,41 +78,21 @@ class KeyStore:
         if key_id is not None and uses == 1:
             entry = self.cache.get(key_id)
             if entry is not None:
-                if (
-                    scope != kt.SCOPE_TABLE
-                    or not self._max_encryptions
-                    or next(self._encryptions[key_id]) < self._max_encryptions
-                ):
+                budget = self.budget
+                if scope != kt.SCOPE_TABLE or not budget.limit or next(budget.counts[key_id]) < budget.limit:
                     return entry
                 return self._counted(owner, scope, uses, stale=key_id)  # roll over
         return self._counted(owner, scope, uses)
-
-    def batch_limit(self, count: int) -> int:
-        """How many row keys one table key may wrap in one go (its budget)."""
-        return min(count, self._max_encryptions or count)
 
     def _counted(self, owner: str, scope: str, uses: int, stale: int | None = None) -> CachedKey:
         """The write key, found or made, with ``uses`` counted on it; a key
         whose budget runs out on the way is rolled over (also inside the
         transaction that made it)."""
-        if self._max_encryptions and uses > self._max_encryptions:
-            raise ValueError(f"{uses} encryptions exceed max_encryptions={self._max_encryptions}")
         while True:
             entry = self._resolve_encryption_key(owner, scope, stale)
-            if self._spend(entry.key_id, scope, uses):
+            if scope != kt.SCOPE_TABLE or self.budget.take(entry.key_id, uses):
                 return entry
             stale = entry.key_id
-
-    def _spend(self, key_id: int, scope: str, uses: int) -> bool:
-        """Count ``uses`` encryptions under ``key_id``: whether it had budget."""
-        if scope != kt.SCOPE_TABLE or not self._max_encryptions:
-            return True
-        counter = self._encryptions[key_id]
-        with self._lock:
-            last = 0
-            for _ in range(uses):
-                last = next(counter)
-        return last < self._max_encryptions
 
     def decryption_key(self, key_id: int, *, table: str, column: str) -> CachedKey:
         """The key a stored value names in its header."""

@@ -90,7 +90,7 @@ class RowKeys:
         ids = fmt.new_key_ids(count)
         rows: list[dict[str, Any]] = []
         opened: list[tuple[int, Any, bytes]] = []
-        step = self.store.batch_limit(count)  # each wrap is an AES-GCM encryption under the table key
+        step = self.store.budget.batch(count)  # each wrap is an AES-GCM encryption under the table key
         for start in range(0, count, step):
             chunk = ids[start : start + step]
             with self.tracker.use_connection(conn):  # at most one provider call per table key
