@@ -21,9 +21,10 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Table, select, update
+from sqlalchemy import Connection, Table, func, select, update
 
 from . import table as kt
+from .choice import CLOCK_SKEW
 
 __all__ = [
     "DEFAULT_MAX_AGE",
@@ -33,6 +34,7 @@ __all__ = [
     "created_at",
     "lock_active",
     "retire_others",
+    "successor_time",
 ]
 
 DEFAULT_MAX_AGE = 30 * 24 * 3600.0  # 30 days, in seconds
@@ -93,6 +95,24 @@ class EncryptionBudget:
     def batch(self, count: int) -> int:
         """How many encryptions of ``count`` one key can take in one go."""
         return min(count, self.limit or count)
+
+
+def successor_time(conn: Connection, table: Table, owner: str, scope: str, now: dt.datetime) -> dt.datetime:
+    """The created time of a key replacing the current ones: ``now``, or one
+    second after the newest key of (owner, scope) if that is not earlier
+    (created times are whole seconds on every backend, and "newer" must be
+    exact: see keys.choice). Rows dated beyond the clock skew are ignored, so
+    a planted far-future row cannot push our keys into the future."""
+    newest = conn.execute(
+        select(func.max(table.c.created_at)).where(
+            table.c.owner_table == owner, table.c.scope == scope, table.c.created_at <= now + CLOCK_SKEW
+        )
+    ).scalar()
+    if not isinstance(newest, dt.datetime):
+        return now
+    if newest.tzinfo is None:
+        newest = newest.replace(tzinfo=dt.timezone.utc)
+    return max(now, newest.replace(microsecond=0) + dt.timedelta(seconds=1))
 
 
 def created_at(conn: Connection, table: Table, key_id: int) -> dt.datetime | None:

@@ -195,6 +195,8 @@ class KeyStore:
         if isinstance(key_id, CachedKey):  # the table's one key of this scope committed since we looked
             return key_id
         created = kt.utcnow().replace(microsecond=0)  # whole seconds: what every backend stores
+        if replacing:  # a successor is dated strictly later than what it replaces
+            created = self.query(lambda: ro.successor_time(conn, self.table, owner, scope, created), owner)
         record = kt.KeyRecord(
             id=key_id, scope=scope, owner_table=owner, parent_id=None, wrapping_key_id="",
             wrapped_key=None, algorithm=algorithm, status=kt.ACTIVE, created_at=created,
