@@ -140,7 +140,9 @@ class KeyStore:
                 return entry
             return self._load_key(key_id, table=owner, column=None, conn=conn)
         found = self.current(conn, owner, scope)
-        if found is None:
+        if found is None:  # a table key replacing refused active rows retires them, as a roll-over
+            if scope == kt.SCOPE_TABLE and self.query(lambda: kt.find_active(conn, self.table, owner, scope), owner):
+                return self._roll_over(conn, state, owner, scope)
             return self._create_key(conn, state, owner, scope)
         record, entry = found
         if self._rollover_due(conn, record, stale):
