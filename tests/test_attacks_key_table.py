@@ -227,3 +227,42 @@ def test_relabelled_blind_index_key_is_never_a_table_key(
     keys, Account = process(engine, cmk, app_client)
     with Session(engine) as s, pytest.raises(EnvelopeError):
         lookup(s, Account.email_index, "user1@example.com")
+
+
+# -- 6. schemas -------------------------------------------------------------------------------------
+
+
+@pytest.mark.backends("postgresql")
+def test_tables_of_one_name_in_two_schemas_share_no_key(engine: Engine, cmk: str, app_client: Any) -> None:
+    from sqlalchemy import LargeBinary, select, text, type_coerce
+
+    from sa_envelope import DecryptionError
+
+    schemas = ("atk_tenant_a", "atk_tenant_b")
+    with engine.begin() as conn:
+        for name in schemas:
+            conn.execute(text(f"CREATE SCHEMA {name}"))
+    try:
+        keys = KeyManager(engine, AwsKmsProvider(cmk, client=app_client))
+        keys.create_table()
+        A, B = (make_model(keys, schema=name) for name in schemas)
+        for model in (A, B):
+            model.metadata.create_all(engine)
+            write_rows(engine, model, range(0, 3))
+        with engine.connect() as conn:
+            owners = set(conn.execute(select(keys.table.c.owner_table)).scalars())
+            ssn = [conn.execute(select(type_coerce(m.__table__.c.ssn, LargeBinary)).where(m.__table__.c.id == 1))
+                   .scalar_one() for m in (A, B)]
+        assert owners == {f"{name}.{TABLE}" for name in schemas}
+        assert bytes(ssn[0]) != bytes(ssn[1])  # equal values, unequal bytes across schemas
+        with engine.begin() as conn:  # a value copied from tenant_a to tenant_b
+            conn.execute(text(f"UPDATE atk_tenant_b.{TABLE} SET name = (SELECT name FROM atk_tenant_a.{TABLE} "
+                              f"WHERE id = 1) WHERE id = 1"))
+        with Session(engine) as s, pytest.raises(DecryptionError):
+            s.scalars(select(B.name).where(B.id == 1)).all()
+        with Session(engine) as s:
+            assert [a.name for a in s.scalars(select(A).order_by(A.id))] == ["name 0", "name 1", "name 2"]
+    finally:
+        with engine.begin() as conn:
+            for name in schemas:
+                conn.execute(text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
