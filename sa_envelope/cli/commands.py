@@ -97,8 +97,8 @@ def _rewrap(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", default=os.environ.get("SA_ENVELOPE_CMK"),
                         help="target CMK: KMS key ARN, key id, alias, or local:PATH (default $SA_ENVELOPE_CMK)")
     parser.add_argument("--from", dest="source", default=os.environ.get("SA_ENVELOPE_SOURCE_CMK"),
-                        help="CMK that unwraps keys the target cannot move itself, e.g. local:OLD.key "
-                             "(default $SA_ENVELOPE_SOURCE_CMK; not needed from KMS to KMS)")
+                        help="CMK the keys are wrapped by now, e.g. alias/old or local:OLD.key: only it and "
+                             "the target are trusted (default $SA_ENVELOPE_SOURCE_CMK)")
     parser.add_argument("--batch-size", type=int, default=100, help="keys per transaction (default 100)")
 
     def run(ns: argparse.Namespace) -> int:

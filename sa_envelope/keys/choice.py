@@ -40,12 +40,12 @@ def version_of(record: kt.KeyRecord) -> int:
     return record.context_version or LEGACY_CONTEXT_VERSION
 
 
-def key_meta(record: kt.KeyRecord, namespace: str | None, version: int | None = None) -> KeyMeta:
+def key_meta(record: kt.KeyRecord, namespace: str | None) -> KeyMeta:
     """What the row says about its key, as the provider context binds it."""
     return KeyMeta(
         key_id=fmt.format_key_id(record.id), owner=record.owner_table, scope=record.scope,
         algorithm=record.algorithm, created=kt.created_seconds(record.created_at),
-        namespace=namespace, version=version or version_of(record),
+        namespace=namespace, version=version_of(record),
     )
 
 

@@ -65,8 +65,7 @@ class KeyStore:
         self._lock = threading.RLock()
         self.provider_calls = 0
         self.keys_created = 0
-        # Table-key roll-over (docs/rotation.md): encryptions per key, this process.
-        self.budget = ro.EncryptionBudget(rollover.max_encryptions)
+        self.budget = ro.EncryptionBudget(rollover.max_encryptions)  # roll-over by encryptions
 
     # -- the per-value path ----------------------------------------------------------
 
@@ -231,7 +230,7 @@ class KeyStore:
         """
         if scope in kt.SINGLETON_SCOPES and not replacing:
             key_id = kt.singleton_key_id(owner, scope)
-            existing = self.query(lambda: kt.get_record(conn, self.table, key_id), owner)
+            existing = self._get(conn, key_id, owner)
             if existing is None:
                 return key_id
             found = self.current(conn, owner, scope)
@@ -316,10 +315,9 @@ class KeyStore:
         self.provider.require_trusted(record.wrapping_key_id, context)  # before any KMS call
         return self._provider_call(lambda: self.provider.unwrap(wrapped, context, record.wrapping_key_id))
 
-    def context_of(self, record: kt.KeyRecord, version: int | None = None) -> Context:
-        """The provider context of a key row (``version``: as it would be
-        wrapped in that context version; default the row's own)."""
-        return key_context(choice.key_meta(record, self.namespace, version))
+    def context_of(self, record: kt.KeyRecord) -> Context:
+        """The provider context a key row states (its own context version)."""
+        return key_context(choice.key_meta(record, self.namespace))
 
     def _load_parent(self, record: kt.KeyRecord, table: str, column: str | None, conn: Connection) -> CachedKey:
         """A child key's parent, which the provider must wrap: one level only,
