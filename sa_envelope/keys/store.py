@@ -84,9 +84,8 @@ class KeyStore:
         return self._counted(owner, scope, uses)
 
     def _counted(self, owner: str, scope: str, uses: int, stale: int | None = None) -> CachedKey:
-        """The write key, found or made, with ``uses`` counted on it; a key
-        whose budget runs out on the way is rolled over (also inside the
-        transaction that made it)."""
+        """The write key, with ``uses`` counted on it; one whose budget runs
+        out is rolled over (also inside the transaction that made it)."""
         while True:
             entry = self._resolve_encryption_key(owner, scope, stale)
             if scope != kt.SCOPE_TABLE or self.budget.take(entry.key_id, uses):
