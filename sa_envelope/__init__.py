@@ -20,7 +20,9 @@ from .errors import (
     KeyNotFoundError,
     KeyProviderError,
     RowKeyRequiredError,
+    UnauthenticatedKeyError,
     UnsupportedQueryError,
+    UntrustedKeyError,
 )
 from .jobs.reencrypt import ReencryptReport
 from .jobs.rewrap import RewrapReport
@@ -51,7 +53,9 @@ __all__ = [
     "RewrapReport",
     "RolloverPolicy",
     "RowKeyRequiredError",
+    "UnauthenticatedKeyError",
     "UnsupportedQueryError",
+    "UntrustedKeyError",
     "lookup",
     "normalize_email",
     "normalize_phone",

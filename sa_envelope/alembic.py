@@ -10,6 +10,7 @@ what ``Operations.register_operation`` does) and patches nothing else::
     op.encrypt_column("patients", "email", EncryptedType(String(200)))
     op.decrypt_column("patients", "email", EncryptedType(String(200)))
     op.rewrap_keys()
+    op.add_key_context_version()  # once, on a key table made by 0.1.0: then rewrap_keys
 
 The data operations need a :class:`~sa_envelope.KeyManager` on the same
 database: pass ``keys=`` or put it in ``config.attributes["sa_envelope.keys"]``
@@ -39,6 +40,7 @@ from .keys import table as kt
 from .providers.spec import provider_from_spec
 
 __all__ = [
+    "AddKeyContextVersionOp",
     "CreateKeyTableOp",
     "DecryptColumnOp",
     "DropKeyTableOp",
@@ -95,6 +97,23 @@ def _create_key_table(operations: Operations, op: CreateKeyTableOp) -> None:
 @Operations.implementation_for(DropKeyTableOp)
 def _drop_key_table(operations: Operations, op: DropKeyTableOp) -> None:
     operations.drop_table(op.table_name)
+
+
+@Operations.register_operation("add_key_context_version")
+class AddKeyContextVersionOp(_KeyTableOp):
+    """Upgrade a key table made before key context versions: add the
+    nullable ``context_version`` column (existing rows read as version 1;
+    run ``rewrap_keys`` afterwards to upgrade them)."""
+
+    @classmethod
+    def add_key_context_version(cls, operations: Operations, table_name: str = kt.KEY_TABLE_NAME) -> Any:
+        return operations.invoke(cls(table_name))
+
+
+@Operations.implementation_for(AddKeyContextVersionOp)
+def _add_key_context_version(operations: Operations, op: AddKeyContextVersionOp) -> None:
+    column = kt.key_table(MetaData(), op.table_name).c.context_version
+    operations.add_column(op.table_name, column._copy())
 
 
 # --------------------------------------------------------------------------- helpers

@@ -20,6 +20,8 @@ __all__ = [
     "EnvelopeError",
     "KeyNotFoundError",
     "KeyProviderError",
+    "UnauthenticatedKeyError",
+    "UntrustedKeyError",
     "RowKeyRequiredError",
     "UnsupportedQueryError",
 ]
@@ -112,6 +114,16 @@ class KeyNotFoundError(DecryptionError, LookupError):
 
 class KeyProviderError(EnvelopeError):
     """The key provider (KMS) refused, failed or could not be reached."""
+
+
+class UntrustedKeyError(KeyProviderError):
+    """A key row names a wrapping key the provider does not trust (refused
+    without calling the KMS): planted by someone who can write the key table."""
+
+
+class UnauthenticatedKeyError(KeyProviderError):
+    """A wrapped key does not authenticate with the metadata its row states
+    (relabelled scope, owner, algorithm, created time or namespace)."""
 
 
 class UnsupportedQueryError(EnvelopeError):

@@ -50,7 +50,9 @@ class KeyManager:
     ``engine`` is the Engine (or AsyncEngine) your sessions use: the manager
     listens to its connections to learn which transaction a value is bound
     in. ``metadata`` lets the key table live in your own MetaData so that
-    Alembic autogenerate sees it. No network or database call happens here.
+    Alembic autogenerate sees it. ``namespace`` is bound into every new
+    key's provider context, so two applications sharing one CMK cannot use
+    each other's keys. No network or database call happens here.
     """
 
     def __init__(
@@ -62,13 +64,16 @@ class KeyManager:
         metadata: MetaData | None = None,
         table_name: str = kt.KEY_TABLE_NAME,
         rollover: RolloverPolicy | None = None,
+        namespace: str | None = None,
     ) -> None:
         self.engine: Engine = getattr(engine, "sync_engine", engine)
         self.table = kt.key_table(metadata if metadata is not None else MetaData(), table_name)
         self.rollover = rollover if rollover is not None else RolloverPolicy()
         key_cache = KeyCache(cache or CacheLimits())
         self.tracker = Tracker(self.engine, key_cache, on_execute=check_statement, on_compiled=check_compiled)
-        self.store = KeyStore(self.engine, provider, self.table, key_cache, self.tracker, self.rollover)
+        self.store = KeyStore(
+            self.engine, provider, self.table, key_cache, self.tracker, self.rollover, namespace=namespace
+        )
         self._rows: RowKeys | None = None
         self._lock = threading.Lock()
         redact.hide_rows(self.engine)  # SQLAlchemy logs rows after decryption

@@ -3,12 +3,13 @@
 Keep this revision last. Its downgrade does nothing (keys wrapped by the
 new CMK stay readable), so the next rotation is::
 
-    SA_ENVELOPE_CMK=<new CMK> alembic -c migrations_example/alembic.ini downgrade -1
-    SA_ENVELOPE_CMK=<new CMK> alembic -c migrations_example/alembic.ini upgrade head
+    SA_ENVELOPE_CMK=<new CMK> SA_ENVELOPE_SOURCE_CMK=<old CMK> alembic -c migrations_example/alembic.ini downgrade -1
+    SA_ENVELOPE_CMK=<new CMK> SA_ENVELOPE_SOURCE_CMK=<old CMK> alembic -c migrations_example/alembic.ini upgrade head
 
 Re-running it when every key is already current does nothing and calls no
-KMS encrypt operation. Across providers (local key file to KMS) set
-``SA_ENVELOPE_SOURCE_CMK`` to the old one.
+KMS encrypt operation. ``SA_ENVELOPE_SOURCE_CMK`` names the CMK (or key
+file) the keys are wrapped by now: only a configured CMK is trusted, so a
+key row naming any other is reported and left as it is, never re-wrapped.
 
 Revision ID: 0003
 Revises: 0002

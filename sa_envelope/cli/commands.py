@@ -81,9 +81,13 @@ def _keys(parser: argparse.ArgumentParser) -> None:
 
 
 def _inferred_provider(engine: Any) -> KeyProvider:
-    """Without --cmk: a KMS provider can unwrap any key by its recorded ARN."""
-    for record in _records(engine):
+    """Without --cmk: the CMK of the oldest KMS-wrapped key, and only it, is
+    trusted (the key table is no authority: pass --cmk to check against
+    the CMK the application is configured with)."""
+    records = sorted(_records(engine), key=lambda r: (r.created_at, r.id))
+    for record in records:
         if record.parent_id is None and str(record.wrapping_key_id).startswith("arn:aws"):
+            print(f"no --cmk given: trusting {record.wrapping_key_id}, the CMK of the oldest key")
             return provider_from_spec(record.wrapping_key_id)
     raise ConfigurationError("no KMS-wrapped key found: pass --cmk local:PATH (or set SA_ENVELOPE_CMK)")
 
@@ -93,8 +97,8 @@ def _rewrap(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", default=os.environ.get("SA_ENVELOPE_CMK"),
                         help="target CMK: KMS key ARN, key id, alias, or local:PATH (default $SA_ENVELOPE_CMK)")
     parser.add_argument("--from", dest="source", default=os.environ.get("SA_ENVELOPE_SOURCE_CMK"),
-                        help="CMK that unwraps keys the target cannot move itself, e.g. local:OLD.key "
-                             "(default $SA_ENVELOPE_SOURCE_CMK; not needed from KMS to KMS)")
+                        help="CMK the keys are wrapped by now, e.g. alias/old or local:OLD.key: only it and "
+                             "the target are trusted (default $SA_ENVELOPE_SOURCE_CMK)")
     parser.add_argument("--batch-size", type=int, default=100, help="keys per transaction (default 100)")
 
     def run(ns: argparse.Namespace) -> int:
@@ -108,6 +112,8 @@ def _rewrap(parser: argparse.ArgumentParser) -> None:
         print(report)
         for key_id, reason in report.failures:
             print(f"  key {key_id}: {reason}")
+        for key_id, wrapping_key_id in report.untrusted:
+            print(f"  key {key_id}: wrapped by untrusted key {wrapping_key_id}, left as it is")
         return 0 if report.complete else 1
 
     parser.set_defaults(run=run)
@@ -129,7 +135,8 @@ def _verify(parser: argparse.ArgumentParser) -> None:
         for line in report.lines():
             print(line)
         print(f"verified {report.ok + report.failed} values: {report.ok} ok, {report.failed} failed")
-        return 1 if report.failed else 0
+        print(f"key table: {len(report.anomalies)} anomalies")
+        return 1 if report.failed or report.anomalies else 0
 
     parser.set_defaults(run=run)
 

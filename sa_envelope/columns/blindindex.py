@@ -95,7 +95,8 @@ class BlindIndexType(TypeDecorator[bytes], ColumnNames):
         self.normalizer = normalizer
         self.bits = bits
         self._size = bits // 8
-        self._subkey: tuple[Any, Any] = (None, None)  # (cached key entry, hmac object)
+        # slot 0: (cached key entry, hmac object), dropped when the entry dies
+        self._subkey: dict[int, tuple[Any, Any]] = {}
         self._init_names(context)
         _install_orm_hooks()
 
@@ -104,7 +105,7 @@ class BlindIndexType(TypeDecorator[bytes], ColumnNames):
     def copy(self, **kw: Any) -> BlindIndexType:
         clone = super().copy(**kw)
         clone._parent = None
-        clone._subkey = (None, None)
+        clone._subkey = {}
         return clone
 
     @property
@@ -135,10 +136,10 @@ class BlindIndexType(TypeDecorator[bytes], ColumnNames):
                 table=table, column=self._column,
             )
         entry = keys.store.encryption_key(table, kt.SCOPE_BLIND_INDEX)
-        cached_entry, base = self._subkey
+        cached_entry, base = self._subkey.get(0, (None, None))
         if cached_entry is not entry:  # a new or re-loaded key: derive once
             base = entry.cipher.subkey(self._ctx)
-            self._subkey = (entry, base)
+            entry.remember(self._subkey, 0, (entry, base))
         mac = base.copy()
         mac.update(self.normalise(value))
         digest: bytes = mac.digest()

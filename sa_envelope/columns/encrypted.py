@@ -259,7 +259,9 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         memoising them would only churn)."""
         if self.scope == kt.SCOPE_ROW or len(self._read_memo) >= _MEMO_SIZE:
             return
-        self._read_memo[head] = (key, fmt.opener(key.cipher, version, head, self._ctx))
+        # registered with the cache entry: the memo (which holds the cipher)
+        # is dropped when the entry is evicted, expires or the cache is cleared
+        key.remember(self._read_memo, head, (key, fmt.opener(key.cipher, version, head, self._ctx)))
 
     def _bind_names(self, table: str, column: str) -> None:
         super()._bind_names(table, column)

@@ -5,7 +5,9 @@ Both :class:`~sa_envelope.EncryptedType` and
 (as associated data, or as the input of a derived key), so each must know
 its names. They learn them when the column is attached to a table (the type
 is a ``SchemaEventTarget``, as ``Enum`` is), or from ``context="table.column"``,
-which pins them so that a rename does not orphan the stored values.
+which pins them so that a rename does not orphan the stored values. A table
+in a schema is named with it (``schema.table``): that name is the owner of
+its keys and part of every value's associated data.
 """
 
 from __future__ import annotations
@@ -57,8 +59,10 @@ class ColumnNames(SchemaEventTarget):
         parent._on_table_attach(self._on_table_attach)
 
     def _on_table_attach(self, column: Column[Any], table: Table) -> None:
+        # schema-qualified (``tenant_a.users``): tables of one name in two
+        # schemas get keys and associated data of their own
         if self.context is None:
-            self._bind_names(table.name, column.name)
+            self._bind_names(table.fullname, column.name)
 
     def _bind_names(self, table: str, column: str) -> None:
         self._table, self._column = table, column

@@ -64,6 +64,9 @@ class HmacKey:
     def __repr__(self) -> str:
         return "HmacKey(<hidden>)"
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("an HmacKey holds key material and cannot be pickled")
+
 
 ALGORITHMS: Mapping[str, tuple[type, int, int]] = {
     # name: (cipher class, key bytes, format version)

@@ -4,7 +4,9 @@ It needs no application models. Tables are reflected; a binary column is
 taken as encrypted when its values carry a header naming a key of the key
 table, and each such value is authenticated with the key it names and the
 ``table.column`` context it was bound to. Failures are counted by table,
-column and key, and the scan goes on. Values written with a pinned
+column and key, and the scan goes on. The key table itself is checked too
+(:mod:`.keycheck`): planted, relabelled or future-dated keys, several current
+keys of one table, row keys without their parent, each named by key id. Values written with a pinned
 ``context=`` that differs from their current table and column show as
 failures: pass ``contexts`` to map them.
 """
@@ -21,6 +23,7 @@ from sqlalchemy.types import _Binary
 from ..envelope import format as fmt
 from ..errors import EnvelopeError
 from ..keys.store import KeyStore
+from .keycheck import Anomaly, key_anomalies
 
 __all__ = ["ColumnResult", "VerifyReport", "verify_database"]
 
@@ -38,7 +41,11 @@ class ColumnResult:
 
 @dataclass
 class VerifyReport:
+    """Values checked by (table, column, key id), and key-table anomalies
+    as ``(key id, what is wrong)``."""
+
     results: dict[tuple[str, str, str], ColumnResult] = field(default_factory=lambda: defaultdict(ColumnResult))
+    anomalies: list[Anomaly] = field(default_factory=list)
 
     @property
     def failed(self) -> int:
@@ -53,6 +60,7 @@ class VerifyReport:
         for (table, column, key), r in sorted(self.results.items()):
             line = f"{table}.{column} key {key}: {r.ok} ok, {r.failed} failed"
             out.append(line + (f" ({r.reason})" if r.failed else ""))
+        out.extend(f"key table anomaly: key {key}: {reason}" for key, reason in self.anomalies)
         return out
 
 
@@ -123,4 +131,5 @@ def verify_database(
                 bound = contexts.get(f"{name}.{col.name}", f"{name}.{col.name}")
                 t, _, c = bound.rpartition(".")
                 _verify_column(conn, lookups, store, table, col.name, fmt.context_bytes(t, c), report)
+    report.anomalies = key_anomalies(store, tables)
     return report

@@ -1,9 +1,10 @@
 """Cache warming: load the keys of some tables before the first request.
 
 :func:`warm` unwraps the provider-wrapped keys of some tables at start-up,
-so that first requests make no provider call at all. Keys read here come
-from committed rows, so they are trusted for writing too (the rule of
-:mod:`sa_envelope.keys.store`). The ``_async`` variants run the same through
+so that first requests make no provider call at all. Rows the provider
+refuses (untrusted wrapping key, metadata that does not authenticate) are
+skipped: ``verify`` reports them. Write keys are then chosen by the store's
+own rule (:mod:`sa_envelope.keys.choice`), from what was loaded. The ``_async`` variants run the same through
 an ``AsyncEngine``'s greenlet bridge.
 """
 
@@ -14,6 +15,7 @@ from typing import Any, Iterable
 from sqlalchemy import Connection, Table, select
 from sqlalchemy.util.concurrency import greenlet_spawn
 
+from ..errors import DecryptionError, UnauthenticatedKeyError, UntrustedKeyError
 from ..keys import table as kt
 from ..keys.store import KeyStore
 
@@ -34,16 +36,21 @@ def warm(store: KeyStore, tables: Iterable[Any] | None = None) -> int:
     """Unwrap and cache the keys of ``tables`` (names or Tables; default all).
     Returns how many were loaded."""
     owners = None if tables is None else [getattr(t, "name", t) for t in tables]
+    loaded = 0
     with store.engine.connect() as conn:
         records = _records(conn, store.table, owners)
-        active: dict[tuple[str, str], int] = {}
         for record in records:
-            store.unwrap_record(record, table=record.owner_table, column=None, conn=conn)
-            if record.status == kt.ACTIVE:
-                active.setdefault((record.owner_table, record.scope), record.id)  # newest first
-    for (owner, scope), key_id in active.items():
-        store.trust(owner, scope, key_id)
-    return len(records)
+            try:
+                store.unwrap_record(record, table=record.owner_table, column=None, conn=conn)
+            except (UntrustedKeyError, UnauthenticatedKeyError, DecryptionError):
+                continue
+            loaded += 1
+        current = {(r.owner_table, r.scope) for r in records if r.status == kt.ACTIVE}
+        chosen = [(owner, scope, store.current(conn, owner, scope)) for owner, scope in sorted(current)]
+    for owner, scope, found in chosen:
+        if found is not None:
+            store.trust(owner, scope, found[0].id)
+    return loaded
 
 
 async def warm_async(store: KeyStore, tables: Iterable[Any] | None = None) -> int:

@@ -47,10 +47,32 @@ class CachedKey:
     expires: float
     uses: itertools.count[int] = field(default_factory=itertools.count)
     alive: bool = True  # False once evicted: per-column read memos check it
+    owner: str = ""  # the owner table and scope its key row was authenticated with
+    scope: str = ""
+    # what columns derived from this key (read memos, blind-index subkeys):
+    # (holder dict, slot) pairs, emptied when the entry dies so that no copy
+    # of the key outlives the cache's limits
+    derived: list[tuple[dict[Any, Any], Any]] = field(default_factory=list)
 
+    def remember(self, holder: dict[Any, Any], slot: Any, value: Any) -> None:
+        """Put ``value`` (derived from this key) in ``holder[slot]`` until this entry dies."""
+        holder[slot] = value
+        self.derived.append((holder, slot))
+        if not self.alive:  # died meanwhile: take it back at once
+            self.kill()
+
+    def kill(self) -> None:
+        """Mark dead and drop every value derived from this key."""
+        self.alive = False
+        derived, self.derived = self.derived, []
+        for holder, slot in derived:
+            holder.pop(slot, None)
 
     def __repr__(self) -> str:
         return f"CachedKey({self.key_id:016x})"
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("a cached key holds key material and cannot be pickled")
 
 
 class KeyCache:
@@ -84,14 +106,16 @@ class KeyCache:
         *encrypts* (AES-GCM's nonce budget); reading is bounded by age only.
         """
         entry = self._entries.get(key_id)
-        if entry is not None and time.monotonic() < entry.expires:
-            self.hits += 1
-            return entry
+        if entry is not None:
+            if time.monotonic() < entry.expires:
+                self.hits += 1
+                return entry
+            self.evict(key_id)  # expired: its derived values go with it
         return None
 
-    def put(self, key_id: int, cipher: Any, head: bytes) -> CachedKey:
+    def put(self, key_id: int, cipher: Any, head: bytes, owner: str = "", scope: str = "") -> CachedKey:
         """Cache a cipher object for ``key_id``, evicting the oldest if full."""
-        entry = CachedKey(key_id, cipher, head, time.monotonic() + self.limits.max_age)
+        entry = CachedKey(key_id, cipher, head, time.monotonic() + self.limits.max_age, owner=owner, scope=scope)
         with self._lock:
             self._store(entry)
             self._trim()
@@ -102,14 +126,14 @@ class KeyCache:
         with self._lock:
             entry = self._entries.pop(key_id, None)
             if entry is not None:
-                entry.alive = False
+                entry.kill()
                 self.evictions += 1
 
     def clear(self) -> None:
         """Forget every key."""
         with self._lock:
             for entry in self._entries.values():
-                entry.alive = False
+                entry.kill()
             self._entries.clear()
 
     def __len__(self) -> int:
@@ -119,14 +143,14 @@ class KeyCache:
         """Add or replace an entry (under the lock); a replaced one dies."""
         old = self._entries.pop(entry.key_id, None)
         if old is not None:
-            old.alive = False
+            old.kill()
         self._entries[entry.key_id] = entry
 
     def _trim(self) -> None:
         """Drop the oldest entries beyond ``max_size`` (under the lock)."""
         while len(self._entries) > self.limits.max_size:
             _, old = self._entries.popitem(last=False)
-            old.alive = False
+            old.kill()
             self.evictions += 1
 
     # -- row scope (issue 3): many row keys at once ----------------------------------

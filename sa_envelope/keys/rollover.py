@@ -16,19 +16,25 @@ they have no nonce to run out of. Row keys encrypt one row each.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
+import threading
+from collections import defaultdict
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Table, select, update
+from sqlalchemy import Connection, Table, func, select, update
 
 from . import table as kt
+from .choice import CLOCK_SKEW
 
 __all__ = [
     "DEFAULT_MAX_AGE",
     "DEFAULT_MAX_ENCRYPTIONS",
+    "EncryptionBudget",
     "RolloverPolicy",
     "created_at",
     "lock_active",
     "retire_others",
+    "successor_time",
 ]
 
 DEFAULT_MAX_AGE = 30 * 24 * 3600.0  # 30 days, in seconds
@@ -61,6 +67,52 @@ class RolloverPolicy:
         if created.tzinfo is None:  # SQLite and MariaDB return naive UTC
             created = created.replace(tzinfo=dt.timezone.utc)
         return ((now or kt.utcnow()) - created).total_seconds() >= self.max_age
+
+
+class EncryptionBudget:
+    """AES-GCM encryptions made under each table key by this process: every
+    value sealed (also inside the transaction that made the key) and every
+    row key wrapped under it. ``counts`` is read inline by the store's
+    per-value path; bulk uses go through :meth:`take`."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit or 0  # 0: no limit
+        self.counts: defaultdict[int, itertools.count[int]] = defaultdict(itertools.count)
+        self._lock = threading.Lock()
+
+    def take(self, key_id: int, uses: int) -> bool:
+        """Count ``uses`` encryptions under ``key_id``: whether it had the budget."""
+        if not self.limit:
+            return True
+        if uses > self.limit:
+            raise ValueError(f"{uses} encryptions exceed max_encryptions={self.limit}")
+        counter, last = self.counts[key_id], 0
+        with self._lock:
+            for _ in range(uses):
+                last = next(counter)
+        return last < self.limit
+
+    def batch(self, count: int) -> int:
+        """How many encryptions of ``count`` one key can take in one go."""
+        return min(count, self.limit or count)
+
+
+def successor_time(conn: Connection, table: Table, owner: str, scope: str, now: dt.datetime) -> dt.datetime:
+    """The created time of a key replacing the current ones: ``now``, or one
+    second after the newest key of (owner, scope) if that is not earlier
+    (created times are whole seconds on every backend, and "newer" must be
+    exact: see keys.choice). Rows dated beyond the clock skew are ignored, so
+    a planted far-future row cannot push our keys into the future."""
+    newest = conn.execute(
+        select(func.max(table.c.created_at)).where(
+            table.c.owner_table == owner, table.c.scope == scope, table.c.created_at <= now + CLOCK_SKEW
+        )
+    ).scalar()
+    if not isinstance(newest, dt.datetime):
+        return now
+    if newest.tzinfo is None:
+        newest = newest.replace(tzinfo=dt.timezone.utc)
+    return max(now, newest.replace(microsecond=0) + dt.timedelta(seconds=1))
 
 
 def created_at(conn: Connection, table: Table, key_id: int) -> dt.datetime | None:

@@ -17,9 +17,8 @@ column types' processors: no facade layer in between.
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import threading
-from collections import defaultdict
 from typing import Any, Callable, TypeVar
 
 from sqlalchemy import Connection, Engine, Table
@@ -27,9 +26,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..envelope import ciphers
 from ..envelope import format as fmt
-from ..errors import DecryptionError, EnvelopeError, KeyNotFoundError
+from ..errors import DecryptionError, EnvelopeError, KeyNotFoundError, UnauthenticatedKeyError, UntrustedKeyError
 from ..faults import fault_point
-from ..providers.base import KeyProvider, key_context
+from ..providers.base import CONTEXT_VERSION, Context, KeyProvider, key_context
+from . import choice
 from . import rollover as ro
 from . import table as kt
 from .cache import CachedKey, KeyCache
@@ -52,8 +52,10 @@ class KeyStore:
         cache: KeyCache,
         tracker: Tracker,
         rollover: ro.RolloverPolicy,
+        namespace: str | None = None,
     ) -> None:
         self.engine = engine
+        self.namespace = namespace  # bound into every new key's context
         self.provider = provider
         self.table = table
         self.cache = cache
@@ -63,26 +65,32 @@ class KeyStore:
         self._lock = threading.RLock()
         self.provider_calls = 0
         self.keys_created = 0
-        # Table-key roll-over (docs/rotation.md): encryptions per key, this process.
-        self._max_encryptions = rollover.max_encryptions or 0
-        self._encryptions: defaultdict[int, itertools.count[int]] = defaultdict(itertools.count)
+        self.budget = ro.EncryptionBudget(rollover.max_encryptions)  # roll-over by encryptions
 
     # -- the per-value path ----------------------------------------------------------
 
-    def encryption_key(self, owner: str, scope: str = kt.SCOPE_TABLE) -> CachedKey:
-        """The key new values of ``owner`` are written under."""
+    def encryption_key(self, owner: str, scope: str = kt.SCOPE_TABLE, uses: int = 1) -> CachedKey:
+        """The key new values of ``owner`` are written under, counting ``uses``
+        AES-GCM encryptions toward the roll-over limit (row keys wrapped
+        under a table key count too: ``uses`` is how many)."""
         key_id = self._active.get((owner, scope))
-        if key_id is not None:
+        if key_id is not None and uses == 1:
             entry = self.cache.get(key_id)
             if entry is not None:
-                if (
-                    scope != kt.SCOPE_TABLE
-                    or not self._max_encryptions
-                    or next(self._encryptions[key_id]) < self._max_encryptions
-                ):
+                budget = self.budget
+                if scope != kt.SCOPE_TABLE or not budget.limit or next(budget.counts[key_id]) < budget.limit:
                     return entry
-                return self._resolve_encryption_key(owner, scope, stale=key_id)  # roll over
-        return self._resolve_encryption_key(owner, scope)
+                return self._counted(owner, scope, uses, stale=key_id)  # roll over
+        return self._counted(owner, scope, uses)
+
+    def _counted(self, owner: str, scope: str, uses: int, stale: int | None = None) -> CachedKey:
+        """The write key, with ``uses`` counted on it; one whose budget runs
+        out is rolled over (also inside the transaction that made it)."""
+        while True:
+            entry = self._resolve_encryption_key(owner, scope, stale)
+            if scope != kt.SCOPE_TABLE or self.budget.take(entry.key_id, uses):
+                return entry
+            stale = entry.key_id
 
     def decryption_key(self, key_id: int, *, table: str, column: str) -> CachedKey:
         """The key a stored value names in its header."""
@@ -118,9 +126,9 @@ class KeyStore:
     def _resolve_on(self, conn: Connection, owner: str, scope: str, stale: int | None = None) -> CachedKey:
         """The key to write under. ``stale``: a key past its roll-over limit.
 
-        A miss re-reads the active key (rather than trusting ``_active``), so
+        A miss re-reads the key table (rather than trusting ``_active``), so
         a key rolled over by another process is picked up within one cache
-        lifetime.
+        lifetime; what it may pick is :mod:`.choice`'s rule.
         """
         state = self.tracker.state(conn)
         key_id = state.active.get((owner, scope))
@@ -129,34 +137,73 @@ class KeyStore:
             if entry is not None:
                 return entry
             return self._load_key(key_id, table=owner, column=None, conn=conn)
-        record = self.query(lambda: kt.find_active(conn, self.table, owner, scope), owner)
-        if record is None:
+        found = self.current(conn, owner, scope)
+        if found is None:  # a table key replacing refused active rows retires them, as a roll-over
+            if scope == kt.SCOPE_TABLE and self.query(lambda: kt.find_active(conn, self.table, owner, scope), owner):
+                return self._roll_over(conn, state, owner, scope)
             return self._create_key(conn, state, owner, scope)
-        if record.id not in state.created and self._rollover_due(conn, record, stale):
+        record, entry = found
+        if self._rollover_due(conn, record, stale):
             return self._roll_over(conn, state, owner, scope)
         if record.id in state.created:
             state.active[(owner, scope)] = record.id
         else:
             self._active[(owner, scope)] = record.id  # read back: it is stored
-        return self.cache.get(record.id) or self.unwrap_record(record, table=owner, column=None, conn=conn)
+        return entry
+
+    def current(self, conn: Connection, owner: str, scope: str) -> tuple[kt.KeyRecord, CachedKey] | None:
+        """The current key of (owner, scope) as ``conn`` sees the key table:
+        the newest active row that may be a write key, whose metadata
+        authenticates and which has no authenticated successor (a key dated
+        later, whatever its status: un-retiring a key does not revive it).
+        ``None``: there is none, and a new key is to be made."""
+        now, successor = kt.utcnow(), -1
+        for record in self.query(lambda: kt.find_candidates(conn, self.table, owner, scope, choice.CANDIDATES), owner):
+            entry = self._usable(record, conn, now)
+            if entry is None:
+                continue
+            created = kt.created_seconds(record.created_at)
+            if record.status != kt.ACTIVE:
+                successor = max(successor, created)
+            elif created >= successor:
+                return record, entry
+            else:
+                return None
+        return None
+
+    def _usable(self, record: kt.KeyRecord, conn: Connection, now: Any) -> CachedKey | None:
+        """The unwrapped key of a candidate row, or ``None`` where the row is
+        refused (untrusted, future, unauthenticated: ``verify`` reports it)."""
+        if choice.refusal(record, self.provider, now) is not None:
+            return None
+        entry = self.cache.get(record.id)
+        if entry is not None and entry.owner == record.owner_table and entry.scope == record.scope:
+            return entry
+        try:
+            return self.unwrap_record(record, table=record.owner_table, column=None, conn=conn)
+        except (UntrustedKeyError, UnauthenticatedKeyError, DecryptionError):
+            return None
 
     def _create_key(
         self, conn: Connection, state: TxState, owner: str, scope: str, *, replacing: bool = False
     ) -> CachedKey:
         """Generate a key and insert it in ``conn``'s transaction (``replacing``:
-        a roll-over, which must make a new key even where one is active)."""
+        a roll-over, which must make a new key even where one is current)."""
         algorithm = kt.SCOPE_ALGORITHM[scope]
         cipher_cls, size, version = ciphers.ALGORITHMS[algorithm]
         key_id = self._new_key_id(conn, owner, scope, replacing)
-        if key_id is None:  # the table's one key of this scope committed since we looked
-            return self._adopt_winner(conn, owner, scope, kt.singleton_key_id(owner, scope))
-        context = key_context(owner, fmt.format_key_id(key_id))
-        data_key = self._provider_call(lambda: self.provider.generate(context, size))
+        if isinstance(key_id, CachedKey):  # the table's one key of this scope committed since we looked
+            return key_id
+        created = kt.utcnow().replace(microsecond=0)  # whole seconds: what every backend stores
+        if replacing:  # a successor is dated strictly later than what it replaces
+            created = self.query(lambda: ro.successor_time(conn, self.table, owner, scope, created), owner)
         record = kt.KeyRecord(
-            id=key_id, scope=scope, owner_table=owner, parent_id=None,
-            wrapping_key_id=data_key.wrapping_key_id, wrapped_key=data_key.wrapped,
-            algorithm=algorithm, status=kt.ACTIVE,
+            id=key_id, scope=scope, owner_table=owner, parent_id=None, wrapping_key_id="",
+            wrapped_key=None, algorithm=algorithm, status=kt.ACTIVE, created_at=created,
+            context_version=CONTEXT_VERSION,
         )
+        data_key = self._provider_call(lambda: self.provider.generate(self.context_of(record), size))
+        record = dataclasses.replace(record, wrapping_key_id=data_key.wrapping_key_id, wrapped_key=data_key.wrapped)
         singleton = key_id == kt.singleton_key_id(owner, scope)
         fault_point("key.create.before_insert")
         inserted = self.query(lambda: kt.insert_record(conn, self.table, record, if_absent=singleton), owner)
@@ -166,38 +213,51 @@ class KeyStore:
         state.created.add(key_id)
         state.active[(owner, scope)] = key_id
         self.keys_created += 1
-        return self.cache.put(key_id, cipher_cls(data_key.plaintext), fmt.header(version, key_id))
+        return self.cache.put(key_id, cipher_cls(data_key.plaintext), fmt.header(version, key_id), owner, scope)
 
-    def _new_key_id(self, conn: Connection, owner: str, scope: str, replacing: bool = False) -> int | None:
+    def _new_key_id(self, conn: Connection, owner: str, scope: str, replacing: bool = False) -> int | CachedKey:
         """A fixed id for the first deterministic / blind-index key of a table
         (concurrent creators collide instead of splitting the column in two),
         a random one otherwise (see ``kt.singleton_key_id``).
 
-        ``None``: that first key is stored and active although the caller's
-        ``find_active`` saw none, because a concurrent writer committed it in
-        between (READ COMMITTED sees it now): the caller adopts it. Making a
-        random-id key here instead gave PostgreSQL two deterministic keys.
+        A row already at the fixed id is a concurrent writer's first key,
+        committed since the caller looked (READ COMMITTED sees it now: it is
+        returned, adopted); or a row wrapped by a CMK we do not trust, which
+        a database writer can plant there before the table's first write (the
+        id is predictable): a random id then. Any other row there (ours, but
+        tampered) fails closed: a second key would split equality queries.
         """
-        if scope in kt.SINGLETON_SCOPES:
+        if scope in kt.SINGLETON_SCOPES and not replacing:
             key_id = kt.singleton_key_id(owner, scope)
-            record = self.query(lambda: kt.get_record(conn, self.table, key_id), owner)
-            if record is None:
+            existing = self._get(conn, key_id, owner)
+            if existing is None:
                 return key_id
-            if record.status == kt.ACTIVE and not replacing:
-                return None
+            found = self.current(conn, owner, scope)
+            if found is not None:
+                self._active[(owner, scope)] = found[0].id
+                return found[1]
+            if self.provider.trusts(existing.wrapping_key_id):
+                self.unwrap_record(existing, table=owner, column=None, conn=conn)  # raises the reason
+                raise EnvelopeError(
+                    f"the {scope} key of {owner} cannot be a write key (see verify)",
+                    table=owner, key_id=fmt.format_key_id(key_id),
+                )
         return fmt.new_key_id()
 
     def _adopt_winner(self, conn: Connection, owner: str, scope: str, key_id: int) -> CachedKey:
         """Another transaction committed this table's one key of ``scope``
-        while we made ours: use theirs (it is stored, so it is trusted)."""
+        while we made ours: use theirs if it may be a write key (it is stored)."""
         record = self.query(lambda: kt.get_record_locked(conn, self.table, key_id), owner)
-        if record is None:
+        entry = None
+        if record is not None and (record.owner_table, record.scope) == (owner, scope):
+            entry = self._usable(record, conn, kt.utcnow())
+        if entry is None:
             raise EnvelopeError(
-                f"the {scope} key of {owner} was created concurrently but cannot be read; retry",
+                f"the {scope} key of {owner} was created concurrently but cannot be used; retry",
                 table=owner, key_id=fmt.format_key_id(key_id),
             )
         self._active[(owner, scope)] = key_id
-        return self.unwrap_record(record, table=owner, column=None, conn=conn)
+        return entry
 
     def _load_key(
         self, key_id: int, *, table: str, column: str | None, conn: Connection | None = None
@@ -241,7 +301,7 @@ class KeyStore:
         plaintext = self._unwrap(record, table=table, column=column, conn=conn)
         if len(plaintext) != size:
             raise DecryptionError(f"unwrapped key does not fit {record.algorithm}", table=table, column=column, key_id=shown)
-        return self.cache.put(record.id, cipher_cls(plaintext), fmt.header(version, record.id))
+        return self.cache.put(record.id, cipher_cls(plaintext), fmt.header(version, record.id), record.owner_table, record.scope)
 
     def _unwrap(self, record: kt.KeyRecord, *, table: str, column: str | None, conn: Connection) -> bytes:
         """Plaintext of a stored key: by its parent key, or by the provider."""
@@ -250,8 +310,13 @@ class KeyStore:
         if record.parent_id is not None:
             parent = self.cache.peek(record.parent_id) or self._load_parent(record, table, column, conn)
             return self.open_child(parent, record.id, record.parent_id, record.owner_table, wrapped, table, column)
-        context = key_context(record.owner_table, fmt.format_key_id(record.id))
+        context = self.context_of(record)
+        self.provider.require_trusted(record.wrapping_key_id, context)  # before any KMS call
         return self._provider_call(lambda: self.provider.unwrap(wrapped, context, record.wrapping_key_id))
+
+    def context_of(self, record: kt.KeyRecord) -> Context:
+        """The provider context a key row states (its own context version)."""
+        return key_context(choice.key_meta(record, self.namespace))
 
     def _load_parent(self, record: kt.KeyRecord, table: str, column: str | None, conn: Connection) -> CachedKey:
         """A child key's parent, which the provider must wrap: one level only,
@@ -311,9 +376,9 @@ class KeyStore:
             self.query(lambda: ro.lock_active(conn, self.table, owner, scope), owner)
             new_id = self._roll_over(conn, self.tracker.state(conn), owner, scope).key_id
         with self.engine.connect() as conn:  # read back: only a stored key is trusted
-            record = self.query(lambda: kt.find_active(conn, self.table, owner, scope), owner)
-        if record is not None:
-            self.trust(owner, scope, record.id)
+            found = self.current(conn, owner, scope)
+        if found is not None:
+            self.trust(owner, scope, found[0].id)
         return new_id
 
     # -- helpers -----------------------------------------------------------------------

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Index,
     LargeBinary,
     MetaData,
+    SmallInteger,
     String,
     Table,
     and_,
@@ -38,7 +39,9 @@ __all__ = [
     "SCOPE_ROW",
     "SCOPE_TABLE",
     "SHREDDED",
+    "created_seconds",
     "find_active",
+    "find_candidates",
     "get_record",
     "get_records",
     "SCOPE_ALGORITHM",
@@ -84,6 +87,9 @@ def key_table(metadata: MetaData, name: str = KEY_TABLE_NAME) -> Table:
         Column("status", String(16), nullable=False),
         Column("created_at", DateTime(timezone=True), nullable=False),
         Column("updated_at", DateTime(timezone=True), nullable=False),
+        # the provider key context this row was wrapped with (providers.base):
+        # NULL for rows written before the column existed, read as version 1
+        Column("context_version", SmallInteger, nullable=True),
         Index(f"ix_{name}_owner", "owner_table", "scope", "status"),
         Index(f"ix_{name}_parent", "parent_id"),
     )
@@ -101,6 +107,8 @@ class KeyRecord:
     wrapped_key: bytes | None
     algorithm: str
     status: str
+    created_at: dt.datetime | None = None
+    context_version: int | None = None  # None: written before versions (1)
 
     def __repr__(self) -> str:
         return (
@@ -121,11 +129,36 @@ class KeyRecord:
             wrapped_key=bytes(wrapped) if wrapped is not None else None,
             algorithm=m["algorithm"],
             status=m["status"],
+            created_at=m["created_at"],
+            context_version=m.get("context_version"),
         )
 
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+def created_seconds(created: dt.datetime | None) -> int:
+    """A stored ``created_at`` as whole seconds since the epoch (SQLite and
+    MariaDB return naive UTC), as the key context binds it."""
+    if created is None:
+        return 0
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=dt.timezone.utc)
+    return int(created.timestamp())
+
+
+def find_candidates(conn: Connection, table: Table, owner: str, scope: str, limit: int) -> list[KeyRecord]:
+    """The newest provider-wrapped keys of ``scope`` for ``owner``, whatever
+    their status (a status is not authenticated: the write key is chosen
+    among these by :class:`~.store.KeyStore`), newest first."""
+    stmt = (
+        select(table)
+        .where(table.c.owner_table == owner, table.c.scope == scope, provider_wrapped(table))
+        .order_by(table.c.created_at.desc(), table.c.id.desc())
+        .limit(limit)
+    )
+    return [KeyRecord.from_row(r) for r in conn.execute(stmt)]
 
 
 def find_active(conn: Connection, table: Table, owner: str, scope: str) -> KeyRecord | None:
@@ -164,7 +197,7 @@ def insert_record(conn: Connection, table: Table, record: KeyRecord, *, if_absen
     of the same id to commit or roll back first, so ``False`` means the row
     is there, committed by another transaction.
     """
-    now = utcnow()
+    now = record.created_at or utcnow()
     stmt = _insert(conn, table, if_absent).execution_options(preserve_rowcount=True)
     result = conn.execute(
         stmt.values(
@@ -178,6 +211,7 @@ def insert_record(conn: Connection, table: Table, record: KeyRecord, *, if_absen
             status=record.status,
             created_at=now,
             updated_at=now,
+            context_version=record.context_version,
         )
     )
     return result.rowcount != 0

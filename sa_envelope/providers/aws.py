@@ -9,10 +9,10 @@ shows up in CloudTrail. botocore errors become :class:`KeyProviderError`.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 from .. import redact
-from ..errors import ConfigurationError, KeyProviderError
+from ..errors import ConfigurationError, KeyProviderError, UnauthenticatedKeyError
 from .base import Context, DataKey, KeyProvider, context_key_id, context_table
 
 __all__ = ["AwsKmsProvider"]
@@ -44,16 +44,25 @@ class AwsKmsProvider(KeyProvider):
     alias, so a re-pointed alias is visible to ``rewrap``. ``client`` is any
     boto3 KMS client; by default one is made on first use with botocore's
     ``standard`` retry mode (pass ``config=`` to change the retry policy).
+
+    Only the CMK ``key_id`` resolves to (one ``DescribeKey`` for an alias or
+    key id, none for a key ARN) and the ``previous`` CMKs are trusted: a key
+    row naming any other wrapping key is refused without calling KMS, and
+    ``Decrypt`` always names the trusted ARN as its ``KeyId``.
     """
 
-    def __init__(self, key_id: str, client: Any = None, *, config: Any = None) -> None:
+    def __init__(
+        self, key_id: str, client: Any = None, *, config: Any = None, previous: Iterable[str] = ()
+    ) -> None:
         if not key_id:
             raise ConfigurationError("AwsKmsProvider needs a CMK key id, ARN or alias (got an empty one)")
         self._key_id = key_id
         self._client = client
         self._config = config
         self._lock = threading.Lock()
-        self._resolved: str | None = None
+        self._resolved: str | None = key_id if _is_key_arn(key_id) else None
+        self._previous = tuple(previous)
+        self._trusted: frozenset[str] | None = None
         redact.install()  # botocore's DEBUG logs would show data keys
 
     @property
@@ -70,15 +79,23 @@ class AwsKmsProvider(KeyProvider):
         """The CMK ARN once known (after the first call), else as configured."""
         return self._resolved or self._key_id
 
-    def owns(self, wrapping_key_id: str) -> bool:
-        return wrapping_key_id in (self._key_id, self.resolve())
+    def trusted_wrapping_keys(self) -> frozenset[str]:
+        """The CMK's ARN and the previous CMKs' ARNs, resolved once."""
+        if self._trusted is None:
+            previous = {p if _is_key_arn(p) else self._describe(p) for p in self._previous}
+            self._trusted = frozenset({self.resolve(), *previous})
+        return self._trusted
 
     def resolve(self) -> str:
         """The CMK's ARN (one ``DescribeKey`` call the first time)."""
         if self._resolved is None:
-            meta = self._call("DescribeKey", {}, lambda c: c.describe_key(KeyId=self._key_id))
-            self._resolved = meta["KeyMetadata"]["Arn"]
+            self._resolved = self._describe(self._key_id)
         return self._resolved
+
+    def _describe(self, key_id: str) -> str:
+        meta = self._call("DescribeKey", {}, lambda c: c.describe_key(KeyId=key_id))
+        arn: str = meta["KeyMetadata"]["Arn"]
+        return arn
 
     def generate(self, context: Context, size: int = 32) -> DataKey:
         response = self._call(
@@ -103,6 +120,7 @@ class AwsKmsProvider(KeyProvider):
         return DataKey(plaintext, response["CiphertextBlob"], response["KeyId"])
 
     def unwrap(self, wrapped: bytes, context: Context, wrapping_key_id: str) -> bytes:
+        self.require_trusted(wrapping_key_id, context)  # before any KMS call
         response = self._call(
             "Decrypt",
             context,
@@ -116,7 +134,7 @@ class AwsKmsProvider(KeyProvider):
         return plaintext
 
     def rewrap(
-        self, wrapped: bytes, context: Context, wrapping_key_id: str
+        self, wrapped: bytes, context: Context, wrapping_key_id: str, new_context: Context | None = None
     ) -> tuple[bytes, str] | None:
         if not wrapping_key_id.startswith("arn:aws"):
             return None  # not a KMS key: the caller unwraps and wraps
@@ -128,7 +146,7 @@ class AwsKmsProvider(KeyProvider):
                 SourceKeyId=wrapping_key_id,
                 SourceEncryptionContext=dict(context),
                 DestinationKeyId=self._key_id,
-                DestinationEncryptionContext=dict(context),
+                DestinationEncryptionContext=dict(new_context or context),
             ),
         )
         self._resolved = response["KeyId"]
@@ -143,9 +161,11 @@ class AwsKmsProvider(KeyProvider):
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "ClientError")
             reason = f"KMS {operation} refused with {code}"
+            error = UnauthenticatedKeyError if code == "InvalidCiphertextException" else KeyProviderError
         except BotoCoreError as exc:
             reason = f"KMS {operation} failed: {type(exc).__name__}"
-        raise KeyProviderError(
+            error = KeyProviderError
+        raise error(
             f"{reason} (CMK {self._key_id}, table {context_table(context) or '-'}, "
             f"key {context_key_id(context) or '-'})",
             table=context_table(context),
@@ -154,3 +174,8 @@ class AwsKmsProvider(KeyProvider):
 
     def __repr__(self) -> str:
         return f"AwsKmsProvider({self._key_id!r})"
+
+
+def _is_key_arn(key_id: str) -> bool:
+    """A key ARN names one CMK for good; an alias or bare key id needs DescribeKey."""
+    return key_id.startswith("arn:aws") and ":key/" in key_id

@@ -14,20 +14,73 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
-__all__ = ["Context", "DataKey", "KeyProvider", "context_key_id", "context_table", "key_context"]
+from ..errors import UntrustedKeyError
+
+__all__ = [
+    "CONTEXT_VERSION",
+    "Context",
+    "DataKey",
+    "KeyMeta",
+    "KeyProvider",
+    "context_key_id",
+    "context_table",
+    "key_context",
+]
 
 DATA_KEY_BYTES = 32
 Context = Mapping[str, str]
+CONTEXT_VERSION = 2  # what new keys are written with (docs/format.md, "The key context")
+LEGACY_CONTEXT_VERSION = 1  # key rows written before the context bound their metadata
 CONTEXT_TABLE = "sa_envelope:table"
 CONTEXT_KEY = "sa_envelope:key"
+CONTEXT_FIELDS = (  # version 2, beyond table and key
+    ("sa_envelope:v", "version"),
+    ("sa_envelope:scope", "scope"),
+    ("sa_envelope:alg", "algorithm"),
+    ("sa_envelope:created", "created"),
+)
+CONTEXT_NAMESPACE = "sa_envelope:ns"
 
 
-def key_context(owner: str, key_id: str) -> dict[str, str]:
-    """The encryption context bound to a provider-wrapped key (visible in
-    CloudTrail): its owner table and its key id, as :func:`format_key_id` shows it."""
-    return {CONTEXT_TABLE: owner, CONTEXT_KEY: key_id}
+@dataclass(frozen=True)
+class KeyMeta:
+    """Everything that decides how a provider-wrapped key is used.
+
+    ``created`` is whole seconds since the Unix epoch (UTC): every backend
+    stores whole seconds exactly. ``version`` 1 binds only owner and key id.
+    """
+
+    key_id: str
+    owner: str
+    scope: str
+    algorithm: str
+    created: int
+    namespace: str | None = None
+    version: int = CONTEXT_VERSION
+
+
+def key_context(meta: KeyMeta | str, key_id: str | None = None) -> dict[str, str]:
+    """The encryption context bound to a provider-wrapped key (the KMS
+    encryption context; the local provider's associated data). Visible in
+    CloudTrail, and the ``sa_envelope:*`` keys IAM conditions can name.
+
+    Version 1 (rows written before it existed; also ``key_context(owner,
+    key_id)``): owner table and key id only. Version 2 adds the context
+    version, scope, algorithm, created time and, when the manager has one,
+    the namespace: a row relabelled in any of them no longer unwraps.
+    """
+    if isinstance(meta, str):
+        return {CONTEXT_TABLE: meta, CONTEXT_KEY: key_id or ""}
+    context = {CONTEXT_TABLE: meta.owner, CONTEXT_KEY: meta.key_id}
+    if meta.version == LEGACY_CONTEXT_VERSION:
+        return context
+    for name, attr in CONTEXT_FIELDS:
+        context[name] = str(getattr(meta, attr))
+    if meta.namespace:
+        context[CONTEXT_NAMESPACE] = meta.namespace
+    return context
 
 
 def context_table(context: Context) -> str | None:
@@ -50,6 +103,9 @@ class DataKey:
 
     def __repr__(self) -> str:  # never show key material
         return f"DataKey(wrapping_key_id={self.wrapping_key_id!r}, plaintext=<hidden>)"
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("a DataKey holds key material and cannot be pickled")
 
 
 class KeyProvider(ABC):
@@ -82,14 +138,36 @@ class KeyProvider(ABC):
         """
         return self.wrap(os.urandom(size), context)
 
+    def trusted_wrapping_keys(self) -> frozenset[str]:
+        """The wrapping keys whose wrapped keys this provider may unwrap: its
+        own and the ``previous`` ones it was given. Providers override this."""
+        return frozenset({self.wrapping_key_id})
+
+    def trusts(self, wrapping_key_id: str) -> bool:
+        """The trust rule, in its one home: a key row is unwrapped only if the
+        wrapping key it names is one this provider was configured with. A
+        database writer can name any CMK; only the configuration says ours."""
+        return wrapping_key_id in self.trusted_wrapping_keys()
+
+    def require_trusted(self, wrapping_key_id: str, context: Context) -> None:
+        """Refuse (without calling the KMS) a key wrapped by an untrusted key."""
+        if not self.trusts(wrapping_key_id):
+            key_id = context_key_id(context)
+            raise UntrustedKeyError(
+                f"key {key_id or '-'} is wrapped by {wrapping_key_id}, which this provider does not "
+                f"trust (it trusts {', '.join(sorted(self.trusted_wrapping_keys()))})",
+                table=context_table(context), key_id=key_id,
+            )
+
     def owns(self, wrapping_key_id: str) -> bool:
         """Whether a key recorded as wrapped by ``wrapping_key_id`` is ours."""
-        return wrapping_key_id == self.wrapping_key_id
+        return self.trusts(wrapping_key_id)
 
     def rewrap(
-        self, wrapped: bytes, context: Context, wrapping_key_id: str
+        self, wrapped: bytes, context: Context, wrapping_key_id: str, new_context: Context | None = None
     ) -> tuple[bytes, str] | None:
-        """Move a key wrapped by another master key of the same service.
+        """Move a key wrapped by another master key of the same service,
+        binding ``new_context`` (default: ``context``) to the new wrap.
 
         Return ``(new wrapped bytes, new wrapping key id)``, or ``None`` where
         the provider cannot do it without seeing the plaintext (the caller

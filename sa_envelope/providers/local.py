@@ -7,11 +7,12 @@ import hmac
 import json
 import os
 from pathlib import Path
+from typing import Iterable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ..errors import ConfigurationError, KeyProviderError
+from ..errors import ConfigurationError, UnauthenticatedKeyError
 from .base import DATA_KEY_BYTES, Context, DataKey, KeyProvider, context_key_id, context_table
 
 __all__ = ["LocalKeyProvider"]
@@ -26,14 +27,24 @@ class LocalKeyProvider(KeyProvider):
     """A 32-byte master key held in process, for development, tests and demos.
 
     Wrapped keys are ``nonce (12) || AES-256-GCM(ciphertext || tag)`` with the
-    canonical JSON of the encryption context as associated data.
+    canonical JSON of the encryption context as associated data. ``previous``
+    are older master keys (after a rotation) whose wrapped keys still unwrap;
+    keys wrapped by any other key id are refused.
     """
 
-    def __init__(self, key_bytes: bytes, key_id: str | None = None) -> None:
+    def __init__(
+        self, key_bytes: bytes, key_id: str | None = None, *, previous: Iterable[bytes] = ()
+    ) -> None:
+        self._aead = self._cipher(key_bytes)
+        self._key_id = key_id or self._fingerprint(key_bytes)
+        self._aeads = {self._fingerprint(k): self._cipher(k) for k in previous}
+        self._aeads[self._key_id] = self._aead
+
+    @staticmethod
+    def _cipher(key_bytes: bytes) -> AESGCM:
         if len(key_bytes) != DATA_KEY_BYTES:
             raise ConfigurationError("a local master key must be exactly 32 bytes")
-        self._aead = AESGCM(bytes(key_bytes))
-        self._key_id = key_id or self._fingerprint(key_bytes)
+        return AESGCM(bytes(key_bytes))
 
     @staticmethod
     def _fingerprint(key_bytes: bytes) -> str:
@@ -42,10 +53,18 @@ class LocalKeyProvider(KeyProvider):
         return "local:" + mac.hexdigest()[:16]
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str], key_id: str | None = None) -> LocalKeyProvider:
-        """Load a key file, creating a random one (mode 0600) where none exists."""
+    def from_file(
+        cls,
+        path: str | os.PathLike[str],
+        key_id: str | None = None,
+        *,
+        previous: Iterable[str | os.PathLike[str]] = (),
+    ) -> LocalKeyProvider:
+        """Load a key file, creating a random one (mode 0600) where none exists.
+        ``previous``: older key files, trusted for unwrapping only."""
         if not os.fspath(path):
             raise ConfigurationError("no key file given: pass the path of a 32-byte key file")
+        old = [_read_key_file(Path(p)) for p in previous]
         file = Path(path)
         if file.is_dir():
             raise ConfigurationError(f"key file {file} is a directory: pass the path of a 32-byte key file")
@@ -60,14 +79,14 @@ class LocalKeyProvider(KeyProvider):
                     out.write(os.urandom(DATA_KEY_BYTES))
                     out.flush()
                     os.fsync(out.fileno())
-        data = file.read_bytes()
-        if len(data) != DATA_KEY_BYTES:
-            raise ConfigurationError(f"key file {file} does not hold exactly 32 bytes")
-        return cls(data, key_id=key_id)
+        return cls(_read_key_file(file), key_id=key_id, previous=old)
 
     @property
     def wrapping_key_id(self) -> str:
         return self._key_id
+
+    def trusted_wrapping_keys(self) -> frozenset[str]:
+        return frozenset(self._aeads)
 
     def wrap(self, plaintext: bytes, context: Context) -> DataKey:
         nonce = os.urandom(12)
@@ -75,16 +94,11 @@ class LocalKeyProvider(KeyProvider):
         return DataKey(plaintext, wrapped, self._key_id)
 
     def unwrap(self, wrapped: bytes, context: Context, wrapping_key_id: str) -> bytes:
-        if wrapping_key_id != self._key_id:
-            raise KeyProviderError(
-                f"key was wrapped by {wrapping_key_id}, this provider holds {self._key_id}",
-                table=context_table(context),
-                key_id=context_key_id(context),
-            )
+        self.require_trusted(wrapping_key_id, context)
         try:
-            return self._aead.decrypt(wrapped[:12], wrapped[12:], _canonical(context))
+            return self._aeads[wrapping_key_id].decrypt(wrapped[:12], wrapped[12:], _canonical(context))
         except (InvalidTag, ValueError):
-            raise KeyProviderError(
+            raise UnauthenticatedKeyError(
                 "wrapped key does not authenticate under the local master key",
                 table=context_table(context),
                 key_id=context_key_id(context),
@@ -92,3 +106,10 @@ class LocalKeyProvider(KeyProvider):
 
     def __repr__(self) -> str:
         return f"LocalKeyProvider(key_id={self._key_id!r})"
+
+
+def _read_key_file(file: Path) -> bytes:
+    data = file.read_bytes()
+    if len(data) != DATA_KEY_BYTES:
+        raise ConfigurationError(f"key file {file} does not hold exactly 32 bytes")
+    return data

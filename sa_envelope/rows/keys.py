@@ -85,19 +85,22 @@ class RowKeys:
         in one executemany, in the caller's transaction."""
         if count <= 0:
             return []
-        with self.tracker.use_connection(conn):
-            parent = self.store.encryption_key(owner, kt.SCOPE_TABLE)  # at most one provider call
         now = kt.utcnow()
         ids = fmt.new_key_ids(count)
         rows: list[dict[str, Any]] = []
         opened: list[tuple[int, Any, bytes]] = []
-        for key_id, (wrapped, cipher) in zip(ids, ciphers.wrap_row_keys(parent.cipher, parent.key_id, owner, ids)):
-            rows.append({
-                "id": key_id, "scope": kt.SCOPE_ROW, "owner_table": owner,
-                "parent_id": parent.key_id, "wrapping_key_id": kt.PARENT, "wrapped_key": wrapped,
-                "algorithm": ciphers.ROW_KEY_ALGORITHM, "status": kt.ACTIVE, "created_at": now, "updated_at": now,
-            })
-            opened.append((key_id, cipher, fmt.header(fmt.VERSION_GCM, key_id)))
+        step = self.store.budget.batch(count)  # each wrap is an AES-GCM encryption under the table key
+        for start in range(0, count, step):
+            chunk = ids[start : start + step]
+            with self.tracker.use_connection(conn):  # at most one provider call per table key
+                parent = self.store.encryption_key(owner, kt.SCOPE_TABLE, uses=len(chunk))
+            for key_id, (wrapped, cipher) in zip(chunk, ciphers.wrap_row_keys(parent.cipher, parent.key_id, owner, chunk)):
+                rows.append({
+                    "id": key_id, "scope": kt.SCOPE_ROW, "owner_table": owner,
+                    "parent_id": parent.key_id, "wrapping_key_id": kt.PARENT, "wrapped_key": wrapped,
+                    "algorithm": ciphers.ROW_KEY_ALGORITHM, "status": kt.ACTIVE, "created_at": now, "updated_at": now,
+                })
+                opened.append((key_id, cipher, fmt.header(fmt.VERSION_GCM, key_id)))
         self.tracker.state(conn).rows.update(ids)
         fault_point("rowkey.create.before_insert")
         self.query(lambda: self._insert_rows(conn, rows), owner)

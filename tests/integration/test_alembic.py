@@ -82,7 +82,7 @@ def test_migrations_example_upgrade_then_rotate(
     before = stored_hash(engine)
 
     # The next CMK rotation: the last revision, applied again with the new CMK.
-    rotated = dict(env, SA_ENVELOPE_CMK=cmk_b)
+    rotated = dict(env, SA_ENVELOPE_CMK=cmk_b, SA_ENVELOPE_SOURCE_CMK=cmk)  # the old CMK, trusted
     alembic(rotated, "downgrade", "-1")
     alembic(rotated, "upgrade", "head")
     records = provider_key_records(engine)

@@ -34,7 +34,8 @@ def test_keys_list_and_rewrap_between_kms_keys(
     assert listing.returncode == 0, listing.stderr
     assert listing.stdout.count(cmk) == 4 and "deterministic" in listing.stdout and "data_1" in listing.stdout
 
-    result = cli("rewrap", "--database-url", db_url, "--to", cmk_alias, kms_server=kms_server)
+    # --from: the CMK the keys are wrapped by now (only configured CMKs are trusted)
+    result = cli("rewrap", "--database-url", db_url, "--to", cmk_alias, "--from", cmk, kms_server=kms_server)
     assert result.returncode == 0, result.stderr
     assert "4 re-wrapped, 0 already current, 0 failed" in result.stdout
     assert result.stderr == ""  # stderr is not a terminal: no progress bar

@@ -16,6 +16,7 @@ from sa_envelope import faults
 from sa_envelope.envelope import format as fmt
 from sa_envelope.keys import table as kt
 from sa_envelope.providers.base import key_context
+from support.keyrows import context_of
 from support.models import data_tables
 from support.rotation import (
     PYTHON, cmk_uuid, expected_row, fill, provider_key_records, read_all, stored_hash,
@@ -156,7 +157,7 @@ def test_rewrap_killed_mid_run_then_resumed(engine: Engine, db_url: str, tmp_pat
     fresh = KeyManager(engine, new)
     assert read_all(engine, fresh, 1) == [[expected_row(i) for i in range(50)]]
     for record in records:  # every wrapped key opens under the new key file
-        new.unwrap(record.wrapped_key, key_context(record.owner_table, fmt.format_key_id(record.id)), new.wrapping_key_id)
+        new.unwrap(record.wrapped_key, context_of(record), new.wrapping_key_id)  # upgraded to context version 2
 
 
 @pytest.mark.backends("postgresql", "mysql")

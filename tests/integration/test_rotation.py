@@ -7,13 +7,14 @@ import os
 from typing import Any
 
 import pytest
-from sqlalchemy import LargeBinary, select, type_coerce, update
+from sqlalchemy import LargeBinary, select, type_coerce
 from sqlalchemy.engine import Engine
 
 from sa_envelope import KeyManager, LocalKeyProvider, RolloverPolicy
 from sa_envelope import faults
 from sa_envelope.envelope import format as fmt
 from sa_envelope.keys import table as kt
+from support.keyrows import age_keys
 from support.models import data_tables
 from support.rotation import expected_row, fill, key_statuses, read_all
 
@@ -89,8 +90,7 @@ def test_rollover_by_age(engine: Engine, provider: LocalKeyProvider) -> None:
     keys = KeyManager(engine, provider, rollover=RolloverPolicy(max_age=3600))
     (table,) = fill(engine, keys, tables=1, rows=3)
     (old,) = key_statuses(engine, "data_0")
-    with engine.begin() as conn:  # the key was made two hours ago
-        conn.execute(update(keys.table).values(created_at=kt.utcnow() - dt.timedelta(hours=2)))
+    age_keys(engine, keys, dt.timedelta(hours=2))  # the key was made two hours ago
     restarted = KeyManager(engine, provider, rollover=RolloverPolicy(max_age=3600))
     with engine.begin() as conn:
         conn.execute(data_tables(restarted, 1)[0].insert(), [expected_row(3)])

@@ -65,6 +65,9 @@ class _EitherKey(KeyProvider):
     def wrap(self, plaintext: bytes, context: Any) -> Any:
         return self._first.wrap(plaintext, context)
 
+    def trusted_wrapping_keys(self) -> frozenset[str]:
+        return frozenset(self._by_id)
+
     def unwrap(self, wrapped: bytes, context: Any, wrapping_key_id: str) -> bytes:
         return self._by_id[wrapping_key_id].unwrap(wrapped, context, wrapping_key_id)
 

@@ -35,6 +35,7 @@ from sa_envelope import (
 from sa_envelope.envelope import format as fmt
 from sa_envelope.keys import table as kt
 from sa_envelope.providers.base import key_context
+from support.keyrows import context_of
 from support.models import Schema, schema
 
 pytestmark = pytest.mark.reliability
@@ -102,7 +103,7 @@ def _data_keys(engine: Engine, s: Schema, provider: KeyProvider) -> dict[str, by
     with engine.connect() as conn:
         records = [kt.KeyRecord.from_row(r) for r in conn.execute(select(s.keys.table))]
     return {
-        f"data key {r.id:016x}": provider.unwrap(r.wrapped_key, key_context(r.owner_table, fmt.format_key_id(r.id)), r.wrapping_key_id)  # type: ignore[arg-type]
+        f"data key {r.id:016x}": provider.unwrap(r.wrapped_key, context_of(r), r.wrapping_key_id)  # type: ignore[arg-type]
         for r in records
     }
 
