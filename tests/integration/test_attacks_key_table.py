@@ -124,7 +124,7 @@ def test_planted_key_is_refused_on_read_without_calling_kms(
 def test_cli_rewrap_and_verify_report_a_planted_key(
     engine: Engine, db_url: str, kms_server: str, cmk: str, app_client: Any, attacker: Attacker
 ) -> None:
-    from test_cli import cli
+    from integration.test_cli import cli
 
     keys, Account = process(engine, cmk, app_client)
     write_rows(engine, Account, range(0, 3))
