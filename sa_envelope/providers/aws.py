@@ -151,10 +151,11 @@ class AwsKmsProvider(KeyProvider):
 
     def _call(self, operation: str, context: Context, fn: Callable[[Any], T]) -> T:
         """Run one KMS call, turning every botocore failure into ours."""
+        client = self.client  # first: without boto3 it says which extra to install
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return fn(self.client)
+            return fn(client)
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "ClientError")
             reason = f"KMS {operation} refused with {code}"
