@@ -62,9 +62,5 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-# The public name of the column types, which Alembic autogenerate renders
-# (``sa_envelope.EncryptedType(...)``) where no render_item is configured.
-EncryptedType.__module__ = BlindIndexType.__module__ = __name__
-
 if "alembic" in sys.modules:  # under Alembic: its operations and autogenerate imports (sa_envelope.alembic)
     from . import alembic as _alembic_glue  # noqa: F401
