@@ -173,7 +173,7 @@ def summary_line(backends: dict[str, ServerBackend]) -> str:
         if got is None:
             unused.append(name)
         elif got.url is not None:
-            ran.append(f"{name} ({got.source})")
+            ran.append(f"{name} ({got.source}, database {make_url(got.url).database})")
         else:
             why = got.reason
             missing.append(
