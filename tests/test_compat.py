@@ -113,3 +113,24 @@ def test_missing_region_is_one_line_naming_the_variable(monkeypatch: pytest.Monk
         AwsKmsProvider("alias/app").resolve()
     message = str(info.value)
     assert "\n" not in message and "AWS_REGION" in message
+
+
+def test_empty_string_in_a_deterministic_column(local_keys: Any, engine: Engine) -> None:
+    """'' seals and opens under AES-SIV, and is found by equality (cryptography
+    45.0.0 and earlier raised a raw ValueError: the floor is 45.0.1)."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Code(Base):
+        __tablename__ = "compat_codes"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        code: Mapped[str] = mapped_column(EncryptedType(String(20), local_keys, deterministic=True))
+
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([Code(id=1, code=""), Code(id=2, code="x")])
+        s.commit()
+    with Session(engine) as s:
+        assert [c.id for c in s.scalars(select(Code).where(Code.code == ""))] == [1]
+        assert s.get(Code, 1).code == ""
