@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,21 @@ def test_make_test_runs_every_default_local_backend() -> None:
     after = _databases()
     # the run's own databases were new, and are gone (other clients' databases may come and go meanwhile)
     assert {f"postgresql+psycopg:{found[1]}", f"mysql+pymysql:{found[2]}"}.isdisjoint(after | before)
+
+
+def test_summary_names_a_missing_backend_and_how_to_enable_it(closed_port_url: str) -> None:
+    """A backend that does not answer is skipped, and the last line says which
+    variable to set (no Docker engine on this machine, nothing listens there)."""
+    port = closed_port_url.rsplit(":", 1)[1]
+    env = {k: v for k, v in os.environ.items() if k not in SERVER_BACKENDS.values() and k != "SA_ENVELOPE_REQUIRE_BACKENDS"}
+    env["SA_ENVELOPE_TEST_POSTGRESQL_URL"] = f"postgresql+psycopg://postgres@127.0.0.1:{port}/nothing"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_infra.py", "-k", "answers_select_1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    summary = [line for line in out.splitlines() if line.startswith("sa-envelope backends run:")]
+    assert len(summary) == 1 and summary[0].startswith("sa-envelope backends run: sqlite"), out[-3000:]
+    assert "NOT RUN: postgresql: SA_ENVELOPE_TEST_POSTGRESQL_URL is set but the server does not answer" in summary[0]
+    assert "set SA_ENVELOPE_TEST_POSTGRESQL_URL, start a server on 127.0.0.1:5432 or a Docker engine" in summary[0]
