@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp
 BENCH_STAMP := $(VENV)/.stamp-bench
 PYTEST_ARGS ?=
+# e.g. PIP_CONSTRAINTS='-c constraints/minimum.txt' (the CI minimum-versions job)
+PIP_CONSTRAINTS ?=
 BENCH_ARGS ?=
 
 .PHONY: venv demo test reliability bench clean
@@ -17,11 +19,11 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,alembic]'
+	$(BIN)/python -m pip install --quiet -e '.[kms,asyncio,alembic,progress]' --group test $(PIP_CONSTRAINTS)
 	touch $@
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m pip install --quiet --group bench
 	touch $@
 
 demo: venv

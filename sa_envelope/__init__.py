@@ -9,6 +9,8 @@ threat model and the rotation runbook.
 
 from __future__ import annotations
 
+import sys
+
 from .columns.blindindex import BlindIndexType, lookup
 from .columns.encrypted import EncryptedType
 from .columns.normalizers import normalize_email, normalize_phone
@@ -63,3 +65,6 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+if "alembic" in sys.modules:  # under Alembic: its operations and autogenerate imports (sa_envelope.alembic)
+    from . import alembic as _alembic_glue  # noqa: F401

@@ -33,6 +33,7 @@ from .jobs.reencrypt import ReencryptReport, reencrypt_columns
 from .jobs.rewrap import RewrapReport, rewrap_keys
 from .keys import table as kt
 from .keys.cache import CacheLimits, CachedKey, KeyCache
+from .keys.offload import require_greenlet
 from .keys.rollover import RolloverPolicy
 from .keys.store import KeyStore
 from .keys.tracking import Tracker
@@ -66,6 +67,8 @@ class KeyManager:
         rollover: RolloverPolicy | None = None,
         namespace: str | None = None,
     ) -> None:
+        if hasattr(engine, "sync_engine"):  # an AsyncEngine: say which extra, before SQLAlchemy does
+            require_greenlet()
         self.engine: Engine = getattr(engine, "sync_engine", engine)
         self.table = kt.key_table(metadata if metadata is not None else MetaData(), table_name)
         self.rollover = rollover if rollover is not None else RolloverPolicy()

@@ -3,8 +3,10 @@
 Backends (DESIGN.md, "Test backends"): every test that takes ``db_url`` runs
 once per backend, ``sqlite`` always, ``postgresql`` and ``mysql`` (MariaDB)
 from ``SA_ENVELOPE_TEST_POSTGRESQL_URL`` / ``SA_ENVELOPE_TEST_MYSQL_URL``, else
-from a testcontainers container when a Docker engine answers, else skipped with
-the reason. ``SA_ENVELOPE_REQUIRE_BACKENDS=postgresql,mysql`` (set by .ci/run)
+the default local port when a server answers there, else a testcontainers
+container when a Docker engine answers, else skipped with the reason; always
+in a database the run creates and drops (tests/support/backends.py). The run ends
+with a line saying which backends ran. ``SA_ENVELOPE_REQUIRE_BACKENDS=postgresql,mysql`` (set by .ci/run)
 turns that skip into a failure, so CI can never go green on SQLite alone.
 
 KMS is moto's ThreadedMotoServer on 127.0.0.1: boto3 speaks real HTTP to it
@@ -22,15 +24,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from support import backends  # where server backends come from (tests/support/backends.py)
 import boto3
 import pytest
 from sqlalchemy import MetaData, create_engine, inspect, text
 from sqlalchemy.engine import Engine
 
-SERVER_BACKENDS: dict[str, str] = {
-    "postgresql": "SA_ENVELOPE_TEST_POSTGRESQL_URL",
-    "mysql": "SA_ENVELOPE_TEST_MYSQL_URL",
-}
+SERVER_BACKENDS = backends.SERVER_BACKENDS
 BACKENDS: tuple[str, ...] = ("sqlite", *SERVER_BACKENDS)
 REQUIRE_ENV = "SA_ENVELOPE_REQUIRE_BACKENDS"
 
@@ -72,70 +72,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 # --------------------------------------------------------------------------- databases
 
 
-def _ping(url: str) -> None:
-    """Raise unless the server at ``url`` answers ``SELECT 1`` within 10 s."""
-    engine = create_engine(url, connect_args={"connect_timeout": 10})
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    finally:
-        engine.dispose()
-
-
-def _docker_error() -> str | None:
-    """None when a Docker engine answers, else why not (testcontainers needs one)."""
-    try:
-        import docker
-
-        docker.from_env(timeout=5).ping()
-    except Exception as exc:  # no package, no socket, daemon down: all mean "no Docker"
-        return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-    return None
-
-
-def _start_container(name: str, stack: contextlib.ExitStack) -> str:
-    """Start a throwaway server for ``name``; ``stack`` stops it at session end."""
-    if name == "postgresql":
-        try:
-            from testcontainers.community.postgres import PostgresContainer
-        except ImportError:  # testcontainers < 4.14
-            from testcontainers.postgres import PostgresContainer
-        pg = stack.enter_context(PostgresContainer("postgres:16", driver="psycopg"))
-        return str(pg.get_connection_url())
-    try:
-        from testcontainers.community.mysql import MySqlContainer
-    except ImportError:
-        from testcontainers.mysql import MySqlContainer
-    maria = stack.enter_context(MySqlContainer("mariadb:11", dialect="pymysql"))
-    return str(maria.get_connection_url())
-
-
 class ServerBackends:
-    """Resolves each server backend once per session, lazily (no container for
-    a backend that no selected test uses), remembering a URL or a skip reason."""
+    """The session's server backends (tests/support/backends.py: URL variable, default
+    local port, testcontainers; a database of the run's own on each)."""
 
     def __init__(self, stack: contextlib.ExitStack) -> None:
-        self._stack = stack
-        self._resolved: dict[str, tuple[str | None, str]] = {}  # name -> (url, reason)
+        self.backends = {name: backends.ServerBackend(name, stack) for name in SERVER_BACKENDS}
         self._required = _required_backends()
-
-    def _resolve(self, name: str) -> tuple[str | None, str]:
-        env = SERVER_BACKENDS[name]
-        url = os.environ.get(env)
-        if url:
-            try:
-                _ping(url)
-            except Exception as exc:
-                first_line = (str(exc).splitlines() or [""])[0][:200]
-                return None, f"{env} is set but the server does not answer: {first_line}"
-            return url, ""
-        docker_error = _docker_error()
-        if docker_error is not None:
-            return None, f"{env} is not set and no Docker engine answers ({docker_error})"
-        try:
-            return _start_container(name, self._stack), ""
-        except Exception as exc:
-            return None, f"{env} is not set and the {name} container did not start: {exc!r}"
 
     def url(self, name: str) -> str:
         """The backend's URL; skips the test, or fails it if the backend is required.
@@ -143,20 +86,28 @@ class ServerBackends:
         pytest.fail, not pytest.exit: an Exit raised in fixture set-up breaks
         pytest's session teardown (pytest 9), hiding the message in a traceback.
         """
-        if name not in self._resolved:
-            self._resolved[name] = self._resolve(name)
-        url, reason = self._resolved[name]
-        if url is None:
+        resolved = self.backends[name].resolve()
+        if resolved.url is None:
             if name in self._required:
-                pytest.fail(f"{REQUIRE_ENV} requires {name}: {reason}", pytrace=False)
-            pytest.skip(reason)
-        return url
+                pytest.fail(f"{REQUIRE_ENV} requires {name}: {resolved.reason}", pytrace=False)
+            pytest.skip(resolved.reason)
+        return resolved.url
+
+
+_SESSION: list[ServerBackends] = []  # for the summary line, printed after the fixtures are gone
 
 
 @pytest.fixture(scope="session")
 def server_backends() -> Iterator[ServerBackends]:
     with contextlib.ExitStack() as stack:
-        yield ServerBackends(stack)
+        found = ServerBackends(stack)
+        _SESSION.append(found)
+        yield found
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """End with the backends that ran and how to enable the others."""
+    terminalreporter.write_line(backends.summary_line(_SESSION[-1].backends if _SESSION else {}))
 
 
 def _drop_all(engine: Engine) -> None:
@@ -188,8 +139,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path, server_backends: Serv
     """The URL of the backend named by the parametrisation (see pytest_generate_tests).
 
     SQLite is a file in tmp_path, never ``:memory:``: the key manager opens
-    its own connections, which must see the same database. A shared server
-    database is emptied first, in case an earlier (maybe killed) run left tables.
+    its own connections, which must see the same database. The server
+    database is the run's own (tests/support/backends.py), emptied before each test.
     """
     name: str = request.param
     if name == "sqlite":

@@ -3,6 +3,8 @@
 Jobs (rewrap, re-encryption, column encryption) report progress through
 :func:`progress_bar`. A bar is drawn only when stderr is a terminal and the
 optional ``progress`` extra (tqdm) is installed, so logs and CI stay quiet.
+Asked for explicitly (``enabled=True``) without tqdm, it says which extra to
+install instead of drawing nothing.
 """
 
 from __future__ import annotations
@@ -10,7 +12,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["NullBar", "progress_bar"]
+from ..errors import ConfigurationError
+
+__all__ = ["PROGRESS_EXTRA", "NullBar", "progress_bar"]
+
+PROGRESS_EXTRA = "sa-envelope[progress]"
 
 
 class NullBar:
@@ -31,6 +37,7 @@ class NullBar:
 
 def progress_bar(total: int | None, desc: str, enabled: bool | None = None) -> Any:
     """A tqdm bar when ``enabled`` (default: stderr is a terminal), else a NullBar."""
+    explicit = enabled is True
     if enabled is None:
         enabled = sys.stderr.isatty()
     if not enabled:
@@ -38,5 +45,7 @@ def progress_bar(total: int | None, desc: str, enabled: bool | None = None) -> A
     try:
         from tqdm import tqdm
     except ImportError:  # the optional ``progress`` extra is not installed
+        if explicit:
+            raise ConfigurationError(f"a progress bar needs tqdm: pip install '{PROGRESS_EXTRA}'") from None
         return NullBar()
     return tqdm(total=total, desc=desc, unit="key" if "key" in desc else "row", file=sys.stderr)

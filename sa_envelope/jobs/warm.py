@@ -17,6 +17,7 @@ from sqlalchemy.util.concurrency import greenlet_spawn
 
 from ..errors import DecryptionError, UnauthenticatedKeyError, UntrustedKeyError
 from ..keys import table as kt
+from ..keys.offload import require_greenlet
 from ..keys.store import KeyStore
 
 __all__ = ["create_table_async", "warm", "warm_async"]
@@ -55,9 +56,11 @@ def warm(store: KeyStore, tables: Iterable[Any] | None = None) -> int:
 
 async def warm_async(store: KeyStore, tables: Iterable[Any] | None = None) -> int:
     """:func:`warm` for asyncio: database reads awaited, provider calls in threads."""
+    require_greenlet("warm_async")
     return await greenlet_spawn(warm, store, tables)
 
 
 async def create_table_async(engine: Any, table: Table) -> None:
     """Create the key table through an AsyncEngine's sync engine (idempotent)."""
+    require_greenlet("create_table_async")
     await greenlet_spawn(table.create, engine, checkfirst=True)

@@ -196,10 +196,15 @@ def insert_record(conn: Connection, table: Table, record: KeyRecord, *, if_absen
     IGNORE``). PostgreSQL and InnoDB make it wait for a concurrent inserter
     of the same id to commit or roll back first, so ``False`` means the row
     is there, committed by another transaction.
+
+    Whether our row went in is read back, not taken from ``rowcount``: before
+    SQLAlchemy 2.0.28 (``preserve_rowcount``) psycopg reports -1 for it, and
+    a loser that took -1 for "inserted" wrote values under key material that
+    was never stored (issue 13).
     """
     now = record.created_at or utcnow()
-    stmt = _insert(conn, table, if_absent).execution_options(preserve_rowcount=True)
-    result = conn.execute(
+    stmt = _insert(conn, table, if_absent)
+    conn.execute(
         stmt.values(
             id=record.id,
             scope=record.scope,
@@ -214,7 +219,10 @@ def insert_record(conn: Connection, table: Table, record: KeyRecord, *, if_absen
             context_version=record.context_version,
         )
     )
-    return result.rowcount != 0
+    if not if_absent:  # a plain INSERT either wrote the row or raised
+        return True
+    stored = conn.execute(select(table.c.wrapped_key).where(table.c.id == record.id)).scalar()
+    return stored is not None and bytes(stored) == record.wrapped_key
 
 
 def _insert(conn: Connection, table: Table, if_absent: bool) -> Any:

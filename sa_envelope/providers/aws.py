@@ -4,10 +4,13 @@ Data keys come from ``GenerateDataKey``; unwrapping is ``Decrypt``; moving a
 key to another CMK is ``ReEncrypt``, so the plaintext never leaves KMS. The
 encryption context (table and key id) is bound to every wrapped key and
 shows up in CloudTrail. botocore errors become :class:`KeyProviderError`.
+boto3 is the optional ``kms`` extra: it is imported on the first KMS call,
+so users of the local key file never need it.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -15,25 +18,37 @@ from .. import redact
 from ..errors import ConfigurationError, KeyProviderError, UnauthenticatedKeyError
 from .base import Context, DataKey, KeyProvider, context_key_id, context_table
 
-__all__ = ["AwsKmsProvider"]
+__all__ = ["KMS_EXTRA", "AwsKmsProvider"]
+
+KMS_EXTRA = "sa-envelope[kms]"
 
 T = TypeVar("T")
 
 
 def _default_client(config: Any) -> Any:
-    """boto3's default KMS client: region, credentials and endpoint from env."""
+    """boto3's default KMS client: credentials and endpoint from the environment.
+
+    The region is ``AWS_REGION`` when set (the name the other AWS SDKs and
+    Lambda use; botocore reads only ``AWS_DEFAULT_REGION`` and the profile),
+    else botocore's own; with neither, a one-line error says what to set.
+    """
     try:
         import boto3
         from botocore.config import Config
-    except ImportError as exc:  # pragma: no cover - boto3 is a dependency
-        raise KeyProviderError("AwsKmsProvider needs boto3: pip install boto3") from exc
+    except ImportError:
+        raise ConfigurationError(f"AwsKmsProvider needs boto3: pip install '{KMS_EXTRA}'") from None
     if config is None:
         config = Config(
             retries={"mode": "standard", "total_max_attempts": 4},  # 4 attempts in all
             connect_timeout=5,
             read_timeout=15,
         )
-    return boto3.client("kms", config=config)
+    session = boto3.session.Session(region_name=os.environ.get("AWS_REGION") or None)
+    if not session.region_name and not getattr(config, "region_name", None):
+        raise ConfigurationError(
+            "AwsKmsProvider has no AWS region: set AWS_REGION (or AWS_DEFAULT_REGION, or a profile's region)"
+        )
+    return session.client("kms", config=config)
 
 
 class AwsKmsProvider(KeyProvider):
@@ -154,10 +169,11 @@ class AwsKmsProvider(KeyProvider):
 
     def _call(self, operation: str, context: Context, fn: Callable[[Any], T]) -> T:
         """Run one KMS call, turning every botocore failure into ours."""
+        client = self.client  # first: without boto3 it says which extra to install
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return fn(self.client)
+            return fn(client)
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "ClientError")
             reason = f"KMS {operation} refused with {code}"

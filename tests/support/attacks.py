@@ -1,4 +1,4 @@
-"""The attacker of tests/test_attacks_key_table.py: read/write access to the
+"""The attacker of tests/integration/test_attacks_key_table.py: read/write access to the
 database (raw SQL only) and a boto3 KMS client of their own.
 
 Also a small schema covering every key scope (table, deterministic,
