@@ -65,10 +65,10 @@ def minimum(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> Path:
     )
 
 
-def _app_round_trip(python: Path, url: str, keyfile: Path) -> list[str]:
+def _app_round_trip(python: Path, url: str, keyfile: Path, *kms: str, env: dict[str, str] | None = None) -> list[str]:
     """Write, then read in a fresh process; what the reader printed."""
-    assert _check(_run(python, APP, url, keyfile, "write")).split()[:3] == ["ok", _dialect(url), "write"]
-    out = _check(_run(python, APP, url, keyfile, "read")).split()
+    assert _check(_run(python, APP, url, keyfile, "write", *kms, env=env)).split()[:3] == ["ok", _dialect(url), "write"]
+    out = _check(_run(python, APP, url, keyfile, "read", *kms, env=env)).split()
     assert out[:3] == ["ok", _dialect(url), "read"], out
     return out
 
@@ -83,6 +83,22 @@ def test_wheel_alone_runs_an_app(plain: Path, db_url: str, tmp_path: Path) -> No
     (SQLAlchemy 2.1 does not install it; 2.0 does on common platforms)."""
     assert "greenlet" not in _check(_run(plain, "-m", "pip", "list"))
     assert _app_round_trip(plain, db_url, tmp_path / "master.key")[3] == "no-greenlet"
+
+
+@pytest.fixture(scope="module")
+def with_kms(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> Path:
+    """A venv with the wheel and its ``kms`` extra (boto3)."""
+    return _venv(tmp_path_factory.mktemp("kms"), f"sa-envelope[kms] @ {wheel.as_uri()}", *DRIVERS)
+
+
+@pytest.mark.backends("sqlite", "postgresql")
+def test_kms_extra_runs_the_app_on_kms(with_kms: Path, db_url: str, tmp_path: Path, kms_server: str, cmk: str) -> None:
+    """The ``kms`` extra: the same app with keys wrapped by KMS (moto, over
+    HTTP), the region from ``AWS_REGION`` as the docs say."""
+    env = {k: v for k, v in os.environ.items() if k != "AWS_DEFAULT_REGION"}
+    env.update(AWS_REGION="us-east-1", AWS_ENDPOINT_URL_KMS=kms_server)
+    assert _app_round_trip(with_kms, db_url, tmp_path / "unused.key", cmk, env=env)[3] == "no-greenlet"
+    assert not (tmp_path / "unused.key").exists()
 
 
 def test_minimum_versions_run_the_app(minimum: Path, db_url: str, tmp_path: Path) -> None:

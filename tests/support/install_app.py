@@ -1,6 +1,8 @@
 """A small application as a user writes it after a plain ``pip install sa-envelope``.
 
-``python install_app.py URL KEYFILE write|read``: ``write`` creates the tables
+``python install_app.py URL KEYFILE write|read [CMK]``: with a CMK (then
+KEYFILE is unused) keys are wrapped by AWS KMS (the environment says where),
+else by the local key file. ``write`` creates the tables
 and stores rows (random, deterministic, blind-indexed, row-scoped, and an
 empty string in the deterministic column); ``read``, in a fresh process, reads
 them back through the key table alone, then drops what ``write`` created.
@@ -12,11 +14,12 @@ import sys
 from sqlalchemy import String, Text, create_engine, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from sa_envelope import BlindIndexType, EncryptedType, KeyManager, LocalKeyProvider, lookup
+from sa_envelope import AwsKmsProvider, BlindIndexType, EncryptedType, KeyManager, LocalKeyProvider, lookup
 
 url, keyfile, mode = sys.argv[1:4]
 engine = create_engine(url)
-keys = KeyManager(engine, LocalKeyProvider.from_file(keyfile), table_name="install_app_keys")
+provider = AwsKmsProvider(sys.argv[4]) if len(sys.argv) > 4 else LocalKeyProvider.from_file(keyfile)
+keys = KeyManager(engine, provider, table_name="install_app_keys")
 
 
 class Base(DeclarativeBase):
