@@ -23,6 +23,7 @@ from typing import Any, ContextManager, Iterable
 from sqlalchemy import Column, Connection, Engine, MetaData
 
 from . import redact
+from .columns import flushcheck
 from .columns.guard import check_statement
 from .columns.rowvalue import RowKey
 from .envelope import format as fmt
@@ -70,6 +71,7 @@ class KeyManager:
         self._rows: RowKeys | None = None
         self._lock = threading.Lock()
         redact.hide_rows(self.engine)  # SQLAlchemy logs rows after decryption
+        flushcheck.install()  # values refused before the flush builds its parameters
 
     # -- what the store holds ------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from ..manager import KeyManager
 from ..providers.base import KeyProvider
 from ..providers.spec import provider_from_spec
 from .demo import run_demo
+from .output import escape, say
 
 __all__ = ["COMMANDS"]
 
@@ -71,10 +72,11 @@ def _keys(parser: argparse.ArgumentParser) -> None:
             rows = _records(engine)
         finally:
             engine.dispose()
-        print(f"{'KEY ID':16}  {'SCOPE':13}  {'TABLE':20}  {'STATUS':8}  {'PARENT':16}  WRAPPED BY")
+        say(f"{'KEY ID':16}  {'SCOPE':13}  {'TABLE':20}  {'STATUS':8}  {'PARENT':16}  WRAPPED BY")
         for r in rows:
             parent = fmt.format_key_id(r.parent_id) if r.parent_id else "-"
-            print(f"{fmt.format_key_id(r.id):16}  {r.scope:13}  {r.owner_table:20}  {r.status:8}  {parent:16}  {r.wrapping_key_id}")
+            scope, owner, status, wrapped_by = (escape(v) for v in (r.scope, r.owner_table, r.status, r.wrapping_key_id))
+            say(f"{fmt.format_key_id(r.id):16}  {scope:13}  {owner:20}  {status:8}  {parent:16}  {wrapped_by}")
         return 0
 
     listing.set_defaults(run=run)
@@ -105,9 +107,9 @@ def _rewrap(parser: argparse.ArgumentParser) -> None:
             report = KeyManager(engine, source).rewrap(target, batch_size=ns.batch_size)
         finally:
             engine.dispose()
-        print(report)
+        say(report)
         for key_id, reason in report.failures:
-            print(f"  key {key_id}: {reason}")
+            say(f"  key {key_id}: {escape(reason)}")
         return 0 if report.complete else 1
 
     parser.set_defaults(run=run)
@@ -127,8 +129,8 @@ def _verify(parser: argparse.ArgumentParser) -> None:
         finally:
             engine.dispose()
         for line in report.lines():
-            print(line)
-        print(f"verified {report.ok + report.failed} values: {report.ok} ok, {report.failed} failed")
+            say(escape(line))
+        say(f"verified {report.ok + report.failed} values: {report.ok} ok, {report.failed} failed")
         return 1 if report.failed else 0
 
     parser.set_defaults(run=run)
