@@ -47,7 +47,8 @@ class CachedKey:
     expires: float
     uses: itertools.count[int] = field(default_factory=itertools.count)
     alive: bool = True  # False once evicted: per-column read memos check it
-
+    bound: bytes | None = None  # row keys: the authenticated digest of their row (rows.binding)
+    wrapped: Any = None  # row keys made this flush, not yet bound: (parent key, version-1 wrap)
 
     def __repr__(self) -> str:
         return f"CachedKey({self.key_id:016x})"

@@ -26,6 +26,7 @@ from sqlalchemy import (
     and_,
     select,
 )
+from sqlalchemy.dialects import mysql
 
 from ..envelope import format as fmt
 
@@ -67,6 +68,9 @@ RETIRED = "retired"
 SHREDDED = "shredded"
 
 
+ROW_DIGEST_TYPE = LargeBinary(32).with_variant(mysql.VARBINARY(32), "mysql", "mariadb")  # indexable on MySQL
+
+
 def key_table(metadata: MetaData, name: str = KEY_TABLE_NAME) -> Table:
     """Define the key table on ``metadata`` (or return it if already there)."""
     if name in metadata.tables:
@@ -84,8 +88,11 @@ def key_table(metadata: MetaData, name: str = KEY_TABLE_NAME) -> Table:
         Column("status", String(16), nullable=False),
         Column("created_at", DateTime(timezone=True), nullable=False),
         Column("updated_at", DateTime(timezone=True), nullable=False),
+        # row keys: keyed digest of the row they are bound to (rows.binding); NULL otherwise
+        Column("row_digest", ROW_DIGEST_TYPE, nullable=True),
         Index(f"ix_{name}_owner", "owner_table", "scope", "status"),
         Index(f"ix_{name}_parent", "parent_id"),
+        Index(f"ix_{name}_row_digest", "row_digest"),
     )
 
 

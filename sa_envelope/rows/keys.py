@@ -46,7 +46,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 
 from ..envelope import ciphers
 from ..envelope import format as fmt
-from ..errors import ConfigurationError, KeyNotFoundError
+from ..errors import ConfigurationError, DecryptionError, KeyNotFoundError
 from ..faults import fault_point
 from ..keys import table as kt
 from ..keys.cache import CacheLimits, CachedKey, KeyCache
@@ -81,22 +81,29 @@ class RowKeys:
 
     # -- creation -----------------------------------------------------------------
 
-    def create(self, conn: Connection, owner: str, count: int) -> list[CachedKey]:
+    def create(
+        self, conn: Connection, owner: str, count: int, digests: Sequence[bytes | None] | None = None
+    ) -> list[CachedKey]:
         """Make ``count`` row keys for ``owner`` and insert them on ``conn``
-        in one executemany, in the caller's transaction."""
+        in one executemany, in the caller's transaction. ``digests`` binds
+        each key to its row where the row is known (:mod:`.binding`); a key
+        made without one is bound later with :meth:`bind`."""
         if count <= 0:
             return []
         with self.tracker.use_connection(conn):
             parent = self.store.encryption_key(owner, kt.SCOPE_TABLE)  # at most one provider call
         now = kt.utcnow()
         ids = fmt.new_key_ids(count)
+        bound: list[bytes | None] = list(digests) if digests is not None else [None] * count
         rows: list[dict[str, Any]] = []
         opened: list[tuple[int, Any, bytes]] = []
-        for key_id, (wrapped, cipher) in zip(ids, ciphers.wrap_row_keys(parent.cipher, parent.key_id, owner, ids)):
+        wrapped_keys = ciphers.wrap_row_keys(parent.cipher, parent.key_id, owner, ids, bound)
+        for key_id, digest, (wrapped, cipher) in zip(ids, bound, wrapped_keys):
             rows.append({
                 "id": key_id, "scope": kt.SCOPE_ROW, "owner_table": owner,
                 "parent_id": parent.key_id, "wrapping_key_id": kt.PARENT, "wrapped_key": wrapped,
                 "algorithm": ciphers.ROW_KEY_ALGORITHM, "status": kt.ACTIVE, "created_at": now, "updated_at": now,
+                "row_digest": digest,
             })
             opened.append((key_id, cipher, fmt.header(fmt.VERSION_GCM, key_id)))
         self.tracker.state(conn).rows.update(ids)
@@ -104,7 +111,33 @@ class RowKeys:
         self.query(lambda: self._insert_rows(conn, rows), owner)
         fault_point("rowkey.create.after_insert")
         self.keys_created += count
-        return self.cache.put_many(opened)
+        entries = self.cache.put_many(opened)
+        for entry, row in zip(entries, rows):
+            entry.bound = row["row_digest"]
+            entry.wrapped = (parent, row["wrapped_key"]) if row["row_digest"] is None else None  # see bind()
+        return entries
+
+    def bind(self, conn: Connection, owner: str, pairs: Sequence[tuple[CachedKey, bytes]]) -> None:
+        """Bind keys made by :meth:`create` without a digest to their rows,
+        once the rows' primary keys are known (after the INSERT: autoincrement),
+        on ``conn``, in the same transaction: re-wrap as version 2, record the digest."""
+        params = []
+        for entry, digest in pairs:
+            parent, wrapped = entry.wrapped
+            plain = ciphers.open_row_key(parent.cipher, parent.head[0], entry.key_id, parent.key_id, owner, wrapped)
+            params.append({
+                "_id": entry.key_id, "row_digest": digest, "updated_at": kt.utcnow(),
+                "wrapped_key": ciphers.wrap_row_key(parent.cipher, parent.key_id, owner, entry.key_id, plain, digest),
+            })
+        if not params:
+            return
+        t = self.table
+        stmt = update(t).where(t.c.id == bindparam("_id")).values(
+            row_digest=bindparam("row_digest"), wrapped_key=bindparam("wrapped_key"), updated_at=bindparam("updated_at"),
+        )
+        self.query(lambda: conn.execute(stmt, params), owner)
+        for entry, digest in pairs:
+            entry.bound, entry.wrapped = digest, None
 
     def _insert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         """One executemany; with psycopg 3, a COPY on the same DBAPI connection
@@ -159,32 +192,38 @@ class RowKeys:
             self.key_queries += 1
             rows = self.query(lambda: conn.execute(self._select_keys(conn, chunk)).all(), table)
             # parent_id None: a table key, which the manager's own cache serves
-            self.cache.put_many([self._opened(r, parents, table, column) for r in rows if r[1] is not None])
+            opened = [self._opened(r, parents, table, column) for r in rows if r[1] is not None and r[5] == kt.SCOPE_ROW]
+            for entry, digest in zip(self.cache.put_many(o[:3] for o in opened), (o[3] for o in opened)):
+                entry.bound = digest
 
     def _select_keys(self, conn: Connection, ids: Sequence[int]) -> Any:
         t = self.table
-        cols = (t.c.id, t.c.parent_id, t.c.owner_table, t.c.wrapped_key, t.c.status)
+        cols = (t.c.id, t.c.parent_id, t.c.owner_table, t.c.wrapped_key, t.c.status, t.c.scope, t.c.row_digest)
         if conn.dialect.name == "postgresql":  # one array parameter, not thousands
             return select(*cols).where(t.c.id == any_(bindparam("ids", list(ids), type_=ARRAY(BigInteger))))
         return select(*cols).where(t.c.id.in_(ids))
 
     def _opened(
         self, row: Any, parents: dict[int, CachedKey], table: str, column: str | None
-    ) -> tuple[int, Any, bytes]:
-        """``(key id, cipher, head)`` of a key row; cipher ``None`` for a tombstone.
+    ) -> tuple[int, Any, bytes, bytes | None]:
+        """``(key id, cipher, head, row digest)`` of a key row; cipher ``None`` for a tombstone.
 
         Runs once per row key read (20,000 times for 20,000 rows): kept to
         tuple indexing and two AES calls, no intermediate objects.
         """
-        key_id, parent_id, owner, wrapped, status = row
+        key_id, parent_id, owner, wrapped, status, _, digest = row
         head = fmt.header(fmt.VERSION_GCM, key_id)
+        digest = bytes(digest) if digest is not None else None
         if wrapped is None or status == kt.SHREDDED:
-            return key_id, None, head
+            return key_id, None, head, digest
         parent = parents.get(parent_id)
         if parent is None:
             parent = parents[parent_id] = self.store.decryption_key(parent_id, table=table, column=column or "")
-        plaintext = self.store.open_child(parent, key_id, parent_id, owner, wrapped, table, column)
-        return key_id, ciphers.ROW_KEY_CIPHER(plaintext), head
+        try:
+            plaintext = ciphers.open_row_key(parent.cipher, parent.head[0], key_id, parent_id, owner, wrapped, digest)
+        except fmt.InvalidEnvelope as exc:
+            raise DecryptionError(str(exc), table=table, column=column, key_id=fmt.format_key_id(key_id)) from None
+        return key_id, ciphers.ROW_KEY_CIPHER(plaintext), head, digest
 
     def missing(self, key_ids: Iterable[int]) -> set[int]:
         """Ids not in the cache (no statistics touched)."""

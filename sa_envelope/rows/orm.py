@@ -32,7 +32,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import Column, Connection, LargeBinary, Table, event, select, tuple_, type_coerce
+from sqlalchemy import Column, Connection, LargeBinary, MetaData, Table, event, select, tuple_, type_coerce
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction
 from sqlalchemy.orm import attributes as orm_attributes
 from sqlalchemy.orm.base import NO_VALUE
@@ -44,11 +44,13 @@ from ..envelope import format as fmt
 from ..errors import EnvelopeError, KeyNotFoundError
 from ..keys import table as kt
 from ..keys.cache import CachedKey
+from . import binding
 from .keys import IN_CHUNK
 
-__all__ = ["TableSpec", "install_orm_hooks", "row_key_ids", "shred_instance", "specs"]
+__all__ = ["TableSpec", "bound_keys", "install_orm_hooks", "row_key_ids", "shred_instance", "shred_rows", "specs"]
 
 _RESTORE = "sa_envelope_row_restore"
+_BIND = "sa_envelope_row_bind"
 _installed = False
 
 
@@ -107,8 +109,8 @@ def install_orm_hooks() -> None:
     if _installed:
         return
     event.listen(Session, "before_flush", _before_flush)
-    event.listen(Session, "after_flush", _restore)
-    event.listen(Session, "after_soft_rollback", _restore)
+    event.listen(Session, "after_flush", _after_flush)
+    event.listen(Session, "after_soft_rollback", _after_soft_rollback)
     event.listen(Session, "do_orm_execute", _do_orm_execute)
     _installed = True
 
@@ -134,43 +136,41 @@ def row_key_ids(conn: Connection, spec: TableSpec, pks: Sequence[tuple[Any, ...]
     return found
 
 
-def existing_keys(conn: Connection, spec: TableSpec, pks: Sequence[tuple[Any, ...]]) -> list[CachedKey | None]:
-    """The live row key of each row, or ``None`` where it has none (no value
-    stored yet, or its key was shredded). A key missing from the key table
-    raises :class:`KeyNotFoundError`: a row never silently changes keys."""
+def bound_keys(conn: Connection, spec: TableSpec, digests: Sequence[bytes]) -> list[CachedKey | None]:
+    """The live key bound to each row (by its digest, never by what a stored
+    value names), or ``None`` where the row has none (new, or shredded)."""
     rows = spec.manager.rows
-    ids_by_pk = row_key_ids(conn, spec, pks)
-    all_ids = {k for ids in ids_by_pk.values() for k in ids}
-    rows.load(conn, rows.missing(all_ids), table=spec.owner, column=None)
-    _check_present(conn, spec, rows.missing(all_ids))
-    out: list[CachedKey | None] = []
-    for pk in pks:
-        live = None
-        for key_id in ids_by_pk.get(tuple(pk), ()):
-            entry = rows.cache.get(key_id)
-            if entry is not None and entry.cipher is not None:
-                live = entry
-                break
-        out.append(live)
-    return out
+    found = binding.find_bound(rows, conn, spec.owner, digests)
+    rows.load(conn, rows.missing(k for k, _ in found), table=spec.owner, column=None)
+    by_digest: dict[bytes, CachedKey] = {}
+    for key_id, digest in found:
+        entry = rows.cache.get(key_id)
+        if entry is not None and entry.cipher is not None and entry.bound == digest:
+            by_digest.setdefault(digest, entry)
+    return [by_digest.get(d) for d in digests]
 
 
-def _check_present(conn: Connection, spec: TableSpec, ids: set[int]) -> None:
-    """Ids that are not row keys must at least exist (as table keys)."""
-    if not ids:
-        return
-    present = {r.id for r in kt.get_records(conn, spec.manager.table, ids)}
-    for key_id in sorted(ids - present):
-        raise KeyNotFoundError(table=spec.owner, key_id=fmt.format_key_id(key_id))
-
-
-def _keys_for(conn: Connection, spec: TableSpec, pks: list[tuple[Any, ...]] | None, count: int) -> list[CachedKey]:
-    """Existing keys where rows have them (``pks`` given: updates), new ones for the rest."""
-    keys: list[CachedKey | None] = existing_keys(conn, spec, pks) if pks is not None else [None] * count
+def _keys_for(
+    conn: Connection, spec: TableSpec, pks: Sequence[tuple[Any, ...] | None], is_update: bool
+) -> tuple[list[CachedKey], list[int]]:
+    """The key each row's values go under: the one bound to the row (updates),
+    else a new one bound to it. Also the positions whose keys could not be
+    bound yet (primary key unknown before the INSERT: :func:`_bind_pending`)."""
+    rows = spec.manager.rows
+    known = any(pk is not None for pk in pks)
+    dkey = binding.digest_key(rows, conn, spec.owner, create=True) if known else None
+    digests = [binding.row_digest(dkey, pk) if pk is not None else None for pk in pks]
+    keys: list[CachedKey | None] = [None] * len(pks)
+    if is_update:
+        keys = bound_keys(conn, spec, [d for d in digests if d is not None])  # updates know every pk
     gaps = [i for i, k in enumerate(keys) if k is None]
-    for i, key in zip(gaps, spec.manager.rows.create(conn, spec.owner, len(gaps))):
+    for i, key in zip(gaps, rows.create(conn, spec.owner, len(gaps), [digests[i] for i in gaps])):
         keys[i] = key
-    return keys  # type: ignore[return-value]
+    return keys, [i for i in gaps if digests[i] is None]  # type: ignore[return-value]
+
+
+def _known(pk: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    return None if any(v is None for v in pk) else pk
 
 
 # -- flush ---------------------------------------------------------------------------
@@ -211,13 +211,39 @@ def _before_flush(session: Session, flush_context: UOWTransaction, instances: An
             attrs = _changed(state, spec)
             if attrs:
                 updates[spec].append((state, attrs))
+    _shred_deleted(session)
     for plan, is_update in ((inserts, False), (updates, True)):
         for spec, items in plan.items():
             conn = session.connection(bind_arguments={"mapper": items[0][0].mapper})
-            pks = [_pk_of(s, spec) for s, _ in items] if is_update else None
+            pks = [_known(_pk_of(s, spec)) for s, _ in items]
             restore = session.info.setdefault(_RESTORE, [])
-            for (state, attrs), key in zip(items, _keys_for(conn, spec, pks, len(items))):
+            keys, unbound = _keys_for(conn, spec, pks, is_update)
+            for (state, attrs), key in zip(items, keys):
                 _wrap(restore, state, attrs, key)
+            session.info.setdefault(_BIND, []).extend((conn, spec, items[i][0], keys[i]) for i in unbound)
+
+
+def _bind_pending(session: Session) -> None:
+    """Bind the keys of rows whose primary key the INSERT just made."""
+    groups: dict[tuple[Connection, TableSpec], list[tuple[InstanceState[Any], CachedKey]]] = defaultdict(list)
+    for conn, spec, state, key in session.info.pop(_BIND, ()):
+        groups[(conn, spec)].append((state, key))
+    for (conn, spec), items in groups.items():
+        rows = spec.manager.rows
+        dkey = binding.digest_key(rows, conn, spec.owner, create=True)
+        rows.bind(conn, spec.owner, [(key, binding.row_digest(dkey, _pk_of(state, spec))) for state, key in items])
+
+
+def _after_flush(session: Session, *args: Any) -> None:
+    try:
+        _bind_pending(session)
+    finally:
+        _restore(session)
+
+
+def _after_soft_rollback(session: Session, *args: Any) -> None:
+    session.info.pop(_BIND, None)
+    _restore(session)
 
 
 def _wrap(restore: list[Any], state: InstanceState[Any], attrs: Iterable[str], key: CachedKey) -> None:
@@ -257,8 +283,11 @@ def _do_orm_execute(orm_state: ORMExecuteState) -> Any:
         need = [(i, attrs) for i, attrs in need if attrs]
         if not need:
             continue
-        pks = [_bulk_pk(plist[i], spec) for i, _ in need] if orm_state.is_update else None
-        for (i, attrs), key in zip(need, _keys_for(conn, spec, pks, len(need))):
+        if orm_state.is_update:
+            pks: list[tuple[Any, ...] | None] = [_bulk_pk(plist[i], spec) for i, _ in need]
+        else:  # a bulk INSERT without its primary keys leaves the keys unbound (docs/shredding.md)
+            pks = [_known(tuple(plist[i].get(a) for a in spec.pk_attrs)) for i, _ in need]
+        for (i, attrs), key in zip(need, _keys_for(conn, spec, pks, orm_state.is_update)[0]):
             for attr in attrs:
                 extra[i][attr] = RowValue(plist[i][attr], key)
     if not any(extra):
@@ -280,7 +309,7 @@ def _bulk_pk(params: dict[str, Any], spec: TableSpec) -> tuple[Any, ...]:
 
 
 def shred_instance(manager: Any, instance: Any) -> list[int]:
-    """Shred the row key(s) of ``instance``'s row in its session's transaction."""
+    """Shred every row key of ``instance``'s row in its session's transaction."""
     state = orm_attributes.instance_state(instance)
     session = state.session
     if session is None:
@@ -292,9 +321,62 @@ def shred_instance(manager: Any, instance: Any) -> list[int]:
     for spec in specs(state.mapper):
         if spec.manager is not manager:
             continue
-        pk = _pk_of(state, spec)
-        for key_id in row_key_ids(conn, spec, [pk]).get(pk, ()):
-            manager.rows.shred_key(conn, key_id, owner=spec.owner)
-            shredded.append(key_id)
+        shredded += shred_rows(conn, spec, [_pk_of(state, spec)])
         session.expire(instance, list(spec.attrs))  # drop the plaintext held in memory
     return shredded
+
+
+def shred_rows(conn: Connection, spec: TableSpec, pks: Sequence[tuple[Any, ...]]) -> list[int]:
+    """Shred, on ``conn``, every live row key these rows ever had: those bound
+    to them by digest, and the unbound ones their stored values name (keys
+    made before rows were bound, or by the Core API without a primary key).
+    A key a stored value names but that is bound to another row is that
+    row's (a copied value): it is left alone."""
+    rows = spec.manager.rows
+    named = {k for ids in row_key_ids(conn, spec, pks).values() for k in ids} if spec.columns else set()
+    bound: set[int] = set()
+    dkey = binding.digest_key(rows, conn, spec.owner, create=False)
+    if dkey is not None:
+        bound = {k for k, _ in binding.find_bound(rows, conn, spec.owner, [binding.row_digest(dkey, pk) for pk in pks])}
+    live = sorted(bound | binding.unbound_live(rows, conn, spec.owner, named - bound))
+    for key_id in live:
+        rows.shred_key(conn, key_id, owner=spec.owner)
+    return live
+
+
+def shred_table_row(manager: Any, conn: Connection, table: Table | str, pk: tuple[Any, ...]) -> list[int]:
+    """:func:`shred_rows` for a Core table (or only a table name: then the
+    keys bound to the row, without reading its stored values)."""
+    if isinstance(table, Table):
+        spec = _core_spec(manager, table)
+        if spec is not None:
+            return shred_rows(conn, spec, [pk])
+        table = table.name
+    spec = TableSpec(manager, Table(table, MetaData()), table, (), (), (), (), ())
+    return shred_rows(conn, spec, [pk])
+
+
+def _core_spec(manager: Any, table: Table) -> TableSpec | None:
+    columns = [c for c in table.columns if isinstance(c.type, EncryptedType) and c.type.scope == kt.SCOPE_ROW
+               and c.type.keys is manager]
+    if not columns:
+        return None
+    pk_cols = tuple(table.primary_key.columns)
+    owner = columns[0].type._table or table.name  # type: ignore[attr-defined]
+    return TableSpec(manager, table, owner, tuple(c.key for c in columns), tuple(columns),
+                     tuple(c.key for c in pk_cols), pk_cols, tuple(range(len(pk_cols))))
+
+
+def _shred_deleted(session: Session) -> None:
+    """ORM delete shreds the row's keys in the same transaction (``KeyManager(
+    ..., shred_on_delete=False)`` opts out); the row is still there to read."""
+    plan: dict[tuple[TableSpec, Mapper[Any]], list[tuple[Any, ...]]] = defaultdict(list)
+    for obj in session.deleted:
+        state = orm_attributes.instance_state(obj)
+        for spec in specs(state.mapper):
+            if getattr(spec.manager, "shred_on_delete", True):
+                plan[(spec, state.mapper)].append(_pk_of(state, spec))
+    for (spec, mapper), pks in plan.items():
+        conn = session.connection(bind_arguments={"mapper": mapper})
+        for start in range(0, len(pks), IN_CHUNK):
+            shred_rows(conn, spec, pks[start : start + IN_CHUNK])
