@@ -30,6 +30,7 @@ from .envelope import format as fmt
 from .jobs import warm as warming
 from .jobs.reencrypt import ReencryptReport, reencrypt_columns
 from .jobs.rewrap import RewrapReport, rewrap_keys
+from .jobs.sweep import SweepReport, sweep_orphans
 from .keys import table as kt
 from .keys.cache import CacheLimits, CachedKey, KeyCache
 from .keys.rollover import RolloverPolicy
@@ -241,6 +242,15 @@ class KeyManager:
             return [fmt.format_key_id(k) for k in shred_table_row(self, conn, table, pk)]
         with self.engine.begin() as own:
             return [fmt.format_key_id(k) for k in shred_table_row(self, own, table, pk)]
+
+    def sweep_orphans(
+        self, dry_run: bool = True, *, tables: Iterable[Table] = (), batch_size: int = 500, progress: bool | None = None
+    ) -> SweepReport:
+        """Find the row keys bound to rows that no longer exist (deleted by
+        raw SQL, ``TRUNCATE``, cascades) and, unless ``dry_run``, shred them
+        in batches; run again to resume. ``tables`` gives the declared tables
+        (otherwise reflected). See docs/shredding.md."""
+        return sweep_orphans(self.rows, dry_run=dry_run, tables=tables, batch_size=batch_size, progress=progress)
 
     def shred_key(self, key_id: int | str, conn: Connection | None = None) -> None:
         """Destroy one row key's material, on ``conn`` (the caller's

@@ -8,14 +8,16 @@ and every other row still reads.
 
 from __future__ import annotations
 
+import subprocess
 from typing import Any
 
 import pytest
 from sqlalchemy import JSON, Column, Engine, Integer, Table, LargeBinary, MetaData, String, insert, select, type_coerce, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from rotation_support import PYTHON, subprocess_env
 from rowmodels import LOCAL, make_model, row_key_ids, setup
-from sa_envelope import DecryptionError, EncryptedType, KeyManager
+from sa_envelope import DecryptionError, EncryptedType, KeyManager, LocalKeyProvider
 from sa_envelope.envelope import format as fmt
 
 A = {"id": 1, "name": "Alice", "notes": {"diagnosis": "a"}, "ssn": "111-11"}
@@ -224,3 +226,43 @@ def test_core_row_key_with_primary_key_is_bound(engine: Engine) -> None:
     with Session(engine) as s:
         d = s.get(Fresh, 7)
         assert (d.name, d.notes, d.ssn) == ("Dan", None, None)
+
+
+def test_sweep_finds_and_shreds_keys_of_rows_deleted_by_raw_sql(engine: Engine, db_url: str, tmp_path: Any) -> None:
+    keyfile = tmp_path / "master.key"
+    keys = KeyManager(engine, LocalKeyProvider.from_file(keyfile))
+    keys.create_table()
+    Patient = make_model(keys)
+    Patient.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([Patient(**A), Patient(**B), Patient(**C)])
+        s.commit()
+    saved = backup(engine, Patient, 2)
+    with engine.connect() as conn:
+        key_b = row_key_ids(conn, Patient)[2][0]
+    with engine.begin() as conn:
+        raw = raw_table()
+        conn.execute(raw.delete().where(raw.c.id == 2))
+    report = keys.sweep_orphans(dry_run=True)
+    assert (report.found, report.shredded) == (1, 0) and key_statuses(engine, keys)[key_b] == "active"
+
+    def sweep(*args: str) -> str:
+        done = subprocess.run([PYTHON, "-m", "sa_envelope", "keys", "sweep", "--database-url", db_url,
+                               "--cmk", f"local:{keyfile}", *args],
+                              env=subprocess_env(None), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert "1 orphaned row keys in 1 tables, 1 would shred" in sweep()
+    assert "1 orphaned row keys in 1 tables, 1 shredded" in sweep("--apply")
+    assert key_statuses(engine, keys)[key_b] == "shredded"
+    assert keys.sweep_orphans(dry_run=False).found == 0  # nothing left: a rerun is a no-op
+    restore(engine, Patient, saved)
+    reader = KeyManager(engine, LocalKeyProvider.from_file(keyfile))
+    Fresh = make_model(reader)
+    with Session(engine) as s:
+        got = {p.id: (p.notes, p.ssn) for p in s.scalars(select(Fresh))}
+    assert got == {1: (A["notes"], A["ssn"]), 2: (None, None), 3: (C["notes"], C["ssn"])}
+    with engine.begin() as conn:  # every row gone at once (TRUNCATE, a cascade)
+        conn.execute(raw_table().delete())
+    assert keys.sweep_orphans(dry_run=False, batch_size=1).shredded == 2

@@ -1,4 +1,4 @@
-"""The CLI's subcommands: ``keys list``, ``rewrap``, ``verify``, ``demo``.
+"""The CLI's subcommands: ``keys list``, ``keys sweep``, ``rewrap``, ``verify``, ``demo``.
 
 Each is a ``configure(parser)`` function that adds its options and sets
 ``parser.set_defaults(run=...)``; :data:`COMMANDS` lists them in the order
@@ -62,7 +62,7 @@ def _records(engine: Any) -> list[Any]:
 
 def _keys(parser: argparse.ArgumentParser) -> None:
     _one_line_errors(parser)
-    sub = parser.add_subparsers(dest="keys_command", required=True, metavar="{list}")
+    sub = parser.add_subparsers(dest="keys_command", required=True, metavar="{list,sweep}")
     listing = sub.add_parser("list", help="list every key: id, scope, table, status, wrapping key")
     _database_option(listing)
 
@@ -80,6 +80,27 @@ def _keys(parser: argparse.ArgumentParser) -> None:
         return 0
 
     listing.set_defaults(run=run)
+    _sweep(sub.add_parser("sweep", help="find row keys whose row is gone; shred them with --apply"))
+
+
+def _sweep(parser: argparse.ArgumentParser) -> None:
+    _database_option(parser)
+    parser.add_argument("--apply", action="store_true", help="shred the orphaned keys (default: count them only)")
+    parser.add_argument("--cmk", default=os.environ.get("SA_ENVELOPE_CMK"),
+                        help="provider that unwraps the table keys (default $SA_ENVELOPE_CMK; KMS keys need none)")
+    parser.add_argument("--batch-size", type=int, default=500, help="keys per transaction (default 500)")
+
+    def run(ns: argparse.Namespace) -> int:
+        engine = _engine(ns)
+        try:
+            provider = provider_from_spec(ns.cmk) if ns.cmk else _inferred_provider(engine)
+            report = KeyManager(engine, provider).sweep_orphans(dry_run=not ns.apply, batch_size=ns.batch_size)
+        finally:
+            engine.dispose()
+        say(report)
+        return 0
+
+    parser.set_defaults(run=run)
 
 
 def _inferred_provider(engine: Any) -> KeyProvider:
@@ -143,7 +164,7 @@ def _demo(parser: argparse.ArgumentParser) -> None:
 
 COMMANDS: tuple[tuple[str, Configure, str], ...] = (
     ("demo", _demo, "encrypt a few rows in SQLite with a local key file and show them"),
-    ("keys", _keys, "inspect the key table (keys list)"),
+    ("keys", _keys, "inspect the key table (keys list), shred orphaned row keys (keys sweep)"),
     ("rewrap", _rewrap, "re-wrap every table key under another CMK (CMK rotation)"),
     ("verify", _verify, "try to decrypt every encrypted value; report failures by table, column and key"),
 )
