@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .columns.blindindex import BlindIndexType, lookup
 from .columns.encrypted import EncryptedType
-from .columns.normalizers import normalize_email, normalize_phone
+from .columns.normalizers import normalize_email, normalize_email_folded, normalize_phone
 from .errors import (
     ConfigurationError,
     DecryptionError,
@@ -54,6 +54,7 @@ __all__ = [
     "UnsupportedQueryError",
     "lookup",
     "normalize_email",
+    "normalize_email_folded",
     "normalize_phone",
     "provider_from_spec",
 ]
