@@ -25,8 +25,8 @@ B = {"id": 2, "name": "Bob", "notes": {"diagnosis": "b"}, "ssn": "222-22"}
 C = {"id": 3, "name": "Carol", "notes": {"diagnosis": "c"}, "ssn": "333-33"}
 
 
-def three_patients(engine: Engine, **manager: Any) -> tuple[KeyManager, Any]:
-    keys = KeyManager(engine, LOCAL, **manager)
+def three_patients(engine: Engine, provider: Any = LOCAL, **manager: Any) -> tuple[KeyManager, Any]:
+    keys = KeyManager(engine, provider, **manager)
     keys.create_table()
     Patient = make_model(keys)
     Patient.metadata.create_all(engine)
@@ -81,6 +81,12 @@ def key_statuses(engine: Engine, keys: KeyManager) -> dict[int, str]:
         return dict(conn.execute(select(t.c.id, t.c.status).where(t.c.scope == "row")).all())
 
 
+def orm_delete(engine: Engine, Patient: Any, pid: int, *, commit: bool = True) -> None:
+    with Session(engine) as s:
+        s.delete(s.get(Patient, pid))
+        s.commit() if commit else s.rollback()
+
+
 def erased(result: Any) -> bool:
     return result is DecryptionError or result[1:] == (None, None)
 
@@ -90,13 +96,9 @@ def test_orm_delete_shreds_the_row_keys_in_the_same_transaction(engine: Engine) 
     saved = backup(engine, Patient, 1)
     with engine.connect() as conn:
         key_a = row_key_ids(conn, Patient)[1][0]
-    with Session(engine) as s:
-        s.delete(s.get(Patient, 1))
-        s.rollback()  # a rolled-back delete destroys nothing
+    orm_delete(engine, Patient, 1, commit=False)  # a rolled-back delete destroys nothing
     assert key_statuses(engine, keys)[key_a] == "active"
-    with Session(engine) as s:
-        s.delete(s.get(Patient, 1))
-        s.commit()
+    orm_delete(engine, Patient, 1)
     assert key_statuses(engine, keys)[key_a] == "shredded"
     restore(engine, Patient, saved)
     got = read_each(engine)
@@ -107,9 +109,7 @@ def test_orm_delete_shreds_the_row_keys_in_the_same_transaction(engine: Engine) 
 def test_shred_on_delete_can_be_turned_off(engine: Engine) -> None:
     keys, Patient = three_patients(engine, shred_on_delete=False)
     saved = backup(engine, Patient, 1)
-    with Session(engine) as s:
-        s.delete(s.get(Patient, 1))
-        s.commit()
+    orm_delete(engine, Patient, 1)
     assert set(key_statuses(engine, keys).values()) == {"active"}
     restore(engine, Patient, saved)
     assert read_each(engine)[1] == ("Alice", A["notes"], A["ssn"])
@@ -230,13 +230,7 @@ def test_core_row_key_with_primary_key_is_bound(engine: Engine) -> None:
 
 def test_sweep_finds_and_shreds_keys_of_rows_deleted_by_raw_sql(engine: Engine, db_url: str, tmp_path: Any) -> None:
     keyfile = tmp_path / "master.key"
-    keys = KeyManager(engine, LocalKeyProvider.from_file(keyfile))
-    keys.create_table()
-    Patient = make_model(keys)
-    Patient.metadata.create_all(engine)
-    with Session(engine) as s:
-        s.add_all([Patient(**A), Patient(**B), Patient(**C)])
-        s.commit()
+    keys, Patient = three_patients(engine, LocalKeyProvider.from_file(keyfile))
     saved = backup(engine, Patient, 2)
     with engine.connect() as conn:
         key_b = row_key_ids(conn, Patient)[2][0]
