@@ -257,6 +257,15 @@ def test_sweep_finds_and_shreds_keys_of_rows_deleted_by_raw_sql(engine: Engine, 
     with Session(engine) as s:
         got = {p.id: (p.notes, p.ssn) for p in s.scalars(select(Fresh))}
     assert got == {1: (A["notes"], A["ssn"]), 2: (None, None), 3: (C["notes"], C["ssn"])}
-    with engine.begin() as conn:  # every row gone at once (TRUNCATE, a cascade)
-        conn.execute(raw_table().delete())
-    assert keys.sweep_orphans(dry_run=False, batch_size=1).shredded == 2
+    with Session(engine) as s:  # one more row, then the table renamed away: never taken for gone
+        s.add(Patient(id=4, name="Dee", notes={"d": 4}, ssn="444-44"))
+        s.commit()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE patients RENAME TO patients_old")
+    report = keys.sweep_orphans(dry_run=False)
+    assert (report.found, report.shredded, report.missing) == (0, 0, ["patients"])
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE patients_old RENAME TO patients")
+        raw = raw_table()  # every row gone at once (TRUNCATE, a cascade)
+        conn.execute(raw.delete())
+    assert keys.sweep_orphans(dry_run=False, batch_size=1).shredded == 3
