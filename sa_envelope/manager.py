@@ -39,7 +39,8 @@ from .keys.tracking import Tracker
 from .providers.base import KeyProvider
 from .rows.binding import bound_row_key
 from .rows.keys import RowKeys
-from .rows.orm import install_orm_hooks, shred_instance, shred_table_row
+from .rows.orm import install_orm_hooks
+from .rows.shred import shred_instance, shred_table_row
 from .rows.prefetch import install_prefetch
 
 __all__ = ["KeyManager"]

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import pytest
 from sqlalchemy import (
     Column, Float, Integer, LargeBinary, MetaData, Numeric, String, Table, cast, func, insert, literal,
-    literal_column, select, text, type_coerce, update,
+    literal_column, select, text, update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column

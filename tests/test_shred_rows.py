@@ -165,7 +165,6 @@ def test_a_value_copied_into_another_row_neither_reads_nor_chooses_the_write_key
 
 def test_core_shred_row_finds_keys_no_value_names(engine: Engine) -> None:
     keys, Patient = three_patients(engine)
-    t = Patient.__table__
     saved = backup(engine, Patient, 3)
     with engine.connect() as conn:
         key_c = row_key_ids(conn, Patient)[3][0]
@@ -269,3 +268,24 @@ def test_sweep_finds_and_shreds_keys_of_rows_deleted_by_raw_sql(engine: Engine, 
         raw = raw_table()  # every row gone at once (TRUNCATE, a cascade)
         conn.execute(raw.delete())
     assert keys.sweep_orphans(dry_run=False, batch_size=1).shredded == 3
+
+
+def test_a_new_row_with_a_deleted_rows_primary_key_replaces_and_shreds_its_key(engine: Engine) -> None:
+    keys, Patient = three_patients(engine)
+    saved = backup(engine, Patient, 2)
+    with engine.connect() as conn:
+        old_key = row_key_ids(conn, Patient)[2][0]
+    with engine.begin() as conn:  # deleted behind the ORM's back: the key stays live
+        raw = raw_table()
+        conn.execute(raw.delete().where(raw.c.id == 2))
+    with Session(engine) as s:  # the same primary key again: its key replaces the old one
+        s.add(Patient(id=2, name="Bea", notes={"diagnosis": "new"}, ssn="200-00"))
+        s.commit()
+    statuses = key_statuses(engine, keys)
+    with engine.connect() as conn:
+        new_key = row_key_ids(conn, Patient)[2][0]
+    assert statuses[old_key] == "shredded" and statuses[new_key] == "active" and new_key != old_key
+    assert read_each(engine)[2] == ("Bea", {"diagnosis": "new"}, "200-00")
+    restore(engine, Patient, saved)
+    got = read_each(engine)
+    assert erased(got[2]) and got[1][1] == A["notes"] and got[3][1] == C["notes"]

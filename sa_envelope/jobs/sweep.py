@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Iterable
 
 from sqlalchemy import Connection, MetaData, Table, and_, select
 from sqlalchemy.exc import NoSuchTableError

@@ -4,15 +4,19 @@ The bind processor of a row-scoped column sees one value, never its row, so
 the row's key has to travel with the value. These hooks do that:
 
 * ``before_flush``: for every new instance with a non-NULL row-scoped value,
-  a fresh row key; for every changed row-scoped attribute of a persistent
-  instance, the key its row already has (read, batched, from the headers of
-  the stored values; a row without one gets a fresh key). New keys are made
+  a fresh row key bound to the row (:mod:`.binding`; live keys still bound
+  to an earlier row with that primary key are shredded: :func:`.shred.retire`);
+  for every changed row-scoped attribute of a persistent instance, the key
+  bound to its row (found, batched, by the rows' digests, never by what a
+  stored value names; a row without one gets a fresh key); for every deleted
+  instance, its keys shredded (:func:`.shred.shred_deleted`). New keys are made
   in bulk (``RowKeys.create``: one executemany per table) on the session's
   connection, so they commit or roll back with the rows. Then each value
   about to be written is replaced in the instance's ``__dict__`` by a
   :class:`RowValue` (value + key), which the ORM copies into the INSERT or
-  UPDATE parameters; ``after_flush`` (or ``after_soft_rollback`` when the
-  flush fails) puts the plain values back. ``add``, ``add_all``, ``merge``
+  UPDATE parameters; ``after_flush`` binds the keys of rows whose primary
+  key the INSERT made (autoincrement) and puts the plain values back (as
+  ``after_soft_rollback`` does when the flush fails). ``add``, ``add_all``, ``merge``
   and attribute updates all end up here.
 * ``do_orm_execute``: ORM bulk ``session.execute(insert(Model), [dicts])``
   and bulk UPDATE by primary key (``session.execute(update(Model), [dicts])``)
@@ -27,79 +31,27 @@ users pass ``KeyManager.new_row_key(conn, table).value(v)`` instead.
 
 from __future__ import annotations
 
-import weakref
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import Column, Connection, LargeBinary, MetaData, Table, event, select, tuple_, type_coerce
-from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction
+from sqlalchemy import Connection, event
+from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction
 from sqlalchemy.orm import attributes as orm_attributes
 from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.state import InstanceState
 
-from ..columns.encrypted import EncryptedType
 from ..columns.rowvalue import RowValue
-from ..envelope import format as fmt
-from ..errors import EnvelopeError, KeyNotFoundError
-from ..keys import table as kt
+from ..errors import EnvelopeError
 from ..keys.cache import CachedKey
 from . import binding
-from .keys import IN_CHUNK
+from .shred import retire, shred_deleted
+from .specs import TableSpec, pk_of, specs
 
-__all__ = ["TableSpec", "bound_keys", "install_orm_hooks", "row_key_ids", "shred_instance", "shred_rows", "specs"]
+__all__ = ["bound_keys", "install_orm_hooks"]
 
 _RESTORE = "sa_envelope_row_restore"
 _BIND = "sa_envelope_row_bind"
 _installed = False
-
-
-@dataclass(frozen=True, eq=False)
-class TableSpec:
-    """The row-scoped columns of one mapped table that one KeyManager serves."""
-
-    manager: Any
-    table: Table
-    owner: str
-    attrs: tuple[str, ...]
-    columns: tuple[Column[Any], ...]
-    pk_attrs: tuple[str, ...]
-    pk_cols: tuple[Column[Any], ...]
-    pk_index: tuple[int, ...]  # positions of pk_cols in the instance's identity
-
-
-_SPECS: weakref.WeakKeyDictionary[Mapper[Any], tuple[TableSpec, ...]] = weakref.WeakKeyDictionary()
-
-
-def specs(mapper: Mapper[Any]) -> tuple[TableSpec, ...]:
-    """Row-scoped columns of ``mapper``, grouped by table and manager (cached)."""
-    found = _SPECS.get(mapper)
-    if found is None:
-        found = _SPECS[mapper] = _build_specs(mapper)
-    return found
-
-
-def _build_specs(mapper: Mapper[Any]) -> tuple[TableSpec, ...]:
-    groups: dict[tuple[int, Table], list[tuple[str, Column[Any]]]] = defaultdict(list)
-    for prop in mapper.column_attrs:
-        col = prop.columns[0]
-        t = col.type
-        if isinstance(t, EncryptedType) and t.scope == kt.SCOPE_ROW and t.keys is not None:
-            if isinstance(col, Column) and isinstance(col.table, Table):
-                groups[(id(t.keys), col.table)].append((prop.key, col))
-    out = []
-    for (_, table), items in groups.items():
-        first: EncryptedType = items[0][1].type  # type: ignore[assignment]
-        pk_cols = tuple(table.primary_key.columns)
-        pk_props = [mapper.get_property_by_column(c) for c in pk_cols]
-        identity = [mapper.get_property_by_column(c) for c in mapper.primary_key]
-        out.append(TableSpec(
-            manager=first.keys, table=table, owner=first._table or table.name,
-            attrs=tuple(a for a, _ in items), columns=tuple(c for _, c in items),
-            pk_attrs=tuple(p.key for p in pk_props), pk_cols=pk_cols,
-            pk_index=tuple(identity.index(p) for p in pk_props),
-        ))
-    return tuple(out)
 
 
 def install_orm_hooks() -> None:
@@ -116,24 +68,6 @@ def install_orm_hooks() -> None:
 
 
 # -- reading the keys rows already have --------------------------------------------
-
-
-def row_key_ids(conn: Connection, spec: TableSpec, pks: Sequence[tuple[Any, ...]]) -> dict[tuple[Any, ...], list[int]]:
-    """Key ids named by the stored row-scoped values of each row, in column order."""
-    raw = [type_coerce(c, LargeBinary()).label(f"_sa_env_v{i}") for i, c in enumerate(spec.columns)]
-    npk = len(spec.pk_cols)
-    found: dict[tuple[Any, ...], list[int]] = {}
-    for start in range(0, len(pks), IN_CHUNK):
-        chunk = list(pks[start : start + IN_CHUNK])
-        if npk == 1:
-            where = spec.pk_cols[0].in_([p[0] for p in chunk])
-        else:
-            where = tuple_(*spec.pk_cols).in_(chunk)
-        stmt = select(*spec.pk_cols, *raw).where(where)
-        for row in spec.manager.rows.query(lambda: conn.execute(stmt).all(), spec.owner):
-            ids = [fmt.key_id_of(bytes(v)) for v in row[npk:] if v]
-            found[tuple(row[:npk])] = list(dict.fromkeys(ids))
-    return found
 
 
 def bound_keys(conn: Connection, spec: TableSpec, digests: Sequence[bytes]) -> list[CachedKey | None]:
@@ -163,6 +97,8 @@ def _keys_for(
     keys: list[CachedKey | None] = [None] * len(pks)
     if is_update:
         keys = bound_keys(conn, spec, [d for d in digests if d is not None])  # updates know every pk
+    else:
+        retire(conn, spec, [d for d in digests if d is not None])
     gaps = [i for i, k in enumerate(keys) if k is None]
     for i, key in zip(gaps, rows.create(conn, spec.owner, len(gaps), [digests[i] for i in gaps])):
         keys[i] = key
@@ -174,14 +110,6 @@ def _known(pk: tuple[Any, ...]) -> tuple[Any, ...] | None:
 
 
 # -- flush ---------------------------------------------------------------------------
-
-
-def _pk_of(state: InstanceState[Any], spec: TableSpec) -> tuple[Any, ...]:
-    """The row's primary key from the identity (attributes may be expired)."""
-    if state.key is None:
-        return tuple(state.dict.get(a) for a in spec.pk_attrs)
-    ident = state.key[1]
-    return tuple(ident[j] for j in spec.pk_index)
 
 
 def _changed(state: InstanceState[Any], spec: TableSpec) -> list[str]:
@@ -211,11 +139,11 @@ def _before_flush(session: Session, flush_context: UOWTransaction, instances: An
             attrs = _changed(state, spec)
             if attrs:
                 updates[spec].append((state, attrs))
-    _shred_deleted(session)
+    shred_deleted(session)
     for plan, is_update in ((inserts, False), (updates, True)):
         for spec, items in plan.items():
             conn = session.connection(bind_arguments={"mapper": items[0][0].mapper})
-            pks = [_known(_pk_of(s, spec)) for s, _ in items]
+            pks = [_known(pk_of(s, spec)) for s, _ in items]
             restore = session.info.setdefault(_RESTORE, [])
             keys, unbound = _keys_for(conn, spec, pks, is_update)
             for (state, attrs), key in zip(items, keys):
@@ -231,7 +159,9 @@ def _bind_pending(session: Session) -> None:
     for (conn, spec), items in groups.items():
         rows = spec.manager.rows
         dkey = binding.digest_key(rows, conn, spec.owner, create=True)
-        rows.bind(conn, spec.owner, [(key, binding.row_digest(dkey, _pk_of(state, spec))) for state, key in items])
+        pairs = [(key, binding.row_digest(dkey, pk_of(state, spec))) for state, key in items]
+        retire(conn, spec, [d for _, d in pairs])
+        rows.bind(conn, spec.owner, pairs)
 
 
 def _after_flush(session: Session, *args: Any) -> None:
@@ -305,78 +235,3 @@ def _bulk_pk(params: dict[str, Any], spec: TableSpec) -> tuple[Any, ...]:
         ) from None
 
 
-# -- shredding an instance ------------------------------------------------------------------
-
-
-def shred_instance(manager: Any, instance: Any) -> list[int]:
-    """Shred every row key of ``instance``'s row in its session's transaction."""
-    state = orm_attributes.instance_state(instance)
-    session = state.session
-    if session is None:
-        raise EnvelopeError("shred() needs an instance attached to a Session (or use shred_key)")
-    if state.key is None or state.modified:
-        session.flush()
-    shredded: list[int] = []
-    conn = session.connection(bind_arguments={"mapper": state.mapper})
-    for spec in specs(state.mapper):
-        if spec.manager is not manager:
-            continue
-        shredded += shred_rows(conn, spec, [_pk_of(state, spec)])
-        session.expire(instance, list(spec.attrs))  # drop the plaintext held in memory
-    return shredded
-
-
-def shred_rows(conn: Connection, spec: TableSpec, pks: Sequence[tuple[Any, ...]]) -> list[int]:
-    """Shred, on ``conn``, every live row key these rows ever had: those bound
-    to them by digest, and the unbound ones their stored values name (keys
-    made before rows were bound, or by the Core API without a primary key).
-    A key a stored value names but that is bound to another row is that
-    row's (a copied value): it is left alone."""
-    rows = spec.manager.rows
-    named = {k for ids in row_key_ids(conn, spec, pks).values() for k in ids} if spec.columns else set()
-    bound: set[int] = set()
-    dkey = binding.digest_key(rows, conn, spec.owner, create=False)
-    if dkey is not None:
-        bound = {k for k, _ in binding.find_bound(rows, conn, spec.owner, [binding.row_digest(dkey, pk) for pk in pks])}
-    live = sorted(bound | binding.unbound_live(rows, conn, spec.owner, named - bound))
-    for key_id in live:
-        rows.shred_key(conn, key_id, owner=spec.owner)
-    return live
-
-
-def shred_table_row(manager: Any, conn: Connection, table: Table | str, pk: tuple[Any, ...]) -> list[int]:
-    """:func:`shred_rows` for a Core table (or only a table name: then the
-    keys bound to the row, without reading its stored values)."""
-    if isinstance(table, Table):
-        spec = _core_spec(manager, table)
-        if spec is not None:
-            return shred_rows(conn, spec, [pk])
-        table = table.name
-    spec = TableSpec(manager, Table(table, MetaData()), table, (), (), (), (), ())
-    return shred_rows(conn, spec, [pk])
-
-
-def _core_spec(manager: Any, table: Table) -> TableSpec | None:
-    columns = [c for c in table.columns if isinstance(c.type, EncryptedType) and c.type.scope == kt.SCOPE_ROW
-               and c.type.keys is manager]
-    if not columns:
-        return None
-    pk_cols = tuple(table.primary_key.columns)
-    owner = columns[0].type._table or table.name  # type: ignore[attr-defined]
-    return TableSpec(manager, table, owner, tuple(c.key for c in columns), tuple(columns),
-                     tuple(c.key for c in pk_cols), pk_cols, tuple(range(len(pk_cols))))
-
-
-def _shred_deleted(session: Session) -> None:
-    """ORM delete shreds the row's keys in the same transaction (``KeyManager(
-    ..., shred_on_delete=False)`` opts out); the row is still there to read."""
-    plan: dict[tuple[TableSpec, Mapper[Any]], list[tuple[Any, ...]]] = defaultdict(list)
-    for obj in session.deleted:
-        state = orm_attributes.instance_state(obj)
-        for spec in specs(state.mapper):
-            if getattr(spec.manager, "shred_on_delete", True):
-                plan[(spec, state.mapper)].append(_pk_of(state, spec))
-    for (spec, mapper), pks in plan.items():
-        conn = session.connection(bind_arguments={"mapper": mapper})
-        for start in range(0, len(pks), IN_CHUNK):
-            shred_rows(conn, spec, pks[start : start + IN_CHUNK])
