@@ -23,7 +23,7 @@ from sqlalchemy.types import String, TypeDecorator, TypeEngine, to_instance
 
 from ..envelope import format as fmt
 from ..envelope.codecs import UnsupportedValue, codec_for
-from ..errors import ConfigurationError, DecryptionError, EncryptionError, EnvelopeError, RowKeyRequiredError
+from ..errors import ConfigurationError, DecryptionError, EncryptionError, RowKeyRequiredError
 from ..keys import table as kt
 from ..keys.store import KeyStore
 from .naming import ColumnNames
@@ -181,10 +181,12 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
     def encrypt(self, value: Any) -> bytes:
         """Serialise and seal one value for this column.
 
-        Any failure becomes :class:`EncryptionError`, raised outside the
-        ``except`` block (no ``__context__``) once this frame's locals no
-        longer hold the value: error trackers that capture frame locals
-        (Sentry) see no plaintext.
+        A failure to encode or seal becomes :class:`EncryptionError`, raised
+        outside the ``except`` block (no ``__context__``) once this frame's
+        locals no longer hold the value: error trackers that capture frame
+        locals (Sentry) see no plaintext. The write key is fetched first: its
+        own errors (``KeyProviderError``, a database error) reach the caller
+        as themselves, from a frame that no longer holds the value either.
         """
         table, store = self._table, self._store
         if table is None or store is None:
@@ -195,21 +197,22 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
                 value = None
                 raise RowKeyRequiredError(table=table, column=self._column)
             key, value = value.key, value.value
+        if key is None:
+            try:  # its errors (provider, database) reach the caller as themselves
+                key = store.encryption_key(table, self._key_scope)
+            except BaseException:
+                value = None
+                raise
         data: Any = None
-        error: EnvelopeError
         try:
             data = self._codec.encode(value)
-            if key is None:
-                key = store.encryption_key(table, self._key_scope)
             return self._seal(key.cipher, key.head, data, self._ctx)
-        except EnvelopeError as exc:  # ours (a key provider refused): no value in it
-            error = exc
         except UnsupportedValue as exc:
-            error = EncryptionError(str(exc), table=table, column=self._column)
+            reason = str(exc)
         except Exception:  # a codec or cipher failure: its message may quote the value
-            error = EncryptionError(f"the value does not encode as {self._codec.name}", table=table, column=self._column)
+            reason = f"the value does not encode as {self._codec.name}"
         value = data = None
-        raise error
+        raise EncryptionError(reason, table=table, column=self._column)
 
     def check_value(self, value: Any) -> str | None:
         """Why ``value`` cannot be stored in this column, or ``None`` if it can.
