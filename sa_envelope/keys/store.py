@@ -249,7 +249,9 @@ class KeyStore:
         assert wrapped is not None
         if record.parent_id is not None:
             parent = self.cache.peek(record.parent_id) or self._load_parent(record, table, column, conn)
-            return self.open_child(parent, record.id, record.parent_id, record.owner_table, wrapped, table, column)
+            return self.open_child(
+                parent, record.id, record.parent_id, record.owner_table, wrapped, table, column, record.row_digest
+            )
         context = key_context(record.owner_table, fmt.format_key_id(record.id))
         return self._provider_call(lambda: self.provider.unwrap(wrapped, context, record.wrapping_key_id))
 
@@ -269,11 +271,13 @@ class KeyStore:
 
     @staticmethod
     def open_child(
-        parent: CachedKey, key_id: int, parent_id: int, owner: str, wrapped: Any, table: str, column: str | None
+        parent: CachedKey, key_id: int, parent_id: int, owner: str, wrapped: Any, table: str, column: str | None,
+        digest: bytes | None = None,
     ) -> bytes:
-        """A row key's plaintext, unwrapped locally by its table key."""
+        """A row key's plaintext, unwrapped locally by its table key (``digest``:
+        the key row's ``row_digest``, for a key bound to its row)."""
         try:
-            return ciphers.open_row_key(parent.cipher, parent.head[0], key_id, parent_id, owner, wrapped)
+            return ciphers.open_row_key(parent.cipher, parent.head[0], key_id, parent_id, owner, wrapped, digest)
         except fmt.InvalidEnvelope as exc:
             raise DecryptionError(str(exc), table=table, column=column, key_id=fmt.format_key_id(key_id)) from None
 

@@ -108,6 +108,7 @@ class KeyRecord:
     wrapped_key: bytes | None
     algorithm: str
     status: str
+    row_digest: bytes | None = None  # row keys bound to their row (rows.binding)
 
     def __repr__(self) -> str:
         return (
@@ -128,6 +129,7 @@ class KeyRecord:
             wrapped_key=bytes(wrapped) if wrapped is not None else None,
             algorithm=m["algorithm"],
             status=m["status"],
+            row_digest=bytes(m["row_digest"]) if m.get("row_digest") is not None else None,
         )
 
 

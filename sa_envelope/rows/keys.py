@@ -5,17 +5,17 @@ row-scoped values are unreadable wherever they were copied (replicas, exports,
 backups), while every other row still reads. Only table keys are wrapped by
 the KMS; a row key is ``os.urandom(32)`` wrapped with AES-256-GCM under its
 table key, with associated data binding the row key id, the table key id and
-the owner table (``envelope.ciphers``, which owns the wrap format). Creating or unwrapping a row key is
+the owner table, and the row's digest (``envelope.ciphers``, which owns the wrap format). Creating or unwrapping a row key is
 therefore a local AES call, never a provider call: 20,000 new rows cost the
 one ``GenerateDataKey`` (or ``Decrypt``) of their table key.
 
 Stored wrapped form: see :mod:`sa_envelope.envelope.ciphers` and docs/format.md
 (column ``wrapped_key``, ``wrapping_key_id = "parent"``).
 
-**Where a row's key comes from.** A row key is named by the header of each
-row-scoped value (as every key is): the row itself is the index from row to
-key, so the key table needs no column pointing back at user rows, and a row
-with no row-scoped value has no key. Writing goes through :class:`~sa_envelope.columns.rowvalue.RowValue`:
+**Where a row's key comes from.** Every value names its key in its header,
+and a row key's key row records the keyed digest of the row it is bound to
+(:mod:`.binding`): writing a row's values uses the key bound to that row,
+never the key some stored value names. Writing goes through :class:`~sa_envelope.columns.rowvalue.RowValue`:
 a value paired with the row key it must be sealed under. The ORM hooks
 (:mod:`.orm`) build those pairs; a bare value reaching a row-scoped column
 raises :class:`~sa_envelope.RowKeyRequiredError`, so nothing is ever sealed
@@ -46,7 +46,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 
 from ..envelope import ciphers
 from ..envelope import format as fmt
-from ..errors import ConfigurationError, DecryptionError, KeyNotFoundError
+from ..errors import ConfigurationError, KeyNotFoundError
 from ..faults import fault_point
 from ..keys import table as kt
 from ..keys.cache import CacheLimits, CachedKey, KeyCache
@@ -219,10 +219,7 @@ class RowKeys:
         parent = parents.get(parent_id)
         if parent is None:
             parent = parents[parent_id] = self.store.decryption_key(parent_id, table=table, column=column or "")
-        try:
-            plaintext = ciphers.open_row_key(parent.cipher, parent.head[0], key_id, parent_id, owner, wrapped, digest)
-        except fmt.InvalidEnvelope as exc:
-            raise DecryptionError(str(exc), table=table, column=column, key_id=fmt.format_key_id(key_id)) from None
+        plaintext = self.store.open_child(parent, key_id, parent_id, owner, wrapped, table, column, digest)
         return key_id, ciphers.ROW_KEY_CIPHER(plaintext), head, digest
 
     def missing(self, key_ids: Iterable[int]) -> set[int]:
