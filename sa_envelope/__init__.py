@@ -13,7 +13,7 @@ import sys
 
 from .columns.blindindex import BlindIndexType, lookup
 from .columns.encrypted import EncryptedType
-from .columns.normalizers import normalize_email, normalize_phone
+from .columns.normalizers import normalize_email, normalize_email_folded, normalize_phone
 from .errors import (
     ConfigurationError,
     DecryptionError,
@@ -60,6 +60,7 @@ __all__ = [
     "UntrustedKeyError",
     "lookup",
     "normalize_email",
+    "normalize_email_folded",
     "normalize_phone",
     "provider_from_spec",
 ]

@@ -7,6 +7,7 @@ what ``Operations.register_operation`` does) and patches nothing else::
     import sa_envelope.alembic  # noqa: F401  (in env.py or script.py.mako)
 
     op.create_key_table()
+    op.add_row_digest()  # upgrading a key table made before row keys were bound
     op.encrypt_column("patients", "email", EncryptedType(String(200)))
     op.decrypt_column("patients", "email", EncryptedType(String(200)))
     op.rewrap_keys()
@@ -52,9 +53,11 @@ from .providers.spec import provider_from_spec
 
 __all__ = [
     "AddKeyContextVersionOp",
+    "AddRowDigestOp",
     "CreateKeyTableOp",
     "DecryptColumnOp",
     "DropKeyTableOp",
+    "DropRowDigestOp",
     "EncryptColumnOp",
     "KEYS_ATTRIBUTE",
     "RewrapKeysOp",
@@ -95,6 +98,45 @@ class DropKeyTableOp(_KeyTableOp):
 
     def reverse(self) -> CreateKeyTableOp:
         return CreateKeyTableOp(self.table_name)
+
+
+@Operations.register_operation("add_row_digest")
+class AddRowDigestOp(_KeyTableOp):
+    """Upgrade a key table made before row keys were bound to their rows:
+    add the ``row_digest`` column and its index (docs/format.md). Existing
+    row keys stay unbound and keep working."""
+
+    @classmethod
+    def add_row_digest(cls, operations: Operations, table_name: str = kt.KEY_TABLE_NAME) -> Any:
+        return operations.invoke(cls(table_name))
+
+    def reverse(self) -> DropRowDigestOp:
+        return DropRowDigestOp(self.table_name)
+
+
+@Operations.register_operation("drop_row_digest")
+class DropRowDigestOp(_KeyTableOp):
+    """The downgrade of ``add_row_digest``: bound row keys become unreadable."""
+
+    @classmethod
+    def drop_row_digest(cls, operations: Operations, table_name: str = kt.KEY_TABLE_NAME) -> Any:
+        return operations.invoke(cls(table_name))
+
+    def reverse(self) -> AddRowDigestOp:
+        return AddRowDigestOp(self.table_name)
+
+
+@Operations.implementation_for(AddRowDigestOp)
+def _add_row_digest(operations: Operations, op: AddRowDigestOp) -> None:
+    table = kt.key_table(MetaData(), op.table_name)
+    operations.add_column(op.table_name, table.c.row_digest._copy())
+    operations.create_index(f"ix_{op.table_name}_row_digest", op.table_name, ["row_digest"])
+
+
+@Operations.implementation_for(DropRowDigestOp)
+def _drop_row_digest(operations: Operations, op: DropRowDigestOp) -> None:
+    operations.drop_index(f"ix_{op.table_name}_row_digest", op.table_name)
+    operations.drop_column(op.table_name, "row_digest")
 
 
 @Operations.implementation_for(CreateKeyTableOp)

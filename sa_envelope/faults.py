@@ -30,6 +30,7 @@ POINTS: frozenset[str] = frozenset({
     "shred.before_update", "shred.after_update",
     "rewrap.key.before_update", "rewrap.key.after_update", *batch_points("rewrap"),
     "reencrypt.row.before_update", "reencrypt.row.after_update", *batch_points("reencrypt"),
+    *batch_points("sweep"),
     *(
         point
         for job in ("encrypt_column", "decrypt_column")

@@ -21,16 +21,18 @@ from __future__ import annotations
 import threading
 from typing import Any, ContextManager, Iterable
 
-from sqlalchemy import Column, Connection, Engine, MetaData
+from sqlalchemy import Column, Connection, Engine, MetaData, Table
 
 from . import redact
 from .columns.comparisons import check_compiled
+from .columns import flushcheck
 from .columns.guard import check_statement
 from .columns.rowvalue import RowKey
 from .envelope import format as fmt
 from .jobs import warm as warming
 from .jobs.reencrypt import ReencryptReport, reencrypt_columns
 from .jobs.rewrap import RewrapReport, rewrap_keys
+from .jobs.sweep import SweepReport, sweep_orphans
 from .keys import table as kt
 from .keys.cache import CacheLimits, CachedKey, KeyCache
 from .keys.offload import require_greenlet
@@ -38,8 +40,10 @@ from .keys.rollover import RolloverPolicy
 from .keys.store import KeyStore
 from .keys.tracking import Tracker
 from .providers.base import KeyProvider
+from .rows.binding import bound_row_key
 from .rows.keys import RowKeys
-from .rows.orm import install_orm_hooks, shred_instance
+from .rows.orm import install_orm_hooks
+from .rows.shred import shred_instance, shred_table_row
 from .rows.prefetch import install_prefetch
 
 __all__ = ["KeyManager"]
@@ -53,7 +57,9 @@ class KeyManager:
     in. ``metadata`` lets the key table live in your own MetaData so that
     Alembic autogenerate sees it. ``namespace`` is bound into every new
     key's provider context, so two applications sharing one CMK cannot use
-    each other's keys. No network or database call happens here.
+    each other's keys. ``shred_on_delete=False`` keeps the row keys of rows
+    deleted through the ORM (by default they are shredded in the deleting
+    transaction). No network or database call happens here.
     """
 
     def __init__(
@@ -66,6 +72,7 @@ class KeyManager:
         table_name: str = kt.KEY_TABLE_NAME,
         rollover: RolloverPolicy | None = None,
         namespace: str | None = None,
+        shred_on_delete: bool = True,
     ) -> None:
         if hasattr(engine, "sync_engine"):  # an AsyncEngine: say which extra, before SQLAlchemy does
             require_greenlet()
@@ -77,9 +84,11 @@ class KeyManager:
         self.store = KeyStore(
             self.engine, provider, self.table, key_cache, self.tracker, self.rollover, namespace=namespace
         )
+        self.shred_on_delete = shred_on_delete  # ORM delete shreds the row's keys (rows.orm)
         self._rows: RowKeys | None = None
         self._lock = threading.Lock()
         redact.hide_rows(self.engine)  # SQLAlchemy logs rows after decryption
+        flushcheck.install()  # values refused before the flush builds its parameters
 
     # -- what the store holds ------------------------------------------------------------
 
@@ -220,15 +229,39 @@ class KeyManager:
         ``conn.execute(insert(t), [{"notes": k.value(v)} for k, v in zip(keys, values)])``."""
         return [RowKey(k, table) for k in self.rows.create(conn, table, count)]
 
-    def new_row_key(self, conn: Connection, table: str) -> RowKey:
-        """One new row key for a row of ``table``, inserted on ``conn``."""
-        return self.new_row_keys(conn, table, 1)[0]
+    def new_row_key(self, conn: Connection, table: str, primary_key: Any = None) -> RowKey:
+        """One new row key for a row of ``table``, inserted on ``conn``; bound to
+        the row (:mod:`sa_envelope.rows.binding`) when its ``primary_key`` is given."""
+        if primary_key is None:
+            return self.new_row_keys(conn, table, 1)[0]
+        pk = tuple(primary_key) if isinstance(primary_key, (tuple, list)) else (primary_key,)
+        return RowKey(bound_row_key(self.rows, conn, table, pk), table)
 
     def shred(self, instance: Any) -> list[str]:
         """Crypto-shred an ORM instance's row: destroy its row key in the
         session's transaction (commit to make it final). Its row-scoped
         attributes then load as ``None``. Returns the shredded key ids."""
         return [fmt.format_key_id(k) for k in shred_instance(self, instance)]
+
+    def shred_row(self, table: Table | str, primary_key: Any, conn: Connection | None = None) -> list[str]:
+        """Core: shred every row key the row of ``table`` with ``primary_key``
+        (a value, or a tuple for a composite key) ever had, whether or not a
+        stored value still names it; on ``conn`` or in a transaction of its
+        own. Returns the shredded key ids."""
+        pk = tuple(primary_key) if isinstance(primary_key, (tuple, list)) else (primary_key,)
+        if conn is not None:
+            return [fmt.format_key_id(k) for k in shred_table_row(self, conn, table, pk)]
+        with self.engine.begin() as own:
+            return [fmt.format_key_id(k) for k in shred_table_row(self, own, table, pk)]
+
+    def sweep_orphans(
+        self, dry_run: bool = True, *, tables: Iterable[Table] = (), batch_size: int = 500, progress: bool | None = None
+    ) -> SweepReport:
+        """Find the row keys bound to rows that no longer exist (deleted by
+        raw SQL, ``TRUNCATE``, cascades) and, unless ``dry_run``, shred them
+        in batches; run again to resume. ``tables`` gives the declared tables
+        (otherwise reflected). See docs/shredding.md."""
+        return sweep_orphans(self.rows, dry_run=dry_run, tables=tables, batch_size=batch_size, progress=progress)
 
     def shred_key(self, key_id: int | str, conn: Connection | None = None) -> None:
         """Destroy one row key's material, on ``conn`` (the caller's

@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import EnvelopeError
 from .commands import COMMANDS
+from .output import escape, say
 
 __all__ = ["build_parser", "main"]
 
@@ -33,11 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(ns.run(ns) or 0)
     except EnvelopeError as exc:
-        print(f"sa-envelope: error: {exc}", file=sys.stderr)
+        say(f"sa-envelope: error: {escape(exc)}", file=sys.stderr)
     except SQLAlchemyError as exc:
-        print(f"sa-envelope: database error: {type(exc).__name__}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        say(f"sa-envelope: database error: {type(exc).__name__}: {escape(str(exc).splitlines()[0])}", file=sys.stderr)
     except (OSError, ValueError) as exc:
-        print(f"sa-envelope: error: {exc}", file=sys.stderr)
+        say(f"sa-envelope: error: {escape(exc)}", file=sys.stderr)
     return 1
 
 

@@ -1,4 +1,4 @@
-"""The CLI's subcommands: ``keys list``, ``rewrap``, ``verify``, ``demo``.
+"""The CLI's subcommands: ``keys list``, ``keys sweep``, ``rewrap``, ``verify``, ``demo``.
 
 Each is a ``configure(parser)`` function that adds its options and sets
 ``parser.set_defaults(run=...)``; :data:`COMMANDS` lists them in the order
@@ -24,6 +24,7 @@ from ..manager import KeyManager
 from ..providers.base import KeyProvider
 from ..providers.spec import provider_from_spec
 from .demo import run_demo
+from .output import escape, say
 
 __all__ = ["COMMANDS"]
 
@@ -61,7 +62,7 @@ def _records(engine: Any) -> list[Any]:
 
 def _keys(parser: argparse.ArgumentParser) -> None:
     _one_line_errors(parser)
-    sub = parser.add_subparsers(dest="keys_command", required=True, metavar="{list}")
+    sub = parser.add_subparsers(dest="keys_command", required=True, metavar="{list,sweep}")
     listing = sub.add_parser("list", help="list every key: id, scope, table, status, wrapping key")
     _database_option(listing)
 
@@ -71,13 +72,35 @@ def _keys(parser: argparse.ArgumentParser) -> None:
             rows = _records(engine)
         finally:
             engine.dispose()
-        print(f"{'KEY ID':16}  {'SCOPE':13}  {'TABLE':20}  {'STATUS':8}  {'PARENT':16}  WRAPPED BY")
+        say(f"{'KEY ID':16}  {'SCOPE':13}  {'TABLE':20}  {'STATUS':8}  {'PARENT':16}  WRAPPED BY")
         for r in rows:
             parent = fmt.format_key_id(r.parent_id) if r.parent_id else "-"
-            print(f"{fmt.format_key_id(r.id):16}  {r.scope:13}  {r.owner_table:20}  {r.status:8}  {parent:16}  {r.wrapping_key_id}")
+            scope, owner, status, wrapped_by = (escape(v) for v in (r.scope, r.owner_table, r.status, r.wrapping_key_id))
+            say(f"{fmt.format_key_id(r.id):16}  {scope:13}  {owner:20}  {status:8}  {parent:16}  {wrapped_by}")
         return 0
 
     listing.set_defaults(run=run)
+    _sweep(sub.add_parser("sweep", help="find row keys whose row is gone; shred them with --apply"))
+
+
+def _sweep(parser: argparse.ArgumentParser) -> None:
+    _database_option(parser)
+    parser.add_argument("--apply", action="store_true", help="shred the orphaned keys (default: count them only)")
+    parser.add_argument("--cmk", default=os.environ.get("SA_ENVELOPE_CMK"),
+                        help="provider that unwraps the table keys (default $SA_ENVELOPE_CMK; KMS keys need none)")
+    parser.add_argument("--batch-size", type=int, default=500, help="keys per transaction (default 500)")
+
+    def run(ns: argparse.Namespace) -> int:
+        engine = _engine(ns)
+        try:
+            provider = provider_from_spec(ns.cmk) if ns.cmk else _inferred_provider(engine)
+            report = KeyManager(engine, provider).sweep_orphans(dry_run=not ns.apply, batch_size=ns.batch_size)
+        finally:
+            engine.dispose()
+        say(report)
+        return 0
+
+    parser.set_defaults(run=run)
 
 
 def _inferred_provider(engine: Any) -> KeyProvider:
@@ -87,7 +110,7 @@ def _inferred_provider(engine: Any) -> KeyProvider:
     records = sorted(_records(engine), key=lambda r: (r.created_at, r.id))
     for record in records:
         if record.parent_id is None and str(record.wrapping_key_id).startswith("arn:aws"):
-            print(f"no --cmk given: trusting {record.wrapping_key_id}, the CMK of the oldest key")
+            say(f"no --cmk given: trusting {escape(record.wrapping_key_id)}, the CMK of the oldest key")
             return provider_from_spec(record.wrapping_key_id)
     raise ConfigurationError("no KMS-wrapped key found: pass --cmk local:PATH (or set SA_ENVELOPE_CMK)")
 
@@ -109,11 +132,11 @@ def _rewrap(parser: argparse.ArgumentParser) -> None:
             report = KeyManager(engine, source).rewrap(target, batch_size=ns.batch_size)
         finally:
             engine.dispose()
-        print(report)
+        say(report)
         for key_id, reason in report.failures:
-            print(f"  key {key_id}: {reason}")
+            say(f"  key {key_id}: {escape(reason)}")
         for key_id, wrapping_key_id in report.untrusted:
-            print(f"  key {key_id}: wrapped by untrusted key {wrapping_key_id}, left as it is")
+            say(f"  key {key_id}: wrapped by untrusted key {escape(wrapping_key_id)}, left as it is")
         return 0 if report.complete else 1
 
     parser.set_defaults(run=run)
@@ -133,9 +156,9 @@ def _verify(parser: argparse.ArgumentParser) -> None:
         finally:
             engine.dispose()
         for line in report.lines():
-            print(line)
-        print(f"verified {report.ok + report.failed} values: {report.ok} ok, {report.failed} failed")
-        print(f"key table: {len(report.anomalies)} anomalies")
+            say(escape(line))
+        say(f"verified {report.ok + report.failed} values: {report.ok} ok, {report.failed} failed")
+        say(f"key table: {len(report.anomalies)} anomalies")
         return 1 if report.failed or report.anomalies else 0
 
     parser.set_defaults(run=run)
@@ -148,7 +171,7 @@ def _demo(parser: argparse.ArgumentParser) -> None:
 
 COMMANDS: tuple[tuple[str, Configure, str], ...] = (
     ("demo", _demo, "encrypt a few rows in SQLite with a local key file and show them"),
-    ("keys", _keys, "inspect the key table (keys list)"),
+    ("keys", _keys, "inspect the key table (keys list), shred orphaned row keys (keys sweep)"),
     ("rewrap", _rewrap, "re-wrap every table key under another CMK (CMK rotation)"),
     ("verify", _verify, "try to decrypt every encrypted value; report failures by table, column and key"),
 )

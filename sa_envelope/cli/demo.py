@@ -19,6 +19,7 @@ from ..columns.encrypted import EncryptedType
 from ..envelope.format import format_key_id
 from ..manager import KeyManager
 from ..providers.local import LocalKeyProvider
+from .output import say
 
 __all__ = ["run_demo"]
 
@@ -62,23 +63,23 @@ def run_demo(workdir: str) -> int:
         )
         session.commit()
 
-    print(f"Database: {folder / 'demo.db'}   master key file: {folder / 'master.key'}\n")
-    print("What the database stores (patients.name and patients.ssn, raw bytes):")
+    say(f"Database: {folder / 'demo.db'}   master key file: {folder / 'master.key'}\n")
+    say("What the database stores (patients.name and patients.ssn, raw bytes):")
     with engine.connect() as conn:
         for row_id, name, ssn in conn.execute(text("SELECT id, name, ssn FROM patients ORDER BY id")):
-            print(f"  {row_id}  name={_hexdump(name)}")
-            print(f"     ssn={_hexdump(ssn)}")
-    print("\nWhat the ORM shows:")
+            say(f"  {row_id}  name={_hexdump(name)}")
+            say(f"     ssn={_hexdump(ssn)}")
+    say("\nWhat the ORM shows:")
     with Session(engine) as session:
         for p in session.scalars(select(Patient).order_by(Patient.id)):
-            print(f"  {p.id}  {p.name:<13} ssn={p.ssn}  balance={p.balance}  born={p.born}  notes={p.notes}")
+            say(f"  {p.id}  {p.name:<13} ssn={p.ssn}  balance={p.balance}  born={p.born}  notes={p.notes}")
         found = session.scalars(select(Patient).where(Patient.ssn == "987-65-4321")).one()
-        print(f"\nLookup by the deterministic column: Patient.ssn == '987-65-4321' -> {found.name}")
-    print("\nThe key table (sa_envelope_keys holds wrapped keys only):")
+        say(f"\nLookup by the deterministic column: Patient.ssn == '987-65-4321' -> {found.name}")
+    say("\nThe key table (sa_envelope_keys holds wrapped keys only):")
     t = keys.table
     with engine.connect() as conn:
         for r in conn.execute(select(t.c.id, t.c.scope, t.c.owner_table, t.c.algorithm, t.c.wrapping_key_id, t.c.wrapped_key)):
-            print(f"  {format_key_id(r.id)}  {r.scope:<13} {r.owner_table:<9} {r.algorithm}  wrapped by {r.wrapping_key_id}  ({len(r.wrapped_key)} bytes)")
-    print(f"\nKey provider calls: {keys.stats()['provider_calls']}")
+            say(f"  {format_key_id(r.id)}  {r.scope:<13} {r.owner_table:<9} {r.algorithm}  wrapped by {r.wrapping_key_id}  ({len(r.wrapped_key)} bytes)")
+    say(f"\nKey provider calls: {keys.stats()['provider_calls']}")
     engine.dispose()
     return 0

@@ -23,12 +23,12 @@ from sqlalchemy.types import String, TypeDecorator, TypeEngine, to_instance
 
 from ..envelope import format as fmt
 from ..envelope.codecs import UnsupportedValue, codec_for
-from ..errors import ConfigurationError, DecryptionError, EncryptionError
+from ..errors import ConfigurationError, DecryptionError, EncryptionError, RowKeyRequiredError
 from ..keys import table as kt
 from ..keys.store import KeyStore
 from .naming import ColumnNames
 from .operators import EncryptedComparator
-from .rowvalue import row_key_of
+from .rowvalue import RowValue
 
 __all__ = ["EncryptedType"]
 
@@ -163,12 +163,22 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         return None if value is None else self.decrypt(value)
 
     def bind_processor(self, dialect: Dialect) -> Any:
-        """One closure per dialect: the per-value path skips a call layer."""
+        """One closure per dialect: the per-value path skips a call layer.
+        On failure the closure's frame drops the value before the error
+        leaves it (frame locals are what error trackers capture)."""
         encrypt = self.encrypt
         impl = self.impl_instance.bind_processor(dialect)
-        if impl is None:
-            return lambda value: None if value is None else encrypt(value)
-        return lambda value: None if value is None else impl(encrypt(value))
+
+        def process(value: Any) -> Any:
+            if value is None:
+                return None
+            try:
+                return encrypt(value) if impl is None else impl(encrypt(value))
+            except BaseException:
+                value = None
+                raise
+
+        return process
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
         """One closure per dialect: the per-value path skips a call layer."""
@@ -184,20 +194,74 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         return process
 
     def encrypt(self, value: Any) -> bytes:
-        """Serialise and seal one value for this column."""
+        """Serialise and seal one value for this column.
+
+        A failure to encode or seal becomes :class:`EncryptionError`, raised
+        outside the ``except`` block (no ``__context__``) once this frame's
+        locals no longer hold the value: error trackers that capture frame
+        locals (Sentry) see no plaintext. The write key is fetched first: its
+        own errors (``KeyProviderError``, a database error) reach the caller
+        as themselves, from a frame that no longer holds the value either.
+        """
         table, store = self._table, self._store
         if table is None or store is None:
             raise self._unbound(EncryptionError)
         key = None
         if self.scope == kt.SCOPE_ROW:  # the row's key travels with the value
-            key, value = row_key_of(value, table, self._column)
+            if type(value) is not RowValue:
+                value = None
+                raise RowKeyRequiredError(table=table, column=self._column)
+            key, value = value.key, value.value
+        if key is None:
+            try:  # its errors (provider, database) reach the caller as themselves
+                key = store.encryption_key(table, self._key_scope)
+            except BaseException:
+                value = None
+                raise
+        data: Any = None
         try:
             data = self._codec.encode(value)
+            return self._seal(key.cipher, key.head, data, self._ctx)
         except UnsupportedValue as exc:
-            raise EncryptionError(str(exc), table=table, column=self._column) from None
-        if key is None:
-            key = store.encryption_key(table, self._key_scope)
-        return self._seal(key.cipher, key.head, data, self._ctx)
+            reason = str(exc)
+        except Exception:  # a codec or cipher failure: its message may quote the value
+            reason = f"the value does not encode as {self._codec.name}"
+        value = data = None
+        raise EncryptionError(reason, table=table, column=self._column)
+
+    def check_value(self, value: Any) -> str | None:
+        """Why ``value`` cannot be stored in this column, or ``None`` if it can.
+
+        The ORM runs this in ``before_flush`` (:mod:`.flushcheck`), before
+        SQLAlchemy builds the statement's parameters: a refusal there is
+        raised from frames that hold no other column's plaintext. The
+        reason names the type, never the value.
+        """
+        if type(value) is RowValue:
+            value = value.value
+        try:
+            self._codec.encode(value)
+        except UnsupportedValue as exc:
+            return str(exc)
+        except Exception:
+            return f"the value does not encode as {self._codec.name}"
+        finally:
+            value = None
+        return None
+
+    def literal_processor(self, dialect: Dialect) -> Any:
+        """Refuse to render an encrypted column's value into SQL text.
+
+        ``compile(compile_kwargs={"literal_binds": True})`` would otherwise
+        print the plaintext (or SQLAlchemy's ``CompileError`` would quote
+        it). Raised here, where SQLAlchemy asks for the processor, no value
+        is in sight.
+        """
+        raise EncryptionError(
+            "an encrypted value cannot be rendered as a SQL literal (literal_binds); "
+            "compile with bound parameters",
+            table=self._table, column=self._column,
+        )
 
     def decrypt(self, value: bytes) -> Any:
         """Open and deserialise one stored value of this column.
@@ -240,6 +304,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
                 return None
         else:
             key = store.decryption_key(key_id, table=table, column=column or "")
+        data = None
         try:
             if version != key.head[0]:
                 raise fmt.InvalidEnvelope("format version does not match the key's algorithm")
@@ -250,6 +315,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
             reason = str(exc)
         except Exception:  # authentic bytes that do not decode: a codec change
             reason = f"stored bytes do not decode as {self._codec.name}"
+        data = None  # the opened plaintext must not sit in the traceback's frame
         raise DecryptionError(
             reason, table=table, column=column, key_id=fmt.format_key_id(key_id)
         )

@@ -3,8 +3,10 @@
 :class:`~.operators.EncryptedComparator` refuses wrong *expressions* when
 they are built. Some wrong answers are built from clauses no operator
 touches: ``ORDER BY`` an encrypted column, ``GROUP BY`` a randomised one,
-``min()``/``max()``/``sum()``/``avg()`` of one, and INSERT/UPDATE statements
-that would leave a blind index stale. :func:`check_statement` runs before
+``min()``/``max()``/``sum()``/``avg()`` of one, INSERT/UPDATE statements
+that would write past the encryption (:mod:`.writeguard`: a literal, a SQL
+function, a cast, another column) and those that would leave a blind index
+stale. :func:`check_statement` runs before
 every statement on a KeyManager's engine and raises
 :class:`~sa_envelope.UnsupportedQueryError` for those.
 """
@@ -20,6 +22,7 @@ from sqlalchemy.sql.selectable import CompoundSelect, Select
 from .blindindex import check_index_writes
 from .encrypted import EncryptedType
 from .operators import unsupported
+from .writeguard import check_writes
 
 __all__ = ["check_statement"]
 
@@ -76,9 +79,12 @@ def check_statement(stmt: Any, multiparams: Any = (), params: Any = None, *_: An
 
     Looks at the top-level SELECT (or each SELECT of a UNION) only: the
     clauses users write by hand. Cheap: no traversal of the whole tree.
-    An INSERT or UPDATE is checked for blind indexes it would leave stale.
+    An INSERT or UPDATE is checked for values that would bypass the
+    encryption and for blind indexes it would leave stale.
     """
     if getattr(stmt, "is_dml", False):
+        if getattr(stmt, "is_insert", False) or getattr(stmt, "is_update", False):
+            check_writes(stmt)
         check_index_writes(stmt, multiparams, params)
         return
     if isinstance(stmt, CompoundSelect):

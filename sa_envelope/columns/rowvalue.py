@@ -13,10 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..envelope import format as fmt
-from ..errors import RowKeyRequiredError
 from ..keys.cache import CachedKey
 
-__all__ = ["RowKey", "RowValue", "row_key_of"]
+__all__ = ["RowKey", "RowValue"]
 
 
 class RowValue:
@@ -55,10 +54,3 @@ class RowKey:
 
     def __repr__(self) -> str:
         return f"RowKey({fmt.format_key_id(self.key_id)}, owner={self.owner!r})"
-
-
-def row_key_of(value: Any, table: str, column: str | None) -> tuple[CachedKey, Any]:
-    """The bind path: a row-scoped column accepts only :class:`RowValue`."""
-    if type(value) is RowValue:
-        return value.key, value.value
-    raise RowKeyRequiredError(table=table, column=column)

@@ -7,10 +7,17 @@ here, locally, by their table key: ``os.urandom(32)`` sealed with
 AES-256-GCM, with associated data binding the row key id, the table key id
 and the owner table (:func:`row_key_ad`). Stored form (``wrapped_key``)::
 
-    01 | nonce (12) | AES-256-GCM(row key) | tag (16)
+    02 | nonce (12) | AES-256-GCM(row key) | tag (16)
 
     associated data: b"sa-envelope row key\\x00" | row key id (8, big-endian)
-                     | table key id (8, big-endian) | owner table (UTF-8)
+                     | table key id (8, big-endian) | row digest (32) | owner table (UTF-8)
+
+Version 2 binds the key to its row: the row digest (the key table's
+``row_digest`` column, a keyed digest of the row's table and primary key,
+see :mod:`sa_envelope.rows.binding`) is authenticated, so a key row cannot
+be relabelled to another row. Version 1 (no digest in the associated data,
+``row_digest`` NULL) is still read: keys made before rows were bound, or by
+the Core API without a primary key.
 
 Like :mod:`.format`, this module knows nothing of SQLAlchemy; its only
 error is :class:`~.format.InvalidEnvelope`.
@@ -35,13 +42,16 @@ __all__ = [
     "ROW_KEY_CIPHER",
     "open_row_key",
     "row_key_ad",
+    "wrap_row_key",
     "wrap_row_keys",
 ]
 
 ROW_KEY_ALGORITHM = "AES-256-GCM"
 ROW_KEY_CIPHER = AESGCM
 ROW_KEY_BYTES = 32
-ROW_WRAP_VERSION = 0x01
+ROW_WRAP_VERSION = 0x01  # unbound: no row digest in the associated data
+ROW_WRAP_BOUND = 0x02  # bound to its row: the digest is in the associated data
+ROW_DIGEST_LEN = 32
 WRAPPED_ROW_KEY_LEN = 1 + fmt.NONCE_LEN + ROW_KEY_BYTES + fmt.TAG_LEN
 _AD_LABEL = b"sa-envelope row key\x00"
 _WRAP_BYTE = bytes((ROW_WRAP_VERSION,))
@@ -76,16 +86,31 @@ ALGORITHMS: Mapping[str, tuple[type, int, int]] = {
 }
 
 
-def row_key_ad(key_id: int, parent_id: int, owner: str) -> bytes:
+def row_key_ad(key_id: int, parent_id: int, owner: str, digest: bytes | None = None) -> bytes:
     """Associated data of a wrapped row key: it unwraps only as this key,
-    under this parent, for this table (the owner comes last: unambiguous)."""
-    return _AD_LABEL + fmt.key_id_bytes(key_id) + fmt.key_id_bytes(parent_id) + owner.encode("utf-8")
+    under this parent, for this table, and (version 2) for this row. The
+    digest has a fixed length and the owner comes last: unambiguous."""
+    bound = b"" if digest is None else digest
+    return _AD_LABEL + fmt.key_id_bytes(key_id) + fmt.key_id_bytes(parent_id) + bound + owner.encode("utf-8")
+
+
+def wrap_row_key(
+    parent: AESGCM, parent_id: int, owner: str, key_id: int, plain: bytes, digest: bytes | None = None
+) -> bytes:
+    """One row key's wrap: version 2, bound to the row ``digest`` names, or
+    version 1 without a digest."""
+    if digest is not None and len(digest) != ROW_DIGEST_LEN:
+        raise ValueError("a row digest is 32 bytes")
+    nonce = os.urandom(fmt.NONCE_LEN)
+    version = ROW_WRAP_VERSION if digest is None else ROW_WRAP_BOUND
+    return bytes((version,)) + nonce + parent.encrypt(nonce, plain, row_key_ad(key_id, parent_id, owner, digest))
 
 
 def wrap_row_keys(
-    parent: AESGCM, parent_id: int, owner: str, key_ids: list[int]
+    parent: AESGCM, parent_id: int, owner: str, key_ids: list[int], digests: list[bytes | None] | None = None
 ) -> list[tuple[bytes, AESGCM]]:
-    """Fresh row keys for ``key_ids``: ``(wrapped bytes, cipher)`` for each.
+    """Fresh row keys for ``key_ids``: ``(wrapped bytes, cipher)`` for each;
+    bound (version 2) where ``digests`` gives the row's digest.
 
     Runs once per new row (20,000 times for 20,000 rows): one ``os.urandom``
     call for all the material and all the nonces, the associated data's tail
@@ -100,22 +125,34 @@ def wrap_row_keys(
     for i, key_id in enumerate(key_ids):
         plain = material[i * ROW_KEY_BYTES : (i + 1) * ROW_KEY_BYTES]
         nonce = nonces[i * fmt.NONCE_LEN : (i + 1) * fmt.NONCE_LEN]
-        wrapped = _WRAP_BYTE + nonce + seal(nonce, plain, _AD_LABEL + fmt.key_id_bytes(key_id) + tail)
+        digest = digests[i] if digests is not None else None
+        if digest is None:
+            wrapped = _WRAP_BYTE + nonce + seal(nonce, plain, _AD_LABEL + fmt.key_id_bytes(key_id) + tail)
+        else:
+            wrapped = wrap_row_key(parent, parent_id, owner, key_id, plain, digest)
         out.append((wrapped, AESGCM(plain)))
     return out
 
 
-def open_row_key(parent: Any, parent_version: int, key_id: int, parent_id: int, owner: str, wrapped: Any) -> bytes:
+def open_row_key(
+    parent: Any, parent_version: int, key_id: int, parent_id: int, owner: str, wrapped: Any,
+    digest: bytes | None = None,
+) -> bytes:
     """The one place a wrapped row key is opened (format in the module docstring).
 
-    A tampered row may name a parent that is no AES-GCM table key, or hold
+    ``digest`` is the key row's ``row_digest``: version 2 needs it, version 1
+    must have none (a digest added to an unbound key row is tampering). A
+    tampered row may name a parent that is no AES-GCM table key, or hold
     bytes too short for a nonce: each fails as a bad tag would.
     """
     wrapped = bytes(wrapped)
-    if parent_version != fmt.VERSION_GCM or len(wrapped) != WRAPPED_ROW_KEY_LEN or wrapped[0] != ROW_WRAP_VERSION:
+    version = wrapped[0] if wrapped else None
+    expected = ROW_WRAP_VERSION if digest is None else ROW_WRAP_BOUND
+    if parent_version != fmt.VERSION_GCM or len(wrapped) != WRAPPED_ROW_KEY_LEN or version != expected:
         raise fmt.InvalidEnvelope("row key does not unwrap under its table key")
     body = wrapped[1:]
     try:
-        return bytes(parent.decrypt(body[: fmt.NONCE_LEN], body[fmt.NONCE_LEN :], row_key_ad(key_id, parent_id, owner)))
-    except (InvalidTag, ValueError):
+        ad = row_key_ad(key_id, parent_id, owner, digest)
+        return bytes(parent.decrypt(body[: fmt.NONCE_LEN], body[fmt.NONCE_LEN :], ad))
+    except (InvalidTag, ValueError, TypeError):
         raise fmt.InvalidEnvelope("row key does not unwrap under its table key") from None

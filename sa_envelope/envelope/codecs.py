@@ -25,7 +25,12 @@ _DOUBLE = struct.Struct(">d")
 
 
 class UnsupportedValue(Exception):
-    """A value does not fit the column's inner type (no value in the message)."""
+    """A value does not fit the column's inner type (no value in the message).
+
+    Each codec's ``encode`` is total: whatever it is given, it returns bytes
+    or raises this, never another exception, so nothing a caller passes in
+    can surface as a Python error whose message quotes it.
+    """
 
 
 @dataclass(frozen=True)
@@ -35,8 +40,6 @@ class Codec:
     name: str
     encode: Callable[[Any], bytes]
     decode: Callable[[bytes], Any]
-
-
 
 
 def _str_codec() -> Codec:
@@ -52,7 +55,10 @@ def _int_codec() -> Codec:
     def encode(value: Any) -> bytes:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UnsupportedValue(f"expected int, got {type(value).__name__}")
-        return str(value).encode("ascii")
+        try:  # Python refuses ints of more than 4,300 digits (sys.set_int_max_str_digits)
+            return str(value).encode("ascii")
+        except ValueError:
+            raise UnsupportedValue("int has too many digits to store") from None
 
     return Codec("int", encode, lambda b: int(b.decode("ascii")))
 
@@ -65,6 +71,8 @@ def _decimal_codec() -> Codec:
             raise UnsupportedValue(f"expected Decimal, got {type(value).__name__}")
         if isinstance(value, float):
             value = decimal.Decimal(repr(value))
+        if isinstance(value, decimal.Decimal) and value.is_snan():
+            raise UnsupportedValue("a signalling NaN is not a storable Decimal")
         return str(value).encode("ascii")
 
     return Codec("decimal", encode, lambda b: decimal.Decimal(b.decode("ascii")))
@@ -76,7 +84,11 @@ def _float_codec() -> Codec:
             value, (float, int, decimal.Decimal)
         ):
             raise UnsupportedValue(f"expected float, got {type(value).__name__}")
-        return _DOUBLE.pack(float(value))
+        try:  # 10**400 overflows, Decimal("sNaN") refuses: checked here, not by the caller
+            number = float(value)
+        except (OverflowError, ValueError):
+            raise UnsupportedValue(f"{type(value).__name__} out of a double's range") from None
+        return _DOUBLE.pack(number)
 
     return Codec("float", encode, lambda b: _DOUBLE.unpack(b)[0])
 

@@ -67,6 +67,8 @@ class CachedKey:
         derived, self.derived = self.derived, []
         for holder, slot in derived:
             holder.pop(slot, None)
+    bound: bytes | None = None  # row keys: the authenticated digest of their row (rows.binding)
+    wrapped: Any = None  # row keys made this flush, not yet bound: (parent key, version-1 wrap)
 
     def __repr__(self) -> str:
         return f"CachedKey({self.key_id:016x})"

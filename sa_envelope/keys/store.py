@@ -9,10 +9,8 @@ the :class:`~.tracking.Tracker`'s business; a key is trusted process-wide
 (``_active``) only once read back from the key table by a transaction that
 did not create it.
 
-The per-value path (:meth:`KeyStore.encryption_key`,
-:meth:`KeyStore.decryption_key`) is two dict lookups once a key is cached;
-only a miss does I/O. The manager binds these two methods straight into the
-column types' processors: no facade layer in between.
+The per-value path (:meth:`encryption_key`, :meth:`decryption_key`, which the
+column types call directly) is two dict lookups once a key is cached.
 """
 
 from __future__ import annotations
@@ -98,8 +96,6 @@ class KeyStore:
         if entry is not None:
             return entry
         return self._load_key(key_id, table=table, column=column)
-
-    # -- trust -------------------------------------------------------------------------
 
     def trust(self, owner: str, scope: str, key_id: int) -> None:
         """Make ``key_id`` the write key of (owner, scope): it was read committed."""
@@ -309,7 +305,9 @@ class KeyStore:
         assert wrapped is not None
         if record.parent_id is not None:
             parent = self.cache.peek(record.parent_id) or self._load_parent(record, table, column, conn)
-            return self.open_child(parent, record.id, record.parent_id, record.owner_table, wrapped, table, column)
+            return self.open_child(
+                parent, record.id, record.parent_id, record.owner_table, wrapped, table, column, record.row_digest
+            )
         context = self.context_of(record)
         self.provider.require_trusted(record.wrapping_key_id, context)  # before any KMS call
         return self._provider_call(lambda: self.provider.unwrap(wrapped, context, record.wrapping_key_id))
@@ -334,11 +332,13 @@ class KeyStore:
 
     @staticmethod
     def open_child(
-        parent: CachedKey, key_id: int, parent_id: int, owner: str, wrapped: Any, table: str, column: str | None
+        parent: CachedKey, key_id: int, parent_id: int, owner: str, wrapped: Any, table: str, column: str | None,
+        digest: bytes | None = None,
     ) -> bytes:
-        """A row key's plaintext, unwrapped locally by its table key."""
+        """A row key's plaintext, unwrapped locally by its table key (``digest``:
+        the key row's ``row_digest``, for a key bound to its row)."""
         try:
-            return ciphers.open_row_key(parent.cipher, parent.head[0], key_id, parent_id, owner, wrapped)
+            return ciphers.open_row_key(parent.cipher, parent.head[0], key_id, parent_id, owner, wrapped, digest)
         except fmt.InvalidEnvelope as exc:
             raise DecryptionError(str(exc), table=table, column=column, key_id=fmt.format_key_id(key_id)) from None
 

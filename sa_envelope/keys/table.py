@@ -27,6 +27,7 @@ from sqlalchemy import (
     and_,
     select,
 )
+from sqlalchemy.dialects import mysql
 
 from ..envelope import format as fmt
 
@@ -70,6 +71,9 @@ RETIRED = "retired"
 SHREDDED = "shredded"
 
 
+ROW_DIGEST_TYPE = LargeBinary(32).with_variant(mysql.VARBINARY(32), "mysql", "mariadb")  # indexable on MySQL
+
+
 def key_table(metadata: MetaData, name: str = KEY_TABLE_NAME) -> Table:
     """Define the key table on ``metadata`` (or return it if already there)."""
     if name in metadata.tables:
@@ -90,8 +94,11 @@ def key_table(metadata: MetaData, name: str = KEY_TABLE_NAME) -> Table:
         # the provider key context this row was wrapped with (providers.base):
         # NULL for rows written before the column existed, read as version 1
         Column("context_version", SmallInteger, nullable=True),
+        # row keys: keyed digest of the row they are bound to (rows.binding); NULL otherwise
+        Column("row_digest", ROW_DIGEST_TYPE, nullable=True),
         Index(f"ix_{name}_owner", "owner_table", "scope", "status"),
         Index(f"ix_{name}_parent", "parent_id"),
+        Index(f"ix_{name}_row_digest", "row_digest"),
     )
 
 
@@ -109,6 +116,7 @@ class KeyRecord:
     status: str
     created_at: dt.datetime | None = None
     context_version: int | None = None  # None: written before versions (1)
+    row_digest: bytes | None = None  # row keys bound to their row (rows.binding)
 
     def __repr__(self) -> str:
         return (
@@ -131,6 +139,7 @@ class KeyRecord:
             status=m["status"],
             created_at=m["created_at"],
             context_version=m.get("context_version"),
+            row_digest=bytes(m["row_digest"]) if m.get("row_digest") is not None else None,
         )
 
 

@@ -5,17 +5,17 @@ row-scoped values are unreadable wherever they were copied (replicas, exports,
 backups), while every other row still reads. Only table keys are wrapped by
 the KMS; a row key is ``os.urandom(32)`` wrapped with AES-256-GCM under its
 table key, with associated data binding the row key id, the table key id and
-the owner table (``envelope.ciphers``, which owns the wrap format). Creating or unwrapping a row key is
+the owner table, and the row's digest (``envelope.ciphers``, which owns the wrap format). Creating or unwrapping a row key is
 therefore a local AES call, never a provider call: 20,000 new rows cost the
 one ``GenerateDataKey`` (or ``Decrypt``) of their table key.
 
 Stored wrapped form: see :mod:`sa_envelope.envelope.ciphers` and docs/format.md
 (column ``wrapped_key``, ``wrapping_key_id = "parent"``).
 
-**Where a row's key comes from.** A row key is named by the header of each
-row-scoped value (as every key is): the row itself is the index from row to
-key, so the key table needs no column pointing back at user rows, and a row
-with no row-scoped value has no key. Writing goes through :class:`~sa_envelope.columns.rowvalue.RowValue`:
+**Where a row's key comes from.** Every value names its key in its header,
+and a row key's key row records the keyed digest of the row it is bound to
+(:mod:`.binding`): writing a row's values uses the key bound to that row,
+never the key some stored value names. Writing goes through :class:`~sa_envelope.columns.rowvalue.RowValue`:
 a value paired with the row key it must be sealed under. The ORM hooks
 (:mod:`.orm`) build those pairs; a bare value reaching a row-scoped column
 raises :class:`~sa_envelope.RowKeyRequiredError`, so nothing is ever sealed
@@ -80,33 +80,71 @@ class RowKeys:
 
     # -- creation -----------------------------------------------------------------
 
-    def create(self, conn: Connection, owner: str, count: int) -> list[CachedKey]:
+    def create(
+        self, conn: Connection, owner: str, count: int, digests: Sequence[bytes | None] | None = None
+    ) -> list[CachedKey]:
         """Make ``count`` row keys for ``owner`` and insert them on ``conn``
-        in one executemany, in the caller's transaction."""
+        in one executemany, in the caller's transaction. ``digests`` binds
+        each key to its row where the row is known (:mod:`.binding`); a key
+        made without one is bound later with :meth:`bind`."""
         if count <= 0:
             return []
         now = kt.utcnow()
         ids = fmt.new_key_ids(count)
+        bound: list[bytes | None] = list(digests) if digests is not None else [None] * count
         rows: list[dict[str, Any]] = []
         opened: list[tuple[int, Any, bytes]] = []
-        step = self.store.budget.batch(count)  # each wrap is an AES-GCM encryption under the table key
+        parents: list[CachedKey] = []  # the table key each row key is wrapped under
+        # each wrap is an AES-GCM encryption under the table key, and a key bound
+        # later (bind(): autoincrement rows) is wrapped once more: both are counted
+        step = max(1, self.store.budget.batch(2 * count) // 2)
         for start in range(0, count, step):
-            chunk = ids[start : start + step]
+            chunk, chunk_bound = ids[start : start + step], bound[start : start + step]
+            uses = len(chunk) + chunk_bound.count(None)
             with self.tracker.use_connection(conn):  # at most one provider call per table key
-                parent = self.store.encryption_key(owner, kt.SCOPE_TABLE, uses=len(chunk))
-            for key_id, (wrapped, cipher) in zip(chunk, ciphers.wrap_row_keys(parent.cipher, parent.key_id, owner, chunk)):
+                parent = self.store.encryption_key(owner, kt.SCOPE_TABLE, uses=uses)
+            wrapped_keys = ciphers.wrap_row_keys(parent.cipher, parent.key_id, owner, chunk, chunk_bound)
+            for key_id, digest, (wrapped, cipher) in zip(chunk, chunk_bound, wrapped_keys):
                 rows.append({
                     "id": key_id, "scope": kt.SCOPE_ROW, "owner_table": owner,
                     "parent_id": parent.key_id, "wrapping_key_id": kt.PARENT, "wrapped_key": wrapped,
                     "algorithm": ciphers.ROW_KEY_ALGORITHM, "status": kt.ACTIVE, "created_at": now, "updated_at": now,
+                    "row_digest": digest,
                 })
                 opened.append((key_id, cipher, fmt.header(fmt.VERSION_GCM, key_id)))
+                parents.append(parent)
         self.tracker.state(conn).rows.update(ids)
         fault_point("rowkey.create.before_insert")
         self.query(lambda: self._insert_rows(conn, rows), owner)
         fault_point("rowkey.create.after_insert")
         self.keys_created += count
-        return self.cache.put_many(opened)
+        entries = self.cache.put_many(opened)
+        for entry, row, parent in zip(entries, rows, parents):
+            entry.bound = row["row_digest"]
+            entry.wrapped = (parent, row["wrapped_key"]) if row["row_digest"] is None else None  # see bind()
+        return entries
+
+    def bind(self, conn: Connection, owner: str, pairs: Sequence[tuple[CachedKey, bytes]]) -> None:
+        """Bind keys made by :meth:`create` without a digest to their rows,
+        once the rows' primary keys are known (after the INSERT: autoincrement),
+        on ``conn``, in the same transaction: re-wrap as version 2, record the digest."""
+        params = []
+        for entry, digest in pairs:
+            parent, wrapped = entry.wrapped
+            plain = ciphers.open_row_key(parent.cipher, parent.head[0], entry.key_id, parent.key_id, owner, wrapped)
+            params.append({
+                "_id": entry.key_id, "row_digest": digest, "updated_at": kt.utcnow(),
+                "wrapped_key": ciphers.wrap_row_key(parent.cipher, parent.key_id, owner, entry.key_id, plain, digest),
+            })
+        if not params:
+            return
+        t = self.table
+        stmt = update(t).where(t.c.id == bindparam("_id")).values(
+            row_digest=bindparam("row_digest"), wrapped_key=bindparam("wrapped_key"), updated_at=bindparam("updated_at"),
+        )
+        self.query(lambda: conn.execute(stmt, params), owner)
+        for entry, digest in pairs:
+            entry.bound, entry.wrapped = digest, None
 
     def _insert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         """One executemany; with psycopg 3, a COPY on the same DBAPI connection
@@ -161,32 +199,35 @@ class RowKeys:
             self.key_queries += 1
             rows = self.query(lambda: conn.execute(self._select_keys(conn, chunk)).all(), table)
             # parent_id None: a table key, which the manager's own cache serves
-            self.cache.put_many([self._opened(r, parents, table, column) for r in rows if r[1] is not None])
+            opened = [self._opened(r, parents, table, column) for r in rows if r[1] is not None and r[5] == kt.SCOPE_ROW]
+            for entry, digest in zip(self.cache.put_many(o[:3] for o in opened), (o[3] for o in opened)):
+                entry.bound = digest
 
     def _select_keys(self, conn: Connection, ids: Sequence[int]) -> Any:
         t = self.table
-        cols = (t.c.id, t.c.parent_id, t.c.owner_table, t.c.wrapped_key, t.c.status)
+        cols = (t.c.id, t.c.parent_id, t.c.owner_table, t.c.wrapped_key, t.c.status, t.c.scope, t.c.row_digest)
         if conn.dialect.name == "postgresql":  # one array parameter, not thousands
             return select(*cols).where(t.c.id == any_(bindparam("ids", list(ids), type_=ARRAY(BigInteger))))
         return select(*cols).where(t.c.id.in_(ids))
 
     def _opened(
         self, row: Any, parents: dict[int, CachedKey], table: str, column: str | None
-    ) -> tuple[int, Any, bytes]:
-        """``(key id, cipher, head)`` of a key row; cipher ``None`` for a tombstone.
+    ) -> tuple[int, Any, bytes, bytes | None]:
+        """``(key id, cipher, head, row digest)`` of a key row; cipher ``None`` for a tombstone.
 
         Runs once per row key read (20,000 times for 20,000 rows): kept to
         tuple indexing and two AES calls, no intermediate objects.
         """
-        key_id, parent_id, owner, wrapped, status = row
+        key_id, parent_id, owner, wrapped, status, _, digest = row
         head = fmt.header(fmt.VERSION_GCM, key_id)
+        digest = bytes(digest) if digest is not None else None
         if wrapped is None or status == kt.SHREDDED:
-            return key_id, None, head
+            return key_id, None, head, digest
         parent = parents.get(parent_id)
         if parent is None:
             parent = parents[parent_id] = self.store.decryption_key(parent_id, table=table, column=column or "")
-        plaintext = self.store.open_child(parent, key_id, parent_id, owner, wrapped, table, column)
-        return key_id, ciphers.ROW_KEY_CIPHER(plaintext), head
+        plaintext = self.store.open_child(parent, key_id, parent_id, owner, wrapped, table, column, digest)
+        return key_id, ciphers.ROW_KEY_CIPHER(plaintext), head, digest
 
     def missing(self, key_ids: Iterable[int]) -> set[int]:
         """Ids not in the cache (no statistics touched)."""

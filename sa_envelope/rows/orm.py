@@ -4,15 +4,19 @@ The bind processor of a row-scoped column sees one value, never its row, so
 the row's key has to travel with the value. These hooks do that:
 
 * ``before_flush``: for every new instance with a non-NULL row-scoped value,
-  a fresh row key; for every changed row-scoped attribute of a persistent
-  instance, the key its row already has (read, batched, from the headers of
-  the stored values; a row without one gets a fresh key). New keys are made
+  a fresh row key bound to the row (:mod:`.binding`; live keys still bound
+  to an earlier row with that primary key are shredded: :func:`.shred.retire`);
+  for every changed row-scoped attribute of a persistent instance, the key
+  bound to its row (found, batched, by the rows' digests, never by what a
+  stored value names; a row without one gets a fresh key); for every deleted
+  instance, its keys shredded (:func:`.shred.shred_deleted`). New keys are made
   in bulk (``RowKeys.create``: one executemany per table) on the session's
   connection, so they commit or roll back with the rows. Then each value
   about to be written is replaced in the instance's ``__dict__`` by a
   :class:`RowValue` (value + key), which the ORM copies into the INSERT or
-  UPDATE parameters; ``after_flush`` (or ``after_soft_rollback`` when the
-  flush fails) puts the plain values back. ``add``, ``add_all``, ``merge``
+  UPDATE parameters; ``after_flush`` binds the keys of rows whose primary
+  key the INSERT made (autoincrement) and puts the plain values back (as
+  ``after_soft_rollback`` does when the flush fails). ``add``, ``add_all``, ``merge``
   and attribute updates all end up here.
 * ``do_orm_execute``: ORM bulk ``session.execute(insert(Model), [dicts])``
   and bulk UPDATE by primary key (``session.execute(update(Model), [dicts])``)
@@ -27,77 +31,27 @@ users pass ``KeyManager.new_row_key(conn, table).value(v)`` instead.
 
 from __future__ import annotations
 
-import weakref
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import Column, Connection, LargeBinary, Table, event, select, tuple_, type_coerce
-from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction
+from sqlalchemy import Connection, event
+from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction
 from sqlalchemy.orm import attributes as orm_attributes
 from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.state import InstanceState
 
-from ..columns.encrypted import EncryptedType
 from ..columns.rowvalue import RowValue
-from ..envelope import format as fmt
-from ..errors import EnvelopeError, KeyNotFoundError
-from ..keys import table as kt
+from ..errors import EnvelopeError
 from ..keys.cache import CachedKey
-from .keys import IN_CHUNK
+from . import binding
+from .shred import retire, shred_deleted
+from .specs import TableSpec, pk_of, specs
 
-__all__ = ["TableSpec", "install_orm_hooks", "row_key_ids", "shred_instance", "specs"]
+__all__ = ["bound_keys", "install_orm_hooks"]
 
 _RESTORE = "sa_envelope_row_restore"
+_BIND = "sa_envelope_row_bind"
 _installed = False
-
-
-@dataclass(frozen=True, eq=False)
-class TableSpec:
-    """The row-scoped columns of one mapped table that one KeyManager serves."""
-
-    manager: Any
-    table: Table
-    owner: str
-    attrs: tuple[str, ...]
-    columns: tuple[Column[Any], ...]
-    pk_attrs: tuple[str, ...]
-    pk_cols: tuple[Column[Any], ...]
-    pk_index: tuple[int, ...]  # positions of pk_cols in the instance's identity
-
-
-_SPECS: weakref.WeakKeyDictionary[Mapper[Any], tuple[TableSpec, ...]] = weakref.WeakKeyDictionary()
-
-
-def specs(mapper: Mapper[Any]) -> tuple[TableSpec, ...]:
-    """Row-scoped columns of ``mapper``, grouped by table and manager (cached)."""
-    found = _SPECS.get(mapper)
-    if found is None:
-        found = _SPECS[mapper] = _build_specs(mapper)
-    return found
-
-
-def _build_specs(mapper: Mapper[Any]) -> tuple[TableSpec, ...]:
-    groups: dict[tuple[int, Table], list[tuple[str, Column[Any]]]] = defaultdict(list)
-    for prop in mapper.column_attrs:
-        col = prop.columns[0]
-        t = col.type
-        if isinstance(t, EncryptedType) and t.scope == kt.SCOPE_ROW and t.keys is not None:
-            if isinstance(col, Column) and isinstance(col.table, Table):
-                groups[(id(t.keys), col.table)].append((prop.key, col))
-    out = []
-    for (_, table), items in groups.items():
-        first: EncryptedType = items[0][1].type  # type: ignore[assignment]
-        pk_cols = tuple(table.primary_key.columns)
-        pk_props = [mapper.get_property_by_column(c) for c in pk_cols]
-        identity = [mapper.get_property_by_column(c) for c in mapper.primary_key]
-        out.append(TableSpec(
-            manager=first.keys, table=table, owner=first._table or table.name,
-            attrs=tuple(a for a, _ in items), columns=tuple(c for _, c in items),
-            pk_attrs=tuple(p.key for p in pk_props), pk_cols=pk_cols,
-            pk_index=tuple(identity.index(p) for p in pk_props),
-        ))
-    return tuple(out)
 
 
 def install_orm_hooks() -> None:
@@ -107,8 +61,8 @@ def install_orm_hooks() -> None:
     if _installed:
         return
     event.listen(Session, "before_flush", _before_flush)
-    event.listen(Session, "after_flush", _restore)
-    event.listen(Session, "after_soft_rollback", _restore)
+    event.listen(Session, "after_flush", _after_flush)
+    event.listen(Session, "after_soft_rollback", _after_soft_rollback)
     event.listen(Session, "do_orm_execute", _do_orm_execute)
     _installed = True
 
@@ -116,72 +70,46 @@ def install_orm_hooks() -> None:
 # -- reading the keys rows already have --------------------------------------------
 
 
-def row_key_ids(conn: Connection, spec: TableSpec, pks: Sequence[tuple[Any, ...]]) -> dict[tuple[Any, ...], list[int]]:
-    """Key ids named by the stored row-scoped values of each row, in column order."""
-    raw = [type_coerce(c, LargeBinary()).label(f"_sa_env_v{i}") for i, c in enumerate(spec.columns)]
-    npk = len(spec.pk_cols)
-    found: dict[tuple[Any, ...], list[int]] = {}
-    for start in range(0, len(pks), IN_CHUNK):
-        chunk = list(pks[start : start + IN_CHUNK])
-        if npk == 1:
-            where = spec.pk_cols[0].in_([p[0] for p in chunk])
-        else:
-            where = tuple_(*spec.pk_cols).in_(chunk)
-        stmt = select(*spec.pk_cols, *raw).where(where)
-        for row in spec.manager.rows.query(lambda: conn.execute(stmt).all(), spec.owner):
-            ids = [fmt.key_id_of(bytes(v)) for v in row[npk:] if v]
-            found[tuple(row[:npk])] = list(dict.fromkeys(ids))
-    return found
-
-
-def existing_keys(conn: Connection, spec: TableSpec, pks: Sequence[tuple[Any, ...]]) -> list[CachedKey | None]:
-    """The live row key of each row, or ``None`` where it has none (no value
-    stored yet, or its key was shredded). A key missing from the key table
-    raises :class:`KeyNotFoundError`: a row never silently changes keys."""
+def bound_keys(conn: Connection, spec: TableSpec, digests: Sequence[bytes]) -> list[CachedKey | None]:
+    """The live key bound to each row (by its digest, never by what a stored
+    value names), or ``None`` where the row has none (new, or shredded)."""
     rows = spec.manager.rows
-    ids_by_pk = row_key_ids(conn, spec, pks)
-    all_ids = {k for ids in ids_by_pk.values() for k in ids}
-    rows.load(conn, rows.missing(all_ids), table=spec.owner, column=None)
-    _check_present(conn, spec, rows.missing(all_ids))
-    out: list[CachedKey | None] = []
-    for pk in pks:
-        live = None
-        for key_id in ids_by_pk.get(tuple(pk), ()):
-            entry = rows.cache.get(key_id)
-            if entry is not None and entry.cipher is not None:
-                live = entry
-                break
-        out.append(live)
-    return out
+    found = binding.find_bound(rows, conn, spec.owner, digests)
+    rows.load(conn, rows.missing(k for k, _ in found), table=spec.owner, column=None)
+    by_digest: dict[bytes, CachedKey] = {}
+    for key_id, digest in found:
+        entry = rows.cache.get(key_id)
+        if entry is not None and entry.cipher is not None and entry.bound == digest:
+            by_digest.setdefault(digest, entry)
+    return [by_digest.get(d) for d in digests]
 
 
-def _check_present(conn: Connection, spec: TableSpec, ids: set[int]) -> None:
-    """Ids that are not row keys must at least exist (as table keys)."""
-    if not ids:
-        return
-    present = {r.id for r in kt.get_records(conn, spec.manager.table, ids)}
-    for key_id in sorted(ids - present):
-        raise KeyNotFoundError(table=spec.owner, key_id=fmt.format_key_id(key_id))
-
-
-def _keys_for(conn: Connection, spec: TableSpec, pks: list[tuple[Any, ...]] | None, count: int) -> list[CachedKey]:
-    """Existing keys where rows have them (``pks`` given: updates), new ones for the rest."""
-    keys: list[CachedKey | None] = existing_keys(conn, spec, pks) if pks is not None else [None] * count
+def _keys_for(
+    conn: Connection, spec: TableSpec, pks: Sequence[tuple[Any, ...] | None], is_update: bool
+) -> tuple[list[CachedKey], list[int]]:
+    """The key each row's values go under: the one bound to the row (updates),
+    else a new one bound to it. Also the positions whose keys could not be
+    bound yet (primary key unknown before the INSERT: :func:`_bind_pending`)."""
+    rows = spec.manager.rows
+    known = any(pk is not None for pk in pks)
+    dkey = binding.digest_key(rows, conn, spec.owner, create=True) if known else None
+    digests = [binding.row_digest(dkey, pk) if pk is not None else None for pk in pks]
+    keys: list[CachedKey | None] = [None] * len(pks)
+    if is_update:
+        keys = bound_keys(conn, spec, [d for d in digests if d is not None])  # updates know every pk
+    else:
+        retire(conn, spec, [d for d in digests if d is not None])
     gaps = [i for i, k in enumerate(keys) if k is None]
-    for i, key in zip(gaps, spec.manager.rows.create(conn, spec.owner, len(gaps))):
+    for i, key in zip(gaps, rows.create(conn, spec.owner, len(gaps), [digests[i] for i in gaps])):
         keys[i] = key
-    return keys  # type: ignore[return-value]
+    return keys, [i for i in gaps if digests[i] is None]  # type: ignore[return-value]
+
+
+def _known(pk: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    return None if any(v is None for v in pk) else pk
 
 
 # -- flush ---------------------------------------------------------------------------
-
-
-def _pk_of(state: InstanceState[Any], spec: TableSpec) -> tuple[Any, ...]:
-    """The row's primary key from the identity (attributes may be expired)."""
-    if state.key is None:
-        return tuple(state.dict.get(a) for a in spec.pk_attrs)
-    ident = state.key[1]
-    return tuple(ident[j] for j in spec.pk_index)
 
 
 def _changed(state: InstanceState[Any], spec: TableSpec) -> list[str]:
@@ -211,13 +139,41 @@ def _before_flush(session: Session, flush_context: UOWTransaction, instances: An
             attrs = _changed(state, spec)
             if attrs:
                 updates[spec].append((state, attrs))
+    shred_deleted(session)
     for plan, is_update in ((inserts, False), (updates, True)):
         for spec, items in plan.items():
             conn = session.connection(bind_arguments={"mapper": items[0][0].mapper})
-            pks = [_pk_of(s, spec) for s, _ in items] if is_update else None
+            pks = [_known(pk_of(s, spec)) for s, _ in items]
             restore = session.info.setdefault(_RESTORE, [])
-            for (state, attrs), key in zip(items, _keys_for(conn, spec, pks, len(items))):
+            keys, unbound = _keys_for(conn, spec, pks, is_update)
+            for (state, attrs), key in zip(items, keys):
                 _wrap(restore, state, attrs, key)
+            session.info.setdefault(_BIND, []).extend((conn, spec, items[i][0], keys[i]) for i in unbound)
+
+
+def _bind_pending(session: Session) -> None:
+    """Bind the keys of rows whose primary key the INSERT just made."""
+    groups: dict[tuple[Connection, TableSpec], list[tuple[InstanceState[Any], CachedKey]]] = defaultdict(list)
+    for conn, spec, state, key in session.info.pop(_BIND, ()):
+        groups[(conn, spec)].append((state, key))
+    for (conn, spec), items in groups.items():
+        rows = spec.manager.rows
+        dkey = binding.digest_key(rows, conn, spec.owner, create=True)
+        pairs = [(key, binding.row_digest(dkey, pk_of(state, spec))) for state, key in items]
+        retire(conn, spec, [d for _, d in pairs])
+        rows.bind(conn, spec.owner, pairs)
+
+
+def _after_flush(session: Session, *args: Any) -> None:
+    try:
+        _bind_pending(session)
+    finally:
+        _restore(session)
+
+
+def _after_soft_rollback(session: Session, *args: Any) -> None:
+    session.info.pop(_BIND, None)
+    _restore(session)
 
 
 def _wrap(restore: list[Any], state: InstanceState[Any], attrs: Iterable[str], key: CachedKey) -> None:
@@ -257,8 +213,11 @@ def _do_orm_execute(orm_state: ORMExecuteState) -> Any:
         need = [(i, attrs) for i, attrs in need if attrs]
         if not need:
             continue
-        pks = [_bulk_pk(plist[i], spec) for i, _ in need] if orm_state.is_update else None
-        for (i, attrs), key in zip(need, _keys_for(conn, spec, pks, len(need))):
+        if orm_state.is_update:
+            pks: list[tuple[Any, ...] | None] = [_bulk_pk(plist[i], spec) for i, _ in need]
+        else:  # a bulk INSERT without its primary keys leaves the keys unbound (docs/shredding.md)
+            pks = [_known(tuple(plist[i].get(a) for a in spec.pk_attrs)) for i, _ in need]
+        for (i, attrs), key in zip(need, _keys_for(conn, spec, pks, orm_state.is_update)[0]):
             for attr in attrs:
                 extra[i][attr] = RowValue(plist[i][attr], key)
     if not any(extra):
@@ -276,25 +235,3 @@ def _bulk_pk(params: dict[str, Any], spec: TableSpec) -> tuple[Any, ...]:
         ) from None
 
 
-# -- shredding an instance ------------------------------------------------------------------
-
-
-def shred_instance(manager: Any, instance: Any) -> list[int]:
-    """Shred the row key(s) of ``instance``'s row in its session's transaction."""
-    state = orm_attributes.instance_state(instance)
-    session = state.session
-    if session is None:
-        raise EnvelopeError("shred() needs an instance attached to a Session (or use shred_key)")
-    if state.key is None or state.modified:
-        session.flush()
-    shredded: list[int] = []
-    conn = session.connection(bind_arguments={"mapper": state.mapper})
-    for spec in specs(state.mapper):
-        if spec.manager is not manager:
-            continue
-        pk = _pk_of(state, spec)
-        for key_id in row_key_ids(conn, spec, [pk]).get(pk, ()):
-            manager.rows.shred_key(conn, key_id, owner=spec.owner)
-            shredded.append(key_id)
-        session.expire(instance, list(spec.attrs))  # drop the plaintext held in memory
-    return shredded

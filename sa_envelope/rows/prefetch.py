@@ -18,7 +18,13 @@ function at all, and the join would repeat the wrapped key on every row.
 The prefetch is one extra round trip per 1,000 distinct keys on every
 backend, and costs nothing when the keys are cached.
 
-Skipped (the per-value path then loads keys one by one, still correct):
+The same pass checks that each row-scoped value's key is bound to the row
+it was read from (:mod:`.binding`), wherever the row's primary key is in the
+result, as it is in every ORM load: a value copied from another row of the
+column raises :class:`~sa_envelope.DecryptionError`.
+
+Skipped (the per-value path then loads keys one by one, still correct, but
+the binding is not checked):
 server-side cursors (``yield_per``, ``stream_results``; keys are then loaded
 on a separate connection, since a second query on the streaming one would
 cut an unbuffered MySQL result short), DML with RETURNING, and textual SQL
@@ -29,15 +35,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, Table, event
 from sqlalchemy.engine import cursor as sa_cursor
 
 from ..columns.encrypted import EncryptedType
+from sqlalchemy.sql.elements import ColumnElement
+
 from ..envelope import format as fmt
+from ..errors import DecryptionError
 from ..keys import table as kt
+from . import binding
 from .keys import RowKeys
 
-__all__ = ["install_prefetch", "row_positions"]
+__all__ = ["check_binding", "install_prefetch", "pk_positions", "row_positions"]
 
 
 def row_positions(compiled: Any, manager: Any) -> tuple[list[int], str | None]:
@@ -49,6 +59,65 @@ def row_positions(compiled: Any, manager: Any) -> tuple[list[int], str | None]:
             positions.append(i)
             owner = owner or t._table
     return positions, owner
+
+
+def _table_of(entry: Any) -> Table | None:
+    for obj in entry.objects:
+        table = getattr(obj, "table", None)
+        if isinstance(obj, ColumnElement) and isinstance(table, Table):
+            return table
+    return None
+
+
+def _position(columns: Any, table: Table, name: str) -> int | None:
+    for j, entry in enumerate(columns):
+        for obj in entry.objects:
+            if isinstance(obj, ColumnElement) and getattr(obj, "table", None) is table and getattr(obj, "name", None) == name:
+                return j
+    return None
+
+
+def pk_positions(compiled: Any, positions: list[int], dialect: Any) -> tuple[list[int], list[Any]] | None:
+    """Where the primary key of the row-scoped columns' table is in the result,
+    with its result processors; ``None`` if it is not all there."""
+    columns = compiled._result_columns
+    table = _table_of(columns[positions[0]])
+    if table is None or not table.primary_key.columns:
+        return None
+    found = []
+    for column in table.primary_key.columns:
+        j = _position(columns, table, column.name)
+        if j is None:
+            return None
+        found.append(j)
+    return found, [c.type._cached_result_processor(dialect, None) for c in table.primary_key.columns]
+
+
+def check_binding(
+    rows: RowKeys, conn: Connection, owner: str, fetched: list[Any], positions: list[int], pk: tuple[list[int], list[Any]]
+) -> None:
+    """Refuse a row whose row-scoped value's key is bound to another row (a
+    value copied between rows): :class:`DecryptionError` for the whole result."""
+    entries, key_id_of = rows.cache._entries, fmt.key_id_of
+    pk_pos, procs = pk
+    dkey = None
+    for row in fetched:
+        digest = None
+        for i in positions:
+            value = row[i]
+            entry = entries.get(key_id_of(value)) if value else None
+            if entry is None or entry.bound is None or entry.cipher is None:  # unbound, or shredded: None
+                continue
+            if digest is None:
+                dkey = dkey or binding.digest_key(rows, conn, owner, create=False)
+                if dkey is None:
+                    raise DecryptionError("the table's row digest key is missing", table=owner)
+                digest = binding.row_digest(dkey, [p(row[j]) if p else row[j] for j, p in zip(pk_pos, procs)])
+            if entry.bound != digest:
+                raise DecryptionError(
+                    "the value's row key is bound to another row (a value copied between rows)",
+                    table=owner, key_id=fmt.format_key_id(entry.key_id),
+                )
 
 
 def install_prefetch(rows: RowKeys, manager: Any) -> None:
@@ -83,5 +152,8 @@ def install_prefetch(rows: RowKeys, manager: Any) -> None:
         wanted = rows.missing(ids)
         if wanted:
             rows.load(conn, wanted, table=owner or "", column=None)
+        pk = pk_positions(context.compiled, positions, conn.dialect)
+        if pk is not None and owner:
+            check_binding(rows, conn, owner, fetched, positions, pk)
 
     event.listen(rows.store.engine, "after_cursor_execute", after_cursor_execute)

@@ -18,7 +18,7 @@ from sa_envelope import (
     KeyManager,
     UnsupportedQueryError,
     lookup,
-    normalize_email,
+    normalize_email_folded as normalize_email,  # Unicode case folding (issue 12: an opt-in)
     normalize_phone,
 )
 from support.models import new_base

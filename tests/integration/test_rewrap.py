@@ -255,7 +255,8 @@ def test_rewrap_leaves_row_keys_and_rows_alone(engine: Engine, kms_client: Any, 
     with engine.connect() as conn:
         row_keys = conn.execute(select(keys.table).where(keys.table.c.parent_id.is_not(None))
                                 .order_by(keys.table.c.id)).all()
-    assert len(row_keys) == 300
+    assert len([k for k in row_keys if k.scope == "row"]) == 300
+    assert len(row_keys) == 301 and {k.scope for k in row_keys} == {"row", "row-digest"}  # + the row-digest key (issue 12)
     before = stored_hash(engine)
     kms_client.calls.clear()
 

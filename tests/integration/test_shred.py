@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.orm import Session
 
-from sa_envelope import ConfigurationError, KeyManager, KeyNotFoundError
+from sa_envelope import ConfigurationError, DecryptionError, KeyManager, KeyNotFoundError
 from sa_envelope.envelope import format as fmt
 from support.models import row_scope_model
 from support.row_scope import LOCAL, keys_and_patients, row_key_ids
@@ -120,8 +120,8 @@ def test_shredded_row_takes_new_values_under_a_new_key(engine: Engine) -> None:
 
 
 def test_a_value_copied_from_a_shredded_row_is_shredded_with_it(engine: Engine) -> None:
-    """The documented row-binding limit (docs/threat-model.md): a copied value
-    still opens under its source row's key, so it also dies with that key."""
+    """Row keys are bound to their row (issue 12): a copied value is refused
+    while its source key lives, and dies with that key."""
     keys, Patient = two_patients(engine)
     t = Patient.__table__
     with engine.begin() as conn:  # copy the stored bytes of A's notes into B
@@ -131,7 +131,8 @@ def test_a_value_copied_from_a_shredded_row_is_shredded_with_it(engine: Engine) 
             "UPDATE patients SET notes = (SELECT notes FROM (SELECT notes FROM patients WHERE id = 1) AS src) WHERE id = 2"
         )
     assert raw.n == A["notes"]
-    assert read_fresh(engine)[2][1] == A["notes"]
+    with pytest.raises(DecryptionError, match="bound to another row"):
+        read_fresh(engine)
     with Session(engine) as s:
         keys.shred(s.get(Patient, 1))
         s.commit()
