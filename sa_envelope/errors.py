@@ -41,12 +41,7 @@ class EnvelopeError(DontWrapMixin, Exception):
     """
 
     def __init__(
-        self,
-        message: str,
-        *,
-        table: str | None = None,
-        column: str | None = None,
-        key_id: str | None = None,
+        self, message: str, *, table: str | None = None, column: str | None = None, key_id: str | None = None
     ) -> None:
         self.table = table
         self.column = column
@@ -64,12 +59,7 @@ class _PerValueError(EnvelopeError):
     what = ""
 
     def __init__(
-        self,
-        reason: str,
-        *,
-        table: str | None = None,
-        column: str | None = None,
-        key_id: str | None = None,
+        self, reason: str, *, table: str | None = None, column: str | None = None, key_id: str | None = None
     ) -> None:
         where = _where(table, column, key_id)
         super().__init__(f"{self.what} {where}: {reason}", table=table, column=column, key_id=key_id)

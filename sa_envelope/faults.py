@@ -23,23 +23,36 @@ def batch_points(job: str) -> tuple[str, str]:
     return f"{job}.batch.before_commit", f"{job}.batch.after_commit"
 
 
-POINTS: frozenset[str] = frozenset({
-    "key.create.before_insert", "key.create.after_insert",
-    "rollover.before_retire", "rollover.after_retire",
-    "rowkey.create.before_insert", "rowkey.create.after_insert",
-    "shred.before_update", "shred.after_update",
-    "rewrap.key.before_update", "rewrap.key.after_update", *batch_points("rewrap"),
-    "reencrypt.row.before_update", "reencrypt.row.after_update", *batch_points("reencrypt"),
-    *batch_points("sweep"),
-    *(
-        point
-        for job in ("encrypt_column", "decrypt_column")
-        for point in (
-            f"{job}.batch.before_update", f"{job}.batch.after_update", *batch_points(job),
-            f"{job}.before_swap", f"{job}.after_swap",
-        )
-    ),
-})
+POINTS: frozenset[str] = frozenset(
+    {
+        "key.create.before_insert",
+        "key.create.after_insert",
+        "rollover.before_retire",
+        "rollover.after_retire",
+        "rowkey.create.before_insert",
+        "rowkey.create.after_insert",
+        "shred.before_update",
+        "shred.after_update",
+        "rewrap.key.before_update",
+        "rewrap.key.after_update",
+        *batch_points("rewrap"),
+        "reencrypt.row.before_update",
+        "reencrypt.row.after_update",
+        *batch_points("reencrypt"),
+        *batch_points("sweep"),
+        *(
+            point
+            for job in ("encrypt_column", "decrypt_column")
+            for point in (
+                f"{job}.batch.before_update",
+                f"{job}.batch.after_update",
+                *batch_points(job),
+                f"{job}.before_swap",
+                f"{job}.after_swap",
+            )
+        ),
+    }
+)
 
 _hook: Callable[[str], None] | None = None
 

@@ -191,12 +191,7 @@ class KeyManager:
         return report
 
     def reencrypt(
-        self,
-        columns: Iterable[Column[Any]],
-        *,
-        key_id: int | str,
-        batch_size: int = 500,
-        progress: bool | None = None,
+        self, columns: Iterable[Column[Any]], *, key_id: int | str, batch_size: int = 500, progress: bool | None = None
     ) -> ReencryptReport:
         """Re-encrypt the values of ``columns`` stored under ``key_id`` with the
         active key (rolled over first if ``key_id`` is still active).

@@ -43,7 +43,8 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> None:
 def _database_option(parser: argparse.ArgumentParser) -> None:
     _one_line_errors(parser)
     parser.add_argument(
-        "--database-url", default=os.environ.get("SA_ENVELOPE_DATABASE_URL"),
+        "--database-url",
+        default=os.environ.get("SA_ENVELOPE_DATABASE_URL"),
         help="SQLAlchemy URL (default $SA_ENVELOPE_DATABASE_URL)",
     )
 
@@ -75,7 +76,9 @@ def _keys(parser: argparse.ArgumentParser) -> None:
         say(f"{'KEY ID':16}  {'SCOPE':13}  {'TABLE':20}  {'STATUS':8}  {'PARENT':16}  WRAPPED BY")
         for r in rows:
             parent = fmt.format_key_id(r.parent_id) if r.parent_id else "-"
-            scope, owner, status, wrapped_by = (escape(v) for v in (r.scope, r.owner_table, r.status, r.wrapping_key_id))
+            scope, owner, status, wrapped_by = (
+                escape(v) for v in (r.scope, r.owner_table, r.status, r.wrapping_key_id)
+            )
             say(f"{fmt.format_key_id(r.id):16}  {scope:13}  {owner:20}  {status:8}  {parent:16}  {wrapped_by}")
         return 0
 
@@ -86,8 +89,11 @@ def _keys(parser: argparse.ArgumentParser) -> None:
 def _sweep(parser: argparse.ArgumentParser) -> None:
     _database_option(parser)
     parser.add_argument("--apply", action="store_true", help="shred the orphaned keys (default: count them only)")
-    parser.add_argument("--cmk", default=os.environ.get("SA_ENVELOPE_CMK"),
-                        help="provider that unwraps the table keys (default $SA_ENVELOPE_CMK; KMS keys need none)")
+    parser.add_argument(
+        "--cmk",
+        default=os.environ.get("SA_ENVELOPE_CMK"),
+        help="provider that unwraps the table keys (default $SA_ENVELOPE_CMK; KMS keys need none)",
+    )
     parser.add_argument("--batch-size", type=int, default=500, help="keys per transaction (default 500)")
 
     def run(ns: argparse.Namespace) -> int:
@@ -117,11 +123,18 @@ def _inferred_provider(engine: Any) -> KeyProvider:
 
 def _rewrap(parser: argparse.ArgumentParser) -> None:
     _database_option(parser)
-    parser.add_argument("--to", default=os.environ.get("SA_ENVELOPE_CMK"),
-                        help="target CMK: KMS key ARN, key id, alias, or local:PATH (default $SA_ENVELOPE_CMK)")
-    parser.add_argument("--from", dest="source", default=os.environ.get("SA_ENVELOPE_SOURCE_CMK"),
-                        help="CMK the keys are wrapped by now, e.g. alias/old or local:OLD.key: only it and "
-                             "the target are trusted (default $SA_ENVELOPE_SOURCE_CMK)")
+    parser.add_argument(
+        "--to",
+        default=os.environ.get("SA_ENVELOPE_CMK"),
+        help="target CMK: KMS key ARN, key id, alias, or local:PATH (default $SA_ENVELOPE_CMK)",
+    )
+    parser.add_argument(
+        "--from",
+        dest="source",
+        default=os.environ.get("SA_ENVELOPE_SOURCE_CMK"),
+        help="CMK the keys are wrapped by now, e.g. alias/old or local:OLD.key: only it and "
+        "the target are trusted (default $SA_ENVELOPE_SOURCE_CMK)",
+    )
     parser.add_argument("--batch-size", type=int, default=100, help="keys per transaction (default 100)")
 
     def run(ns: argparse.Namespace) -> int:
@@ -145,8 +158,11 @@ def _rewrap(parser: argparse.ArgumentParser) -> None:
 def _verify(parser: argparse.ArgumentParser) -> None:
     _database_option(parser)
     parser.add_argument("--table", action="append", dest="tables", help="only this table (repeatable)")
-    parser.add_argument("--cmk", default=os.environ.get("SA_ENVELOPE_CMK"),
-                        help="provider that unwraps the keys (default $SA_ENVELOPE_CMK; KMS keys need none)")
+    parser.add_argument(
+        "--cmk",
+        default=os.environ.get("SA_ENVELOPE_CMK"),
+        help="provider that unwraps the keys (default $SA_ENVELOPE_CMK; KMS keys need none)",
+    )
 
     def run(ns: argparse.Namespace) -> int:
         engine = _engine(ns)

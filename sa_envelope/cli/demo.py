@@ -58,9 +58,7 @@ def run_demo(workdir: str) -> int:
     keys.create_table()
     Base.metadata.create_all(engine)
     with Session(engine) as session:
-        session.add_all(
-            Patient(name=n, ssn=s, balance=b, born=d, notes=j) for n, s, b, d, j in PEOPLE
-        )
+        session.add_all(Patient(name=n, ssn=s, balance=b, born=d, notes=j) for n, s, b, d, j in PEOPLE)
         session.commit()
 
     say(f"Database: {folder / 'demo.db'}   master key file: {folder / 'master.key'}\n")
@@ -78,8 +76,12 @@ def run_demo(workdir: str) -> int:
     say("\nThe key table (sa_envelope_keys holds wrapped keys only):")
     t = keys.table
     with engine.connect() as conn:
-        for r in conn.execute(select(t.c.id, t.c.scope, t.c.owner_table, t.c.algorithm, t.c.wrapping_key_id, t.c.wrapped_key)):
-            say(f"  {format_key_id(r.id)}  {r.scope:<13} {r.owner_table:<9} {r.algorithm}  wrapped by {r.wrapping_key_id}  ({len(r.wrapped_key)} bytes)")
+        for r in conn.execute(
+            select(t.c.id, t.c.scope, t.c.owner_table, t.c.algorithm, t.c.wrapping_key_id, t.c.wrapped_key)
+        ):
+            say(
+                f"  {format_key_id(r.id)}  {r.scope:<13} {r.owner_table:<9} {r.algorithm}  wrapped by {r.wrapping_key_id}  ({len(r.wrapped_key)} bytes)"
+            )
     say(f"\nKey provider calls: {keys.stats()['provider_calls']}")
     engine.dispose()
     return 0

@@ -132,8 +132,7 @@ class BlindIndexType(TypeDecorator[bytes], ColumnNames):
         table, keys = self._table, self.keys
         if table is None or keys is None:
             raise EncryptionError(
-                "this BlindIndexType has no KeyManager or is not attached to a table",
-                table=table, column=self._column,
+                "this BlindIndexType has no KeyManager or is not attached to a table", table=table, column=self._column
             )
         entry = keys.store.encryption_key(table, kt.SCOPE_BLIND_INDEX)
         cached_entry, base = self._subkey.get(0, (None, None))
@@ -155,7 +154,8 @@ class BlindIndexType(TypeDecorator[bytes], ColumnNames):
         raise UnsupportedQueryError(
             f"{self._table}.{self._column} holds index digests: compare it with "
             f".matches(value), or find rows with sa_envelope.lookup()",
-            table=self._table, column=self._column,
+            table=self._table,
+            column=self._column,
         )
 
     def process_result_value(self, value: Any, dialect: Dialect) -> bytes | None:
@@ -299,6 +299,7 @@ def lookup(session: Session, attribute: Any, value: Any, *where: Any) -> list[An
     wanted = index_type.normalise(value)
     candidates = session.scalars(select(entity).where(index_attr.matches(value), *where)).all()
     return [
-        obj for obj in candidates
+        obj
+        for obj in candidates
         if (found := getattr(obj, index_type.source)) is not None and index_type.normalise(found) == wanted
     ]

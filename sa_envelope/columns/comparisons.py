@@ -40,10 +40,6 @@ def check_compiled(compiled: Any) -> None:
     statement = getattr(compiled, "statement", None)
     if statement is not None:
         for element in visitors.iterate(statement):
-            if (
-                isinstance(element, BinaryExpression)
-                and _encrypted(element.right)
-                and not _encrypted(element.left)
-            ):
+            if isinstance(element, BinaryExpression) and _encrypted(element.right) and not _encrypted(element.left):
                 check_comparison(element.right, element.operator, (element.left,))
     _checked.add(compiled)

@@ -142,8 +142,13 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         values under the other's context. Not memoised: the names are
         learnt when the column is attached."""
         return (
-            EncryptedType, self.inner._static_cache_key, self.keys,
-            self.scope, self.deterministic, self._table, self._column,
+            EncryptedType,
+            self.inner._static_cache_key,
+            self.keys,
+            self.scope,
+            self.deterministic,
+            self._table,
+            self._column,
         )
 
     @property
@@ -258,9 +263,9 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         is in sight.
         """
         raise EncryptionError(
-            "an encrypted value cannot be rendered as a SQL literal (literal_binds); "
-            "compile with bound parameters",
-            table=self._table, column=self._column,
+            "an encrypted value cannot be rendered as a SQL literal (literal_binds); compile with bound parameters",
+            table=self._table,
+            column=self._column,
         )
 
     def decrypt(self, value: bytes) -> Any:
@@ -316,9 +321,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         except Exception:  # authentic bytes that do not decode: a codec change
             reason = f"stored bytes do not decode as {self._codec.name}"
         data = None  # the opened plaintext must not sit in the traceback's frame
-        raise DecryptionError(
-            reason, table=table, column=column, key_id=fmt.format_key_id(key_id)
-        )
+        raise DecryptionError(reason, table=table, column=column, key_id=fmt.format_key_id(key_id))
 
     def _remember(self, key: Any, version: int, head: bytes) -> None:
         """Memo a table-level key for this column (row keys are one per row:
@@ -336,8 +339,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
     def _unbound(self, error: type[EncryptionError] | type[DecryptionError]) -> Exception:
         if self.keys is None:
             return error(
-                "this EncryptedType has no KeyManager (declared for DDL only)",
-                table=self._table, column=self._column,
+                "this EncryptedType has no KeyManager (declared for DDL only)", table=self._table, column=self._column
             )
         return error("the column is not attached to a table and has no context=")
 

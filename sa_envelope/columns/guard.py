@@ -42,9 +42,9 @@ def _check_select(stmt: Select[Any] | CompoundSelect[Any]) -> None:
         found = _encrypted_type(clause)
         if found is not None:
             raise unsupported(
-                found, "ORDER BY",
-                "Ciphertext order is meaningless. Sort in Python after loading, or "
-                "order by a plaintext column.",
+                found,
+                "ORDER BY",
+                "Ciphertext order is meaningless. Sort in Python after loading, or order by a plaintext column.",
             )
     if isinstance(stmt, CompoundSelect):
         return
@@ -52,7 +52,8 @@ def _check_select(stmt: Select[Any] | CompoundSelect[Any]) -> None:
         found = _encrypted_type(clause)
         if found is not None and not found.deterministic:
             raise unsupported(
-                found, "GROUP BY",
+                found,
+                "GROUP BY",
                 "A randomised column puts every row in a group of its own; group by "
                 "a deterministic=True column or in Python.",
             )
@@ -68,7 +69,8 @@ def _check_function(element: Any) -> None:
             found = _encrypted_type(arg)
             if found is not None:
                 raise unsupported(
-                    found, f"{element.name}()",
+                    found,
+                    f"{element.name}()",
                     "The database would aggregate ciphertexts, not values; load the "
                     "values and aggregate in Python (min(), max(), sum()).",
                 )

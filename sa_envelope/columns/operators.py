@@ -23,12 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy.sql import operators as ops
-from sqlalchemy.sql.elements import (
-    BindParameter,
-    ClauseElement,
-    ColumnClause,
-    Null,
-)
+from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnClause, Null
 from sqlalchemy.sql.selectable import Select
 from sqlalchemy.types import NullType, TypeDecorator
 
@@ -39,8 +34,18 @@ __all__ = ["EncryptedComparator", "check_comparison", "unsupported"]
 EQUALITY = frozenset({ops.eq, ops.ne, ops.in_op, ops.not_in_op, ops.is_distinct_from, ops.is_not_distinct_from})
 NULL_TESTS = frozenset({ops.is_, ops.is_not, ops.eq, ops.ne, ops.is_distinct_from, ops.is_not_distinct_from})
 ORDERING = frozenset(
-    {ops.lt, ops.le, ops.gt, ops.ge, ops.between_op, ops.not_between_op,
-     ops.asc_op, ops.desc_op, ops.nulls_first_op, ops.nulls_last_op}
+    {
+        ops.lt,
+        ops.le,
+        ops.gt,
+        ops.ge,
+        ops.between_op,
+        ops.not_between_op,
+        ops.asc_op,
+        ops.desc_op,
+        ops.nulls_first_op,
+        ops.nulls_last_op,
+    }
 )
 PATTERN_NAMES = ("like", "contains", "startswith", "endswith", "match", "regexp")
 
@@ -58,8 +63,7 @@ def unsupported(expr_type: Any, what: str, instead: str) -> UnsupportedQueryErro
     table, column = _where(expr_type)
     place = f"{table}.{column}" if table else "an encrypted column"
     return UnsupportedQueryError(
-        f"{what} on {place} cannot give a correct answer: the database only sees "
-        f"ciphertext. {instead}",
+        f"{what} on {place} cannot give a correct answer: the database only sees ciphertext. {instead}",
         table=table,
         column=column,
     )
@@ -88,8 +92,11 @@ def _advice(expr_type: Any, op: Any) -> tuple[str, str]:
             "EncryptedType(..., deterministic=True) or add a BlindIndexType column; "
             "only is_(None) / is_not(None) work here.",
         )
-    return (f"operator {name}", "Encrypted columns support ==, !=, in_, not_in on "
-            "deterministic=True columns, and is_(None) / is_not(None) on all.")
+    return (
+        f"operator {name}",
+        "Encrypted columns support ==, !=, in_, not_in on "
+        "deterministic=True columns, and is_(None) / is_not(None) on all.",
+    )
 
 
 def _is_null(value: Any) -> bool:
@@ -128,8 +135,10 @@ def _operand_ok(expr_type: Any, value: Any) -> bool:
         # untyped: SQLAlchemy gives it the column's type, so it is encrypted;
         # typed otherwise (literal("x")): it would reach the database as plaintext
         other_context = getattr(value.type, "bound_context", None)
-        return isinstance(value.type, NullType) or value.type is expr_type or (
-            other_context is not None and other_context == expr_type.bound_context
+        return (
+            isinstance(value.type, NullType)
+            or value.type is expr_type
+            or (other_context is not None and other_context == expr_type.bound_context)
         )
     if not isinstance(value, ClauseElement):
         return True
@@ -149,12 +158,14 @@ def check_comparison(expr: Any, op: Any, other: tuple[Any, ...]) -> None:
     if op in EQUALITY and getattr(expr_type, "deterministic", False):
         if not isinstance(expr, ColumnClause):
             raise unsupported(
-                expr_type, f"comparing {type(expr).__name__}(...) of the column",
+                expr_type,
+                f"comparing {type(expr).__name__}(...) of the column",
                 "SQL functions see ciphertext; compare the column itself with ==.",
             )
         if not all(_operand_ok(expr_type, v) for v in other):
             raise unsupported(
-                expr_type, "comparing with another column, a SQL expression or a typed literal()",
+                expr_type,
+                "comparing with another column, a SQL expression or a typed literal()",
                 "Equal values in different columns have different ciphertexts, and a "
                 "typed literal is sent unencrypted; compare with plain Python values "
                 "(or an untyped bindparam()), or with this same column.",

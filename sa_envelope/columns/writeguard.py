@@ -94,5 +94,6 @@ def _refused(table: Any, column: Any, what: str) -> UnsupportedQueryError:
         f"this statement writes a {what} into the encrypted column {table.name}.{name}, "
         "which would store it unencrypted; pass the Python value instead (it is "
         "encrypted by the column's type)",
-        table=table.name, column=name,
+        table=table.name,
+        column=name,
     )

@@ -135,8 +135,7 @@ def wrap_row_keys(
 
 
 def open_row_key(
-    parent: Any, parent_version: int, key_id: int, parent_id: int, owner: str, wrapped: Any,
-    digest: bytes | None = None,
+    parent: Any, parent_version: int, key_id: int, parent_id: int, owner: str, wrapped: Any, digest: bytes | None = None
 ) -> bytes:
     """The one place a wrapped row key is opened (format in the module docstring).
 

@@ -65,9 +65,7 @@ def _int_codec() -> Codec:
 
 def _decimal_codec() -> Codec:
     def encode(value: Any) -> bytes:
-        if isinstance(value, bool) or not isinstance(
-            value, (decimal.Decimal, int, float)
-        ):
+        if isinstance(value, bool) or not isinstance(value, (decimal.Decimal, int, float)):
             raise UnsupportedValue(f"expected Decimal, got {type(value).__name__}")
         if isinstance(value, float):
             value = decimal.Decimal(repr(value))
@@ -80,9 +78,7 @@ def _decimal_codec() -> Codec:
 
 def _float_codec() -> Codec:
     def encode(value: Any) -> bytes:
-        if isinstance(value, bool) or not isinstance(
-            value, (float, int, decimal.Decimal)
-        ):
+        if isinstance(value, bool) or not isinstance(value, (float, int, decimal.Decimal)):
             raise UnsupportedValue(f"expected float, got {type(value).__name__}")
         try:  # 10**400 overflows, Decimal("sNaN") refuses: checked here, not by the caller
             number = float(value)
@@ -112,9 +108,7 @@ def _iso_codec(kind: type, name: str) -> Codec:
     parse = kind.fromisoformat  # type: ignore[attr-defined]
 
     def encode(value: Any) -> bytes:
-        if type(value) is not kind and not (
-            kind is dt.datetime and isinstance(value, dt.datetime)
-        ):
+        if type(value) is not kind and not (kind is dt.datetime and isinstance(value, dt.datetime)):
             raise UnsupportedValue(f"expected {name}, got {type(value).__name__}")
         text: str = value.isoformat()  # type: ignore[attr-defined]
         return text.encode("ascii")
@@ -183,9 +177,7 @@ def _interval_codec() -> Codec:
         micros = (value.days * 86_400 + value.seconds) * 1_000_000 + value.microseconds
         return str(micros).encode("ascii")
 
-    return Codec(
-        "interval", encode, lambda b: dt.timedelta(microseconds=int(b.decode("ascii")))
-    )
+    return Codec("interval", encode, lambda b: dt.timedelta(microseconds=int(b.decode("ascii"))))
 
 
 def codec_for(inner: sqltypes.TypeEngine[Any]) -> Codec:

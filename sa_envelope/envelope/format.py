@@ -152,13 +152,7 @@ def read_header(value: bytes) -> tuple[int, int]:
     return version, key_id
 
 
-def encrypt_gcm(
-    aead: AESGCM,
-    head: bytes,
-    plaintext: bytes,
-    context: bytes,
-    nonce: bytes | None = None,
-) -> bytes:
+def encrypt_gcm(aead: AESGCM, head: bytes, plaintext: bytes, context: bytes, nonce: bytes | None = None) -> bytes:
     """Seal ``plaintext``; ``nonce`` is a seam for known-answer tests only."""
     if nonce is None:
         nonce = os.urandom(NONCE_LEN)

@@ -64,10 +64,7 @@ def copy_column(
             rows = conn.execute(pick).all()
             if not rows:
                 return 0
-            params = [
-                {**{f"_pk{i}": row[i] for i in range(len(pk))}, "_value": transform(row[-1])}
-                for row in rows
-            ]
+            params = [{**{f"_pk{i}": row[i] for i in range(len(pk))}, "_value": transform(row[-1])} for row in rows]
             fault_point(f"{job}.batch.before_update")
             conn.execute(stmt, params)
             fault_point(f"{job}.batch.after_update")

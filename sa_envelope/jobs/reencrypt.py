@@ -128,8 +128,12 @@ def reencrypt_columns(
         totals = [_count(conn, c, kid) for c in columns]
     for column, total in zip(columns, totals):  # one bar per column: the runner draws it
         run_batches(
-            store.engine, "reencrypt", _ColumnBatches(column, kid, batch_size, report),
-            total=total, desc=f"re-encrypt {column.table.name}.{column.name}", progress=progress,
+            store.engine,
+            "reencrypt",
+            _ColumnBatches(column, kid, batch_size, report),
+            total=total,
+            desc=f"re-encrypt {column.table.name}.{column.name}",
+            progress=progress,
         )
     with store.engine.connect() as conn:
         report.remaining = sum(_count(conn, c, kid) for c in columns)

@@ -120,7 +120,9 @@ def _new_wrap(
     return data_key.wrapped, data_key.wrapping_key_id
 
 
-def _store(conn: Connection, table: Table, record: kt.KeyRecord, new: kt.KeyRecord, wrapped: bytes, wrapping_key_id: str) -> bool:
+def _store(
+    conn: Connection, table: Table, record: kt.KeyRecord, new: kt.KeyRecord, wrapped: bytes, wrapping_key_id: str
+) -> bool:
     """Compare-and-set: write only if the row still holds the bytes we re-wrapped."""
     fault_point("rewrap.key.before_update")
     result = conn.execute(
@@ -131,8 +133,11 @@ def _store(conn: Connection, table: Table, record: kt.KeyRecord, new: kt.KeyReco
             table.c.wrapping_key_id == record.wrapping_key_id,
         )
         .values(
-            wrapped_key=wrapped, wrapping_key_id=wrapping_key_id, updated_at=kt.utcnow(),
-            created_at=new.created_at, context_version=new.context_version,
+            wrapped_key=wrapped,
+            wrapping_key_id=wrapping_key_id,
+            updated_at=kt.utcnow(),
+            created_at=new.created_at,
+            context_version=new.context_version,
         )
     )
     fault_point("rewrap.key.after_update")
@@ -154,8 +159,13 @@ def _refused(record: kt.KeyRecord, source: KeyProvider, target: KeyProvider, rep
 
 
 def _rewrap_batch(
-    conn: Connection, store: KeyStore, source: KeyProvider, target: KeyProvider,
-    report: RewrapReport, size: int, skip: set[int],
+    conn: Connection,
+    store: KeyStore,
+    source: KeyProvider,
+    target: KeyProvider,
+    report: RewrapReport,
+    size: int,
+    skip: set[int],
 ) -> int:
     """Claim a batch, re-wrap it (in the runner's transaction). Returns its size."""
     records = _claim(conn, store.table, report.target, size, skip)
@@ -179,12 +189,7 @@ def _rewrap_batch(
 
 
 def rewrap_keys(
-    store: KeyStore,
-    source: KeyProvider,
-    target: KeyProvider,
-    *,
-    batch_size: int = 100,
-    progress: bool | None = None,
+    store: KeyStore, source: KeyProvider, target: KeyProvider, *, batch_size: int = 100, progress: bool | None = None
 ) -> RewrapReport:
     """Re-wrap every provider-wrapped key not yet wrapped by ``target``."""
     if batch_size < 1:
@@ -197,9 +202,13 @@ def rewrap_keys(
         total = _count(conn, table, kt.provider_wrapped(table), stale)
     skip: set[int] = set()
     run_batches(
-        engine, "rewrap",
+        engine,
+        "rewrap",
         lambda conn: _rewrap_batch(conn, store, source, target, report, batch_size, skip),
-        total=total, desc="rewrap keys", progress=progress, connect=read_committed,
+        total=total,
+        desc="rewrap keys",
+        progress=progress,
+        connect=read_committed,
     )
     with engine.connect() as conn:
         remaining = _count(conn, table, kt.provider_wrapped(table), stale)

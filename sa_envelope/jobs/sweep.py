@@ -96,7 +96,9 @@ def _owners(tables: Iterable[Table]) -> dict[str, Table]:
     names, and the table part of its row-scoped columns' pinned contexts."""
     out: dict[str, Table] = {}
     for t in tables:
-        names = {t.name, t.fullname} | {c.type._table for c in t.columns if isinstance(c.type, EncryptedType) and c.type._table}
+        names = {t.name, t.fullname} | {
+            c.type._table for c in t.columns if isinstance(c.type, EncryptedType) and c.type._table
+        }
         out.update((name, t) for name in names)
     return out
 
@@ -119,7 +121,11 @@ def find_orphans(rows: RowKeys, tables: Iterable[Table] = ()) -> SweepReport:
 
 
 def sweep_orphans(
-    rows: RowKeys, *, dry_run: bool = True, tables: Iterable[Table] = (), batch_size: int = 500,
+    rows: RowKeys,
+    *,
+    dry_run: bool = True,
+    tables: Iterable[Table] = (),
+    batch_size: int = 500,
     progress: bool | None = None,
 ) -> SweepReport:
     """Find orphaned row keys; unless ``dry_run``, shred them in batches."""
@@ -135,6 +141,7 @@ def sweep_orphans(
             rows.shred_key(conn, key_id, owner=owner)
         return len(chunk)
 
-    report.shredded = run_batches(rows.store.engine, "sweep", batch, total=len(report.orphans),
-                                  desc="sweep orphaned row keys", progress=progress)
+    report.shredded = run_batches(
+        rows.store.engine, "sweep", batch, total=len(report.orphans), desc="sweep orphaned row keys", progress=progress
+    )
     return report

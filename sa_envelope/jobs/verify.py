@@ -118,15 +118,19 @@ def verify_database(
 ) -> VerifyReport:
     """Decrypt-check every encrypted value of ``tables`` (default: all tables)."""
     engine, report = store.engine, VerifyReport()
-    names = list(tables) if tables else [
-        t for t in inspect(engine).get_table_names() if t not in (store.table.name, *SKIP_TABLES)
-    ]
+    names = (
+        list(tables)
+        if tables
+        else [t for t in inspect(engine).get_table_names() if t not in (store.table.name, *SKIP_TABLES)]
+    )
     contexts = contexts or {}
     with engine.connect() as conn, engine.connect() as lookups:
         for name in names:
             table = Table(name, MetaData(), autoload_with=conn)
             for col in table.columns:
-                if not isinstance(col.type, (_Binary, LargeBinary)) or not _looks_encrypted(conn, store, table, col.name):
+                if not isinstance(col.type, (_Binary, LargeBinary)) or not _looks_encrypted(
+                    conn, store, table, col.name
+                ):
                     continue
                 bound = contexts.get(f"{name}.{col.name}", f"{name}.{col.name}")
                 t, _, c = bound.rpartition(".")

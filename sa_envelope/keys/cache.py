@@ -67,6 +67,7 @@ class CachedKey:
         derived, self.derived = self.derived, []
         for holder, slot in derived:
             holder.pop(slot, None)
+
     bound: bytes | None = None  # row keys: the authenticated digest of their row (rows.binding)
     wrapped: Any = None  # row keys made this flush, not yet bound: (parent key, version-1 wrap)
 

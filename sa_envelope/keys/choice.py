@@ -43,9 +43,13 @@ def version_of(record: kt.KeyRecord) -> int:
 def key_meta(record: kt.KeyRecord, namespace: str | None) -> KeyMeta:
     """What the row says about its key, as the provider context binds it."""
     return KeyMeta(
-        key_id=fmt.format_key_id(record.id), owner=record.owner_table, scope=record.scope,
-        algorithm=record.algorithm, created=kt.created_seconds(record.created_at),
-        namespace=namespace, version=version_of(record),
+        key_id=fmt.format_key_id(record.id),
+        owner=record.owner_table,
+        scope=record.scope,
+        algorithm=record.algorithm,
+        created=kt.created_seconds(record.created_at),
+        namespace=namespace,
+        version=version_of(record),
     )
 
 

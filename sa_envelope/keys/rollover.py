@@ -124,12 +124,7 @@ def retire_others(conn: Connection, table: Table, owner: str, scope: str, keep: 
     """Mark every other active key of ``owner``/``scope`` retired (still readable)."""
     result = conn.execute(
         update(table)
-        .where(
-            table.c.owner_table == owner,
-            table.c.scope == scope,
-            table.c.status == kt.ACTIVE,
-            table.c.id != keep,
-        )
+        .where(table.c.owner_table == owner, table.c.scope == scope, table.c.status == kt.ACTIVE, table.c.id != keep)
         .values(status=kt.RETIRED, updated_at=kt.utcnow())
     )
     return int(result.rowcount)
@@ -137,9 +132,7 @@ def retire_others(conn: Connection, table: Table, owner: str, scope: str, keep: 
 
 def lock_active(conn: Connection, table: Table, owner: str, scope: str) -> None:
     """Serialise explicit rotations of one table (row locks where the database has them)."""
-    stmt = select(table.c.id).where(
-        table.c.owner_table == owner, table.c.scope == scope, table.c.status == kt.ACTIVE
-    )
+    stmt = select(table.c.id).where(table.c.owner_table == owner, table.c.scope == scope, table.c.status == kt.ACTIVE)
     if conn.dialect.name != "sqlite":
         stmt = stmt.with_for_update()
     conn.execute(stmt).all()

@@ -108,8 +108,6 @@ class KeyStore:
             self.cache.clear()
             self._active.clear()
 
-    # -- misses ------------------------------------------------------------------------
-
     def _resolve_encryption_key(self, owner: str, scope: str, stale: int | None = None) -> CachedKey:
         conn = self.tracker.current()
         if conn is None:
@@ -193,11 +191,7 @@ class KeyStore:
         created = kt.utcnow().replace(microsecond=0)  # whole seconds: what every backend stores
         if replacing:  # a successor is dated strictly later than what it replaces
             created = self.query(lambda: ro.successor_time(conn, self.table, owner, scope, created), owner)
-        record = kt.KeyRecord(
-            id=key_id, scope=scope, owner_table=owner, parent_id=None, wrapping_key_id="",
-            wrapped_key=None, algorithm=algorithm, status=kt.ACTIVE, created_at=created,
-            context_version=CONTEXT_VERSION,
-        )
+        record = kt.KeyRecord.unwrapped(key_id, scope, owner, algorithm, created, CONTEXT_VERSION)
         data_key = self._provider_call(lambda: self.provider.generate(self.context_of(record), size))
         record = dataclasses.replace(record, wrapping_key_id=data_key.wrapping_key_id, wrapped_key=data_key.wrapped)
         singleton = key_id == kt.singleton_key_id(owner, scope)
@@ -236,7 +230,8 @@ class KeyStore:
                 self.unwrap_record(existing, table=owner, column=None, conn=conn)  # raises the reason
                 raise EnvelopeError(
                     f"the {scope} key of {owner} cannot be a write key (see verify)",
-                    table=owner, key_id=fmt.format_key_id(key_id),
+                    table=owner,
+                    key_id=fmt.format_key_id(key_id),
                 )
         return fmt.new_key_id()
 
@@ -250,14 +245,13 @@ class KeyStore:
         if entry is None:
             raise EnvelopeError(
                 f"the {scope} key of {owner} was created concurrently but cannot be used; retry",
-                table=owner, key_id=fmt.format_key_id(key_id),
+                table=owner,
+                key_id=fmt.format_key_id(key_id),
             )
         self._active[(owner, scope)] = key_id
         return entry
 
-    def _load_key(
-        self, key_id: int, *, table: str, column: str | None, conn: Connection | None = None
-    ) -> CachedKey:
+    def _load_key(self, key_id: int, *, table: str, column: str | None, conn: Connection | None = None) -> CachedKey:
         if not fmt.is_key_id(key_id):  # never made: a tampered header
             raise KeyNotFoundError(
                 table=table, column=column, key_id=fmt.format_key_id(key_id), reason="key id out of range"
@@ -282,22 +276,20 @@ class KeyStore:
 
     def unwrap_record(self, record: kt.KeyRecord, *, table: str, column: str | None, conn: Connection) -> CachedKey:
         """Unwrap a key row (checking that it fits its scope) and cache it."""
-        shown = fmt.format_key_id(record.id)
+        where = {"table": table, "column": column, "key_id": fmt.format_key_id(record.id)}
         if record.wrapped_key is None:
-            raise KeyNotFoundError(table=table, column=column, key_id=shown, reason=f"key is {record.status}")
+            raise KeyNotFoundError(**where, reason=f"key is {record.status}")
         spec = ciphers.ALGORITHMS.get(record.algorithm)
         if spec is None or kt.SCOPE_ALGORITHM.get(record.scope) != record.algorithm:
             # a tampered or foreign key row must fail closed, as ours: a 32-byte
             # HMAC key relabelled AES-256-GCM would otherwise load as a cipher
-            raise DecryptionError(
-                f"key row names algorithm {record.algorithm!r}, which its scope {record.scope!r} does not use",
-                table=table, column=column, key_id=shown,
-            )
+            raise DecryptionError(f"key row names algorithm {record.algorithm!r}, not its scope's", **where)
         cipher_cls, size, version = spec
         plaintext = self._unwrap(record, table=table, column=column, conn=conn)
         if len(plaintext) != size:
-            raise DecryptionError(f"unwrapped key does not fit {record.algorithm}", table=table, column=column, key_id=shown)
-        return self.cache.put(record.id, cipher_cls(plaintext), fmt.header(version, record.id), record.owner_table, record.scope)
+            raise DecryptionError(f"unwrapped key does not fit {record.algorithm}", **where)
+        head = fmt.header(version, record.id)
+        return self.cache.put(record.id, cipher_cls(plaintext), head, record.owner_table, record.scope)
 
     def _unwrap(self, record: kt.KeyRecord, *, table: str, column: str | None, conn: Connection) -> bytes:
         """Plaintext of a stored key: by its parent key, or by the provider."""
@@ -326,13 +318,21 @@ class KeyStore:
         if parent is not None and parent.parent_id is not None:
             raise DecryptionError(
                 f"key row names parent {fmt.format_key_id(parent_id)}, which is not wrapped by the provider",
-                table=table, column=column, key_id=fmt.format_key_id(record.id),
+                table=table,
+                column=column,
+                key_id=fmt.format_key_id(record.id),
             )
         return self._checked_unwrap(parent, parent_id, table, column, conn)
 
     @staticmethod
     def open_child(
-        parent: CachedKey, key_id: int, parent_id: int, owner: str, wrapped: Any, table: str, column: str | None,
+        parent: CachedKey,
+        key_id: int,
+        parent_id: int,
+        owner: str,
+        wrapped: Any,
+        table: str,
+        column: str | None,
         digest: bytes | None = None,
     ) -> bytes:
         """A row key's plaintext, unwrapped locally by its table key (``digest``:
@@ -395,6 +395,5 @@ class KeyStore:
             raise
         except SQLAlchemyError as exc:
             raise EnvelopeError(
-                f"key table {self.table.name} query failed for table {owner}: {type(exc).__name__}",
-                table=owner,
+                f"key table {self.table.name} query failed for table {owner}: {type(exc).__name__}", table=owner
             ) from exc

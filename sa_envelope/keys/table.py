@@ -125,6 +125,13 @@ class KeyRecord:
         )
 
     @classmethod
+    def unwrapped(
+        cls, key_id: int, scope: str, owner: str, algorithm: str, created: dt.datetime, version: int
+    ) -> KeyRecord:
+        """A provider-wrapped key about to be made: active, its wrap still to come."""
+        return cls(key_id, scope, owner, None, "", None, algorithm, ACTIVE, created, version)
+
+    @classmethod
     def from_row(cls, row: Any) -> KeyRecord:
         m = row._mapping
         wrapped = m["wrapped_key"]

@@ -117,13 +117,15 @@ class Tracker:
         if self._on_execute_hook is not None:
             self._on_execute_hook(clauseelement, *args)
 
-    def _before_cursor_execute(self, conn: Connection, cursor: Any, statement: Any, parameters: Any,
-                               context: Any, executemany: bool) -> None:
+    def _before_cursor_execute(
+        self, conn: Connection, cursor: Any, statement: Any, parameters: Any, context: Any, executemany: bool
+    ) -> None:
         if context is not None and self._on_compiled_hook is not None:
             self._on_compiled_hook(context.compiled)
 
-    def _on_cursor_execute(self, conn: Connection, cursor: Any, statement: Any, parameters: Any,
-                           context: Any, executemany: bool) -> None:
+    def _on_cursor_execute(
+        self, conn: Connection, cursor: Any, statement: Any, parameters: Any, context: Any, executemany: bool
+    ) -> None:
         if context is not None and context._is_server_side:
             conn.info[self._streaming_key] = True  # rows arrive while the caller iterates
 

@@ -66,9 +66,7 @@ class AwsKmsProvider(KeyProvider):
     ``Decrypt`` always names the trusted ARN as its ``KeyId``.
     """
 
-    def __init__(
-        self, key_id: str, client: Any = None, *, config: Any = None, previous: Iterable[str] = ()
-    ) -> None:
+    def __init__(self, key_id: str, client: Any = None, *, config: Any = None, previous: Iterable[str] = ()) -> None:
         if not key_id:
             raise ConfigurationError("AwsKmsProvider needs a CMK key id, ARN or alias (got an empty one)")
         self._key_id = key_id
@@ -116,9 +114,7 @@ class AwsKmsProvider(KeyProvider):
         response = self._call(
             "GenerateDataKey",
             context,
-            lambda c: c.generate_data_key(
-                KeyId=self._key_id, NumberOfBytes=size, EncryptionContext=dict(context)
-            ),
+            lambda c: c.generate_data_key(KeyId=self._key_id, NumberOfBytes=size, EncryptionContext=dict(context)),
         )
         self._resolved = response["KeyId"]
         return DataKey(response["Plaintext"], response["CiphertextBlob"], response["KeyId"])
@@ -127,9 +123,7 @@ class AwsKmsProvider(KeyProvider):
         response = self._call(
             "Encrypt",
             context,
-            lambda c: c.encrypt(
-                KeyId=self._key_id, Plaintext=plaintext, EncryptionContext=dict(context)
-            ),
+            lambda c: c.encrypt(KeyId=self._key_id, Plaintext=plaintext, EncryptionContext=dict(context)),
         )
         self._resolved = response["KeyId"]
         return DataKey(plaintext, response["CiphertextBlob"], response["KeyId"])
@@ -139,11 +133,7 @@ class AwsKmsProvider(KeyProvider):
         response = self._call(
             "Decrypt",
             context,
-            lambda c: c.decrypt(
-                CiphertextBlob=wrapped,
-                KeyId=wrapping_key_id,
-                EncryptionContext=dict(context),
-            ),
+            lambda c: c.decrypt(CiphertextBlob=wrapped, KeyId=wrapping_key_id, EncryptionContext=dict(context)),
         )
         plaintext: bytes = response["Plaintext"]
         return plaintext

@@ -156,7 +156,8 @@ class KeyProvider(ABC):
             raise UntrustedKeyError(
                 f"key {key_id or '-'} is wrapped by {wrapping_key_id}, which this provider does not "
                 f"trust (it trusts {', '.join(sorted(self.trusted_wrapping_keys()))})",
-                table=context_table(context), key_id=key_id,
+                table=context_table(context),
+                key_id=key_id,
             )
 
     def owns(self, wrapping_key_id: str) -> bool:

@@ -32,9 +32,7 @@ class LocalKeyProvider(KeyProvider):
     keys wrapped by any other key id are refused.
     """
 
-    def __init__(
-        self, key_bytes: bytes, key_id: str | None = None, *, previous: Iterable[bytes] = ()
-    ) -> None:
+    def __init__(self, key_bytes: bytes, key_id: str | None = None, *, previous: Iterable[bytes] = ()) -> None:
         self._aead = self._cipher(key_bytes)
         self._key_id = key_id or self._fingerprint(key_bytes)
         self._aeads = {self._fingerprint(k): self._cipher(k) for k in previous}
@@ -54,11 +52,7 @@ class LocalKeyProvider(KeyProvider):
 
     @classmethod
     def from_file(
-        cls,
-        path: str | os.PathLike[str],
-        key_id: str | None = None,
-        *,
-        previous: Iterable[str | os.PathLike[str]] = (),
+        cls, path: str | os.PathLike[str], key_id: str | None = None, *, previous: Iterable[str | os.PathLike[str]] = ()
     ) -> LocalKeyProvider:
         """Load a key file, creating a random one (mode 0600) where none exists.
         ``previous``: older key files, trusted for unwrapping only."""

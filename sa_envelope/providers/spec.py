@@ -31,7 +31,7 @@ def provider_from_spec(spec: str, *, create: bool = False, check: bool = False) 
     if not spec:
         raise ConfigurationError("no CMK given: pass a KMS key ARN, key id, alias, or local:PATH")
     if spec.startswith(LOCAL_PREFIX):
-        path = Path(os.path.expanduser(spec[len(LOCAL_PREFIX):]))
+        path = Path(os.path.expanduser(spec[len(LOCAL_PREFIX) :]))
         if not create and not path.is_file():
             raise ConfigurationError(f"local key file {path} does not exist")
         return LocalKeyProvider.from_file(path)

@@ -94,8 +94,14 @@ def _insert(rows: Any, conn: Connection, owner: str, key_id: int, plain: bytes) 
         parent = rows.store.encryption_key(owner, kt.SCOPE_TABLE)
     wrapped = ciphers.wrap_row_key(parent.cipher, parent.key_id, owner, key_id, plain)
     record = kt.KeyRecord(
-        id=key_id, scope=DIGEST_SCOPE, owner_table=owner, parent_id=parent.key_id,
-        wrapping_key_id=kt.PARENT, wrapped_key=wrapped, algorithm=DIGEST_ALGORITHM, status=kt.ACTIVE,
+        id=key_id,
+        scope=DIGEST_SCOPE,
+        owner_table=owner,
+        parent_id=parent.key_id,
+        wrapping_key_id=kt.PARENT,
+        wrapped_key=wrapped,
+        algorithm=DIGEST_ALGORITHM,
+        status=kt.ACTIVE,
     )
     rows.tracker.state(conn).rows.add(key_id)  # forgotten if this transaction rolls back
     return bool(rows.query(lambda: kt.insert_record(conn, rows.table, record, if_absent=True), owner))
@@ -105,8 +111,11 @@ def _open(rows: Any, owner: str, record: kt.KeyRecord | None) -> bytes:
     """The digest key's material from its key row, checked as a row key's is."""
     where = {"table": owner, "key_id": fmt.format_key_id(kt.singleton_key_id(owner, DIGEST_SCOPE))}
     if (
-        record is None or record.scope != DIGEST_SCOPE or record.owner_table != owner
-        or record.parent_id is None or record.wrapped_key is None
+        record is None
+        or record.scope != DIGEST_SCOPE
+        or record.owner_table != owner
+        or record.parent_id is None
+        or record.wrapped_key is None
     ):
         raise DecryptionError("the row digest key is missing or altered", **where)
     parent = rows.store.decryption_key(record.parent_id, table=owner, column="")
@@ -154,8 +163,11 @@ def unbound_live(rows: Any, conn: Connection, owner: str, key_ids: Iterable[int]
     out: set[int] = set()
     for start in range(0, len(ids), IN_CHUNK):
         stmt = select(t.c.id).where(
-            t.c.id.in_(ids[start : start + IN_CHUNK]), t.c.owner_table == owner, t.c.scope == kt.SCOPE_ROW,
-            t.c.status == kt.ACTIVE, t.c.row_digest.is_(None),
+            t.c.id.in_(ids[start : start + IN_CHUNK]),
+            t.c.owner_table == owner,
+            t.c.scope == kt.SCOPE_ROW,
+            t.c.status == kt.ACTIVE,
+            t.c.row_digest.is_(None),
         )
         out.update(rows.query(lambda: conn.execute(stmt).scalars().all(), owner))
     return out

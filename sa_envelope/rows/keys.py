@@ -105,12 +105,21 @@ class RowKeys:
                 parent = self.store.encryption_key(owner, kt.SCOPE_TABLE, uses=uses)
             wrapped_keys = ciphers.wrap_row_keys(parent.cipher, parent.key_id, owner, chunk, chunk_bound)
             for key_id, digest, (wrapped, cipher) in zip(chunk, chunk_bound, wrapped_keys):
-                rows.append({
-                    "id": key_id, "scope": kt.SCOPE_ROW, "owner_table": owner,
-                    "parent_id": parent.key_id, "wrapping_key_id": kt.PARENT, "wrapped_key": wrapped,
-                    "algorithm": ciphers.ROW_KEY_ALGORITHM, "status": kt.ACTIVE, "created_at": now, "updated_at": now,
-                    "row_digest": digest,
-                })
+                rows.append(
+                    {
+                        "id": key_id,
+                        "scope": kt.SCOPE_ROW,
+                        "owner_table": owner,
+                        "parent_id": parent.key_id,
+                        "wrapping_key_id": kt.PARENT,
+                        "wrapped_key": wrapped,
+                        "algorithm": ciphers.ROW_KEY_ALGORITHM,
+                        "status": kt.ACTIVE,
+                        "created_at": now,
+                        "updated_at": now,
+                        "row_digest": digest,
+                    }
+                )
                 opened.append((key_id, cipher, fmt.header(fmt.VERSION_GCM, key_id)))
                 parents.append(parent)
         self.tracker.state(conn).rows.update(ids)
@@ -132,15 +141,27 @@ class RowKeys:
         for entry, digest in pairs:
             parent, wrapped = entry.wrapped
             plain = ciphers.open_row_key(parent.cipher, parent.head[0], entry.key_id, parent.key_id, owner, wrapped)
-            params.append({
-                "_id": entry.key_id, "row_digest": digest, "updated_at": kt.utcnow(),
-                "wrapped_key": ciphers.wrap_row_key(parent.cipher, parent.key_id, owner, entry.key_id, plain, digest),
-            })
+            params.append(
+                {
+                    "_id": entry.key_id,
+                    "row_digest": digest,
+                    "updated_at": kt.utcnow(),
+                    "wrapped_key": ciphers.wrap_row_key(
+                        parent.cipher, parent.key_id, owner, entry.key_id, plain, digest
+                    ),
+                }
+            )
         if not params:
             return
         t = self.table
-        stmt = update(t).where(t.c.id == bindparam("_id")).values(
-            row_digest=bindparam("row_digest"), wrapped_key=bindparam("wrapped_key"), updated_at=bindparam("updated_at"),
+        stmt = (
+            update(t)
+            .where(t.c.id == bindparam("_id"))
+            .values(
+                row_digest=bindparam("row_digest"),
+                wrapped_key=bindparam("wrapped_key"),
+                updated_at=bindparam("updated_at"),
+            )
         )
         self.query(lambda: conn.execute(stmt, params), owner)
         for entry, digest in pairs:
@@ -199,7 +220,9 @@ class RowKeys:
             self.key_queries += 1
             rows = self.query(lambda: conn.execute(self._select_keys(conn, chunk)).all(), table)
             # parent_id None: a table key, which the manager's own cache serves
-            opened = [self._opened(r, parents, table, column) for r in rows if r[1] is not None and r[5] == kt.SCOPE_ROW]
+            opened = [
+                self._opened(r, parents, table, column) for r in rows if r[1] is not None and r[5] == kt.SCOPE_ROW
+            ]
             for entry, digest in zip(self.cache.put_many(o[:3] for o in opened), (o[3] for o in opened)):
                 entry.bound = digest
 
@@ -259,5 +282,6 @@ class RowKeys:
         raise ConfigurationError(
             f"key {fmt.format_key_id(key_id)} is a {record.scope} key of table "
             f"{record.owner_table}: only row keys{'' if owner is None else ' of ' + owner} can be shredded",
-            table=record.owner_table, key_id=fmt.format_key_id(key_id),
+            table=record.owner_table,
+            key_id=fmt.format_key_id(key_id),
         )

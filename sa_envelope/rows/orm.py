@@ -230,8 +230,5 @@ def _bulk_pk(params: dict[str, Any], spec: TableSpec) -> tuple[Any, ...]:
         return tuple(params[a] for a in spec.pk_attrs)
     except KeyError:
         raise EnvelopeError(
-            f"bulk UPDATE of row-scoped columns of {spec.owner} needs the primary key in every row",
-            table=spec.owner,
+            f"bulk UPDATE of row-scoped columns of {spec.owner} needs the primary key in every row", table=spec.owner
         ) from None
-
-

@@ -72,7 +72,11 @@ def _table_of(entry: Any) -> Table | None:
 def _position(columns: Any, table: Table, name: str) -> int | None:
     for j, entry in enumerate(columns):
         for obj in entry.objects:
-            if isinstance(obj, ColumnElement) and getattr(obj, "table", None) is table and getattr(obj, "name", None) == name:
+            if (
+                isinstance(obj, ColumnElement)
+                and getattr(obj, "table", None) is table
+                and getattr(obj, "name", None) == name
+            ):
                 return j
     return None
 
@@ -94,7 +98,12 @@ def pk_positions(compiled: Any, positions: list[int], dialect: Any) -> tuple[lis
 
 
 def check_binding(
-    rows: RowKeys, conn: Connection, owner: str, fetched: list[Any], positions: list[int], pk: tuple[list[int], list[Any]]
+    rows: RowKeys,
+    conn: Connection,
+    owner: str,
+    fetched: list[Any],
+    positions: list[int],
+    pk: tuple[list[int], list[Any]],
 ) -> None:
     """Refuse a row whose row-scoped value's key is bound to another row (a
     value copied between rows): :class:`DecryptionError` for the whole result."""
@@ -116,7 +125,8 @@ def check_binding(
             if entry.bound != digest:
                 raise DecryptionError(
                     "the value's row key is bound to another row (a value copied between rows)",
-                    table=owner, key_id=fmt.format_key_id(entry.key_id),
+                    table=owner,
+                    key_id=fmt.format_key_id(entry.key_id),
                 )
 
 
@@ -143,12 +153,7 @@ def install_prefetch(rows: RowKeys, manager: Any) -> None:
         fetched = cursor.fetchall()
         context.cursor_fetch_strategy = sa_cursor.FullyBufferedCursorFetchStrategy(cursor, initial_buffer=fetched)
         key_id_of = fmt.key_id_of
-        ids = {
-            key_id_of(v)
-            for row in fetched
-            for v in (row[i] for i in positions)
-            if v
-        }
+        ids = {key_id_of(v) for row in fetched for v in (row[i] for i in positions) if v}
         wanted = rows.missing(ids)
         if wanted:
             rows.load(conn, wanted, table=owner or "", column=None)

@@ -60,25 +60,42 @@ def _build_specs(mapper: Mapper[Any]) -> tuple[TableSpec, ...]:
         pk_cols = tuple(table.primary_key.columns)
         pk_props = [mapper.get_property_by_column(c) for c in pk_cols]
         identity = [mapper.get_property_by_column(c) for c in mapper.primary_key]
-        out.append(TableSpec(
-            manager=first.keys, table=table, owner=first._table or table.name,
-            attrs=tuple(a for a, _ in items), columns=tuple(c for _, c in items),
-            pk_attrs=tuple(p.key for p in pk_props), pk_cols=pk_cols,
-            pk_index=tuple(identity.index(p) for p in pk_props),
-        ))
+        out.append(
+            TableSpec(
+                manager=first.keys,
+                table=table,
+                owner=first._table or table.name,
+                attrs=tuple(a for a, _ in items),
+                columns=tuple(c for _, c in items),
+                pk_attrs=tuple(p.key for p in pk_props),
+                pk_cols=pk_cols,
+                pk_index=tuple(identity.index(p) for p in pk_props),
+            )
+        )
     return tuple(out)
 
 
 def core_spec(manager: Any, table: Table) -> TableSpec | None:
     """The spec of a Core table's row-scoped columns of ``manager``, if any."""
-    columns = [c for c in table.columns if isinstance(c.type, EncryptedType) and c.type.scope == kt.SCOPE_ROW
-               and c.type.keys is manager]
+    columns = [
+        c
+        for c in table.columns
+        if isinstance(c.type, EncryptedType) and c.type.scope == kt.SCOPE_ROW and c.type.keys is manager
+    ]
     if not columns:
         return None
     pk_cols = tuple(table.primary_key.columns)
     owner = columns[0].type._table or table.name  # type: ignore[attr-defined]
-    return TableSpec(manager, table, owner, tuple(c.key for c in columns), tuple(columns),
-                     tuple(c.key for c in pk_cols), pk_cols, tuple(range(len(pk_cols))))
+    return TableSpec(
+        manager,
+        table,
+        owner,
+        tuple(c.key for c in columns),
+        tuple(columns),
+        tuple(c.key for c in pk_cols),
+        pk_cols,
+        tuple(range(len(pk_cols))),
+    )
 
 
 def pk_of(state: InstanceState[Any], spec: TableSpec) -> tuple[Any, ...]:

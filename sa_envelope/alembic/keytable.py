@@ -1,0 +1,159 @@
+"""Alembic operations on the key table, and the CMK rotation (``rewrap_keys``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alembic.operations import MigrateOperation, Operations
+from sqlalchemy import MetaData
+
+from ..errors import EnvelopeError
+from ..keys import table as kt
+from ..providers.spec import provider_from_spec
+from .context import manager_for, require_online
+
+__all__ = [
+    "AddKeyContextVersionOp",
+    "AddRowDigestOp",
+    "CreateKeyTableOp",
+    "DropKeyTableOp",
+    "DropRowDigestOp",
+    "RewrapKeysOp",
+]
+
+# --------------------------------------------------------------------------- key table
+
+
+class _KeyTableOp(MigrateOperation):
+    def __init__(self, table_name: str = kt.KEY_TABLE_NAME) -> None:
+        self.table_name = table_name
+
+
+@Operations.register_operation("create_key_table")
+class CreateKeyTableOp(_KeyTableOp):
+    """Create ``sa_envelope_keys`` (or ``table_name``) with its indexes."""
+
+    @classmethod
+    def create_key_table(cls, operations: Operations, table_name: str = kt.KEY_TABLE_NAME) -> Any:
+        return operations.invoke(cls(table_name))
+
+    def reverse(self) -> DropKeyTableOp:
+        return DropKeyTableOp(self.table_name)
+
+
+@Operations.register_operation("drop_key_table")
+class DropKeyTableOp(_KeyTableOp):
+    """Drop the key table: every encrypted value becomes unreadable."""
+
+    @classmethod
+    def drop_key_table(cls, operations: Operations, table_name: str = kt.KEY_TABLE_NAME) -> Any:
+        return operations.invoke(cls(table_name))
+
+    def reverse(self) -> CreateKeyTableOp:
+        return CreateKeyTableOp(self.table_name)
+
+
+@Operations.register_operation("add_row_digest")
+class AddRowDigestOp(_KeyTableOp):
+    """Upgrade a key table made before row keys were bound to their rows:
+    add the ``row_digest`` column and its index (docs/format.md). Existing
+    row keys stay unbound and keep working."""
+
+    @classmethod
+    def add_row_digest(cls, operations: Operations, table_name: str = kt.KEY_TABLE_NAME) -> Any:
+        return operations.invoke(cls(table_name))
+
+    def reverse(self) -> DropRowDigestOp:
+        return DropRowDigestOp(self.table_name)
+
+
+@Operations.register_operation("drop_row_digest")
+class DropRowDigestOp(_KeyTableOp):
+    """The downgrade of ``add_row_digest``: bound row keys become unreadable."""
+
+    @classmethod
+    def drop_row_digest(cls, operations: Operations, table_name: str = kt.KEY_TABLE_NAME) -> Any:
+        return operations.invoke(cls(table_name))
+
+    def reverse(self) -> AddRowDigestOp:
+        return AddRowDigestOp(self.table_name)
+
+
+@Operations.implementation_for(AddRowDigestOp)
+def _add_row_digest(operations: Operations, op: AddRowDigestOp) -> None:
+    table = kt.key_table(MetaData(), op.table_name)
+    operations.add_column(op.table_name, table.c.row_digest._copy())
+    operations.create_index(f"ix_{op.table_name}_row_digest", op.table_name, ["row_digest"])
+
+
+@Operations.implementation_for(DropRowDigestOp)
+def _drop_row_digest(operations: Operations, op: DropRowDigestOp) -> None:
+    operations.drop_index(f"ix_{op.table_name}_row_digest", op.table_name)
+    operations.drop_column(op.table_name, "row_digest")
+
+
+@Operations.implementation_for(CreateKeyTableOp)
+def _create_key_table(operations: Operations, op: CreateKeyTableOp) -> None:
+    table = kt.key_table(MetaData(), op.table_name)
+    operations.create_table(table.name, *(c._copy() for c in table.columns))
+    for index in sorted(table.indexes, key=lambda i: str(i.name)):
+        operations.create_index(str(index.name), table.name, [c.name for c in index.columns])
+
+
+@Operations.implementation_for(DropKeyTableOp)
+def _drop_key_table(operations: Operations, op: DropKeyTableOp) -> None:
+    operations.drop_table(op.table_name)
+
+
+@Operations.register_operation("add_key_context_version")
+class AddKeyContextVersionOp(_KeyTableOp):
+    """Upgrade a key table made before key context versions: add the
+    nullable ``context_version`` column (existing rows read as version 1;
+    run ``rewrap_keys`` afterwards to upgrade them)."""
+
+    @classmethod
+    def add_key_context_version(cls, operations: Operations, table_name: str = kt.KEY_TABLE_NAME) -> Any:
+        return operations.invoke(cls(table_name))
+
+
+@Operations.implementation_for(AddKeyContextVersionOp)
+def _add_key_context_version(operations: Operations, op: AddKeyContextVersionOp) -> None:
+    column = kt.key_table(MetaData(), op.table_name).c.context_version
+    operations.add_column(op.table_name, column._copy())
+
+
+# --------------------------------------------------------------------------- rewrap
+
+
+@Operations.register_operation("rewrap_keys")
+class RewrapKeysOp(MigrateOperation):
+    """Re-wrap every table key under ``to`` (default: the KeyManager's provider).
+
+    ``to`` and ``source`` are providers or CMK strings (``alias/app``, a key
+    ARN, ``local:PATH``).
+
+    Its natural downgrade is nothing: keys wrapped by the new CMK stay
+    readable. Fails the migration if any key could not be re-wrapped, so the
+    revision is not recorded and running it again finishes the job.
+    """
+
+    def __init__(self, to: Any = None, *, source: Any = None, keys: Any = None, batch_size: int = 100) -> None:
+        self.to, self.source, self.keys, self.batch_size = to, source, keys, batch_size
+
+    @classmethod
+    def rewrap_keys(
+        cls, operations: Operations, to: Any = None, *, source: Any = None, keys: Any = None, batch_size: int = 100
+    ) -> Any:
+        return operations.invoke(cls(to, source=source, keys=keys, batch_size=batch_size))
+
+
+@Operations.implementation_for(RewrapKeysOp)
+def _rewrapmanager_for(operations: Operations, op: RewrapKeysOp) -> None:
+    require_online(operations, "rewrap_keys")
+    keys = manager_for(operations, op.keys)
+    to = provider_from_spec(op.to, check=True) if isinstance(op.to, str) else op.to
+    source = provider_from_spec(op.source) if isinstance(op.source, str) else op.source
+    with operations.get_context().autocommit_block():
+        report = keys.rewrap(to, source=source, batch_size=op.batch_size)
+    if not report.complete:
+        raise EnvelopeError(f"{report}; run the migration again once the cause is fixed")
