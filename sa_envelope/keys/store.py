@@ -64,6 +64,7 @@ class KeyStore:
         self.provider_calls = 0
         self.keys_created = 0
         self.budget = ro.EncryptionBudget(rollover.max_encryptions)  # roll-over by encryptions
+        self.on_rollover: list[Callable[[Connection, str, CachedKey], None]] = []
 
     # -- the per-value path ----------------------------------------------------------
 
@@ -365,6 +366,8 @@ class KeyStore:
         fault_point("rollover.before_retire")
         self.query(lambda: ro.retire_others(conn, self.table, owner, scope, entry.key_id), owner)
         fault_point("rollover.after_retire")
+        for follow in self.on_rollover:  # keys wrapped by the table key follow it (rows.binding)
+            follow(conn, owner, entry)
         with self._lock:
             self._active.pop((owner, scope), None)
         return entry
@@ -380,8 +383,6 @@ class KeyStore:
         if found is not None:
             self.trust(owner, scope, found[0].id)
         return new_id
-
-    # -- helpers -----------------------------------------------------------------------
 
     def _provider_call(self, fn: Callable[[], T]) -> T:
         self.provider_calls += 1

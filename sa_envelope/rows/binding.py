@@ -33,14 +33,23 @@ import os
 import uuid
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import Connection, and_, select
+from sqlalchemy import Connection, and_, select, update
 
 from ..envelope import ciphers
 from ..envelope import format as fmt
 from ..errors import DecryptionError
 from ..keys import table as kt
 
-__all__ = ["DIGEST_SCOPE", "bound_row_key", "digest_key", "find_bound", "pk_bytes", "row_digest", "unbound_live"]
+__all__ = [
+    "DIGEST_SCOPE",
+    "bound_row_key",
+    "digest_key",
+    "find_bound",
+    "follow_table_key",
+    "pk_bytes",
+    "row_digest",
+    "unbound_live",
+]
 
 DIGEST_SCOPE = "row-digest"
 DIGEST_ALGORITHM = "HMAC-SHA256"
@@ -105,6 +114,25 @@ def _insert(rows: Any, conn: Connection, owner: str, key_id: int, plain: bytes) 
     )
     rows.tracker.state(conn).rows.add(key_id)  # forgotten if this transaction rolls back
     return bool(rows.query(lambda: kt.insert_record(conn, rows.table, record, if_absent=True), owner))
+
+
+def follow_table_key(rows: Any, conn: Connection, owner: str, parent: Any) -> None:
+    """Re-wrap ``owner``'s digest key under its new table key ``parent``, in
+    the roll-over's transaction. So the digest key always sits under the
+    current table key: a database writer who alters a retired table key
+    destroys what that key protects, never the binding of new rows."""
+    key_id = kt.singleton_key_id(owner, DIGEST_SCOPE)
+    record = rows.query(lambda: kt.get_record(conn, rows.table, key_id), owner)
+    if record is None or record.parent_id == parent.key_id:
+        return
+    plain = _open(rows, owner, record)
+    wrapped = ciphers.wrap_row_key(parent.cipher, parent.key_id, owner, key_id, plain)
+    t = rows.table
+    stmt = (
+        update(t).where(t.c.id == key_id).values(parent_id=parent.key_id, wrapped_key=wrapped, updated_at=kt.utcnow())
+    )
+    rows.query(lambda: conn.execute(stmt), owner)
+    rows.tracker.state(conn).rows.add(key_id)  # a rollback undoes it: the cached key is evicted
 
 
 def _open(rows: Any, owner: str, record: kt.KeyRecord | None) -> bytes:

@@ -51,6 +51,7 @@ from ..faults import fault_point
 from ..keys import table as kt
 from ..keys.cache import CacheLimits, CachedKey, KeyCache
 from ..keys.store import KeyStore
+from . import binding
 
 __all__ = ["ROW_CACHE_SIZE", "RowKeys"]
 
@@ -73,6 +74,7 @@ class RowKeys:
         self.tracker.row_cache = self.cache  # evicted with the transactions that made them
         self.keys_created = 0
         self.key_queries = 0
+        store.on_rollover.append(lambda conn, owner, parent: binding.follow_table_key(self, conn, owner, parent))
 
     def query(self, fn: Callable[[], T], owner: str) -> T:
         """Run a key-table (or row) query; a database failure becomes ours."""

@@ -21,6 +21,7 @@ from support.models import row_scope_model
 from support.row_scope import LOCAL, keys_and_patients, row_key_ids
 from sa_envelope import DecryptionError, EncryptedType, KeyManager, LocalKeyProvider
 from sa_envelope.envelope import format as fmt
+from sa_envelope.keys import table as kt
 
 A = {"id": 1, "name": "Alice", "notes": {"diagnosis": "a"}, "ssn": "111-11"}
 B = {"id": 2, "name": "Bob", "notes": {"diagnosis": "b"}, "ssn": "222-22"}
@@ -290,3 +291,25 @@ def test_a_new_row_with_a_deleted_rows_primary_key_replaces_and_shreds_its_key(e
     restore(engine, Patient, saved)
     got = read_each(engine)
     assert erased(got[2]) and got[1][1] == A["notes"] and got[3][1] == C["notes"]
+
+
+def test_the_digest_key_follows_the_table_key_so_a_retired_key_altered_stops_nothing(engine: Engine) -> None:
+    """The row-digest key sits under the current table key: after a roll-over,
+    a database writer who destroys the retired table key destroys the values
+    under it, never the binding (and so the writing) of new rows."""
+    keys, Patient = three_patients(engine)
+    t = keys.table
+    digest_id = kt.singleton_key_id(Patient.__tablename__, "row-digest")
+    with engine.connect() as conn:
+        old = conn.execute(select(t.c.parent_id).where(t.c.id == digest_id)).scalar_one()
+    new = keys.rotate_table_key(Patient.__tablename__)
+    with engine.begin() as conn:
+        assert conn.execute(select(t.c.parent_id).where(t.c.id == digest_id)).scalar_one() == new
+        conn.execute(update(t).where(t.c.id == old).values(wrapped_key=b"\x00" * 64))  # the writer destroys it
+    keys = KeyManager(engine, LOCAL)  # a fresh process: nothing cached
+    Patient = row_scope_model(keys)
+    with Session(engine) as s:
+        s.add(Patient(id=4, name="Dan", notes={"diagnosis": "d"}, ssn="444-44"))
+        s.commit()
+    with Session(engine) as s:
+        assert s.get(Patient, 4).notes == {"diagnosis": "d"}  # type: ignore[union-attr]

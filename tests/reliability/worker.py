@@ -20,6 +20,8 @@ import argparse
 import sys
 import threading
 
+from sqlalchemy import create_engine
+
 from sa_envelope import faults
 
 from .crash import SCENARIOS, CrashContext, exit_at
@@ -72,7 +74,14 @@ def _race(ctx: CrashContext, worker: int, rows: int, threads: int) -> int:
         try:
             base = (worker * threads + t) * rows
             insert_rows(s, "patients", range(base, base + rows))
-            check_rows(ctx.engine, ctx.provider, "patients")
+            # the checking KeyManager on an engine of its own: registering an
+            # engine's event listeners while other threads run statements on
+            # it races inside SQLAlchemy ("deque mutated during iteration")
+            reader = create_engine(ctx.url)
+            try:
+                check_rows(reader, ctx.provider, "patients")
+            finally:
+                reader.dispose()
         except BaseException as exc:  # reported to the parent below
             errors.append(exc)
 
