@@ -13,19 +13,17 @@ from pathlib import Path
 import pytest
 from sqlalchemy import String, insert, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from sa_envelope import EncryptedType, KeyManager, LocalKeyProvider
+from support.models import new_base
 
 ROWS = 3_000
 IDS = range(1, ROWS + 1)  # MariaDB turns an explicit 0 into the next AUTO_INCREMENT id
 
 
 def _model(keys: KeyManager) -> type:
-    class Base(DeclarativeBase):
-        pass
-
-    class Person(Base):
+    class Person(new_base()):  # type: ignore[misc]
         __tablename__ = "stream_people"
         id: Mapped[int] = mapped_column(primary_key=True)
         name: Mapped[str] = mapped_column(EncryptedType(String(50), keys))
