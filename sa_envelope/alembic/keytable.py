@@ -148,7 +148,7 @@ class RewrapKeysOp(MigrateOperation):
 
 
 @Operations.implementation_for(RewrapKeysOp)
-def _rewrapmanager_for(operations: Operations, op: RewrapKeysOp) -> None:
+def _rewrap_keys(operations: Operations, op: RewrapKeysOp) -> None:
     require_online(operations, "rewrap_keys")
     keys = manager_for(operations, op.keys)
     to = provider_from_spec(op.to, check=True) if isinstance(op.to, str) else op.to

@@ -172,18 +172,27 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         On failure the closure's frame drops the value before the error
         leaves it (frame locals are what error trackers capture)."""
         encrypt = self.encrypt
-        impl = self.impl_instance.bind_processor(dialect)
+        impl: Any = self.impl_instance.bind_processor(dialect)
 
         def process(value: Any) -> Any:
             if value is None:
                 return None
             try:
-                return encrypt(value) if impl is None else impl(encrypt(value))
+                return encrypt(value)
             except BaseException:
                 value = None
                 raise
 
-        return process
+        def process_impl(value: Any) -> Any:  # the storage type's own processor after ours
+            if value is None:
+                return None
+            try:
+                return impl(encrypt(value))
+            except BaseException:
+                value = None
+                raise
+
+        return process if impl is None else process_impl  # chosen once, not per value
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
         """One closure per dialect: the per-value path skips a call layer."""

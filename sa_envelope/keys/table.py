@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -44,7 +44,6 @@ __all__ = [
     "find_active",
     "find_candidates",
     "get_record",
-    "get_records",
     "SCOPE_ALGORITHM",
     "get_record_locked",
     "insert_record",
@@ -193,15 +192,6 @@ def get_record(conn: Connection, table: Table, key_id: int) -> KeyRecord | None:
     """The key row with this id, or ``None``."""
     row = conn.execute(select(table).where(table.c.id == key_id)).first()
     return KeyRecord.from_row(row) if row is not None else None
-
-
-def get_records(conn: Connection, table: Table, key_ids: Iterable[int]) -> list[KeyRecord]:
-    """Several key rows in one query."""
-    ids = list(key_ids)
-    if not ids:
-        return []
-    rows = conn.execute(select(table).where(table.c.id.in_(ids))).all()
-    return [KeyRecord.from_row(r) for r in rows]
 
 
 def insert_record(conn: Connection, table: Table, record: KeyRecord, *, if_absent: bool = False) -> bool:
