@@ -41,6 +41,7 @@ from .keys.store import KeyStore
 from .keys.tracking import Tracker
 from .providers.base import KeyProvider
 from .rows.binding import bound_row_key
+from .rows.core import install_core_hook
 from .rows.keys import RowKeys
 from .rows.orm import install_orm_hooks
 from .rows.shred import shred_instance, shred_table_row
@@ -215,6 +216,7 @@ class KeyManager:
                 if rows is None:
                     rows = RowKeys(self.store)
                     install_prefetch(rows, self)
+                    install_core_hook(rows, self)
                     install_orm_hooks()
                     self._rows = rows
         return rows

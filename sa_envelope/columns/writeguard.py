@@ -11,7 +11,13 @@ with :class:`~sa_envelope.UnsupportedQueryError`, on every backend.
 
 Allowed: plain Python values (bound with the column's type), ``None`` and
 ``null()``, untyped ``bindparam()`` (it takes the column's type), and bind
-parameters typed with this column's own :class:`EncryptedType`.
+parameters typed with this column's own :class:`EncryptedType`. In the SET
+of an upsert (``on_conflict_do_update(set_=...)``, ``on_duplicate_key_update``)
+also the proposed row's value of the *same* column (``stmt.excluded.col``,
+``stmt.inserted.col``: rendered ``VALUES(col)`` on MariaDB), which copies a
+ciphertext sealed for that very column; the proposed value of another column
+is refused, since it would not decrypt there. Row-scoped columns have a
+further rule (the key must be the row's): :mod:`sa_envelope.rows.upserts`.
 """
 
 from __future__ import annotations
@@ -19,11 +25,12 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from sqlalchemy.sql.elements import BindParameter, ClauseElement, Null
+from sqlalchemy.sql.selectable import FromClause
 
 from ..errors import UnsupportedQueryError
 from .encrypted import EncryptedType
 
-__all__ = ["check_writes"]
+__all__ = ["check_writes", "is_proposed", "upsert_assignments"]
 
 
 def _same_column_type(bound: Any, column_type: EncryptedType) -> bool:
@@ -55,6 +62,27 @@ def _assignments(stmt: Any) -> Iterator[tuple[Any, Any]]:
                 yield from row.items()
 
 
+def upsert_assignments(stmt: Any) -> list[tuple[Any, Any]]:
+    """``(key, value)`` of the SET of an upsert (PostgreSQL and SQLite
+    ``on_conflict_do_update``, MySQL ``on_duplicate_key_update``); empty otherwise."""
+    clause = getattr(stmt, "_post_values_clause", None)
+    sets = getattr(clause, "update_values_to_set", None)  # a dict in SQLAlchemy 2.1, pairs in 2.0
+    if sets is None:
+        sets = getattr(clause, "update", None)
+    if not sets:
+        return []
+    return list(sets.items() if isinstance(sets, dict) else sets)
+
+
+def is_proposed(value: Any, table: Any, key: str) -> bool:
+    """``value`` is the proposed row's value of column ``key`` of ``table``
+    (``excluded.key`` / ``inserted.key``, an alias of the table itself)."""
+    source = getattr(getattr(value, "table", None), "element", None)
+    if getattr(value, "key", None) != key or source is None or not hasattr(source, "_deannotate"):
+        return False
+    return bool(source._deannotate() is table._deannotate())
+
+
 def _column(table: Any, key: Any) -> Any:
     if isinstance(key, str):
         return table.c.get(key)
@@ -80,20 +108,38 @@ def check_writes(stmt: Any) -> None:
         if isinstance(column_type, EncryptedType) and not _allowed(value, column_type):
             what, value = _kind(value), None  # the frame keeps no plaintext
             raise _refused(table, column, what)
+    for key, value in upsert_assignments(stmt):
+        column = _column(table, key)
+        column_type = getattr(column, "type", None)
+        if isinstance(column_type, EncryptedType) and not (
+            _allowed(value, column_type) or is_proposed(value, table, column.key)
+        ):
+            proposed = isinstance(getattr(getattr(value, "table", None), "element", None), FromClause)
+            what, value = _kind(value), None
+            raise _refused(table, column, f"{what} (in the upsert's SET)", _OTHER_COLUMN if proposed else _UNENCRYPTED)
 
 
 def _kind(value: Any) -> str:
+    if isinstance(getattr(getattr(value, "table", None), "element", None), FromClause):
+        return f"proposed value of the column {value.key}"
     if isinstance(value, BindParameter):
         return f"parameter of type {type(value.type).__name__}"
     return type(value).__name__
 
 
-def _refused(table: Any, column: Any, what: str) -> UnsupportedQueryError:
+_OTHER_COLUMN = (
+    "where it was sealed for another column and would not decrypt; set the same column's "
+    "proposed value (stmt.excluded.col, stmt.inserted.col) or a Python value"
+)
+_UNENCRYPTED = (
+    "which would store it unencrypted; pass the Python value instead (it is encrypted by the column's type)"
+)
+
+
+def _refused(table: Any, column: Any, what: str, why: str = _UNENCRYPTED) -> UnsupportedQueryError:
     name = getattr(column, "name", str(column))
     return UnsupportedQueryError(
-        f"this statement writes a {what} into the encrypted column {table.name}.{name}, "
-        "which would store it unencrypted; pass the Python value instead (it is "
-        "encrypted by the column's type)",
+        f"this statement writes a {what} into the encrypted column {table.name}.{name}, {why}",
         table=table.name,
         column=name,
     )

@@ -22,11 +22,14 @@ the row's key has to travel with the value. These hooks do that:
   and bulk UPDATE by primary key (``session.execute(update(Model), [dicts])``)
   get the same treatment on their parameter dicts.
 
-Anything else that writes a bare value into a row-scoped column (Core
-``insert()``, an ORM ``update().values(...)`` with a WHERE clause, the legacy
-``bulk_insert_mappings``) reaches the bind processor without a key and raises
-:class:`~sa_envelope.RowKeyRequiredError` before anything is written. Core
-users pass ``KeyManager.new_row_key(conn, table).value(v)`` instead.
+Core statements (``conn.execute(insert(t), rows)``, ``update(t).where(...)``,
+upserts) and the legacy bulk methods (``bulk_insert_mappings``,
+``bulk_update_mappings``, ``bulk_save_objects``), which run Core statements,
+get their row keys from the Core hook (:mod:`.core`), on the statement's
+own connection; an explicit ``KeyManager.new_row_key(conn, table).value(v)``
+still works (a paired value is left as it is). A bare value that reaches the
+bind processor anyway (a statement on a lightweight ``table()``) raises
+:class:`~sa_envelope.RowKeyRequiredError` before anything is written.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from . import binding
 from .shred import retire, shred_deleted
 from .specs import TableSpec, pk_of, specs
 
-__all__ = ["bound_keys", "install_orm_hooks"]
+__all__ = ["bound_keys", "install_orm_hooks", "keys_for"]
 
 _RESTORE = "sa_envelope_row_restore"
 _BIND = "sa_envelope_row_bind"
@@ -84,7 +87,7 @@ def bound_keys(conn: Connection, spec: TableSpec, digests: Sequence[bytes]) -> l
     return [by_digest.get(d) for d in digests]
 
 
-def _keys_for(
+def keys_for(
     conn: Connection, spec: TableSpec, pks: Sequence[tuple[Any, ...] | None], is_update: bool
 ) -> tuple[list[CachedKey], list[int]]:
     """The key each row's values go under: the one bound to the row (updates),
@@ -145,7 +148,7 @@ def _before_flush(session: Session, flush_context: UOWTransaction, instances: An
             conn = session.connection(bind_arguments={"mapper": items[0][0].mapper})
             pks = [_known(pk_of(s, spec)) for s, _ in items]
             restore = session.info.setdefault(_RESTORE, [])
-            keys, unbound = _keys_for(conn, spec, pks, is_update)
+            keys, unbound = keys_for(conn, spec, pks, is_update)
             for (state, attrs), key in zip(items, keys):
                 _wrap(restore, state, attrs, key)
             session.info.setdefault(_BIND, []).extend((conn, spec, items[i][0], keys[i]) for i in unbound)
@@ -217,7 +220,7 @@ def _do_orm_execute(orm_state: ORMExecuteState) -> Any:
             pks: list[tuple[Any, ...] | None] = [_bulk_pk(plist[i], spec) for i, _ in need]
         else:  # a bulk INSERT without its primary keys leaves the keys unbound (docs/shredding.md)
             pks = [_known(tuple(plist[i].get(a) for a in spec.pk_attrs)) for i, _ in need]
-        for (i, attrs), key in zip(need, _keys_for(conn, spec, pks, orm_state.is_update)[0]):
+        for (i, attrs), key in zip(need, keys_for(conn, spec, pks, orm_state.is_update)[0]):
             for attr in attrs:
                 extra[i][attr] = RowValue(plist[i][attr], key)
     if not any(extra):

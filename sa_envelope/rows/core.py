@@ -1,0 +1,352 @@
+"""Row keys for Core writes: every INSERT and UPDATE of a row-scoped column.
+
+The ORM hooks (:mod:`.orm`) pair each row-scoped value with its row's key
+before a flush. Core statements reach the engine with bare values:
+``conn.execute(insert(t), rows)``, ``insert().values(...)`` (one row or
+several), ``update(t).where(t.c.id == 5).values(...)``, upserts, and the
+legacy ORM bulk methods (``bulk_insert_mappings``, ``bulk_update_mappings``,
+``bulk_save_objects``), which run Core statements. A ``before_execute``
+listener with ``retval=True`` on the manager's engine rewrites those before
+they compile: it makes the statement's row keys in bulk (one executemany per
+statement, :meth:`RowKeys.create`) on the statement's own connection, in
+its transaction, and hands the column :class:`RowValue` pairs instead of the
+bare values. Values already paired (the ORM's, ``new_row_key(...).value(v)``)
+are left as they are, so this costs the ORM nothing but a dictionary lookup.
+
+Which key a row gets, as in the ORM (:mod:`.binding`: keys are bound to the
+row's primary key digest):
+
+* INSERT with the primary key in the values: a new key bound to the row
+  (live keys of an earlier row with that key are shredded: :func:`.shred.retire`).
+* INSERT whose primary key the database makes (autoincrement): a new key,
+  bound after the INSERT ran (``after_execute``) from
+  ``inserted_primary_key_rows``; an executemany gets ``return_defaults()``
+  for that (RETURNING, on every backend the suite runs). Refused where the
+  primary keys cannot be known: ``returning()`` or multi-row ``values([...])``
+  without them.
+* UPDATE identified by its primary key (``where(t.c.id == 5)``, or
+  ``== bindparam("pid")`` with one parameter set per row): the key bound to
+  the row, or a new bound key if it has none. An UPDATE of row-scoped columns
+  that does not name its rows' primary keys is refused: one statement would
+  write one ciphertext into rows with different keys.
+* Upserts (``on_conflict_do_update``, ``on_duplicate_key_update``): the key
+  bound to the row if there is one, else a new bound key, so the key is right
+  whether the row is inserted or updated; the conflict must be on the primary
+  key (:func:`.upserts.check_upsert`).
+
+Refusals are :class:`~sa_envelope.UnsupportedQueryError`, raised before any
+key or row is written.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from sqlalchemy import Connection, Table, event
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList, ColumnElement
+
+from ..columns.rowvalue import RowValue
+from ..errors import UnsupportedQueryError
+from ..keys.cache import CachedKey
+from . import binding
+from .keys import RowKeys
+from .orm import keys_for
+from .shred import retire
+from .specs import TableSpec, core_spec
+from .upserts import check_upsert, is_upsert
+
+__all__ = ["install_core_hook"]
+
+_NO_SPEC: Any = object()
+
+
+@dataclass
+class _Plan:
+    """The row-scoped values of one statement, per parameter set."""
+
+    spec: TableSpec
+    values: list[dict[str, Any]]  # per row: column key -> bare value
+    pks: list[tuple[Any, ...] | None]
+    fixed: dict[str, Any] = field(default_factory=dict)  # values() entries: column key -> BindParameter
+    names: dict[str, str] = field(default_factory=dict)  # column key -> the parameter holding its value
+
+
+def install_core_hook(rows: RowKeys, manager: Any) -> None:
+    """Listen on the manager's engine (once per manager, from ``KeyManager.rows``)."""
+    hook = _CoreWrites(manager)
+    engine = rows.store.engine
+    event.listen(engine, "before_execute", hook.before, retval=True)
+    event.listen(engine, "after_execute", hook.after)
+
+
+class _CoreWrites:
+    def __init__(self, manager: Any) -> None:
+        self.manager = manager
+        self.specs: weakref.WeakKeyDictionary[Table, Any] = weakref.WeakKeyDictionary()
+        self.pending_key = f"sa_envelope_core_pending_{id(self)}"
+
+    def spec(self, table: Any) -> TableSpec | None:
+        table = table._deannotate()
+        if not isinstance(table, Table):
+            return None
+        found = self.specs.get(table, _NO_SPEC)
+        if found is _NO_SPEC:
+            found = self.specs[table] = core_spec(self.manager, table)
+        return found  # type: ignore[no-any-return]
+
+    def before(self, conn: Connection, stmt: Any, multiparams: Any, params: Any, options: Any) -> Any:
+        if not getattr(stmt, "is_dml", False) or not (stmt.is_insert or stmt.is_update):
+            return stmt, multiparams, params
+        spec = self.spec(stmt.table)
+        if spec is None:
+            return stmt, multiparams, params
+        plist: list[Mapping[str, Any]] = list(multiparams) if multiparams else [params]
+        if stmt.is_insert and stmt._multi_values:
+            return self._multi_values(conn, spec, stmt)
+        plan = _plan(spec, stmt, plist)
+        if not any(plan.values):
+            return stmt, multiparams, params
+        if stmt.is_update:
+            keys = _update_keys(conn, plan)
+            return _rewrite(stmt, plan, plist, keys, multiparams)
+        keys, unbound = _insert_keys(conn, plan, stmt)
+        if unbound:
+            stmt = _fetch_pks(conn, stmt, plan, len(plist))
+        rewritten = _rewrite(stmt, plan, plist, keys, multiparams)
+        if unbound:  # bound once the INSERT made the primary keys (after)
+            conn.info[self.pending_key] = (rewritten[0], spec, [(i, keys[i]) for i in unbound])
+        return rewritten
+
+    def _multi_values(self, conn: Connection, spec: TableSpec, stmt: Any) -> Any:
+        """``insert().values([{...}, {...}])``: one key per row of the VALUES list."""
+        rows = [_as_dict(spec.table, row) for row in stmt._multi_values[0]]
+        plan = _Plan(
+            spec,
+            [{k: _literal(r.get(k)) for k in spec.attrs if _bare(_literal(r.get(k)))} for r in rows],
+            [_known([_literal(r.get(c.key)) for c in spec.pk_cols]) for r in rows],
+        )
+        if not any(plan.values):
+            return stmt, [], {}
+        keys, unbound = _insert_keys(conn, plan, stmt)
+        if unbound:
+            raise _refused(spec, "a multi-row INSERT ... VALUES whose primary keys the database makes", _PASS_PK)
+        new_rows = []
+        for row, values, key in zip(rows, plan.values, keys):
+            wrapped = {k: RowValue(v, key) for k, v in values.items()} if key is not None else {}
+            new_rows.append({**row, **wrapped})
+        new = stmt._generate()
+        new._multi_values = (tuple(new_rows),)
+        return new, [], {}
+
+    def after(self, conn: Connection, stmt: Any, multiparams: Any, params: Any, options: Any, result: Any) -> None:
+        pending = conn.info.get(self.pending_key)
+        if pending is None or pending[0] is not stmt:
+            return
+        del conn.info[self.pending_key]
+        _, spec, items = pending
+        pk_rows = result.inserted_primary_key_rows
+        pairs = [(key, tuple(pk_rows[i])) for i, key in items if i < len(pk_rows) and _known(pk_rows[i])]
+        _bind_after(conn, spec, pairs)
+
+
+# -- reading a statement's row-scoped values -----------------------------------------------
+
+
+def _bare(value: Any) -> bool:
+    return value is not None and type(value) is not RowValue
+
+
+def _literal(value: Any) -> Any:
+    """The Python value of a ``values()`` entry (``None`` for an SQL expression:
+    :mod:`sa_envelope.columns.writeguard` has refused those already)."""
+    if isinstance(value, BindParameter):
+        return value.effective_value if value.value is not None or value.callable else None
+    return None if isinstance(value, ColumnElement) else value
+
+
+def _known(pk: Sequence[Any]) -> tuple[Any, ...] | None:
+    return None if any(v is None for v in pk) else tuple(pk)
+
+
+def _key_of(table: Table, key: Any) -> str | None:
+    if isinstance(key, str):
+        return key
+    column = getattr(key, "key", None)
+    return column if isinstance(column, str) and column in table.c else None
+
+
+def _as_dict(table: Table, row: Any) -> dict[str, Any]:
+    """A multi-values row (dict, or tuple in column order) keyed by column key."""
+    if isinstance(row, dict):
+        return {_key_of(table, k) or k: v for k, v in row.items()}
+    return {c.key: v for c, v in zip(table.columns, row)}
+
+
+def _values_clause(stmt: Any, table: Table) -> dict[str, Any]:
+    ordered = getattr(stmt, "_ordered_values", None) or ()
+    out: dict[str, Any] = {}
+    for key, value in (*ordered, *(stmt._values or {}).items()):
+        name = _key_of(table, key)
+        if name is not None:
+            out[name] = value
+    return out
+
+
+def _plan(spec: TableSpec, stmt: Any, plist: list[Mapping[str, Any]]) -> _Plan:
+    """Who writes what: parameters (``col.key``), or ``values()`` entries, a
+    Python value or a named ``bindparam`` whose value is in the parameters."""
+    clause = _values_clause(stmt, spec.table)
+    plan = _Plan(spec, [], [])
+    for key in spec.attrs:
+        entry = clause.get(key)
+        if isinstance(entry, BindParameter) and entry.value is None and not entry.callable:
+            plan.names[key] = entry.key
+        elif entry is not None and _bare(_literal(entry)):
+            if len(plist) > 1:
+                raise _refused(spec, "an executemany whose values() sets a row-scoped column", _PER_ROW)
+            plan.fixed[key] = _literal(entry)
+    where = _where_pk(spec, stmt) if stmt.is_update else None
+    for params in plist:
+        row = {k: params.get(plan.names.get(k, k)) for k in spec.attrs}
+        row.update(plan.fixed)
+        plan.values.append({k: v for k, v in row.items() if _bare(v)})
+        if stmt.is_update:
+            plan.pks.append(None if where is None else _known([_pk_value(w, params) for w in where]))
+        else:
+            plan.pks.append(_known([_insert_pk(c, clause, params) for c in spec.pk_cols]))
+    return plan
+
+
+def _insert_pk(column: Any, clause: dict[str, Any], params: Mapping[str, Any]) -> Any:
+    if column.key in params:
+        return params[column.key]
+    if column.key in clause:
+        return _literal(clause[column.key])
+    default = column.default
+    return default.arg if default is not None and default.is_scalar else None
+
+
+def _where_pk(spec: TableSpec, stmt: Any) -> list[Any] | None:
+    """The WHERE clause's ``pk == value`` terms, in primary-key order, or ``None``."""
+    terms: list[Any] = []
+    for criterion in stmt._where_criteria:
+        if isinstance(criterion, BooleanClauseList) and criterion.operator is operators.and_:
+            terms.extend(criterion.clauses)
+        else:
+            terms.append(criterion)
+    found: dict[str, Any] = {}
+    for term in terms:
+        if not isinstance(term, BinaryExpression) or term.operator is not operators.eq:
+            continue
+        for col, other in ((term.left, term.right), (term.right, term.left)):
+            key = getattr(col, "key", None)
+            if key in spec.pk_attrs and isinstance(other, BindParameter):
+                if getattr(col, "_deannotate", None) and col._deannotate() is spec.table.c[key]:
+                    found[key] = other
+    if len(found) != len(spec.pk_attrs):
+        return None
+    return [found[k] for k in spec.pk_attrs]
+
+
+def _pk_value(bind: BindParameter[Any], params: Mapping[str, Any]) -> Any:
+    if bind.value is None and not bind.callable:
+        return params.get(bind.key)
+    return bind.effective_value
+
+
+# -- keys ------------------------------------------------------------------------------------
+
+
+def _rows_needing_keys(plan: _Plan) -> list[int]:
+    return [i for i, values in enumerate(plan.values) if values]
+
+
+def _update_keys(conn: Connection, plan: _Plan) -> list[CachedKey | None]:
+    need = _rows_needing_keys(plan)
+    if any(plan.pks[i] is None for i in need):
+        raise _refused(
+            plan.spec,
+            "an UPDATE that does not name its rows' primary keys",
+            "update by primary key (where(table.c.id == value), or == bindparam() with one "
+            "parameter set per row), or load the rows through the ORM and set the attributes",
+        )
+    return _spread(plan, need, keys_for(conn, plan.spec, [plan.pks[i] for i in need], True)[0])
+
+
+def _insert_keys(conn: Connection, plan: _Plan, stmt: Any) -> tuple[list[CachedKey | None], list[int]]:
+    """One key per row with row-scoped values, and the rows whose keys are
+    bound only after the INSERT (primary key made by the database)."""
+    need = _rows_needing_keys(plan)
+    pks = [plan.pks[i] for i in need]
+    if is_upsert(stmt):
+        check_upsert(plan.spec, stmt)
+        if any(pk is None for pk in pks):
+            raise _refused(plan.spec, "an upsert without the primary key of every row", _PASS_PK)
+        return _spread(plan, need, keys_for(conn, plan.spec, pks, True)[0]), []
+    if any(pk is None for pk in pks) and stmt._returning:
+        raise _refused(plan.spec, "an INSERT ... RETURNING whose primary keys the database makes", _PASS_PK)
+    made, unbound = keys_for(conn, plan.spec, pks, False)
+    return _spread(plan, need, made), [need[j] for j in unbound]
+
+
+def _spread(plan: _Plan, need: list[int], keys: Sequence[CachedKey]) -> list[CachedKey | None]:
+    out: list[CachedKey | None] = [None] * len(plan.values)
+    for i, key in zip(need, keys):
+        out[i] = key
+    return out
+
+
+def _fetch_pks(conn: Connection, stmt: Any, plan: _Plan, count: int) -> Any:
+    """The statement that tells the rows' new primary keys after it ran."""
+    if count <= 1 or stmt._return_defaults:
+        return stmt
+    if not conn.dialect.insert_executemany_returning_sort_by_parameter_order:
+        raise _refused(plan.spec, f"an executemany INSERT on {conn.dialect.name} without the primary keys", _PASS_PK)
+    return stmt.return_defaults(*plan.spec.pk_cols, sort_by_parameter_order=True)
+
+
+def _bind_after(conn: Connection, spec: TableSpec, pairs: list[tuple[CachedKey, tuple[Any, ...]]]) -> None:
+    """Bind the keys of rows whose primary key the INSERT just made."""
+    if not pairs:
+        return
+    rows = spec.manager.rows
+    dkey = binding.digest_key(rows, conn, spec.owner, create=True)
+    bound = [(key, binding.row_digest(dkey, pk)) for key, pk in pairs]
+    retire(conn, spec, [d for _, d in bound])
+    rows.bind(conn, spec.owner, bound)
+
+
+# -- the rewritten statement -----------------------------------------------------------------
+
+
+def _rewrite(
+    stmt: Any, plan: _Plan, plist: list[Mapping[str, Any]], keys: list[CachedKey | None], multiparams: Any
+) -> Any:
+    fixed_key = next((k for k in keys if k is not None), None)
+    if plan.fixed and fixed_key is not None:
+        stmt = stmt.values({k: RowValue(v, fixed_key) for k, v in plan.fixed.items()})
+    out: list[dict[str, Any]] = []
+    for params, values, key in zip(plist, plan.values, keys):
+        new = dict(params)
+        if key is not None:
+            for k, v in values.items():
+                if k not in plan.fixed:
+                    new[plan.names.get(k, k)] = RowValue(v, key)
+        out.append(new)
+    if multiparams:
+        return stmt, out, {}
+    return stmt, [], out[0]
+
+
+_PASS_PK = "pass the primary key values in the statement's parameters, or insert through the ORM"
+_PER_ROW = "put the value in each parameter dict instead"
+
+
+def _refused(spec: TableSpec, what: str, instead: str) -> UnsupportedQueryError:
+    return UnsupportedQueryError(
+        f"{what} cannot give the row-scoped columns of {spec.owner} keys bound to their rows; {instead}",
+        table=spec.owner,
+    )
