@@ -9,7 +9,7 @@ from sqlalchemy import Engine, LargeBinary, insert, select, type_coerce, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from sa_envelope import AwsKmsProvider, DecryptionError, KeyManager, KeyNotFoundError, RowKeyRequiredError
+from sa_envelope import AwsKmsProvider, DecryptionError, KeyManager, KeyNotFoundError
 from sa_envelope import faults
 from sa_envelope.columns.rowvalue import RowValue
 from sa_envelope.envelope import format as fmt
@@ -145,16 +145,15 @@ def test_orm_bulk_insert_and_bulk_update_by_primary_key(engine: Engine) -> None:
     assert got == {i: ({"bulk": i} if i % 2 == 0 else {"i": i}) for i in range(50)}
 
 
-def test_core_insert_needs_a_row_key(engine: Engine) -> None:
+def test_core_insert_gets_row_keys_and_explicit_keys_still_work(engine: Engine) -> None:
     keys, Patient = keys_and_patients(engine)
     table = Patient.__table__
-    with engine.connect() as conn:
-        with pytest.raises(RowKeyRequiredError) as err:
-            conn.execute(insert(table), patients(1))
-        assert "patients" in str(err.value)
+    with engine.connect() as conn:  # plain values: the Core hook makes the keys in this transaction
+        conn.execute(insert(table), [{**p, "id": p["id"] + 100} for p in patients(2)])
         conn.rollback()
         assert sql_count(conn, "SELECT count(*) FROM patients") == 0
-    with engine.begin() as conn:  # the Core API: keys inserted in the same transaction
+        assert sql_count(conn, "SELECT count(*) FROM sa_envelope_keys WHERE scope = 'row'") == 0
+    with engine.begin() as conn:  # the explicit Core API: keys inserted in the same transaction
         row_keys = keys.new_row_keys(conn, "patients", 3)
         conn.execute(insert(table), [
             {**p, "notes": k.value(p["notes"]), "ssn": k.value(p["ssn"])}
