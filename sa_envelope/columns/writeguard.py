@@ -131,9 +131,7 @@ _OTHER_COLUMN = (
     "where it was sealed for another column and would not decrypt; set the same column's "
     "proposed value (stmt.excluded.col, stmt.inserted.col) or a Python value"
 )
-_UNENCRYPTED = (
-    "which would store it unencrypted; pass the Python value instead (it is encrypted by the column's type)"
-)
+_UNENCRYPTED = "which would store it unencrypted; pass the Python value instead (it is encrypted by the column's type)"
 
 
 def _refused(table: Any, column: Any, what: str, why: str = _UNENCRYPTED) -> UnsupportedQueryError:

@@ -88,7 +88,5 @@ def _other_unique_keys(spec: TableSpec) -> bool:
 
 def _refused(spec: TableSpec, column: str, what: str, instead: str) -> UnsupportedQueryError:
     return UnsupportedQueryError(
-        f"this upsert of the row-scoped column {spec.owner}.{column} {what}; {instead}",
-        table=spec.owner,
-        column=column,
+        f"this upsert of the row-scoped column {spec.owner}.{column} {what}; {instead}", table=spec.owner, column=column
     )
