@@ -118,8 +118,11 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         deterministic columns, ``fmt.GCM_OVERHEAD`` otherwise).
         """
         overhead = fmt.SIV_OVERHEAD if self.deterministic else fmt.GCM_OVERHEAD
-        length: int | None = getattr(self.inner, "length", None)
-        if isinstance(self.inner, String) and length:
+        inner = self.inner
+        while isinstance(inner, TypeDecorator):  # a decorator stores what its impl stores
+            inner = inner.impl_instance
+        length: int | None = getattr(inner, "length", None)
+        if isinstance(inner, String) and length:
             return length * UTF8_MAX_BYTES + overhead
         fixed = CODEC_MAX_BYTES.get(self._codec.name) if self.deterministic else None
         return fixed + overhead if fixed is not None else None
@@ -141,9 +144,10 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         ``type_coerce``, ``table()``/``column()``) would seal one column's
         values under the other's context. Not memoised: the names are
         learnt when the column is attached."""
+        inner = self.inner
         return (
             EncryptedType,
-            self.inner._static_cache_key,
+            inner._static_cache_key if getattr(inner, "cache_ok", True) else inner,  # no warning, no sharing
             self.keys,
             self.scope,
             self.deterministic,

@@ -2,7 +2,10 @@
 
 The cipher sees bytes only. Each codec is a pair of plain functions picked
 when the column is declared, so the per-value path does one dictionary-free
-call and no type inspection. Every codec round-trips exactly: ``Decimal``
+call and no type inspection. A ``TypeDecorator`` inner type gets its own
+``process_bind_param`` / ``process_result_value`` around its ``impl``'s codec
+(one extra call for those types only), with one neutral dialect, so its
+stored bytes are the same on every backend. Every codec round-trips exactly: ``Decimal``
 keeps its digits, floats keep their bits, aware datetimes keep their offset.
 """
 
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from sqlalchemy import types as sqltypes
+from sqlalchemy.engine.default import DefaultDialect
 
 __all__ = ["Codec", "UnsupportedValue", "codec_for"]
 
@@ -180,6 +184,52 @@ def _interval_codec() -> Codec:
     return Codec("interval", encode, lambda b: dt.timedelta(microseconds=int(b.decode("ascii"))))
 
 
+# The dialect a TypeDecorator inner type is given: one for every backend, so
+# its stored bytes do not depend on where they are stored (sqlalchemy-utils'
+# JSONType, say, passes values through untouched on PostgreSQL only).
+_NEUTRAL_DIALECT = DefaultDialect()
+
+
+def _overrides(cls: type, name: str) -> bool:
+    return getattr(cls, name) is not getattr(sqltypes.TypeDecorator, name)
+
+
+def _decorator_codec(inner: sqltypes.TypeDecorator[Any]) -> Codec:
+    """A ``TypeDecorator``'s own ``process_bind_param`` / ``process_result_value``
+    around the codec of its ``impl`` (sqlalchemy-utils' PhoneNumberType,
+    ColorType, JSONType, EmailType; a user's decorator over ``String``)."""
+    cls = type(inner)
+    if (_overrides(cls, "bind_processor") and not _overrides(cls, "process_bind_param")) or (
+        _overrides(cls, "result_processor") and not _overrides(cls, "process_result_value")
+    ):
+        raise TypeError(
+            f"EncryptedType cannot serialise {cls.__name__}: it overrides bind_processor/result_processor; "
+            "give it process_bind_param/process_result_value, or encrypt its impl type instead"
+        )
+    base = codec_for(inner.impl_instance)
+    if not (_overrides(cls, "process_bind_param") or _overrides(cls, "process_result_value")):
+        return base  # a plain alias of its impl
+    bind = inner.process_bind_param if _overrides(cls, "process_bind_param") else None
+    result = inner.process_result_value if _overrides(cls, "process_result_value") else None
+    base_encode, base_decode, dialect, name = base.encode, base.decode, _NEUTRAL_DIALECT, cls.__name__
+
+    def encode(value: Any) -> bytes:
+        if bind is not None:
+            try:  # the decorator's own errors may quote the value: only their class goes on
+                value = bind(value, dialect)
+            except Exception as exc:
+                raise UnsupportedValue(f"{name} refused the value ({type(exc).__name__})") from None
+        if value is None:
+            raise UnsupportedValue(f"{name} turned the value into NULL; store None instead")
+        return base_encode(value)
+
+    def decode(data: bytes) -> Any:
+        value = base_decode(data)
+        return result(value, dialect) if result is not None else value
+
+    return Codec(name, encode, decode)
+
+
 def codec_for(inner: sqltypes.TypeEngine[Any]) -> Codec:
     """Pick the codec for an inner SQLAlchemy type, or raise ``TypeError``.
 
@@ -212,8 +262,10 @@ def codec_for(inner: sqltypes.TypeEngine[Any]) -> Codec:
         return _bytes_codec()
     if isinstance(inner, sqltypes.String):
         return _str_codec()
+    if isinstance(inner, sqltypes.TypeDecorator):  # after Interval, itself a TypeDecorator
+        return _decorator_codec(inner)
     raise TypeError(
         f"EncryptedType cannot serialise {type(inner).__name__}; supported: String, "
         "Text, Integer, BigInteger, Numeric, Float, Boolean, Date, DateTime, Time, "
-        "Interval, Uuid, Enum, JSON, LargeBinary"
+        "Interval, Uuid, Enum, JSON, LargeBinary, and TypeDecorators over these"
     )
