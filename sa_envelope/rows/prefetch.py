@@ -61,6 +61,18 @@ def row_positions(compiled: Any, manager: Any) -> tuple[list[int], str | None]:
     return positions, owner
 
 
+def _by_source(compiled: Any, positions: list[int]) -> list[tuple[str | None, list[int]]]:
+    """The positions grouped by the table (or alias) each column is read from,
+    with the owner its values are bound to: each group is checked against
+    its own table's primary key (joined eager loads read two tables)."""
+    groups: dict[int, tuple[str | None, list[int]]] = {}
+    for i in positions:
+        entry = compiled._result_columns[i]
+        source = next((getattr(o, "table", None) for o in entry.objects if isinstance(o, ColumnElement)), None)
+        groups.setdefault(id(source), (entry.type._table, []))[1].append(i)
+    return list(groups.values())
+
+
 def _table_of(entry: Any) -> Table | None:
     for obj in entry.objects:
         table = getattr(obj, "table", None)
@@ -157,8 +169,9 @@ def install_prefetch(rows: RowKeys, manager: Any) -> None:
         wanted = rows.missing(ids)
         if wanted:
             rows.load(conn, wanted, table=owner or "", column=None)
-        pk = pk_positions(context.compiled, positions, conn.dialect)
-        if pk is not None and owner:
-            check_binding(rows, conn, owner, fetched, positions, pk)
+        for source, group in _by_source(context.compiled, positions):  # a join has several tables
+            pk = pk_positions(context.compiled, group, conn.dialect)
+            if pk is not None and source:
+                check_binding(rows, conn, source, fetched, group, pk)
 
     event.listen(rows.store.engine, "after_cursor_execute", after_cursor_execute)
