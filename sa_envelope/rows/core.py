@@ -112,13 +112,24 @@ class _CoreWrites:
         if stmt.is_update:
             keys = _update_keys(conn, plan)
             return _rewrite(stmt, plan, plist, keys, multiparams)
-        keys, unbound = _insert_keys(conn, plan, stmt)
+        keys, unbound, digests = _insert_keys(conn, plan, stmt)
         if unbound:
             stmt = _fetch_pks(conn, stmt, plan, len(plist))
         rewritten = _rewrite(stmt, plan, plist, keys, multiparams)
-        if unbound:  # bound once the INSERT made the primary keys (after)
-            conn.info[self.pending_key] = (rewritten[0], spec, [(i, keys[i]) for i in unbound])
+        self._after_insert(conn, rewritten[0], spec, keys, unbound, digests)
         return rewritten
+
+    def _after_insert(
+        self, conn: Connection, stmt: Any, spec: TableSpec, keys: list[Any], unbound: list[int], digests: list[bytes]
+    ) -> None:
+        """What :meth:`after` does once the INSERT succeeded: bind the keys of
+        rows whose primary key it made, and shred the live keys an earlier row
+        with the same primary key left (not before: a failed INSERT of an
+        existing primary key, caught on MySQL or SQLite, must not shred the
+        existing row's keys)."""
+        if unbound or digests:
+            made = {k.key_id for k in keys if k is not None}
+            conn.info[self.pending_key] = (stmt, spec, [(i, keys[i]) for i in unbound], digests, made)
 
     def _multi_values(self, conn: Connection, spec: TableSpec, stmt: Any) -> Any:
         """``insert().values([{...}, {...}])``: one key per row of the VALUES list."""
@@ -130,7 +141,7 @@ class _CoreWrites:
         )
         if not any(plan.values):
             return stmt, [], {}
-        keys, unbound = _insert_keys(conn, plan, stmt)
+        keys, unbound, digests = _insert_keys(conn, plan, stmt)
         if unbound:
             raise _refused(spec, "a multi-row INSERT ... VALUES whose primary keys the database makes", _PASS_PK)
         new_rows = []
@@ -139,6 +150,7 @@ class _CoreWrites:
             new_rows.append({**row, **wrapped})
         new = stmt._generate()
         new._multi_values = (tuple(new_rows),)
+        self._after_insert(conn, new, spec, keys, [], digests)
         return new, [], {}
 
     def after(self, conn: Connection, stmt: Any, multiparams: Any, params: Any, options: Any, result: Any) -> None:
@@ -146,10 +158,12 @@ class _CoreWrites:
         if pending is None or pending[0] is not stmt:
             return
         del conn.info[self.pending_key]
-        _, spec, items = pending
-        pk_rows = result.inserted_primary_key_rows
-        pairs = [(key, tuple(pk_rows[i])) for i, key in items if i < len(pk_rows) and _known(pk_rows[i])]
-        _bind_after(conn, spec, pairs)
+        _, spec, items, digests, made = pending
+        _retire_others(conn, spec, digests, made)
+        if items:
+            pk_rows = result.inserted_primary_key_rows
+            pairs = [(key, tuple(pk_rows[i])) for i, key in items if i < len(pk_rows) and _known(pk_rows[i])]
+            _bind_after(conn, spec, pairs)
 
 
 # -- reading a statement's row-scoped values -----------------------------------------------
@@ -276,20 +290,27 @@ def _update_keys(conn: Connection, plan: _Plan) -> list[CachedKey | None]:
     return _spread(plan, need, keys_for(conn, plan.spec, [plan.pks[i] for i in need], True)[0])
 
 
-def _insert_keys(conn: Connection, plan: _Plan, stmt: Any) -> tuple[list[CachedKey | None], list[int]]:
-    """One key per row with row-scoped values, and the rows whose keys are
-    bound only after the INSERT (primary key made by the database)."""
+def _insert_keys(
+    conn: Connection, plan: _Plan, stmt: Any
+) -> tuple[list[CachedKey | None], list[int], list[bytes]]:
+    """One key per row with row-scoped values; the rows whose keys are bound
+    only after the INSERT (primary key made by the database); the digests of
+    the rows whose earlier keys go once the INSERT succeeded."""
     need = _rows_needing_keys(plan)
     pks = [plan.pks[i] for i in need]
-    if is_upsert(stmt):
+    if is_upsert(stmt):  # the row may exist: its bound key, never a shred
         check_upsert(plan.spec, stmt)
         if any(pk is None for pk in pks):
             raise _refused(plan.spec, "an upsert without the primary key of every row", _PASS_PK)
-        return _spread(plan, need, keys_for(conn, plan.spec, pks, True)[0]), []
+        return _spread(plan, need, keys_for(conn, plan.spec, pks, True)[0]), [], []
     if any(pk is None for pk in pks) and stmt._returning:
         raise _refused(plan.spec, "an INSERT ... RETURNING whose primary keys the database makes", _PASS_PK)
-    made, unbound = keys_for(conn, plan.spec, pks, False)
-    return _spread(plan, need, made), [need[j] for j in unbound]
+    rows, owner = plan.spec.manager.rows, plan.spec.owner
+    dkey = binding.digest_key(rows, conn, owner, create=True) if any(pk is not None for pk in pks) else None
+    digests = [binding.row_digest(dkey, pk) if pk is not None else None for pk in pks]
+    made = rows.create(conn, owner, len(pks), digests)
+    unbound = [need[j] for j, d in enumerate(digests) if d is None]
+    return _spread(plan, need, made), unbound, [d for d in digests if d is not None]
 
 
 def _spread(plan: _Plan, need: list[int], keys: Sequence[CachedKey]) -> list[CachedKey | None]:
@@ -306,6 +327,15 @@ def _fetch_pks(conn: Connection, stmt: Any, plan: _Plan, count: int) -> Any:
     if not conn.dialect.insert_executemany_returning_sort_by_parameter_order:
         raise _refused(plan.spec, f"an executemany INSERT on {conn.dialect.name} without the primary keys", _PASS_PK)
     return stmt.return_defaults(*plan.spec.pk_cols, sort_by_parameter_order=True)
+
+
+def _retire_others(conn: Connection, spec: TableSpec, digests: list[bytes], keep: set[int]) -> None:
+    """Shred the live keys bound to these rows but the ones just made (see :func:`.shred.retire`)."""
+    if digests:
+        rows = spec.manager.rows
+        for key_id, _ in binding.find_bound(rows, conn, spec.owner, digests):
+            if key_id not in keep:
+                rows.shred_key(conn, key_id, owner=spec.owner)
 
 
 def _bind_after(conn: Connection, spec: TableSpec, pairs: list[tuple[CachedKey, tuple[Any, ...]]]) -> None:

@@ -377,3 +377,33 @@ def test_autoincrement_rows_without_primary_keys_refused_where_they_cannot_be_bo
         conn.rollback()
         assert conn.execute(select(func.count()).select_from(t)).scalar() == 0
         assert conn.execute(select(func.count()).where(keys.table.c.scope == "row")).scalar() == 0
+
+
+def test_a_failed_core_insert_of_an_existing_primary_key_leaves_that_rows_keys(engine: Engine) -> None:
+    """MySQL and SQLite keep the transaction going after a duplicate key: the
+    existing row's row key must not have been shredded by the failed INSERT."""
+    from sqlalchemy.exc import IntegrityError
+
+    keys, Item = setup(engine)
+    orm_add(engine, keys, Item, rows_as_dicts())
+    with engine.connect() as conn:
+        savepoint = conn.begin_nested() if conn.dialect.name == "postgresql" else None
+        with pytest.raises(IntegrityError):
+            conn.execute(insert(Item.__table__), {"id": 1, "tbl": "dup", "det": "dup", "row": {"dup": 1}})
+        if savepoint is not None:
+            savepoint.rollback()
+        conn.commit()
+    assert read_back(engine, Item) == ROWS
+
+
+def test_a_core_insert_shreds_the_keys_a_deleted_row_with_that_primary_key_left(engine: Engine) -> None:
+    keys, Item = setup(engine)
+    orm_add(engine, keys, Item, rows_as_dicts())
+    t, kt = Item.__table__, keys.table
+    with engine.begin() as conn:
+        conn.execute(delete(t).where(t.c.id == 1))  # Core: keys are not shredded
+        conn.execute(insert(t), {"id": 1, "tbl": "again", "det": "again", "row": {"again": 1}})
+    with engine.connect() as conn:
+        statuses = sorted(conn.execute(select(kt.c.status).where(kt.c.scope == "row")).scalars())
+    assert statuses == ["active", "active", "active", "shredded"]
+    assert read_back(engine, Item)[0] == (1, "again", "again", {"again": 1})
