@@ -290,9 +290,7 @@ def _update_keys(conn: Connection, plan: _Plan) -> list[CachedKey | None]:
     return _spread(plan, need, keys_for(conn, plan.spec, [plan.pks[i] for i in need], True)[0])
 
 
-def _insert_keys(
-    conn: Connection, plan: _Plan, stmt: Any
-) -> tuple[list[CachedKey | None], list[int], list[bytes]]:
+def _insert_keys(conn: Connection, plan: _Plan, stmt: Any) -> tuple[list[CachedKey | None], list[int], list[bytes]]:
     """One key per row with row-scoped values; the rows whose keys are bound
     only after the INSERT (primary key made by the database); the digests of
     the rows whose earlier keys go once the INSERT succeeded."""

@@ -218,8 +218,10 @@ def _do_orm_execute(orm_state: ORMExecuteState) -> Any:
             continue
         if orm_state.is_update:
             pks: list[tuple[Any, ...] | None] = [_bulk_pk(plist[i], spec) for i, _ in need]
-        else:  # a bulk INSERT without its primary keys leaves the keys unbound (docs/shredding.md)
+        else:
             pks = [_known(tuple(plist[i].get(a) for a in spec.pk_attrs)) for i, _ in need]
+            if any(pk is None for pk in pks):
+                continue  # the database makes them: the Core hook (.core) binds the keys after the INSERT
         for (i, attrs), key in zip(need, keys_for(conn, spec, pks, orm_state.is_update)[0]):
             for attr in attrs:
                 extra[i][attr] = RowValue(plist[i][attr], key)
