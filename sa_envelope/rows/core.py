@@ -106,6 +106,8 @@ class _CoreWrites:
         plist: list[Mapping[str, Any]] = list(multiparams) if multiparams else [params]
         if stmt.is_insert and stmt._multi_values:
             return self._multi_values(conn, spec, stmt)
+        if not (stmt._values or getattr(stmt, "_ordered_values", None) or _any_bare(spec, plist)):
+            return stmt, multiparams, params  # the ORM's flush: every value already paired
         plan = _plan(spec, stmt, plist)
         if not any(plan.values):
             return stmt, multiparams, params
@@ -171,6 +173,11 @@ class _CoreWrites:
 
 def _bare(value: Any) -> bool:
     return value is not None and type(value) is not RowValue
+
+
+def _any_bare(spec: TableSpec, plist: list[Mapping[str, Any]]) -> bool:
+    attrs = spec.attrs
+    return any(_bare(params.get(k)) for params in plist for k in attrs)
 
 
 def _literal(value: Any) -> Any:

@@ -406,3 +406,19 @@ def test_a_core_insert_shreds_the_keys_a_deleted_row_with_that_primary_key_left(
         statuses = sorted(conn.execute(select(kt.c.status).where(kt.c.scope == "row")).scalars())
     assert statuses == ["active", "active", "active", "shredded"]
     assert read_back(engine, Item)[0] == (1, "again", "again", {"again": 1})
+
+
+def test_an_upsert_setting_python_values_encrypts_them(engine: Engine) -> None:
+    keys, Item = setup(engine)
+    orm_add(engine, keys, Item, rows_as_dicts())
+    t = Item.__table__
+    stmt = dialect_insert(engine, t)
+    if engine.dialect.name in ("mysql", "mariadb"):
+        stmt = stmt.on_duplicate_key_update(tbl="fixed", det="fixed-det")
+    else:
+        stmt = stmt.on_conflict_do_update(index_elements=[t.c.id], set_={"tbl": "fixed", "det": "fixed-det"})
+    with engine.begin() as conn:
+        conn.execute(stmt, {"id": 2, "tbl": "ignored", "det": "ignored", "row": None})
+    expected = [ROWS[0], (2, "fixed", "fixed-det", ROWS[1][3]), ROWS[2]]
+    assert_stored(engine, keys, expected)
+    assert read_back(engine, Item) == expected
