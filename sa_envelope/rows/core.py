@@ -16,8 +16,9 @@ are left as they are, so this costs the ORM nothing but a dictionary lookup.
 Which key a row gets, as in the ORM (:mod:`.binding`: keys are bound to the
 row's primary key digest):
 
-* INSERT with the primary key in the values: a new key bound to the row
-  (live keys of an earlier row with that key are shredded: :func:`.shred.retire`).
+* INSERT with the primary key in the values: a new key bound to the row;
+  live keys an earlier row with that primary key left are shredded once the
+  INSERT succeeded (``after_execute``; as :func:`.shred.retire` does for the ORM).
 * INSERT whose primary key the database makes (autoincrement): a new key,
   bound after the INSERT ran (``after_execute``) from
   ``inserted_primary_key_rows``; an executemany gets ``return_defaults()``
@@ -105,7 +106,7 @@ class _CoreWrites:
             return stmt, multiparams, params
         plist: list[Mapping[str, Any]] = list(multiparams) if multiparams else [params]
         if stmt.is_insert and stmt._multi_values:
-            return self._multi_values(conn, spec, stmt)
+            return self._multi_values(conn, spec, stmt, multiparams, params)
         if not (stmt._values or getattr(stmt, "_ordered_values", None) or _any_bare(spec, plist)):
             return stmt, multiparams, params  # the ORM's flush: every value already paired
         plan = _plan(spec, stmt, plist)
@@ -114,9 +115,9 @@ class _CoreWrites:
         if stmt.is_update:
             keys = _update_keys(conn, plan)
             return _rewrite(stmt, plan, plist, keys, multiparams)
+        if any(plan.pks[i] is None for i in _rows_needing_keys(plan)):
+            stmt = _fetch_pks(conn, stmt, plan, len(plist))  # refused here, before any key is made
         keys, unbound, digests = _insert_keys(conn, plan, stmt)
-        if unbound:
-            stmt = _fetch_pks(conn, stmt, plan, len(plist))
         rewritten = _rewrite(stmt, plan, plist, keys, multiparams)
         self._after_insert(conn, rewritten[0], spec, keys, unbound, digests)
         return rewritten
@@ -133,7 +134,7 @@ class _CoreWrites:
             made = {k.key_id for k in keys if k is not None}
             conn.info[self.pending_key] = (stmt, spec, [(i, keys[i]) for i in unbound], digests, made)
 
-    def _multi_values(self, conn: Connection, spec: TableSpec, stmt: Any) -> Any:
+    def _multi_values(self, conn: Connection, spec: TableSpec, stmt: Any, multiparams: Any, params: Any) -> Any:
         """``insert().values([{...}, {...}])``: one key per row of the VALUES list."""
         rows = [_as_dict(spec.table, row) for row in stmt._multi_values[0]]
         plan = _Plan(
@@ -142,10 +143,10 @@ class _CoreWrites:
             [_known([_literal(r.get(c.key)) for c in spec.pk_cols]) for r in rows],
         )
         if not any(plan.values):
-            return stmt, [], {}
-        keys, unbound, digests = _insert_keys(conn, plan, stmt)
-        if unbound:
+            return stmt, multiparams, params
+        if any(plan.pks[i] is None for i in _rows_needing_keys(plan)):
             raise _refused(spec, "a multi-row INSERT ... VALUES whose primary keys the database makes", _PASS_PK)
+        keys, _, digests = _insert_keys(conn, plan, stmt)
         new_rows = []
         for row, values, key in zip(rows, plan.values, keys):
             wrapped = {k: RowValue(v, key) for k, v in values.items()} if key is not None else {}
@@ -153,7 +154,7 @@ class _CoreWrites:
         new = stmt._generate()
         new._multi_values = (tuple(new_rows),)
         self._after_insert(conn, new, spec, keys, [], digests)
-        return new, [], {}
+        return new, multiparams, params
 
     def after(self, conn: Connection, stmt: Any, multiparams: Any, params: Any, options: Any, result: Any) -> None:
         pending = conn.info.get(self.pending_key)
@@ -308,8 +309,6 @@ def _insert_keys(conn: Connection, plan: _Plan, stmt: Any) -> tuple[list[CachedK
         if any(pk is None for pk in pks):
             raise _refused(plan.spec, "an upsert without the primary key of every row", _PASS_PK)
         return _spread(plan, need, keys_for(conn, plan.spec, pks, True)[0]), [], []
-    if any(pk is None for pk in pks) and stmt._returning:
-        raise _refused(plan.spec, "an INSERT ... RETURNING whose primary keys the database makes", _PASS_PK)
     rows, owner = plan.spec.manager.rows, plan.spec.owner
     dkey = binding.digest_key(rows, conn, owner, create=True) if any(pk is not None for pk in pks) else None
     digests = [binding.row_digest(dkey, pk) if pk is not None else None for pk in pks]
@@ -327,7 +326,9 @@ def _spread(plan: _Plan, need: list[int], keys: Sequence[CachedKey]) -> list[Cac
 
 def _fetch_pks(conn: Connection, stmt: Any, plan: _Plan, count: int) -> Any:
     """The statement that tells the rows' new primary keys after it ran."""
-    if count <= 1 or stmt._return_defaults:
+    if stmt._returning and not is_upsert(stmt):
+        raise _refused(plan.spec, "an INSERT ... RETURNING whose primary keys the database makes", _PASS_PK)
+    if count <= 1 or stmt._return_defaults or is_upsert(stmt):  # upserts: refused by _insert_keys
         return stmt
     if not conn.dialect.insert_executemany_returning_sort_by_parameter_order:
         raise _refused(plan.spec, f"an executemany INSERT on {conn.dialect.name} without the primary keys", _PASS_PK)

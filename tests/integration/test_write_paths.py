@@ -327,9 +327,9 @@ def test_refused_writes_write_nothing(engine: Engine, case: str) -> None:
         with pytest.raises(UnsupportedQueryError) as err:
             _refused_cases(engine, Item)[case](conn)
         assert "items" in str(err.value)
-        conn.rollback()
-    with engine.connect() as conn:
+        # refused before anything was written, even in the refused statement's own transaction
         assert (sorted(raw_rows_of(conn)), sorted(conn.execute(select(keys.table)).all())) == before
+        conn.rollback()
 
 
 def raw_rows_of(conn: Any) -> list[tuple[Any, ...]]:
@@ -359,7 +359,6 @@ def test_upsert_of_a_row_scoped_column_on_another_unique_key_is_refused(engine: 
     with engine.connect() as conn:
         with pytest.raises(UnsupportedQueryError, match="conflict target"):
             conn.execute(upsert_, {"id": 1, "email": "a@example.com", "row": {"a": 1}})
-        conn.rollback()
         assert conn.execute(select(func.count()).select_from(t)).scalar() == 0
         assert conn.execute(select(func.count()).where(keys.table.c.scope == "row")).scalar() == 0
 
@@ -373,9 +372,8 @@ def test_autoincrement_rows_without_primary_keys_refused_where_they_cannot_be_bo
             conn.execute(insert(t).values(rows))
         with pytest.raises(UnsupportedQueryError, match="primary key"):
             conn.execute(insert(t).returning(t.c.id), rows)
-        conn.rollback()
         assert conn.execute(select(func.count()).select_from(t)).scalar() == 0
-        assert conn.execute(select(func.count()).where(keys.table.c.scope == "row")).scalar() == 0
+        assert conn.execute(select(func.count()).where(keys.table.c.scope.in_(["row", "row-digest"]))).scalar() == 0
 
 
 def test_a_failed_core_insert_of_an_existing_primary_key_leaves_that_rows_keys(engine: Engine) -> None:
