@@ -42,15 +42,11 @@ key or row is written.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from sqlalchemy import Connection, Table, event
-from sqlalchemy.sql import operators
-from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList, ColumnElement
 
 from ..columns.rowvalue import RowValue
-from ..errors import UnsupportedQueryError
 from ..keys.cache import CachedKey
 from . import binding
 from .keys import RowKeys
@@ -58,21 +54,11 @@ from .orm import keys_for
 from .shred import retire
 from .specs import TableSpec, core_spec
 from .upserts import check_upsert, is_upsert
+from .writeplan import PASS_PK, Plan, any_bare, as_dict, bare, known, literal, plan_for, python_defaults, refused
 
 __all__ = ["install_core_hook"]
 
 _NO_SPEC: Any = object()
-
-
-@dataclass
-class _Plan:
-    """The row-scoped values of one statement, per parameter set."""
-
-    spec: TableSpec
-    values: list[dict[str, Any]]  # per row: column key -> bare value
-    pks: list[tuple[Any, ...] | None]
-    fixed: dict[str, Any] = field(default_factory=dict)  # values() entries: column key -> BindParameter
-    names: dict[str, str] = field(default_factory=dict)  # column key -> the parameter holding its value
 
 
 def install_core_hook(rows: RowKeys, manager: Any) -> None:
@@ -107,9 +93,14 @@ class _CoreWrites:
         plist: list[Mapping[str, Any]] = list(multiparams) if multiparams else [params]
         if stmt.is_insert and stmt._multi_values:
             return self._multi_values(conn, spec, stmt, multiparams, params)
-        if not (stmt._values or getattr(stmt, "_ordered_values", None) or _any_bare(spec, plist)):
+        if not (
+            stmt._values
+            or getattr(stmt, "_ordered_values", None)
+            or any_bare(spec, plist)
+            or (stmt.is_insert and python_defaults(spec))
+        ):
             return stmt, multiparams, params  # the ORM's flush: every value already paired
-        plan = _plan(spec, stmt, plist)
+        plan = plan_for(spec, stmt, plist)
         if not any(plan.values):
             return stmt, multiparams, params
         if stmt.is_update:
@@ -136,16 +127,16 @@ class _CoreWrites:
 
     def _multi_values(self, conn: Connection, spec: TableSpec, stmt: Any, multiparams: Any, params: Any) -> Any:
         """``insert().values([{...}, {...}])``: one key per row of the VALUES list."""
-        rows = [_as_dict(spec.table, row) for row in stmt._multi_values[0]]
-        plan = _Plan(
+        rows = [as_dict(spec.table, row) for row in stmt._multi_values[0]]
+        plan = Plan(
             spec,
-            [{k: _literal(r.get(k)) for k in spec.attrs if _bare(_literal(r.get(k)))} for r in rows],
-            [_known([_literal(r.get(c.key)) for c in spec.pk_cols]) for r in rows],
+            [{k: literal(r.get(k)) for k in spec.attrs if bare(literal(r.get(k)))} for r in rows],
+            [known([literal(r.get(c.key)) for c in spec.pk_cols]) for r in rows],
         )
         if not any(plan.values):
             return stmt, multiparams, params
         if any(plan.pks[i] is None for i in _rows_needing_keys(plan)):
-            raise _refused(spec, "a multi-row INSERT ... VALUES whose primary keys the database makes", _PASS_PK)
+            raise refused(spec, "a multi-row INSERT ... VALUES whose primary keys the database makes", PASS_PK)
         keys, _, digests = _insert_keys(conn, plan, stmt)
         new_rows = []
         for row, values, key in zip(rows, plan.values, keys):
@@ -165,131 +156,26 @@ class _CoreWrites:
         _retire_others(conn, spec, digests, made)
         if items:
             pk_rows = result.inserted_primary_key_rows
-            pairs = [(key, tuple(pk_rows[i])) for i, key in items if i < len(pk_rows) and _known(pk_rows[i])]
+            pairs = [(key, tuple(pk_rows[i])) for i, key in items if i < len(pk_rows) and known(pk_rows[i])]
             _bind_after(conn, spec, pairs)
-
-
-# -- reading a statement's row-scoped values -----------------------------------------------
-
-
-def _bare(value: Any) -> bool:
-    return value is not None and type(value) is not RowValue
-
-
-def _any_bare(spec: TableSpec, plist: list[Mapping[str, Any]]) -> bool:
-    attrs = spec.attrs
-    return any(_bare(params.get(k)) for params in plist for k in attrs)
-
-
-def _literal(value: Any) -> Any:
-    """The Python value of a ``values()`` entry (``None`` for an SQL expression:
-    :mod:`sa_envelope.columns.writeguard` has refused those already)."""
-    if isinstance(value, BindParameter):
-        return value.effective_value if value.value is not None or value.callable else None
-    return None if isinstance(value, ColumnElement) else value
-
-
-def _known(pk: Sequence[Any]) -> tuple[Any, ...] | None:
-    return None if any(v is None for v in pk) else tuple(pk)
-
-
-def _key_of(table: Table, key: Any) -> str | None:
-    if isinstance(key, str):
-        return key
-    column = getattr(key, "key", None)
-    return column if isinstance(column, str) and column in table.c else None
-
-
-def _as_dict(table: Table, row: Any) -> dict[str, Any]:
-    """A multi-values row (dict, or tuple in column order) keyed by column key."""
-    if isinstance(row, dict):
-        return {_key_of(table, k) or k: v for k, v in row.items()}
-    return {c.key: v for c, v in zip(table.columns, row)}
-
-
-def _values_clause(stmt: Any, table: Table) -> dict[str, Any]:
-    ordered = getattr(stmt, "_ordered_values", None) or ()
-    out: dict[str, Any] = {}
-    for key, value in (*ordered, *(stmt._values or {}).items()):
-        name = _key_of(table, key)
-        if name is not None:
-            out[name] = value
-    return out
-
-
-def _plan(spec: TableSpec, stmt: Any, plist: list[Mapping[str, Any]]) -> _Plan:
-    """Who writes what: parameters (``col.key``), or ``values()`` entries, a
-    Python value or a named ``bindparam`` whose value is in the parameters."""
-    clause = _values_clause(stmt, spec.table)
-    plan = _Plan(spec, [], [])
-    for key in spec.attrs:
-        entry = clause.get(key)
-        if isinstance(entry, BindParameter) and entry.value is None and not entry.callable:
-            plan.names[key] = entry.key
-        elif entry is not None and _bare(_literal(entry)):
-            if len(plist) > 1:
-                raise _refused(spec, "an executemany whose values() sets a row-scoped column", _PER_ROW)
-            plan.fixed[key] = _literal(entry)
-    where = _where_pk(spec, stmt) if stmt.is_update else None
-    for params in plist:
-        row = {k: params.get(plan.names.get(k, k)) for k in spec.attrs}
-        row.update(plan.fixed)
-        plan.values.append({k: v for k, v in row.items() if _bare(v)})
-        if stmt.is_update:
-            plan.pks.append(None if where is None else _known([_pk_value(w, params) for w in where]))
-        else:
-            plan.pks.append(_known([_insert_pk(c, clause, params) for c in spec.pk_cols]))
-    return plan
-
-
-def _insert_pk(column: Any, clause: dict[str, Any], params: Mapping[str, Any]) -> Any:
-    if column.key in params:
-        return params[column.key]
-    if column.key in clause:
-        return _literal(clause[column.key])
-    default = column.default
-    return default.arg if default is not None and default.is_scalar else None
-
-
-def _where_pk(spec: TableSpec, stmt: Any) -> list[Any] | None:
-    """The WHERE clause's ``pk == value`` terms, in primary-key order, or ``None``."""
-    terms: list[Any] = []
-    for criterion in stmt._where_criteria:
-        if isinstance(criterion, BooleanClauseList) and criterion.operator is operators.and_:
-            terms.extend(criterion.clauses)
-        else:
-            terms.append(criterion)
-    found: dict[str, Any] = {}
-    for term in terms:
-        if not isinstance(term, BinaryExpression) or term.operator is not operators.eq:
-            continue
-        for col, other in ((term.left, term.right), (term.right, term.left)):
-            key = getattr(col, "key", None)
-            if key in spec.pk_attrs and isinstance(other, BindParameter):
-                if getattr(col, "_deannotate", None) and col._deannotate() is spec.table.c[key]:
-                    found[key] = other
-    if len(found) != len(spec.pk_attrs):
-        return None
-    return [found[k] for k in spec.pk_attrs]
-
-
-def _pk_value(bind: BindParameter[Any], params: Mapping[str, Any]) -> Any:
-    if bind.value is None and not bind.callable:
-        return params.get(bind.key)
-    return bind.effective_value
 
 
 # -- keys ------------------------------------------------------------------------------------
 
 
-def _rows_needing_keys(plan: _Plan) -> list[int]:
-    return [i for i, values in enumerate(plan.values) if values]
+def _existing(plan: Plan, i: int) -> CachedKey | None:
+    return plan.existing[i] if i < len(plan.existing) else None
 
 
-def _update_keys(conn: Connection, plan: _Plan) -> list[CachedKey | None]:
+def _rows_needing_keys(plan: Plan) -> list[int]:
+    """Rows with bare values and no key yet (a row the ORM paired has one)."""
+    return [i for i, values in enumerate(plan.values) if values and _existing(plan, i) is None]
+
+
+def _update_keys(conn: Connection, plan: Plan) -> list[CachedKey | None]:
     need = _rows_needing_keys(plan)
     if any(plan.pks[i] is None for i in need):
-        raise _refused(
+        raise refused(
             plan.spec,
             "an UPDATE that does not name its rows' primary keys",
             "update by primary key (where(table.c.id == value), or == bindparam() with one "
@@ -298,7 +184,7 @@ def _update_keys(conn: Connection, plan: _Plan) -> list[CachedKey | None]:
     return _spread(plan, need, keys_for(conn, plan.spec, [plan.pks[i] for i in need], True)[0])
 
 
-def _insert_keys(conn: Connection, plan: _Plan, stmt: Any) -> tuple[list[CachedKey | None], list[int], list[bytes]]:
+def _insert_keys(conn: Connection, plan: Plan, stmt: Any) -> tuple[list[CachedKey | None], list[int], list[bytes]]:
     """One key per row with row-scoped values; the rows whose keys are bound
     only after the INSERT (primary key made by the database); the digests of
     the rows whose earlier keys go once the INSERT succeeded."""
@@ -307,7 +193,7 @@ def _insert_keys(conn: Connection, plan: _Plan, stmt: Any) -> tuple[list[CachedK
     if is_upsert(stmt):  # the row may exist: its bound key, never a shred
         check_upsert(plan.spec, stmt)
         if any(pk is None for pk in pks):
-            raise _refused(plan.spec, "an upsert without the primary key of every row", _PASS_PK)
+            raise refused(plan.spec, "an upsert without the primary key of every row", PASS_PK)
         return _spread(plan, need, keys_for(conn, plan.spec, pks, True)[0]), [], []
     rows, owner = plan.spec.manager.rows, plan.spec.owner
     dkey = binding.digest_key(rows, conn, owner, create=True) if any(pk is not None for pk in pks) else None
@@ -317,21 +203,21 @@ def _insert_keys(conn: Connection, plan: _Plan, stmt: Any) -> tuple[list[CachedK
     return _spread(plan, need, made), unbound, [d for d in digests if d is not None]
 
 
-def _spread(plan: _Plan, need: list[int], keys: Sequence[CachedKey]) -> list[CachedKey | None]:
+def _spread(plan: Plan, need: list[int], keys: Sequence[CachedKey]) -> list[CachedKey | None]:
     out: list[CachedKey | None] = [None] * len(plan.values)
     for i, key in zip(need, keys):
         out[i] = key
     return out
 
 
-def _fetch_pks(conn: Connection, stmt: Any, plan: _Plan, count: int) -> Any:
+def _fetch_pks(conn: Connection, stmt: Any, plan: Plan, count: int) -> Any:
     """The statement that tells the rows' new primary keys after it ran."""
     if stmt._returning and not is_upsert(stmt):
-        raise _refused(plan.spec, "an INSERT ... RETURNING whose primary keys the database makes", _PASS_PK)
+        raise refused(plan.spec, "an INSERT ... RETURNING whose primary keys the database makes", PASS_PK)
     if count <= 1 or stmt._return_defaults or is_upsert(stmt):  # upserts: refused by _insert_keys
         return stmt
     if not conn.dialect.insert_executemany_returning_sort_by_parameter_order:
-        raise _refused(plan.spec, f"an executemany INSERT on {conn.dialect.name} without the primary keys", _PASS_PK)
+        raise refused(plan.spec, f"an executemany INSERT on {conn.dialect.name} without the primary keys", PASS_PK)
     return stmt.return_defaults(*plan.spec.pk_cols, sort_by_parameter_order=True)
 
 
@@ -359,8 +245,9 @@ def _bind_after(conn: Connection, spec: TableSpec, pairs: list[tuple[CachedKey, 
 
 
 def _rewrite(
-    stmt: Any, plan: _Plan, plist: list[Mapping[str, Any]], keys: list[CachedKey | None], multiparams: Any
+    stmt: Any, plan: Plan, plist: list[Mapping[str, Any]], keys: list[CachedKey | None], multiparams: Any
 ) -> Any:
+    keys = [key or _existing(plan, i) for i, key in enumerate(keys)]
     fixed_key = next((k for k in keys if k is not None), None)
     if plan.fixed and fixed_key is not None:
         stmt = stmt.values({k: RowValue(v, fixed_key) for k, v in plan.fixed.items()})
@@ -375,14 +262,3 @@ def _rewrite(
     if multiparams:
         return stmt, out, {}
     return stmt, [], out[0]
-
-
-_PASS_PK = "pass the primary key values in the statement's parameters, or insert through the ORM"
-_PER_ROW = "put the value in each parameter dict instead"
-
-
-def _refused(spec: TableSpec, what: str, instead: str) -> UnsupportedQueryError:
-    return UnsupportedQueryError(
-        f"{what} cannot give the row-scoped columns of {spec.owner} keys bound to their rows; {instead}",
-        table=spec.owner,
-    )

@@ -150,3 +150,93 @@ def _expect_refused(engine: Engine, User: Any, stored: bytes, what: str) -> None
         with pytest.raises(DecryptionError):
             s.get(User, 1).username
         assert s.get(User, 2).username == "abcdefgh", what
+
+
+def test_ormar_author_types_and_python_defaults_round_trip(engine: Engine) -> None:
+    """ormar's Author: many inner types, Python-side defaults (sealed like any
+    value), a nullable float left NULL, decimals from a float and a Decimal."""
+    import decimal
+    import uuid
+
+    keys = KeyManager(engine, LocalKeyProvider(os.urandom(32)))
+    keys.create_table()
+
+    class Author(new_base()):
+        __tablename__ = "authors"
+        id = sa.Column(sa.Integer, primary_key=True)
+        name = sa.Column(EncryptedType(sa.String(100), keys))
+        uuid_test = sa.Column(EncryptedType(sa.Uuid(as_uuid=False), keys), default=lambda: str(uuid.uuid4()))
+        birth_year = sa.Column(EncryptedType(sa.Integer, keys, scope="row"), nullable=True)
+        test_text = sa.Column(EncryptedType(sa.Text, keys), default="")
+        test_bool = sa.Column(EncryptedType(sa.Boolean, keys), nullable=False)
+        test_float = sa.Column(EncryptedType(sa.Float, keys))
+        test_float2 = sa.Column(EncryptedType(sa.Float, keys), nullable=True)
+        test_datetime = sa.Column(EncryptedType(sa.DateTime, keys), default=datetime.now)
+        test_date = sa.Column(EncryptedType(sa.Date, keys, scope="row"), default=date.today)
+        test_json = sa.Column(EncryptedType(sa.JSON, keys), default=dict)
+        test_bigint = sa.Column(EncryptedType(sa.BigInteger, keys), default=0)
+        test_smallint = sa.Column(EncryptedType(sa.SmallInteger, keys), default=0)
+        test_decimal = sa.Column(EncryptedType(sa.Numeric(10, 2), keys))
+        test_decimal2 = sa.Column(EncryptedType(sa.Numeric(10, 2), keys))
+        test_bytes = sa.Column(EncryptedType(sa.LargeBinary(100), keys))
+
+    Author.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(Author(name="Test", birth_year=1988, test_float=1.2, test_bool=True, test_decimal=3.57,
+                     test_decimal2=decimal.Decimal(5.5), test_bytes=b"test"))
+        s.commit()
+    with engine.begin() as conn:  # the same defaults through Core
+        conn.execute(sa.insert(Author.__table__), {"name": "Core", "test_bool": False, "test_float": 2.5})
+    with Session(engine) as s:
+        author, core = s.scalars(sa.select(Author).order_by(Author.id)).all()
+    assert (author.name, author.birth_year, author.test_text, author.test_bool) == ("Test", 1988, "", True)
+    assert (author.test_float, author.test_float2, author.test_bigint, author.test_smallint) == (1.2, None, 0, 0)
+    assert author.test_date == date.today() and author.test_datetime.date() == date.today()
+    assert str(uuid.UUID(author.uuid_test)) == author.uuid_test and author.test_json == {}
+    assert float(author.test_decimal) == 3.57 and author.test_decimal2 == decimal.Decimal("5.5")
+    assert author.test_bytes == b"test"
+    assert (core.name, core.test_bool, core.test_float, core.test_json, core.birth_year) == ("Core", False, 2.5, {}, None)
+    with engine.connect() as conn:
+        raw = conn.execute(sa.select(sa.type_coerce(Author.__table__.c.test_text, sa.LargeBinary))).scalars().all()
+    assert all(fmt.read_header(bytes(v))[0] == fmt.VERSION_GCM for v in raw)  # the default "" is sealed too
+
+
+def test_ormar_many_to_many_related_values_decrypt(engine: Engine) -> None:
+    """ormar's Report -> filters -> hash: values of related rows decrypt in eager loads."""
+    from sqlalchemy.orm import joinedload, relationship, selectinload
+
+    keys = KeyManager(engine, LocalKeyProvider(os.urandom(32)))
+    keys.create_table()
+    Base = new_base()
+    link = sa.Table(
+        "report_filters", Base.metadata,
+        sa.Column("report_id", sa.ForeignKey("reports.id"), primary_key=True),
+        sa.Column("filter_id", sa.ForeignKey("filters.id"), primary_key=True),
+    )
+
+    class Hash(Base):
+        __tablename__ = "hashes"
+        id = sa.Column(sa.Integer, primary_key=True)
+        name = sa.Column(EncryptedType(sa.String(128), keys, deterministic=True))
+
+    class Filter(Base):
+        __tablename__ = "filters"
+        id = sa.Column(sa.Integer, primary_key=True)
+        name = sa.Column(EncryptedType(sa.String(100), keys, scope="row"))
+        hash_id = sa.Column(sa.ForeignKey("hashes.id"), nullable=True)
+        hash = relationship(Hash)
+
+    class Report(Base):
+        __tablename__ = "reports"
+        id = sa.Column(sa.Integer, primary_key=True)
+        name = sa.Column(sa.String(100))
+        filters = relationship(Filter, secondary=link, order_by=Filter.id)
+
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(Report(name="Report1", filters=[Filter(name="test1", hash=Hash(name="h1")), Filter(name="test2")]))
+        s.commit()
+    for option in (joinedload, selectinload):
+        with Session(engine) as s:
+            report = s.scalars(sa.select(Report).options(option(Report.filters).joinedload(Filter.hash))).unique().one()
+            assert [(f.name, f.hash.name if f.hash else None) for f in report.filters] == [("test1", "h1"), ("test2", None)]
