@@ -36,8 +36,12 @@ __all__ = ["check_upsert", "is_upsert"]
 
 
 def is_upsert(stmt: Any) -> bool:
-    """An INSERT with an ``ON CONFLICT`` / ``ON DUPLICATE KEY`` clause."""
-    return getattr(stmt, "_post_values_clause", None) is not None
+    """An INSERT that may leave an existing row in place: an ``ON CONFLICT`` /
+    ``ON DUPLICATE KEY`` clause, or ``INSERT IGNORE`` / ``INSERT OR IGNORE``
+    (``prefix_with``). Its rows keep the keys bound to them: nothing is shredded."""
+    if getattr(stmt, "_post_values_clause", None) is not None:
+        return True
+    return any("IGNORE" in str(prefix).upper() for prefix, _ in getattr(stmt, "_prefixes", ()))
 
 
 def check_upsert(spec: TableSpec, stmt: Any) -> None:

@@ -420,3 +420,15 @@ def test_an_upsert_setting_python_values_encrypts_them(engine: Engine) -> None:
     expected = [ROWS[0], (2, "fixed", "fixed-det", ROWS[1][3]), ROWS[2]]
     assert_stored(engine, keys, expected)
     assert read_back(engine, Item) == expected
+
+
+def test_insert_ignore_and_do_nothing_over_existing_rows_keep_their_keys(engine: Engine) -> None:
+    keys, Item = setup(engine)
+    orm_add(engine, keys, Item, rows_as_dicts())
+    with engine.connect() as conn:
+        before = raw_rows_of(conn)
+    clash = [{"id": 1, "tbl": "clash", "det": "clash", "row": {"clash": 1}}, {"id": 4, "tbl": "new", "det": "new", "row": {"n": 4}}]
+    core_upsert_do_nothing(engine, keys, Item, clash)
+    with engine.connect() as conn:
+        assert raw_rows_of(conn)[:3] == before
+    assert read_back(engine, Item) == [*ROWS, (4, "new", "new", {"n": 4})]
