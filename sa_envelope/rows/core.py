@@ -97,7 +97,7 @@ class _CoreWrites:
             stmt._values
             or getattr(stmt, "_ordered_values", None)
             or any_bare(spec, plist)
-            or (stmt.is_insert and python_defaults(spec))
+            or python_defaults(spec, stmt.is_update)
         ):
             return stmt, multiparams, params  # the ORM's flush: every value already paired
         plan = plan_for(spec, stmt, plist)

@@ -61,15 +61,13 @@ def any_bare(spec: TableSpec, plist: list[Mapping[str, Any]]) -> bool:
     return any(bare(params.get(k)) for params in plist for k in attrs)
 
 
-def python_defaults(spec: TableSpec) -> list[tuple[str, Any]]:
-    """Row-scoped columns with a Python-side default (``default=date.today``):
-    SQLAlchemy computes it while executing, past the ORM's hooks, so the
-    plan computes it first and pairs it with the row's key like any value."""
-    return [
-        (c.key, c.default)
-        for c in spec.columns
-        if c.default is not None and (c.default.is_scalar or c.default.is_callable)
-    ]
+def python_defaults(spec: TableSpec, is_update: bool = False) -> list[tuple[str, Any]]:
+    """Row-scoped columns with a Python-side ``default`` (INSERT) or ``onupdate``
+    (UPDATE), such as ``default=date.today``: SQLAlchemy computes it while
+    executing, past the ORM's hooks, so the plan computes it first and pairs
+    it with the row's key like any value."""
+    found = [(c.key, c.onupdate if is_update else c.default) for c in spec.columns]
+    return [(k, d) for k, d in found if d is not None and (d.is_scalar or d.is_callable)]
 
 
 class _DefaultContext:
@@ -136,7 +134,7 @@ def plan_for(spec: TableSpec, stmt: Any, plist: list[Mapping[str, Any]]) -> Plan
                 raise refused(spec, "an executemany whose values() sets a row-scoped column", PER_ROW)
             plan.fixed[key] = literal(entry)
     where = _where_pk(spec, stmt) if stmt.is_update else None
-    defaults = python_defaults(spec) if stmt.is_insert else []
+    defaults = python_defaults(spec, stmt.is_update)
     for params in plist:
         row = {k: params.get(plan.names.get(k, k)) for k in spec.attrs}
         row.update(plan.fixed)

@@ -240,3 +240,30 @@ def test_ormar_many_to_many_related_values_decrypt(engine: Engine) -> None:
         with Session(engine) as s:
             report = s.scalars(sa.select(Report).options(option(Report.filters).joinedload(Filter.hash))).unique().one()
             assert [(f.name, f.hash.name if f.hash else None) for f in report.filters] == [("test1", "h1"), ("test2", None)]
+
+
+def test_python_onupdate_of_a_row_scoped_column_is_sealed_under_the_rows_key(engine: Engine) -> None:
+    keys = KeyManager(engine, LocalKeyProvider(os.urandom(32)))
+    keys.create_table()
+
+    class Doc(new_base()):
+        __tablename__ = "docs"
+        id = sa.Column(sa.Integer, primary_key=True, autoincrement=False)
+        title = sa.Column(sa.String(50))
+        stamp = sa.Column(EncryptedType(sa.String(20), keys, scope="row"), default="created", onupdate="edited")
+
+    Doc.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(Doc(id=1, title="a"))
+        s.commit()
+    with engine.begin() as conn:
+        conn.execute(sa.insert(Doc.__table__), {"id": 2, "title": "b"})
+    with Session(engine) as s:
+        s.get(Doc, 1).title = "a2"
+        s.commit()
+    with engine.begin() as conn:
+        conn.execute(sa.update(Doc.__table__).where(Doc.__table__.c.id == 2).values(title="b2"))
+    with Session(engine) as s:
+        assert [(d.id, d.stamp) for d in s.scalars(sa.select(Doc).order_by(Doc.id))] == [(1, "edited"), (2, "edited")]
+    with engine.connect() as conn:  # still one key per row
+        assert conn.execute(sa.select(sa.func.count()).where(keys.table.c.scope == "row")).scalar() == 2
