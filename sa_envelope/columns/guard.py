@@ -86,7 +86,8 @@ def check_statement(stmt: Any, multiparams: Any = (), params: Any = None, *_: An
     """
     if getattr(stmt, "is_dml", False):
         if getattr(stmt, "is_insert", False) or getattr(stmt, "is_update", False):
-            check_writes(stmt)
+            first = multiparams[0] if multiparams else params
+            check_writes(stmt, first if hasattr(first, "keys") else None)
         check_index_writes(stmt, multiparams, params)
         return
     if isinstance(stmt, CompoundSelect):

@@ -89,13 +89,15 @@ def _column(table: Any, key: Any) -> Any:
     return key
 
 
-def check_writes(stmt: Any) -> None:
+def check_writes(stmt: Any, params: Any = None) -> None:
     """Refuse an INSERT/UPDATE that writes anything but a value of the
-    column's own type into an encrypted column."""
+    column's own type into an encrypted column. ``params`` (the first
+    parameter set) tells which columns a SQL default would fill."""
     table: Any = getattr(stmt, "table", None)
     columns = getattr(table, "c", None)
     if columns is None or not any(isinstance(c.type, EncryptedType) for c in columns):
         return
+    _check_sql_defaults(stmt, table, params or {})
     select = getattr(stmt, "select", None)
     if select is not None:  # INSERT ... FROM SELECT
         for name in getattr(stmt, "_select_names", None) or ():
@@ -117,6 +119,22 @@ def check_writes(stmt: Any) -> None:
             proposed = isinstance(getattr(getattr(value, "table", None), "element", None), FromClause)
             what, value = _kind(value), None
             raise _refused(table, column, f"{what} (in the upsert's SET)", _OTHER_COLUMN if proposed else _UNENCRYPTED)
+
+
+def _check_sql_defaults(stmt: Any, table: Any, params: Any) -> None:
+    """A SQL-expression ``default`` / ``onupdate`` (``default=func.now()``) of
+    an encrypted column is rendered into the statement: plaintext, stored."""
+    given = {getattr(_column(table, k), "key", None) for k, _ in _assignments(stmt)} | set(params)
+    for column in table.c:
+        default = column.onupdate if getattr(stmt, "is_update", False) else column.default
+        sql = default is not None and (default.is_clause_element or default.is_sequence)
+        if sql and isinstance(column.type, EncryptedType) and column.key not in given:
+            raise _refused(
+                table,
+                column,
+                "SQL default (Column default=/onupdate= a SQL expression)",
+                "which would store it unencrypted; give the column a Python default (a value or a function) instead",
+            )
 
 
 def _kind(value: Any) -> str:

@@ -432,3 +432,23 @@ def test_insert_ignore_and_do_nothing_over_existing_rows_keep_their_keys(engine:
     with engine.connect() as conn:
         assert raw_rows_of(conn)[:3] == before
     assert read_back(engine, Item) == [*ROWS, (4, "new", "new", {"n": 4})]
+
+
+def test_a_sql_default_of_an_encrypted_column_is_refused(engine: Engine) -> None:
+    """``default=func.lower(...)`` would be rendered into the INSERT: plaintext."""
+    from sqlalchemy import Column, Integer, MetaData, String, Table
+
+    from sa_envelope import EncryptedType
+
+    keys, _ = setup(engine)
+    t = Table(
+        "defaults", MetaData(),
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("note", EncryptedType(String(20), keys), default=func.lower("PLAIN")),
+    )
+    t.create(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(t), {"id": 1, "note": "given"})  # given: the default does not run
+        with pytest.raises(UnsupportedQueryError, match="SQL default"):
+            conn.execute(insert(t), {"id": 2})
+        assert conn.execute(select(func.count()).select_from(t)).scalar() == 1
