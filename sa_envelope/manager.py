@@ -131,6 +131,8 @@ class KeyManager:
     def use_row_scope(self) -> None:
         """Row keys for every bound engine, now and later, with the ORM hooks
         and the read prefetch (a row-scoped column calls this once)."""
+        if self._row_scope:
+            return
         with self._lock:
             if self._row_scope:
                 return

@@ -128,7 +128,6 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         a copy given to a new column re-learns them when that column attaches."""
         clone = super().copy(**kw)
         clone._parent = None
-        clone._vias = {}
         return clone
 
     @property
@@ -363,8 +362,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
 
     def _bind_names(self, table: str, column: str) -> None:
         super()._bind_names(table, column)
-        for via in self._vias.values():
-            via.memo.clear()  # the associated data depends on the names
+        self._vias = {}  # read memos: the associated data depends on the names
 
     def _direct(self, error: type[EncryptionError] | type[DecryptionError]) -> engines.Via:
         """A direct encrypt()/decrypt() call's engine: the manager's only one."""
