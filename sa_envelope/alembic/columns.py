@@ -96,12 +96,13 @@ def _storage_type(type_: Any, dialect: Any) -> Any:
     return type_
 
 
-def _opens(enc: EncryptedType, value: Any) -> bool:
-    """Whether ``value`` is a value of ``enc``'s column that decrypts."""
+def _opens(enc: EncryptedType, value: Any, dialect: Any) -> bool:
+    """Whether ``value`` is a value of ``enc``'s column that decrypts (with
+    the keys of the migration's database)."""
     if not isinstance(value, (bytes, bytearray, memoryview)):
         return False
     try:
-        enc.decrypt(bytes(value))
+        enc.decrypt(bytes(value), binds.require(enc, dialect))
     except EnvelopeError:
         return False
     return True
@@ -115,7 +116,7 @@ def _already_converted(operations: Operations, table: str, column: str, enc: Enc
     first = bind.execute(select(reflected).where(reflected.is_not(None)).limit(1)).scalar()
     if first is None:  # no value to tell by: the storage type does
         return isinstance(reflected.type, _Binary) == encrypting
-    return _opens(enc, first) == encrypting
+    return _opens(enc, first, operations.get_bind().dialect) == encrypting
 
 
 def _drop_batch_debris(operations: Operations, table: str) -> None:
@@ -138,7 +139,7 @@ def _convert(operations: Operations, op: _ColumnOp, new_type: Any, enc: Encrypte
     require_online(operations, label)
     keys = manager_for(operations, op.keys)
     store = keys.store_for(engine_of(operations))
-    via = binds.via(enc, operations.get_bind().dialect)
+    via = binds.require(enc, operations.get_bind().dialect)
     transform: Callable[[Any], Any] = (
         (lambda value: enc.encrypt(value, store)) if encrypting else (lambda raw: enc.decrypt(bytes(raw), via))
     )

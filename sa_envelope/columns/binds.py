@@ -22,7 +22,7 @@ from ..errors import EncryptionError
 from ..keys.engines import Binding
 from ..keys.store import KeyStore
 
-__all__ = ["Via", "late_bind_processor", "late_result_processor", "not_bound", "via"]
+__all__ = ["Via", "late_bind_processor", "late_result_processor", "not_bound", "require", "via"]
 
 
 class Via:
@@ -46,6 +46,14 @@ def via(column_type: Any, dialect: Any) -> Via | None:
     found: Via | None = column_type._vias.get(binding)
     if found is None:
         found = column_type._vias[binding] = Via(binding)
+    return found
+
+
+def require(column_type: Any, dialect: Any) -> Via:
+    """:func:`via`, or the error naming the engine that is not bound."""
+    found = via(column_type, dialect)
+    if found is None:
+        raise not_bound(column_type, dialect)
     return found
 
 

@@ -26,7 +26,7 @@ from ..envelope.codecs import UnsupportedValue, codec_for
 from ..errors import ConfigurationError, DecryptionError, EncryptionError, RowKeyRequiredError
 from ..keys import table as kt
 from ..keys.store import KeyStore
-from . import binds as engines
+from . import binds
 from .naming import ColumnNames
 from .operators import EncryptedComparator
 from .rowvalue import RowValue
@@ -82,7 +82,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
             self._codec = codec_for(self.inner)
         except TypeError as exc:
             raise ConfigurationError(str(exc)) from None
-        self._vias: dict[Any, engines.Via] = {}  # per bound engine: its store, row keys, read memo
+        self._vias: dict[Any, binds.Via] = {}  # per bound engine: its store, row keys, read memo
         # chosen once: which table-level key a value uses, and how it is sealed
         self._key_scope = kt.SCOPE_DETERMINISTIC if deterministic else kt.SCOPE_TABLE
         self._seal = fmt.seal_function(deterministic)
@@ -161,10 +161,10 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
     # -- the per-value path --------------------------------------------------------------
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> bytes | None:
-        return None if value is None else self.encrypt(value)
+        return None if value is None else self.encrypt(value, binds.require(self, dialect).store)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
-        return None if value is None else self.decrypt(value)
+        return None if value is None else self.decrypt(value, binds.require(self, dialect))
 
     def bind_processor(self, dialect: Dialect) -> Any:
         """One closure per dialect: the per-value path skips a call layer,
@@ -173,9 +173,9 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         leaves it (frame locals are what error trackers capture)."""
         encrypt = self.encrypt
         impl: Any = self.impl_instance.bind_processor(dialect)
-        via = engines.via(self, dialect)
+        via = binds.via(self, dialect)
         if via is None:  # not bound (yet): found per value, so a later bind() serves it
-            return engines.late_bind_processor(self, dialect, impl)
+            return binds.late_bind_processor(self, dialect, impl)
         store = via.store
 
         def process(value: Any) -> Any:
@@ -203,9 +203,9 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         and opens with the keys of the dialect's engine (keys.engines)."""
         decrypt = self.decrypt
         impl = self.impl_instance.result_processor(dialect, coltype)
-        via = engines.via(self, dialect)
+        via = binds.via(self, dialect)
         if via is None:  # not bound (yet): values refused until it is
-            return engines.late_result_processor(self, dialect, impl)
+            return binds.late_result_processor(self, dialect, impl)
         if impl is None:
             return lambda value: None if value is None else decrypt(value, via)
 
@@ -292,7 +292,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
             column=self._column,
         )
 
-    def decrypt(self, value: bytes, via: engines.Via | None = None) -> Any:
+    def decrypt(self, value: bytes, via: binds.Via | None = None) -> Any:
         """Open and deserialise one stored value of this column, with the
         keys of ``via``'s engine (the processors pass theirs; a direct call
         without it uses the manager's one bound engine).
@@ -318,7 +318,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
                     pass
         return self._decrypt_full(value, via)
 
-    def _decrypt_full(self, value: bytes, via: engines.Via) -> Any:
+    def _decrypt_full(self, value: bytes, via: binds.Via) -> Any:
         """Parse the header, find the key, open the value, fill the memo.
 
         Takes any bytes-like value (psycopg returns raw ``BYTEA`` as a
@@ -364,11 +364,11 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         super()._bind_names(table, column)
         self._vias = {}  # read memos: the associated data depends on the names
 
-    def _direct(self, error: type[EncryptionError] | type[DecryptionError]) -> engines.Via:
+    def _direct(self, error: type[EncryptionError] | type[DecryptionError]) -> binds.Via:
         """A direct encrypt()/decrypt() call's engine: the manager's only one."""
         if self.keys is None or self._table is None:
             raise self._unbound(error)
-        via = engines.via(self, self.keys.engines.select().engine.dialect)
+        via = binds.via(self, self.keys.engines.select().engine.dialect)
         assert via is not None
         return via
 
