@@ -106,11 +106,12 @@ class KeyManager:
     def bind(self, engine: Any) -> Any:
         """Serve ``engine`` (an Engine or AsyncEngine) too; idempotent. Its
         keys live in its own database's key table. Returns ``engine``."""
-        self.engines.bind(engine)
+        with self._lock:  # a binding made while row scope is switched on gets its row keys
+            self.engines.bind(engine)
         return engine
 
     def _wire(self, engine: Engine) -> Binding:
-        """The pieces that serve one engine (called once per bound engine)."""
+        """The pieces that serve one engine (once per bound engine, under the lock)."""
         key_cache = KeyCache(self._limits)
         tracker = Tracker(engine, key_cache, on_execute=check_statement, on_compiled=check_compiled)
         store = KeyStore(
@@ -118,9 +119,8 @@ class KeyManager:
         )
         redact.hide_rows(engine)  # SQLAlchemy logs rows after decryption
         binding = Binding(engine, tracker, store)
-        with self._lock:
-            if self._row_scope:
-                self._wire_rows(binding)
+        if self._row_scope:
+            self._wire_rows(binding)
         return binding
 
     def _wire_rows(self, binding: Binding) -> None:

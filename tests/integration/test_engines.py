@@ -16,7 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import JSON, LargeBinary, String, bindparam, create_engine, func, insert, select, text, type_coerce
+from sqlalchemy import (
+    JSON,
+    Column,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    create_engine,
+    func,
+    insert,
+    select,
+    text,
+    type_coerce,
+)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -319,3 +334,35 @@ def test_key_manager_of_one_engine_keeps_its_shape(engine: Engine) -> None:
     keys.create_table()
     with engine.connect() as conn:
         assert conn.execute(text(f"SELECT COUNT(*) FROM {keys.table.name}")).scalar_one() == 0
+
+
+def test_a_migration_runs_on_its_own_connection(engine: Engine, engine_b: Engine) -> None:
+    """The sa-envelope Alembic operations use the migration's engine: a
+    manager bound to two app engines encrypts B's column with B's keys."""
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+
+    import sa_envelope.alembic  # noqa: F401  (registers the operations)
+
+    keys, _ = two_databases(engine, engine_b)
+    plain = Table("t", MetaData(), Column("id", Integer, primary_key=True), Column("v", String(40)))
+    plain.create(engine_b)
+    with engine_b.begin() as conn:
+        conn.execute(plain.insert(), [{"id": i, "v": f"secret {i}"} for i in range(1, 6)])
+    before_a = key_rows(engine, keys)
+    migration = create_engine(engine_b.url.render_as_string(hide_password=False))  # as env.py makes its own
+    try:
+        with migration.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"transaction_per_migration": True})
+            with context.begin_transaction(_per_migration=True):
+                Operations(context).encrypt_column("t", "v", EncryptedType(String(40)), keys=keys, batch_size=2)
+    finally:
+        migration.dispose()
+    encrypted = Table("t", MetaData(), Column("id", Integer, primary_key=True), Column("v", EncryptedType(String(40), keys)))
+    with engine_b.connect() as conn:
+        assert conn.execute(select(encrypted.c.v).order_by(encrypted.c.id)).scalars().all() == [
+            f"secret {i}" for i in range(1, 6)
+        ]
+        raw = conn.execute(select(type_coerce(encrypted.c.v, LargeBinary()))).scalars().all()
+    assert {fmt.key_id_of(bytes(v)) for v in raw} <= {i for i, o, _ in key_rows(engine_b, keys) if o == "t"}
+    assert key_rows(engine, keys) == before_a
