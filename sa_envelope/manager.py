@@ -1,19 +1,27 @@
 """KeyManager: the facade users hold. It wires, and delegates; it decides nothing.
 
-``KeyManager(engine, provider)`` makes the pieces and connects them:
+``KeyManager(engine, provider)`` is ``KeyManager(None, provider)`` followed
+by ``bind(engine)``. For every bound engine (:mod:`sa_envelope.keys.engines`)
+it makes the pieces and connects them:
 
-* a :class:`~sa_envelope.keys.cache.KeyCache` of plaintext keys, bounded;
+* a :class:`~sa_envelope.keys.cache.KeyCache` of plaintext keys, bounded
+  (one per engine: two databases may hold keys of the same id);
 * a :class:`~sa_envelope.keys.tracking.Tracker` on the engine, which knows
   the executing connection and which transaction made which key, and runs
   the query guards before each statement (:mod:`sa_envelope.columns.guard`)
   and once per compiled statement (:mod:`sa_envelope.columns.comparisons`);
 * a :class:`~sa_envelope.keys.store.KeyStore`, which finds, creates and
   unwraps keys and rolls them over (the rules live there);
-* the row keys (:mod:`sa_envelope.rows`), made with the first row-scoped column;
+* the row keys (:mod:`sa_envelope.rows`), made with the first row-scoped column.
+
+Across engines:
+
 * the jobs (:mod:`sa_envelope.jobs`), which get the store, never the manager.
 
-The column types bind the store's lookups into their processors directly,
-so the per-value path gains no call layer from this facade.
+The column types bind the store of a statement's engine into their
+processors (once per dialect), so the per-value path gains no call layer
+from this facade. Management calls take ``engine=``; with one bound engine
+it is the default.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from .jobs.rewrap import RewrapReport, rewrap_keys
 from .jobs.sweep import SweepReport, sweep_orphans
 from .keys import table as kt
 from .keys.cache import CacheLimits, CachedKey, KeyCache
-from .keys.offload import require_greenlet
+from .keys.engines import Binding, Engines
 from .keys.rollover import RolloverPolicy
 from .keys.store import KeyStore
 from .keys.tracking import Tracker
@@ -51,16 +59,22 @@ __all__ = ["KeyManager"]
 
 
 class KeyManager:
-    """Owns the key table, the plaintext key cache and key creation.
+    """Owns the key table, the plaintext key caches and key creation.
 
-    ``engine`` is the Engine (or AsyncEngine) your sessions use: the manager
-    listens to its connections to learn which transaction a value is bound
-    in. ``metadata`` lets the key table live in your own MetaData so that
-    Alembic autogenerate sees it. ``namespace`` is bound into every new
-    key's provider context, so two applications sharing one CMK cannot use
-    each other's keys. ``shred_on_delete=False`` keeps the row keys of rows
-    deleted through the ORM (by default they are shredded in the deleting
-    transaction). No network or database call happens here.
+    ``engine`` is the Engine (or AsyncEngine) your sessions use, or ``None``
+    for an application factory that makes its engines later: call
+    :meth:`bind` for each (any number, sync or async). Every bound engine has
+    its own key cache, and a key is looked up and created through the
+    connection of the statement that needs it, so a value is sealed under a
+    key stored in its row's database and transaction; a statement on an
+    engine that is not bound raises :class:`ConfigurationError` naming it
+    (:mod:`sa_envelope.keys.engines`). ``metadata`` lets the key table live
+    in your own MetaData so that Alembic autogenerate sees it.
+    ``namespace`` is bound into every new key's provider context, so two
+    applications sharing one CMK cannot use each other's keys.
+    ``shred_on_delete=False`` keeps the row keys of rows deleted through the
+    ORM (by default they are shredded in the deleting transaction). No
+    network or database call happens here.
     """
 
     def __init__(
@@ -75,40 +89,98 @@ class KeyManager:
         namespace: str | None = None,
         shred_on_delete: bool = True,
     ) -> None:
-        if hasattr(engine, "sync_engine"):  # an AsyncEngine: say which extra, before SQLAlchemy does
-            require_greenlet()
-        self.engine: Engine = getattr(engine, "sync_engine", engine)
         self.table = kt.key_table(metadata if metadata is not None else MetaData(), table_name)
         self.rollover = rollover if rollover is not None else RolloverPolicy()
-        key_cache = KeyCache(cache or CacheLimits())
-        self.tracker = Tracker(self.engine, key_cache, on_execute=check_statement, on_compiled=check_compiled)
-        self.store = KeyStore(
-            self.engine, provider, self.table, key_cache, self.tracker, self.rollover, namespace=namespace
-        )
+        self.namespace = namespace
         self.shred_on_delete = shred_on_delete  # ORM delete shreds the row's keys (rows.orm)
-        self._rows: RowKeys | None = None
-        self._lock = threading.Lock()
-        redact.hide_rows(self.engine)  # SQLAlchemy logs rows after decryption
+        self._limits = cache or CacheLimits()
+        self._provider = provider
+        self._row_scope = False  # made with the first row-scoped column (row keys per engine)
+        self._lock = threading.RLock()
+        self.engines = Engines(self._wire)
         flushcheck.install()  # values refused before the flush builds its parameters
+        if engine is not None:
+            self.bind(engine)
+
+    # -- engines (keys.engines) -----------------------------------------------------------
+
+    def bind(self, engine: Any) -> Any:
+        """Serve ``engine`` (an Engine or AsyncEngine) too; idempotent. Its
+        keys live in its own database's key table. Returns ``engine``."""
+        with self._lock:  # a binding made while row scope is switched on gets its row keys
+            self.engines.bind(engine)
+        return engine
+
+    def _wire(self, engine: Engine) -> Binding:
+        """The pieces that serve one engine (once per bound engine, under the lock)."""
+        key_cache = KeyCache(self._limits)
+        tracker = Tracker(engine, key_cache, on_execute=check_statement, on_compiled=check_compiled)
+        store = KeyStore(
+            engine, self._provider, self.table, key_cache, tracker, self.rollover, namespace=self.namespace
+        )
+        redact.hide_rows(engine)  # SQLAlchemy logs rows after decryption
+        binding = Binding(engine, tracker, store)
+        if self._row_scope:
+            self._wire_rows(binding)
+        return binding
+
+    def _wire_rows(self, binding: Binding) -> None:
+        rows = RowKeys(binding.store)
+        install_prefetch(rows, self)
+        install_core_hook(rows, self)
+        binding.rows = rows
+
+    def use_row_scope(self) -> None:
+        """Row keys for every bound engine, now and later, with the ORM hooks
+        and the read prefetch (a row-scoped column calls this once)."""
+        if self._row_scope:
+            return
+        with self._lock:
+            if self._row_scope:
+                return
+            install_orm_hooks()
+            self._row_scope = True
+            for binding in self.engines:
+                self._wire_rows(binding)
+
+    @property
+    def engine(self) -> Engine:
+        """The one bound engine (``ConfigurationError`` if none, or several)."""
+        return self.engines.select().engine
+
+    @property
+    def store(self) -> KeyStore:
+        """The key store of the one bound engine (see :meth:`store_for`)."""
+        return self.engines.select().store
+
+    @property
+    def tracker(self) -> Tracker:
+        return self.engines.select().tracker
+
+    def store_for(self, bind: Any = None) -> KeyStore:
+        """The key store of ``bind`` (Engine, AsyncEngine or Connection), else of the one bound engine."""
+        return self.engines.select(bind).store
 
     # -- what the store holds ------------------------------------------------------------
 
     @property
     def provider(self) -> KeyProvider:
         """The provider that wraps new keys (``rewrap`` may replace it)."""
-        return self.store.provider
+        return self._provider
 
     @provider.setter
     def provider(self, provider: KeyProvider) -> None:
-        self.store.provider = provider
+        self._provider = provider
+        for binding in self.engines:
+            binding.store.provider = provider
 
     @property
     def provider_calls(self) -> int:
-        return self.store.provider_calls
+        return sum(b.store.provider_calls for b in self.engines)
 
     @property
     def keys_created(self) -> int:
-        return self.store.keys_created
+        return sum(b.store.keys_created for b in self.engines)
 
     def encryption_key(self, owner: str, scope: str = kt.SCOPE_TABLE) -> CachedKey:
         """The key new values of ``owner`` are written under (see KeyStore)."""
@@ -119,56 +191,58 @@ class KeyManager:
         return self.store.decryption_key(key_id, table=table, column=column)
 
     def use_connection(self, conn: Connection) -> ContextManager[Connection]:
-        """Bind values through ``conn`` (for connections of another engine,
-        such as Alembic's): new keys are then written in its transaction."""
-        return self.tracker.use_connection(conn)
+        """Bind values through ``conn`` (of a bound engine) where no statement
+        is running on it: new keys are then written in its transaction."""
+        return self.engines.of(conn).tracker.use_connection(conn)
 
-    # -- the key table and the cache -----------------------------------------------------
+    # -- the key table and the cache (engine=: see keys.engines.Engines.select) ----------
 
-    def create_table(self) -> None:
+    def create_table(self, engine: Any = None) -> None:
         """Create the key table if it does not exist (idempotent)."""
-        self.table.create(self.engine, checkfirst=True)
+        self.table.create(self.engines.select(engine).engine, checkfirst=True)
 
-    async def create_table_async(self) -> None:
-        """:meth:`create_table` for a KeyManager built on an AsyncEngine."""
-        await warming.create_table_async(self.engine, self.table)
+    async def create_table_async(self, engine: Any = None) -> None:
+        """:meth:`create_table` for a KeyManager bound to an AsyncEngine."""
+        await warming.create_table_async(self.engines.select(engine).engine, self.table)
 
     def stats(self) -> dict[str, int]:
-        """Counters: provider calls, cache hits and misses, keys created."""
-        cache = self.store.cache
+        """Counters over every bound engine: provider calls, cache hits and
+        misses, keys created."""
+        stores = [b.store for b in self.engines]
         return {
-            "provider_calls": self.store.provider_calls,
-            "cache_hits": cache.hits,
-            "cache_misses": cache.misses,
-            "cache_evictions": cache.evictions,
-            "cached_keys": len(cache),
-            "keys_created": self.store.keys_created,
+            "provider_calls": sum(s.provider_calls for s in stores),
+            "cache_hits": sum(s.cache.hits for s in stores),
+            "cache_misses": sum(s.cache.misses for s in stores),
+            "cache_evictions": sum(s.cache.evictions for s in stores),
+            "cached_keys": sum(len(s.cache) for s in stores),
+            "keys_created": sum(s.keys_created for s in stores),
         }
 
     def clear_cache(self) -> None:
-        """Forget every plaintext key (the next use unwraps again)."""
-        self.store.clear()
-        if self._rows is not None:
-            self._rows.cache.clear()
+        """Forget every plaintext key of every engine (the next use unwraps again)."""
+        for binding in self.engines:
+            binding.store.clear()
+            if binding.rows is not None:
+                binding.rows.cache.clear()
 
-    def warm(self, tables: Iterable[Any] | None = None) -> int:
+    def warm(self, tables: Iterable[Any] | None = None, *, engine: Any = None) -> int:
         """Load the keys of ``tables`` (names or Table objects; default all)
         into the cache now, so that first requests make no provider call."""
-        return warming.warm(self.store, tables)
+        return warming.warm(self.engines.select(engine).store, tables)
 
-    async def warm_async(self, tables: Iterable[Any] | None = None) -> int:
+    async def warm_async(self, tables: Iterable[Any] | None = None, *, engine: Any = None) -> int:
         """:meth:`warm` for asyncio; provider calls run in worker threads."""
-        return await warming.warm_async(self.store, tables)
+        return await warming.warm_async(self.engines.select(engine).store, tables)
 
     # -- rotation (docs/rotation.md) -----------------------------------------------------
 
-    def rotate_table_key(self, table: str) -> int:
+    def rotate_table_key(self, table: str, *, engine: Any = None) -> int:
         """Make a new active key for ``table`` now; older keys stay for reading.
 
         Runs in a transaction of its own and returns the new key id. No value
         is re-encrypted (see :meth:`reencrypt` for that).
         """
-        return self.store.rotate(table, kt.SCOPE_TABLE)
+        return self.engines.select(engine).store.rotate(table, kt.SCOPE_TABLE)
 
     def rewrap(
         self,
@@ -177,22 +251,34 @@ class KeyManager:
         source: KeyProvider | None = None,
         batch_size: int = 100,
         progress: bool | None = None,
+        engine: Any = None,
     ) -> RewrapReport:
-        """Re-wrap every provider-wrapped key under ``to`` (default: ``self.provider``).
+        """Re-wrap every provider-wrapped key of one database under ``to``
+        (default: ``self.provider``).
 
         ``source`` unwraps keys where ``to`` cannot move them itself (KMS
         ``ReEncrypt`` needs none); it defaults to the current provider. Once
-        every key is moved, ``self.provider`` becomes ``to``, so new keys are
-        wrapped by it too.
+        every key is moved, that engine's new keys are wrapped by ``to``, and
+        ``self.provider`` becomes ``to`` once every bound engine's are.
         """
+        binding = self.engines.select(engine)
         target = to if to is not None else self.provider
-        report = rewrap_keys(self.store, source or self.provider, target, batch_size=batch_size, progress=progress)
+        current = binding.store.provider
+        report = rewrap_keys(binding.store, source or current, target, batch_size=batch_size, progress=progress)
         if report.complete:
-            self.provider = target
+            binding.store.provider = target
+            if all(b.store.provider is target for b in self.engines):
+                self._provider = target
         return report
 
     def reencrypt(
-        self, columns: Iterable[Column[Any]], *, key_id: int | str, batch_size: int = 500, progress: bool | None = None
+        self,
+        columns: Iterable[Column[Any]],
+        *,
+        key_id: int | str,
+        batch_size: int = 500,
+        progress: bool | None = None,
+        engine: Any = None,
     ) -> ReencryptReport:
         """Re-encrypt the values of ``columns`` stored under ``key_id`` with the
         active key (rolled over first if ``key_id`` is still active).
@@ -201,30 +287,28 @@ class KeyManager:
         the report shows nothing left, the old key encrypts nothing any more
         and may be shredded.
         """
-        return reencrypt_columns(self.store, list(columns), key_id=key_id, batch_size=batch_size, progress=progress)
+        store = self.engines.select(engine).store
+        return reencrypt_columns(store, list(columns), key_id=key_id, batch_size=batch_size, progress=progress)
 
     # -- row scope and crypto-shredding (docs/shredding.md) ------------------------------
 
     @property
     def rows(self) -> RowKeys:
-        """The row keys of this manager. Made with the first row-scoped column,
-        which also installs the ORM hooks and the read prefetch."""
-        rows = self._rows
-        if rows is None:
-            with self._lock:
-                rows = self._rows
-                if rows is None:
-                    rows = RowKeys(self.store)
-                    install_prefetch(rows, self)
-                    install_core_hook(rows, self)
-                    install_orm_hooks()
-                    self._rows = rows
+        """The row keys of the one bound engine (see :meth:`rows_for`)."""
+        return self.rows_for(None)
+
+    def rows_for(self, bind: Any) -> RowKeys:
+        """The row keys of ``bind``'s engine (a Connection, Engine or
+        AsyncEngine; ``None``: the one bound engine). The first call makes
+        row keys for every engine, with the ORM hooks and the read prefetch."""
+        self.use_row_scope()
+        rows: RowKeys = self.engines.select(bind).rows
         return rows
 
     def new_row_keys(self, conn: Connection, table: str, count: int) -> list[RowKey]:
         """``count`` new row keys for ``table``, inserted on ``conn`` (Core API):
         ``conn.execute(insert(t), [{"notes": k.value(v)} for k, v in zip(keys, values)])``."""
-        return [RowKey(k, table) for k in self.rows.create(conn, table, count)]
+        return [RowKey(k, table) for k in self.rows_for(conn).create(conn, table, count)]
 
     def new_row_key(self, conn: Connection, table: str, primary_key: Any = None) -> RowKey:
         """One new row key for a row of ``table``, inserted on ``conn``; bound to
@@ -232,7 +316,7 @@ class KeyManager:
         if primary_key is None:
             return self.new_row_keys(conn, table, 1)[0]
         pk = tuple(primary_key) if isinstance(primary_key, (tuple, list)) else (primary_key,)
-        return RowKey(bound_row_key(self.rows, conn, table, pk), table)
+        return RowKey(bound_row_key(self.rows_for(conn), conn, table, pk), table)
 
     def shred(self, instance: Any) -> list[str]:
         """Crypto-shred an ORM instance's row: destroy its row key in the
@@ -240,35 +324,45 @@ class KeyManager:
         attributes then load as ``None``. Returns the shredded key ids."""
         return [fmt.format_key_id(k) for k in shred_instance(self, instance)]
 
-    def shred_row(self, table: Table | str, primary_key: Any, conn: Connection | None = None) -> list[str]:
+    def shred_row(
+        self, table: Table | str, primary_key: Any, conn: Connection | None = None, *, engine: Any = None
+    ) -> list[str]:
         """Core: shred every row key the row of ``table`` with ``primary_key``
         (a value, or a tuple for a composite key) ever had, whether or not a
         stored value still names it; on ``conn`` or in a transaction of its
-        own. Returns the shredded key ids."""
+        own (on ``engine``). Returns the shredded key ids."""
         pk = tuple(primary_key) if isinstance(primary_key, (tuple, list)) else (primary_key,)
         if conn is not None:
             return [fmt.format_key_id(k) for k in shred_table_row(self, conn, table, pk)]
-        with self.engine.begin() as own:
+        with self.engines.select(engine).engine.begin() as own:
             return [fmt.format_key_id(k) for k in shred_table_row(self, own, table, pk)]
 
     def sweep_orphans(
-        self, dry_run: bool = True, *, tables: Iterable[Table] = (), batch_size: int = 500, progress: bool | None = None
+        self,
+        dry_run: bool = True,
+        *,
+        tables: Iterable[Table] = (),
+        batch_size: int = 500,
+        progress: bool | None = None,
+        engine: Any = None,
     ) -> SweepReport:
         """Find the row keys bound to rows that no longer exist (deleted by
         raw SQL, ``TRUNCATE``, cascades) and, unless ``dry_run``, shred them
         in batches; run again to resume. ``tables`` gives the declared tables
         (otherwise reflected). See docs/shredding.md."""
-        return sweep_orphans(self.rows, dry_run=dry_run, tables=tables, batch_size=batch_size, progress=progress)
+        rows = self.rows_for(engine)
+        return sweep_orphans(rows, dry_run=dry_run, tables=tables, batch_size=batch_size, progress=progress)
 
-    def shred_key(self, key_id: int | str, conn: Connection | None = None) -> None:
+    def shred_key(self, key_id: int | str, conn: Connection | None = None, *, engine: Any = None) -> None:
         """Destroy one row key's material, on ``conn`` (the caller's
-        transaction) or, without it, in a transaction of its own."""
+        transaction) or, without it, in a transaction of its own (on ``engine``)."""
         kid = fmt.parse_key_id(key_id) if isinstance(key_id, str) else key_id
         if conn is not None:
-            self.rows.shred_key(conn, kid)
+            self.rows_for(conn).shred_key(conn, kid)
             return
-        with self.engine.begin() as own:
-            self.rows.shred_key(own, kid)
+        binding = self.engines.select(engine)
+        with binding.engine.begin() as own:
+            self.rows_for(own).shred_key(own, kid)
 
     def __repr__(self) -> str:
         return f"KeyManager(table={self.table.name!r}, provider={self.provider!r})"

@@ -8,11 +8,12 @@ from alembic.operations import MigrateOperation, Operations
 from sqlalchemy import Column, MetaData, Table, inspect, select
 from sqlalchemy.types import TypeDecorator, _Binary
 
+from ..columns import binds
 from ..columns.encrypted import EncryptedType
 from ..errors import ConfigurationError, EnvelopeError
 from ..faults import fault_point
 from ..jobs.copy import copy_column
-from .context import manager_for, require_online
+from .context import engine_of, manager_for, require_online
 
 __all__ = ["DecryptColumnOp", "ENCRYPT_SUFFIX", "EncryptColumnOp", "bound_type"]
 
@@ -95,12 +96,13 @@ def _storage_type(type_: Any, dialect: Any) -> Any:
     return type_
 
 
-def _opens(enc: EncryptedType, value: Any) -> bool:
-    """Whether ``value`` is a value of ``enc``'s column that decrypts."""
+def _opens(enc: EncryptedType, value: Any, dialect: Any) -> bool:
+    """Whether ``value`` is a value of ``enc``'s column that decrypts (with
+    the keys of the migration's database)."""
     if not isinstance(value, (bytes, bytearray, memoryview)):
         return False
     try:
-        enc.decrypt(bytes(value))
+        enc.decrypt(bytes(value), binds.require(enc, dialect))
     except EnvelopeError:
         return False
     return True
@@ -114,7 +116,7 @@ def _already_converted(operations: Operations, table: str, column: str, enc: Enc
     first = bind.execute(select(reflected).where(reflected.is_not(None)).limit(1)).scalar()
     if first is None:  # no value to tell by: the storage type does
         return isinstance(reflected.type, _Binary) == encrypting
-    return _opens(enc, first) == encrypting
+    return _opens(enc, first, operations.get_bind().dialect) == encrypting
 
 
 def _drop_batch_debris(operations: Operations, table: str) -> None:
@@ -134,9 +136,13 @@ def _convert(operations: Operations, op: _ColumnOp, new_type: Any, enc: Encrypte
     converted (MariaDB, whose DDL is not transactional).
     """
     label = "encrypt_column" if encrypting else "decrypt_column"
-    transform: Callable[[Any], Any] = enc.encrypt if encrypting else (lambda raw: enc.decrypt(bytes(raw)))
     require_online(operations, label)
     keys = manager_for(operations, op.keys)
+    store = keys.store_for(engine_of(operations))
+    via = binds.require(enc, operations.get_bind().dialect)
+    transform: Callable[[Any], Any] = (
+        (lambda value: enc.encrypt(value, store)) if encrypting else (lambda raw: enc.decrypt(bytes(raw), via))
+    )
     table, column = op.table_name, op.column_name
     temp = column + ENCRYPT_SUFFIX
     columns: dict[str, Any] = {c["name"]: c for c in inspect(operations.get_bind()).get_columns(table)}
@@ -147,7 +153,7 @@ def _convert(operations: Operations, op: _ColumnOp, new_type: Any, enc: Encrypte
         if temp not in columns:
             operations.add_column(table, Column(temp, new_type, nullable=True))
         with operations.get_context().autocommit_block():
-            copy_column(keys.store, table, column, temp, transform, job=label, batch_size=op.batch_size)
+            copy_column(store, table, column, temp, transform, job=label, batch_size=op.batch_size)
     elif temp not in columns:
         raise ConfigurationError(f"table {table} has neither column {column} nor {temp}")
     storage = _storage_type(new_type, operations.get_bind().dialect)

@@ -10,7 +10,7 @@ from sqlalchemy import MetaData
 from ..errors import EnvelopeError
 from ..keys import table as kt
 from ..providers.spec import provider_from_spec
-from .context import manager_for, require_online
+from .context import engine_of, manager_for, require_online
 
 __all__ = [
     "AddKeyContextVersionOp",
@@ -154,6 +154,6 @@ def _rewrap_keys(operations: Operations, op: RewrapKeysOp) -> None:
     to = provider_from_spec(op.to, check=True) if isinstance(op.to, str) else op.to
     source = provider_from_spec(op.source) if isinstance(op.source, str) else op.source
     with operations.get_context().autocommit_block():
-        report = keys.rewrap(to, source=source, batch_size=op.batch_size)
+        report = keys.rewrap(to, source=source, batch_size=op.batch_size, engine=engine_of(operations))
     if not report.complete:
         raise EnvelopeError(f"{report}; run the migration again once the cause is fixed")

@@ -31,7 +31,6 @@ The normalisers are in :mod:`.normalizers`.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable
 
 from sqlalchemy import LargeBinary, event, literal, select
@@ -127,14 +126,15 @@ class BlindIndexType(TypeDecorator[bytes], ColumnNames):
         """The bytes that are indexed for ``value``."""
         return _as_bytes(self.normalizer(value) if self.normalizer is not None else value)
 
-    def digest(self, value: Any) -> bytes:
-        """The index value of a source value (one HMAC once the key is cached)."""
+    def digest(self, value: Any, store: Any = None) -> bytes:
+        """The index value of a source value (one HMAC once the key is cached),
+        under the key of ``store`` (default: the manager's one bound engine's)."""
         table, keys = self._table, self.keys
         if table is None or keys is None:
             raise EncryptionError(
                 "this BlindIndexType has no KeyManager or is not attached to a table", table=table, column=self._column
             )
-        entry = keys.store.encryption_key(table, kt.SCOPE_BLIND_INDEX)
+        entry = (store or keys.store).encryption_key(table, kt.SCOPE_BLIND_INDEX)
         cached_entry, base = self._subkey.get(0, (None, None))
         if cached_entry is not entry:  # a new or re-loaded key: derive once
             base = entry.cipher.subkey(self._ctx)
@@ -148,7 +148,10 @@ class BlindIndexType(TypeDecorator[bytes], ColumnNames):
         if value is None:
             return None
         if isinstance(value, _Probe):
-            return self.digest(value.value)
+            binding = self.keys.engines.get(dialect) if self.keys is not None else None
+            if binding is None and self.keys is not None:
+                raise self.keys.engines.not_bound(dialect)
+            return self.digest(value.value, binding.store if binding is not None else None)
         if isinstance(value, (bytes, bytearray, memoryview)) and len(value) == self._size:
             return bytes(value)  # an index value computed at flush
         raise UnsupportedQueryError(
@@ -219,8 +222,12 @@ def _on_mapper_configured(mapper: Mapper[Any], class_: type) -> None:
                 setattr(target, key, None)
                 continue
             keys = index_type.keys
-            with keys.use_connection(connection) if keys is not None else contextlib.nullcontext():
+            if keys is None:
                 setattr(target, key, index_type.digest(value))
+            else:  # the key of the flush's own database, in its transaction
+                binding = keys.engines.of(connection)
+                with binding.tracker.use_connection(connection):
+                    setattr(target, key, index_type.digest(value, binding.store))
             if changed_only:  # an unchanged digest must still be in the UPDATE,
                 attributes.flag_modified(target, key)  # or check_index_writes objects
 

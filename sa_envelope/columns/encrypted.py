@@ -26,6 +26,7 @@ from ..envelope.codecs import UnsupportedValue, codec_for
 from ..errors import ConfigurationError, DecryptionError, EncryptionError, RowKeyRequiredError
 from ..keys import table as kt
 from ..keys.store import KeyStore
+from . import binds
 from .naming import ColumnNames
 from .operators import EncryptedComparator
 from .rowvalue import RowValue
@@ -75,15 +76,13 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         self.scope = scope
         self.deterministic = deterministic
         self._validate()
-        # row scope: the manager's row keys (installs the ORM hooks and read prefetch once)
-        self._row_keys: Any = keys.rows if scope == kt.SCOPE_ROW and keys is not None else None
-        # the store's lookups, reached directly: the per-value path skips the facade
-        self._store: KeyStore | None = keys.store if keys is not None else None
+        if scope == kt.SCOPE_ROW and keys is not None:
+            keys.use_row_scope()  # row keys, ORM hooks and read prefetch, once per manager
         try:
             self._codec = codec_for(self.inner)
         except TypeError as exc:
             raise ConfigurationError(str(exc)) from None
-        self._read_memo: dict[bytes, tuple[Any, Any]] = {}
+        self._vias: dict[Any, binds.Via] = {}  # per bound engine: its store, row keys, read memo
         # chosen once: which table-level key a value uses, and how it is sealed
         self._key_scope = kt.SCOPE_DETERMINISTIC if deterministic else kt.SCOPE_TABLE
         self._seal = fmt.seal_function(deterministic)
@@ -166,23 +165,28 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
     # -- the per-value path --------------------------------------------------------------
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> bytes | None:
-        return None if value is None else self.encrypt(value)
+        return None if value is None else self.encrypt(value, binds.require(self, dialect).store)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
-        return None if value is None else self.decrypt(value)
+        return None if value is None else self.decrypt(value, binds.require(self, dialect))
 
     def bind_processor(self, dialect: Dialect) -> Any:
-        """One closure per dialect: the per-value path skips a call layer.
+        """One closure per dialect: the per-value path skips a call layer,
+        and seals under the store of the dialect's engine (keys.engines).
         On failure the closure's frame drops the value before the error
         leaves it (frame locals are what error trackers capture)."""
         encrypt = self.encrypt
         impl: Any = self.impl_instance.bind_processor(dialect)
+        via = binds.via(self, dialect)
+        if via is None:  # not bound (yet): found per value, so a later bind() serves it
+            return binds.late_bind_processor(self, dialect, impl)
+        store = via.store
 
         def process(value: Any) -> Any:
             if value is None:
                 return None
             try:
-                return encrypt(value)
+                return encrypt(value, store)
             except BaseException:
                 value = None
                 raise
@@ -191,7 +195,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
             if value is None:
                 return None
             try:
-                return impl(encrypt(value))
+                return impl(encrypt(value, store))
             except BaseException:
                 value = None
                 raise
@@ -199,20 +203,26 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         return process if impl is None else process_impl  # chosen once, not per value
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
-        """One closure per dialect: the per-value path skips a call layer."""
+        """One closure per dialect: the per-value path skips a call layer,
+        and opens with the keys of the dialect's engine (keys.engines)."""
         decrypt = self.decrypt
         impl = self.impl_instance.result_processor(dialect, coltype)
+        via = binds.via(self, dialect)
+        if via is None:  # not bound (yet): values refused until it is
+            return binds.late_result_processor(self, dialect, impl)
         if impl is None:
-            return lambda value: None if value is None else decrypt(value)
+            return lambda value: None if value is None else decrypt(value, via)
 
         def process(value: Any) -> Any:
             value = impl(value)
-            return None if value is None else decrypt(value)
+            return None if value is None else decrypt(value, via)
 
         return process
 
-    def encrypt(self, value: Any) -> bytes:
-        """Serialise and seal one value for this column.
+    def encrypt(self, value: Any, store: KeyStore | None = None) -> bytes:
+        """Serialise and seal one value for this column, under a key of
+        ``store`` (the processors pass their engine's; a direct call without
+        it uses the manager's one bound engine).
 
         A failure to encode or seal becomes :class:`EncryptionError`, raised
         outside the ``except`` block (no ``__context__``) once this frame's
@@ -221,9 +231,14 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         own errors (``KeyProviderError``, a database error) reach the caller
         as themselves, from a frame that no longer holds the value either.
         """
-        table, store = self._table, self._store
+        table = self._table
         if table is None or store is None:
-            raise self._unbound(EncryptionError)
+            try:
+                store = self._direct(EncryptionError).store  # raises where no table or engine
+            except BaseException:
+                value = None
+                raise
+            table = str(self._table)
         key = None
         if self.scope == kt.SCOPE_ROW:  # the row's key travels with the value
             if type(value) is not RowValue:
@@ -281,8 +296,10 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
             column=self._column,
         )
 
-    def decrypt(self, value: bytes) -> Any:
-        """Open and deserialise one stored value of this column.
+    def decrypt(self, value: bytes, via: binds.Via | None = None) -> Any:
+        """Open and deserialise one stored value of this column, with the
+        keys of ``via``'s engine (the processors pass theirs; a direct call
+        without it uses the manager's one bound engine).
 
         The fast path: a per-column memo from the 9 header bytes to the
         cached key and an opener with the associated data precomputed,
@@ -290,8 +307,10 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         the header parse and the cache lookup, which cost as much as the
         AES-GCM call itself. Any failure takes the full path, which raises.
         """
+        if via is None:
+            via = self._direct(DecryptionError)
         try:
-            memo = self._read_memo.get(value[_HEADER])
+            memo = via.memo.get(value[_HEADER])
         except TypeError:  # an unhashable bytes-like value (bytearray): the full path copies it
             memo = None
         if memo is not None:
@@ -301,33 +320,33 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
                     return self._codec.decode(open_value(value))
                 except Exception:
                     pass
-        return self._decrypt_full(value)
+        return self._decrypt_full(value, via)
 
-    def _decrypt_full(self, value: bytes) -> Any:
+    def _decrypt_full(self, value: bytes, via: binds.Via) -> Any:
         """Parse the header, find the key, open the value, fill the memo.
 
         Takes any bytes-like value (psycopg returns raw ``BYTEA`` as a
         ``memoryview``): the fast path reads those as they are."""
         value = bytes(value)
-        table, column, store = self._table, self._column, self._store
-        if table is None or store is None:
+        table, column = self._table, self._column
+        if table is None:
             raise self._unbound(DecryptionError)
         try:
             version, key_id = fmt.read_header(value)
         except fmt.InvalidEnvelope as exc:
             raise DecryptionError(str(exc), table=table, column=column) from None
         if self.scope == kt.SCOPE_ROW:
-            key = self._row_keys.decryption_key(key_id, table=table, column=column)
+            key = via.binding.rows.decryption_key(key_id, table=table, column=column)
             if key is None:  # the row's key was shredded: erased on purpose
                 return None
         else:
-            key = store.decryption_key(key_id, table=table, column=column or "")
+            key = via.store.decryption_key(key_id, table=table, column=column or "")
         data = None
         try:
             if version != key.head[0]:
                 raise fmt.InvalidEnvelope("format version does not match the key's algorithm")
             data = fmt.open_value(key.cipher, version, value, self._ctx)
-            self._remember(key, version, value[_HEADER])
+            self._remember(via.memo, key, version, value[_HEADER])
             return self._codec.decode(data)
         except fmt.InvalidEnvelope as exc:
             reason = str(exc)
@@ -336,18 +355,26 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         data = None  # the opened plaintext must not sit in the traceback's frame
         raise DecryptionError(reason, table=table, column=column, key_id=fmt.format_key_id(key_id))
 
-    def _remember(self, key: Any, version: int, head: bytes) -> None:
+    def _remember(self, memo: dict[bytes, Any], key: Any, version: int, head: bytes) -> None:
         """Memo a table-level key for this column (row keys are one per row:
         memoising them would only churn)."""
-        if self.scope == kt.SCOPE_ROW or len(self._read_memo) >= _MEMO_SIZE:
+        if self.scope == kt.SCOPE_ROW or len(memo) >= _MEMO_SIZE:
             return
         # registered with the cache entry: the memo (which holds the cipher)
         # is dropped when the entry is evicted, expires or the cache is cleared
-        key.remember(self._read_memo, head, (key, fmt.opener(key.cipher, version, head, self._ctx)))
+        key.remember(memo, head, (key, fmt.opener(key.cipher, version, head, self._ctx)))
 
     def _bind_names(self, table: str, column: str) -> None:
         super()._bind_names(table, column)
-        self._read_memo = {}  # the associated data depends on the names
+        self._vias = {}  # read memos: the associated data depends on the names
+
+    def _direct(self, error: type[EncryptionError] | type[DecryptionError]) -> binds.Via:
+        """A direct encrypt()/decrypt() call's engine: the manager's only one."""
+        if self.keys is None or self._table is None:
+            raise self._unbound(error)
+        via = binds.via(self, self.keys.engines.select().engine.dialect)
+        assert via is not None
+        return via
 
     def _unbound(self, error: type[EncryptionError] | type[DecryptionError]) -> Exception:
         if self.keys is None:

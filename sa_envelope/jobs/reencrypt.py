@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from sqlalchemy import Column, Connection, LargeBinary, and_, func, literal, select, tuple_, type_coerce, update
 
+from ..columns import binds
 from ..columns.encrypted import EncryptedType
 from ..envelope import format as fmt
 from ..errors import ConfigurationError, EnvelopeError, KeyNotFoundError
@@ -91,7 +92,7 @@ class _ColumnBatches:
         for row in rows:
             old = bytes(row.raw)
             try:
-                value = ctype.decrypt(old)
+                value = ctype.decrypt(old, binds.require(ctype, conn.dialect))
             except EnvelopeError as exc:
                 report.failed += 1
                 report.failures.append((f"{table.name}.{column.name}", str(exc)))

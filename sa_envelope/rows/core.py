@@ -62,7 +62,7 @@ _NO_SPEC: Any = object()
 
 
 def install_core_hook(rows: RowKeys, manager: Any) -> None:
-    """Listen on the manager's engine (once per manager, from ``KeyManager.rows``)."""
+    """Listen on one bound engine of the manager (once per engine, as its row keys are made)."""
     hook = _CoreWrites(manager)
     engine = rows.store.engine
     event.listen(engine, "before_execute", hook.before, retval=True)
@@ -195,7 +195,7 @@ def _insert_keys(conn: Connection, plan: Plan, stmt: Any) -> tuple[list[CachedKe
         if any(pk is None for pk in pks):
             raise refused(plan.spec, "an upsert without the primary key of every row", PASS_PK)
         return _spread(plan, need, keys_for(conn, plan.spec, pks, True)[0]), [], []
-    rows, owner = plan.spec.manager.rows, plan.spec.owner
+    rows, owner = plan.spec.manager.rows_for(conn), plan.spec.owner
     dkey = binding.digest_key(rows, conn, owner, create=True) if any(pk is not None for pk in pks) else None
     digests = [binding.row_digest(dkey, pk) if pk is not None else None for pk in pks]
     made = rows.create(conn, owner, len(pks), digests)
@@ -224,7 +224,7 @@ def _fetch_pks(conn: Connection, stmt: Any, plan: Plan, count: int) -> Any:
 def _retire_others(conn: Connection, spec: TableSpec, digests: list[bytes], keep: set[int]) -> None:
     """Shred the live keys bound to these rows but the ones just made (see :func:`.shred.retire`)."""
     if digests:
-        rows = spec.manager.rows
+        rows = spec.manager.rows_for(conn)
         for key_id, _ in binding.find_bound(rows, conn, spec.owner, digests):
             if key_id not in keep:
                 rows.shred_key(conn, key_id, owner=spec.owner)
@@ -234,7 +234,7 @@ def _bind_after(conn: Connection, spec: TableSpec, pairs: list[tuple[CachedKey, 
     """Bind the keys of rows whose primary key the INSERT just made."""
     if not pairs:
         return
-    rows = spec.manager.rows
+    rows = spec.manager.rows_for(conn)
     dkey = binding.digest_key(rows, conn, spec.owner, create=True)
     bound = [(key, binding.row_digest(dkey, pk)) for key, pk in pairs]
     retire(conn, spec, [d for _, d in bound])

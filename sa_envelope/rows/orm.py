@@ -76,7 +76,7 @@ def install_orm_hooks() -> None:
 def bound_keys(conn: Connection, spec: TableSpec, digests: Sequence[bytes]) -> list[CachedKey | None]:
     """The live key bound to each row (by its digest, never by what a stored
     value names), or ``None`` where the row has none (new, or shredded)."""
-    rows = spec.manager.rows
+    rows = spec.manager.rows_for(conn)
     found = binding.find_bound(rows, conn, spec.owner, digests)
     rows.load(conn, rows.missing(k for k, _ in found), table=spec.owner, column=None)
     by_digest: dict[bytes, CachedKey] = {}
@@ -93,7 +93,7 @@ def keys_for(
     """The key each row's values go under: the one bound to the row (updates),
     else a new one bound to it. Also the positions whose keys could not be
     bound yet (primary key unknown before the INSERT: :func:`_bind_pending`)."""
-    rows = spec.manager.rows
+    rows = spec.manager.rows_for(conn)
     known = any(pk is not None for pk in pks)
     dkey = binding.digest_key(rows, conn, spec.owner, create=True) if known else None
     digests = [binding.row_digest(dkey, pk) if pk is not None else None for pk in pks]
@@ -160,7 +160,7 @@ def _bind_pending(session: Session) -> None:
     for conn, spec, state, key in session.info.pop(_BIND, ()):
         groups[(conn, spec)].append((state, key))
     for (conn, spec), items in groups.items():
-        rows = spec.manager.rows
+        rows = spec.manager.rows_for(conn)
         dkey = binding.digest_key(rows, conn, spec.owner, create=True)
         pairs = [(key, binding.row_digest(dkey, pk_of(state, spec))) for state, key in items]
         retire(conn, spec, [d for _, d in pairs])

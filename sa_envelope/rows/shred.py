@@ -31,7 +31,7 @@ def retire(conn: Connection, spec: TableSpec, digests: Sequence[bytes]) -> None:
     key replaces them in the same transaction; a backup of that earlier row
     then stays unreadable."""
     if digests:
-        rows = spec.manager.rows
+        rows = spec.manager.rows_for(conn)
         for key_id, _ in binding.find_bound(rows, conn, spec.owner, digests):
             rows.shred_key(conn, key_id, owner=spec.owner)
 
@@ -60,7 +60,7 @@ def shred_rows(conn: Connection, spec: TableSpec, pks: Sequence[tuple[Any, ...]]
     made before rows were bound, or by the Core API without a primary key).
     A key a stored value names but that is bound to another row is that
     row's (a copied value): it is left alone."""
-    rows = spec.manager.rows
+    rows = spec.manager.rows_for(conn)
     named = {k for ids in row_key_ids(conn, spec, pks).values() for k in ids} if spec.columns else set()
     bound: set[int] = set()
     dkey = binding.digest_key(rows, conn, spec.owner, create=False)

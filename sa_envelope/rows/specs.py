@@ -118,7 +118,7 @@ def row_key_ids(conn: Connection, spec: TableSpec, pks: Sequence[tuple[Any, ...]
         else:
             where = tuple_(*spec.pk_cols).in_(chunk)
         stmt = select(*spec.pk_cols, *raw).where(where)
-        for row in spec.manager.rows.query(lambda: conn.execute(stmt).all(), spec.owner):
+        for row in spec.manager.rows_for(conn).query(lambda: conn.execute(stmt).all(), spec.owner):
             ids = [fmt.key_id_of(bytes(v)) for v in row[npk:] if v]
             found[tuple(row[:npk])] = list(dict.fromkeys(ids))
     return found

@@ -1,0 +1,163 @@
+"""The engines a KeyManager is bound to, and which one a key lookup uses.
+
+The rule this module keeps: **a value is sealed under a key stored in the
+same database, in the same transaction, as its row**, whatever number of
+engines an application has. So there is no "the engine" of a manager: each
+bound engine gets a :class:`Binding` of its own (its tracker, its store and
+so its own plaintext key cache), and a key is looked up or created only
+through the binding of the engine the statement runs on. Two databases may
+hold keys with the same id; their caches never meet, and a value copied from
+one database into the other is opened with the other's key, and fails.
+
+How a statement finds its binding: by its dialect. SQLAlchemy gives every
+``Engine`` its own ``Dialect`` object (``execution_options()`` copies share
+it, and the database) and builds a column type's bind and result processors
+once per dialect, so the column types look the binding up once per dialect,
+not per value (:mod:`sa_envelope.columns.encrypted`); code that holds a
+connection (ORM hooks, jobs) asks :meth:`Engines.of`.
+
+A statement on an engine that is not bound gets :class:`ConfigurationError`
+naming that engine, never a key stored elsewhere: nothing falls back to
+another engine. Its URL is known from a process-wide ``engine_connect``
+listener (one dictionary write per new connection), since the processors
+that meet the statement see only its dialect.
+
+Management operations (``create_table``, ``warm``, ``rewrap``, ``rotate``...)
+take an engine: :meth:`Engines.select` is the rule, one bound engine is the
+default, several must be named.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Callable, Iterator
+
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.engine import Dialect
+
+from ..errors import ConfigurationError
+from .offload import require_greenlet
+from .store import KeyStore
+from .tracking import Tracker
+
+__all__ = ["Binding", "Engines", "engine_name", "sync_engine"]
+
+_urls: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()  # dialect -> its engine's URL
+_listening = False
+_listen_lock = threading.Lock()
+
+
+def engine_name(engine: Any) -> str:
+    """An engine's URL without its password, as errors print it."""
+    return str(engine.url.render_as_string(hide_password=True))
+
+
+def _learn_url(conn: Connection) -> None:
+    dialect = conn.dialect
+    if dialect not in _urls:
+        _urls[dialect] = engine_name(conn.engine)
+
+
+def _listen_for_urls() -> None:
+    """Learn the URL of every engine's dialect as it connects (once per process)."""
+    global _listening
+    with _listen_lock:
+        if not _listening:
+            event.listen(Engine, "engine_connect", _learn_url)
+            _listening = True
+
+
+def sync_engine(engine: Any) -> Engine:
+    """The sync ``Engine`` of an Engine or AsyncEngine (which needs greenlet)."""
+    if hasattr(engine, "sync_engine"):  # an AsyncEngine: say which extra, before SQLAlchemy does
+        require_greenlet()
+        engine = engine.sync_engine
+    if not isinstance(engine, Engine):
+        raise ConfigurationError(f"bind() takes an Engine or an AsyncEngine, not {type(engine).__name__}")
+    return engine
+
+
+class Binding:
+    """One bound engine: its tracker and its store (with its own key cache).
+
+    ``rows`` is that engine's row keys (:class:`sa_envelope.rows.keys.RowKeys`),
+    made by the manager once a row-scoped column exists.
+    """
+
+    __slots__ = ("engine", "rows", "store", "tracker")
+
+    def __init__(self, engine: Engine, tracker: Tracker, store: KeyStore) -> None:
+        self.engine = engine
+        self.tracker = tracker
+        self.store = store
+        self.rows: Any = None
+
+    def __repr__(self) -> str:
+        return f"Binding({engine_name(self.engine)!r})"
+
+
+class Engines:
+    """The bindings of one KeyManager, by dialect; ``make`` wires a new one."""
+
+    def __init__(self, make: Callable[[Engine], Binding]) -> None:
+        self._make = make
+        self._bindings: dict[Dialect, Binding] = {}
+        self._lock = threading.Lock()
+        _listen_for_urls()
+
+    def bind(self, engine: Any) -> Binding:
+        """Bind ``engine`` (idempotent). Processors SQLAlchemy built for its
+        dialect before (which refuse values) are dropped, so a late bind works."""
+        sync = sync_engine(engine)
+        with self._lock:
+            binding = self._bindings.get(sync.dialect)
+            if binding is not None:
+                return binding
+            binding = self._bindings[sync.dialect] = self._make(sync)
+        _urls[sync.dialect] = engine_name(sync)
+        sync.clear_compiled_cache()
+        memos = getattr(sync.dialect, "_type_memos", None)  # SQLAlchemy's per-dialect processor cache
+        if memos is not None:
+            memos.clear()
+        return binding
+
+    def get(self, dialect: Any) -> Binding | None:
+        """The binding of a statement's dialect, ``None`` when not bound."""
+        return self._bindings.get(dialect)
+
+    def of(self, bind: Connection | Engine) -> Binding:
+        """The binding of the engine ``bind`` (a Connection or Engine) belongs to."""
+        binding = self._bindings.get(bind.dialect)
+        if binding is None:
+            raise self.not_bound(bind.dialect, engine_name(bind.engine))
+        return binding
+
+    def select(self, engine: Any = None) -> Binding:
+        """Where a management operation runs: on ``engine`` (an Engine,
+        AsyncEngine or Connection), else on the one bound engine."""
+        if engine is not None:
+            return self.of(engine if isinstance(engine, Connection) else sync_engine(engine))
+        bindings = list(self._bindings.values())
+        if len(bindings) == 1:
+            return bindings[0]
+        if not bindings:
+            raise ConfigurationError("this KeyManager is bound to no engine: call keys.bind(engine) first")
+        names = ", ".join(repr(engine_name(b.engine)) for b in bindings)
+        raise ConfigurationError(f"this KeyManager is bound to {len(bindings)} engines ({names}): pass engine=")
+
+    def not_bound(self, dialect: Any, name: str | None = None) -> ConfigurationError:
+        """The error for a statement on an engine this manager is not bound to."""
+        if not self._bindings:
+            return ConfigurationError("this KeyManager is bound to no engine: call keys.bind(engine) first")
+        name = name or _urls.get(dialect) or f"an engine of dialect {getattr(dialect, 'name', '?')}"
+        return ConfigurationError(
+            f"the KeyManager is not bound to engine {name!r}: call keys.bind(engine) for it "
+            "(keys are stored in the database of the engine a statement runs on)"
+        )
+
+    def __iter__(self) -> Iterator[Binding]:
+        return iter(list(self._bindings.values()))
+
+    def __len__(self) -> int:
+        return len(self._bindings)
