@@ -60,6 +60,7 @@ def _options(parser: argparse.ArgumentParser, direction: str) -> None:
     add("--workers", type=int, default=1, help="threads in this process (default 1)")
     add("--rate", type=float, help="at most this many rows per second in this process")
     add("--batch", "--batch-size", dest="batch", type=int, default=500, help="rows per transaction (default 500)")
+    add("--chunk", type=int, help="primary-key span of one claimed range (default 20 batches)")
     add("--lease", type=float, default=60.0, help="seconds a dead worker's range stays claimed (default 60)")
     add("--restart", action="store_true", help="forget earlier progress and check every row again")
     parser.set_defaults(run=lambda ns: _run(ns, direction))
