@@ -92,6 +92,7 @@ def _run(ns: argparse.Namespace, direction: str) -> int:
             workers=ns.workers,
             rate=ns.rate,
             lease=ns.lease,
+            chunk=ns.chunk,
             restart=ns.restart,
         )
         say(escape(str(report)))

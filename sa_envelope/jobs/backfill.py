@@ -54,12 +54,14 @@ class BackfillReport:
     column: str
     direction: str
     written: int = 0
+    conceded: int = 0  # rows an application write changed between the read and the write: left to it
     ranges: dict[str, list[int]] = field(default_factory=dict)  # worker -> lo of each range it finished
 
     def __str__(self) -> str:
         finished = sum(len(r) for r in self.ranges.values())
         return (
             f"{self.direction} {self.table}.{self.column}: {self.written} rows written, "
+            f"{self.conceded} conceded to concurrent writes, "
             f"{finished} ranges finished by {len(self.ranges)} workers"
         )
 
@@ -103,6 +105,7 @@ class _Backfill:
 
     def __init__(self, store: KeyStore, enc: EncryptedType, table: Table, column: str, shadow: str, encrypt: bool):
         self.store, self.enc, self.encrypt = store, enc, encrypt
+        self.conceded, self._count_lock = 0, threading.Lock()  # summed across the job's threads
         pk = list(table.primary_key.columns)
         if len(pk) != 1 or pk[0].type.python_type is not int:
             raise ConfigurationError(
@@ -137,8 +140,6 @@ class _Backfill:
         return new is None or new != value, value
 
     def batch(self, conn: Connection, claims: Claims, claim: Claim, size: int, pacer: Pacer | None) -> int:
-        if pacer is not None:
-            pacer.wait(size)
         with self.store.tracker.use_connection(conn):
             rows = conn.execute(self.pick.where(self.pk >= claim.cursor, self.pk < claim.hi).limit(size)).all()
             params = []
@@ -147,6 +148,8 @@ class _Backfill:
                 if needed:
                     params.append({"_pk": pk, "_old": _plain(old), "_new": _plain(new), "_value": value})
             cursor = rows[-1][0] + 1 if len(rows) == size else claim.hi
+            if pacer is not None:  # between the read and the compare-and-set: no lock is held yet
+                pacer.wait(len(rows))
             claims.advance(conn, claim, cursor, len(params))  # first: holds the range until commit
             fault_point("backfill.batch.before_update")
             written = 0
@@ -154,6 +157,8 @@ class _Backfill:
                 result = conn.execute(self.cas, params)
                 written = result.rowcount if conn.dialect.supports_sane_multi_rowcount else len(params)
             fault_point("backfill.batch.after_update")
+        with self._count_lock:
+            self.conceded += len(params) - max(written, 0)
         return max(written, 0)
 
 
@@ -225,4 +230,5 @@ def backfill(
             thread.join()
     if errors:
         raise errors[0]
+    report.conceded = job.conceded
     return report

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.reliability
 
 ROWS = 3000
 WRITERS = 3  # thread t owns the rows with id % 4 == t; rows with id % 4 == 3 are only read
-OPS = 150
+OPS = 400  # at most, per writer: they write until the backfill is done
 DELETED = object()
 JOB = "encrypt-column:users.email"
 
@@ -45,19 +45,20 @@ def original(i: int) -> str | None:
 
 def worker(db_url: str, key_file: Path, *extra: str) -> subprocess.Popen[str]:
     args = ["encrypt-column", "--url", db_url, "--table", "users", "--column", "email", "--deterministic",
-            "--cmk", f"local:{key_file}", "--batch", "50", "--chunk", "200", "--lease", "2", *extra]
+            "--cmk", f"local:{key_file}", "--batch", "200", "--chunk", "400", "--lease", "2", *extra]
     return subprocess.Popen([PYTHON, "-m", "sa_envelope", *args], env=subprocess_env(), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finished(proc: subprocess.Popen[str]) -> tuple[int, int, int]:
-    """(rows written, ranges finished, KMS calls) a worker printed."""
+def finished(proc: subprocess.Popen[str]) -> tuple[int, int, int, int]:
+    """(rows written, conceded, ranges finished, KMS calls) a worker printed."""
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
-    found = re.search(r": (\d+) rows written, (\d+) ranges finished", out)
+    found = re.search(r": (\d+) rows written, (\d+) conceded to concurrent writes, (\d+) ranges finished", out)
     calls = re.search(r"KMS calls: (\d+)", out)
     assert found and calls, out
-    return int(found[1]), int(found[2]), int(calls[1])
+    print(out)
+    return int(found[1]), int(found[2]), int(found[3]), int(calls[1])
 
 
 class App:
@@ -68,7 +69,7 @@ class App:
         self.log: dict[int, Any] = {i: original(i) for i in range(1, ROWS + 1)}
         self.failures: list[str] = []
         self.stop = threading.Event()
-        self.reads = 0
+        self.reads = self.writes = 0
 
     def check(self, session: Session, i: int) -> None:
         """A read of a row this thread alone writes must show its last write."""
@@ -111,7 +112,9 @@ class App:
                         continue
                     session.commit()
                     self.log[i] = value
+                    self.writes += 1
                     self.check(session, i)
+                    time.sleep(0.002)  # spread the writes over the backfill
         except Exception as exc:  # noqa: BLE001 - reported by the test
             self.failures.append(f"writer {t}: {type(exc).__name__}: {exc}")
 
@@ -148,16 +151,21 @@ def test_online_encrypt_under_load(db_url: str, tmp_path: Path, kill: bool, reli
             session.get(app.User, 1).email = app.log[1] = "first@example.org"
             session.commit()
         Claims(engine, JOB).create()  # watched below before a worker makes it
+        workers = [worker(db_url, key_file, "--rate", "500") for _ in range(2)]
+        _wait_for(engine, lambda done: len(done) > 0)  # the backfill has begun
         threads = app.start()
-        workers = [worker(db_url, key_file, "--rate", "400") for _ in range(2)]
         if kill:
-            _kill_when_half_done(engine, workers[0])
+            _wait_for(engine, lambda done: sum(done) * 3 >= len(done))
+            assert workers[0].poll() is None, "the worker ended before it could be killed"
+            workers[0].kill()  # SIGKILL, mid-job: in a batch, or between two
+            workers[0].wait(timeout=30)
         reports = [finished(w) for w in workers[1 if kill else 0:]]
-        for thread in threads[:WRITERS]:
-            thread.join(timeout=600)
+        during = app.writes
         app.stop.set()
-        threads[-1].join(timeout=60)
+        for thread in threads:
+            thread.join(timeout=600)
         assert app.failures == []
+        assert during > 0  # the premise: the application wrote while the backfill ran
 
         final = stored(engine, KeyManager(engine, LocalKeyProvider.from_file(key_file)))
         alive = {i: v for i, v in app.log.items() if v is not DELETED}
@@ -169,9 +177,9 @@ def test_online_encrypt_under_load(db_url: str, tmp_path: Path, kill: bool, reli
             ranges = conn.execute(select(func.count()).select_from(claims).where(claims.c.job == JOB)).scalar_one()
         assert Claims(engine, JOB).pending() == (0, 0)
         if not kill:
-            assert sum(r[1] for r in reports) == ranges  # each range finished once, by one worker
+            assert sum(r[2] for r in reports) == ranges  # each range finished once, by one worker
         rerun = finished(worker(db_url, key_file))
-        assert rerun == (0, 0, 0)
+        assert rerun == (0, 0, 0, 0)
         reliability.rows(len(final))
         if kill:
             reliability.crash("SIGKILL of a backfill worker under load")
@@ -179,16 +187,14 @@ def test_online_encrypt_under_load(db_url: str, tmp_path: Path, kill: bool, reli
         engine.dispose()
 
 
-def _kill_when_half_done(engine: Engine, proc: subprocess.Popen[str]) -> None:
-    """SIGKILL ``proc`` once a third of the ranges are done (it is mid-job, in a batch or between two)."""
+def _wait_for(engine: Engine, ready: Any) -> None:
+    """Until ``ready(done flags of the job's ranges)``."""
     claims = claims_table(raw_users().metadata)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         with engine.connect() as conn:
-            rows = conn.execute(select(claims.c.done).where(claims.c.job == JOB)).scalars().all()
-        if rows and sum(rows) * 3 >= len(rows):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the worker ended before it could be killed"
-    proc.kill()
-    proc.wait(timeout=30)
+            done = conn.execute(select(claims.c.done).where(claims.c.job == JOB)).scalars().all()
+        if ready(done):
+            return
+        time.sleep(0.02)
+    raise AssertionError("the backfill did not get there in 300 s")
