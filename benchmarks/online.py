@@ -48,7 +48,7 @@ def _table(keys: Any = None) -> Table:
 
 def _database(url: str, create: bool) -> None:
     u = make_url(url)
-    admin = create_engine(u.set(database="postgres" if u.get_backend_name() == "postgresql" else None),
+    admin = create_engine(u.set(database="postgres" if u.get_backend_name() == "postgresql" else "mysql"),
                           isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:

@@ -204,14 +204,16 @@ def backfill(
     pacer = Pacer(rate) if rate else None
     errors: list[BaseException] = []
     lock = threading.Lock()
-    with progress_bar(None, f"{direction}-column {table_name}.{column}", progress) as bar:
+    # the bar counts primary-key span left in the job's ranges: rows where keys are dense, and an honest ETA
+    with progress_bar(claims.span_left(), f"{direction}-column {table_name}.{column}", progress) as bar:
 
         def work() -> None:
             owner = worker_name()
 
             def one(conn: Connection, claim: Claim) -> int:
+                start = claim.cursor
                 n = job.batch(conn, claims, claim, batch_size, pacer)
-                bar.update(n)
+                bar.update(claim.cursor - start)
                 return n
 
             try:

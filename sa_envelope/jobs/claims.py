@@ -144,6 +144,15 @@ class Claims:
             held = conn.execute(select(func.count()).select_from(t).where(left, t.c.expires >= now)).scalar_one()
         return int(total), int(held)
 
+    def span_left(self) -> int:
+        """Primary-key span not done yet, over every range (the progress total)."""
+        t = self.table
+        with self.engine.connect() as conn:
+            left = conn.execute(
+                select(func.coalesce(func.sum(t.c.hi - t.c.cursor), 0)).where(t.c.job == self.job, t.c.done.is_(False))
+            ).scalar_one()
+        return int(left)
+
     def claim(self, owner: str) -> Claim | None:
         """Take a free range (compare-and-set), or None if none is free now."""
         t, now = self.table, time.time()

@@ -4,6 +4,7 @@ the CLI backfill, and the application's dual writes, reads and queries in betwee
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from sa_envelope import EncryptedType, KeyManager, LocalKeyProvider, MigrationIncompleteError, UnsupportedQueryError
 from sa_envelope.cli import main as cli_main
+from sa_envelope.errors import ClaimLostError
+from sa_envelope.jobs.claims import Claims
 from support.models import new_base
 from support.rotation import PYTHON, ROOT, subprocess_env
 
@@ -171,3 +174,29 @@ def test_decrypting_reads_prefer_the_plaintext_shadow(engine: Engine, tmp_path: 
                      f"local:{tmp_path / 'k.key'}"]) == 0
     with engine.connect() as conn:
         assert conn.execute(text("SELECT code__plaintext FROM docs WHERE id = 2")).scalar() == "two"
+
+
+def test_a_stolen_range_rolls_the_stalled_workers_batch_back(engine: Engine) -> None:
+    """Worker A stalls past its lease; B takes the range over from its cursor;
+    A's next batch fails its advance and commits nothing."""
+    claims = Claims(engine, "test-job", lease=0.05)
+    claims.create()
+    assert claims.plan(0, 100, 50) and not claims.plan(0, 100, 50)  # planned once
+    a = claims.claim("A")
+    assert a is not None and (a.lo, a.hi, a.cursor) == (0, 50, 0)
+    with engine.begin() as conn:
+        claims.advance(conn, a, 20, written=20)
+    time.sleep(0.1)  # A stalls: its lease runs out
+    b = claims.claim("B")
+    assert b is not None and (b.lo, b.cursor) == (0, 20)  # B resumes at A's cursor
+    with engine.connect() as conn, pytest.raises(ClaimLostError, match="range 0-50"):
+        with conn.begin():
+            claims.advance(conn, a, 40, written=20)
+    with engine.begin() as conn:
+        claims.advance(conn, b, 50, written=30)
+    table = claims.table
+    with engine.connect() as conn:
+        row = conn.execute(select(table.c.cursor, table.c.done, table.c.written).where(table.c.lo == 0)).one()
+    assert tuple(row) == (50, True, 50)
+    claims.release(b)
+    assert claims.pending()[0] == 1 and claims.span_left() == 50
