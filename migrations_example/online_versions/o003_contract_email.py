@@ -1,7 +1,9 @@
 """Contract: drop the plaintext ``users.email``; the shadow becomes ``email``.
 
 Refuses (MigrationIncompleteError, naming the rows left) until the backfill
-has filled every row. Recreates ``ix_users_email`` (unique) on the
+has filled every row; ``verify=True`` also opens every shadow and compares
+it with the plaintext (a row an instance of the old release changed after
+the new one had written it), which reads the whole table: fine here. Recreates ``ix_users_email`` (unique) on the
 ciphertext: the column is deterministic, so equal emails have equal bytes.
 Deploy the application release that declares plain
 ``EncryptedType(String(200), keys, deterministic=True)`` on ``email`` with it.
@@ -31,7 +33,7 @@ EMAIL = EncryptedType(sa.String(200), deterministic=True)
 
 
 def upgrade() -> None:
-    op.contract_encrypted_column("users", "email", EMAIL)
+    op.contract_encrypted_column("users", "email", EMAIL, verify=True)  # every shadow opened and compared
 
 
 def downgrade() -> None:

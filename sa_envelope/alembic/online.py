@@ -29,7 +29,7 @@ from sqlalchemy import Column, MetaData, Table, and_, func, inspect, select
 
 from ..columns.encrypted import EncryptedType
 from ..errors import ConfigurationError, MigrationIncompleteError
-from ..jobs.backfill import backfill, job_name
+from ..jobs.backfill import backfill, disagreeing, job_name
 from ..jobs.claims import CLAIMS_TABLE, claims_table
 from .columns import _storage_type, bound_type
 from .context import manager_for, require_online
@@ -174,8 +174,12 @@ class ContractColumnOp(_OnlineOp):
         type_: EncryptedType,
         *,
         shadow: str | None = None,
+        verify: bool = False,
+        keys: Any = None,
     ) -> Any:
-        return operations.invoke(cls(table_name, column_name, type_, encrypting=True, shadow=shadow))
+        return operations.invoke(
+            cls(table_name, column_name, type_, encrypting=True, shadow=shadow, verify=verify, keys=keys)
+        )
 
     @classmethod
     def contract_plaintext_column(
@@ -186,8 +190,12 @@ class ContractColumnOp(_OnlineOp):
         type_: EncryptedType,
         *,
         shadow: str | None = None,
+        verify: bool = False,
+        keys: Any = None,
     ) -> Any:
-        return operations.invoke(cls(table_name, column_name, type_, encrypting=False, shadow=shadow))
+        return operations.invoke(
+            cls(table_name, column_name, type_, encrypting=False, shadow=shadow, verify=verify, keys=keys)
+        )
 
 
 def _shadow_type(op: _OnlineOp) -> Any:
@@ -275,11 +283,18 @@ def _contract(operations: Operations, op: ContractColumnOp) -> None:
     transitional: list[tuple[str, list[str], bool, str]] = []
     if column in columns:
         left = _left(bind, table, column, shadow)
+        what, again = f"no value in {shadow} yet", ""
+        if not left and op.options.get("verify"):  # every shadow opened and compared
+            keys = manager_for(operations, op.options.get("keys"))
+            enc = bound_type(op.type_, keys, table, column)
+            direction = "encrypt" if op.encrypting else "decrypt"
+            left = disagreeing(keys.store, enc, table, column, shadow, direction=direction)
+            what, again = f"no value, or another value than {column}, in {shadow}", " --restart"
         if left:
             tool = "encrypt-column" if op.encrypting else "decrypt-column"
             raise MigrationIncompleteError(
-                f"{table}.{column}: {left} rows have no value in {shadow} yet; run "
-                f"`sa-envelope {tool} --table {table} --column {column}` (or op.backfill_column) to the end first",
+                f"{table}.{column}: {left} rows have {what}; run "
+                f"`sa-envelope {tool} --table {table} --column {column}{again}` (or op.backfill_column) to the end first",
                 table=table,
                 column=column,
             )

@@ -41,7 +41,7 @@ from ..keys.store import KeyStore
 from .claims import Claim, Claims, worker_name
 from .progress import progress_bar
 
-__all__ = ["BackfillReport", "Pacer", "backfill", "job_name"]
+__all__ = ["BackfillReport", "Pacer", "backfill", "disagreeing", "job_name"]
 
 DIRECTIONS = ("encrypt", "decrypt")
 
@@ -160,6 +160,34 @@ class _Backfill:
         with self._count_lock:
             self.conceded += len(params) - max(written, 0)
         return max(written, 0)
+
+
+def disagreeing(
+    store: KeyStore,
+    enc: EncryptedType,
+    table_name: str,
+    column: str,
+    shadow: str,
+    *,
+    direction: str,
+    batch_size: int = 1000,
+) -> int:
+    """Rows whose shadow does not hold their value yet (empty, or another
+    value): read in primary-key order, batch by batch, each shadow opened.
+    What a careful contract checks (``verify=True``) before it drops a half."""
+    engine = store.engine
+    job = _Backfill(
+        store, enc, Table(table_name, MetaData(), autoload_with=engine), column, shadow, direction == "encrypt"
+    )
+    count, cursor = 0, None
+    with engine.connect() as conn:
+        while True:
+            pick = job.pick if cursor is None else job.pick.where(job.pk > cursor)
+            rows = conn.execute(pick.limit(batch_size)).all()
+            if not rows:
+                return count
+            count += sum(1 for _, old, new in rows if job.target(old, new)[0])
+            cursor = rows[-1][0]
 
 
 def backfill(

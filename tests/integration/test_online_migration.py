@@ -107,6 +107,14 @@ def test_online_encrypt_expand_backfill_contract_and_back(
     again = encrypt_column(db_url, key_file, "--workers", workers)
     assert ": 0 rows written" in again.stdout and "KMS calls: 0" in again.stdout, again.stdout
 
+    with engine.begin() as conn:  # an instance of the old release, still running: plaintext only
+        conn.execute(text("UPDATE users SET email = 'stale@example.org' WHERE id = 10"))
+    with pytest.raises(MigrationIncompleteError, match=r"1 rows have no value, or another value than email"):
+        command.upgrade(config, "o003")  # verify=True opened every shadow
+    expected[10] = "stale@example.org"
+    repaired = encrypt_column(db_url, key_file, "--restart")
+    assert ": 1 rows written" in repaired.stdout, repaired.stdout
+
     command.upgrade(config, "o003")  # contract
     assert {c["name"] for c in inspect(engine).get_columns("users")} == {"id", "email"}
     keys = KeyManager(engine, LocalKeyProvider.from_file(key_file))
