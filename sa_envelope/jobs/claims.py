@@ -40,7 +40,7 @@ from sqlalchemy import (
     Column,
     Connection,
     Engine,
-    Float,
+    Double,
     Integer,
     MetaData,
     String,
@@ -75,7 +75,9 @@ def claims_table(metadata: MetaData, name: str = CLAIMS_TABLE) -> Table:
         Column("hi", BigInteger, nullable=False),
         Column("cursor", BigInteger, nullable=False),  # everything below it is done
         Column("owner", String(128), nullable=True),
-        Column("expires", Float, nullable=True),  # epoch seconds; the owner's lease
+        Column(
+            "expires", Double, nullable=True
+        ),  # epoch seconds, the owner's lease (DOUBLE: a MySQL FLOAT rounds to minutes)
         Column("done", Boolean, nullable=False, default=False),
         Column("written", Integer, nullable=False, default=0),  # rows the job changed in it
     )
