@@ -24,6 +24,8 @@ __all__ = [
     "UntrustedKeyError",
     "RowKeyRequiredError",
     "UnsupportedQueryError",
+    "MigrationIncompleteError",
+    "ClaimLostError",
 ]
 
 
@@ -138,3 +140,16 @@ class RowKeyRequiredError(EncryptionError):
             table=table,
             column=column,
         )
+
+
+# -- online migrations (issue 16) -----------------------------------------------
+
+
+class MigrationIncompleteError(EnvelopeError):
+    """A contract step found rows whose new half is not filled yet: run the
+    backfill (``sa-envelope encrypt-column``) to the end first."""
+
+
+class ClaimLostError(EnvelopeError):
+    """A worker's claimed range was taken over (its lease ran out): the
+    batch is rolled back and the worker claims another range."""

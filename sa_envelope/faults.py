@@ -40,6 +40,8 @@ POINTS: frozenset[str] = frozenset(
         "reencrypt.row.after_update",
         *batch_points("reencrypt"),
         *batch_points("sweep"),
+        "backfill.batch.before_update",  # jobs.backfill: after the range's cursor moved
+        "backfill.batch.after_update",
         *(
             point
             for job in ("encrypt_column", "decrypt_column")

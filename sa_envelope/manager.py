@@ -33,7 +33,7 @@ from sqlalchemy import Column, Connection, Engine, MetaData, Table
 
 from . import redact
 from .columns.comparisons import check_compiled
-from .columns import flushcheck
+from .columns import dualwrite, flushcheck
 from .columns.guard import check_statement
 from .columns.rowvalue import RowKey
 from .envelope import format as fmt
@@ -119,6 +119,7 @@ class KeyManager:
             engine, self._provider, self.table, key_cache, tracker, self.rollover, namespace=self.namespace
         )
         redact.hide_rows(engine)  # SQLAlchemy logs rows after decryption
+        dualwrite.install(engine)  # migrating columns: both halves written, merged on load
         binding = Binding(engine, tracker, store)
         if self._row_scope:
             self._wire_rows(binding)

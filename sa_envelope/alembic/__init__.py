@@ -11,6 +11,10 @@ what ``Operations.register_operation`` does) and patches nothing else::
     op.encrypt_column("patients", "email", EncryptedType(String(200)))
     op.decrypt_column("patients", "email", EncryptedType(String(200)))
     op.rewrap_keys()
+    # online (the application keeps writing; docs/migrations.md):
+    op.add_encrypted_shadow("users", "email", EncryptedType(String(200), deterministic=True))
+    op.backfill_column("users", "email", EncryptedType(String(200), deterministic=True))
+    op.contract_encrypted_column("users", "email", EncryptedType(String(200), deterministic=True))
     op.add_key_context_version()  # once, on a key table made by 0.1.0: then rewrap_keys
 
 The data operations need a :class:`~sa_envelope.KeyManager` on the same
@@ -39,6 +43,7 @@ except ImportError:  # the optional ``alembic`` extra
 
 from .columns import ENCRYPT_SUFFIX, DecryptColumnOp, EncryptColumnOp, bound_type
 from .context import KEYS_ATTRIBUTE
+from .online import AddShadowOp, BackfillColumnOp, ContractColumnOp, DropShadowOp, shadow_name
 from .keytable import (
     AddKeyContextVersionOp,
     AddRowDigestOp,
@@ -52,6 +57,10 @@ from .render import render_item
 __all__ = [
     "AddKeyContextVersionOp",
     "AddRowDigestOp",
+    "AddShadowOp",
+    "BackfillColumnOp",
+    "ContractColumnOp",
+    "DropShadowOp",
     "CreateKeyTableOp",
     "DecryptColumnOp",
     "DropKeyTableOp",
@@ -62,4 +71,5 @@ __all__ = [
     "RewrapKeysOp",
     "bound_type",
     "render_item",
+    "shadow_name",
 ]

@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import EnvelopeError
 from .commands import COMMANDS
+from .migrate import MIGRATE_COMMANDS
 from .output import escape, say
 
 __all__ = ["build_parser", "main"]
@@ -23,7 +24,7 @@ __all__ = ["build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sa-envelope", description="Envelope encryption for SQLAlchemy columns.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, configure, help_text in COMMANDS:
+    for name, configure, help_text in (*COMMANDS, *MIGRATE_COMMANDS):
         configure(sub.add_parser(name, help=help_text))
     return parser
 

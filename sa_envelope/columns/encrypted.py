@@ -27,6 +27,7 @@ from ..errors import ConfigurationError, DecryptionError, EncryptionError, RowKe
 from ..keys import table as kt
 from ..keys.store import KeyStore
 from . import binds
+from . import migrating
 from .naming import ColumnNames
 from .operators import EncryptedComparator
 from .rowvalue import RowValue
@@ -69,8 +70,11 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         scope: str = "table",
         deterministic: bool = False,
         context: str | None = None,
+        migrating_from: str | None = None,
+        migrating_to: str | None = None,
     ) -> None:
         super().__init__()
+        self.migrating_from, self.migrating_to = migrating_from, migrating_to
         self.inner = to_instance(inner)
         self.keys = keys
         self.scope = scope
@@ -89,6 +93,8 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         self._init_names(context)
 
     def _validate(self) -> None:
+        if self.migrating_from is not None or self.migrating_to is not None:
+            migrating.check_declaration(self.scope, self.migrating_from, self.migrating_to)
         if self.scope not in SCOPES:
             raise ConfigurationError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if self.scope == "row" and self.deterministic:
@@ -152,6 +158,8 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
             self.deterministic,
             self._table,
             self._column,
+            self.migrating_from,
+            self.migrating_to,
         )
 
     @property
@@ -364,6 +372,19 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         # is dropped when the entry is evicted, expires or the cache is cleared
         key.remember(memo, head, (key, fmt.opener(key.cipher, version, head, self._ctx)))
 
+    def _on_table_attach(self, column: Any, table: Any) -> None:
+        """A migrating column registers its pair; an encrypted shadow
+        (``migrating_from``) binds its values to the name it will have once
+        the plaintext twin is dropped (docs/migrations.md)."""
+        if self.migrating_from is not None:
+            migrating.register(table, column.name, self.migrating_from, migrating.ENCRYPTING)
+            if self.context is None:
+                self._bind_names(table.fullname, self.migrating_from)
+                return
+        elif self.migrating_to is not None:
+            migrating.register(table, column.name, self.migrating_to, migrating.DECRYPTING)
+        super()._on_table_attach(column, table)
+
     def _bind_names(self, table: str, column: str) -> None:
         super()._bind_names(table, column)
         self._vias = {}  # read memos: the associated data depends on the names
@@ -391,4 +412,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
             args.append("deterministic=True")
         if self.context is not None:
             args.append(f"context={self.context!r}")
+        for name in ("migrating_from", "migrating_to"):
+            if getattr(self, name) is not None:
+                args.append(f"{name}={getattr(self, name)!r}")
         return f"EncryptedType({', '.join(args)})"

@@ -28,6 +28,7 @@ from sqlalchemy.sql.selectable import Select
 from sqlalchemy.types import NullType, TypeDecorator
 
 from ..errors import UnsupportedQueryError
+from . import migrating
 
 __all__ = ["EncryptedComparator", "check_comparison", "unsupported"]
 
@@ -184,6 +185,12 @@ class EncryptedComparator(TypeDecorator.Comparator[Any]):
 
     def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
         check_comparison(self.expr, op, other)
+        if not (len(other) == 1 and _is_itself(self.expr, other[0])):
+            expanded = migrating.expand(
+                self.expr, op, other, lambda: super(EncryptedComparator, self).operate(op, *other, **kwargs)
+            )
+            if expanded is not None:  # a column in an online migration: both halves
+                return expanded
         return super().operate(op, *other, **kwargs)
 
     def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:

@@ -61,3 +61,4 @@ KEY_CREATE = register(
 from . import rotation_scenarios  # noqa: E402,F401 - rewrap, roll-over, re-encryption, column jobs
 from . import rowkey_scenarios  # noqa: E402,F401
 from . import sweep  # noqa: E402,F401
+from . import online_scenarios  # noqa: E402,F401 - the online backfill

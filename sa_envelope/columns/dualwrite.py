@@ -1,0 +1,179 @@
+"""Both halves of a migrating column, written by every statement and merged on read.
+
+While a column is encrypted (or decrypted) online, its two halves must
+never disagree: the backfill (:mod:`sa_envelope.jobs.backfill`) only fills
+the new half where it is still NULL, with a compare-and-set on the old
+half, so everything rests on the application writing both, in the same
+statement. Two hooks do it:
+
+* :func:`rewrite` (the KeyManager's engine, ``before_execute``): an INSERT or
+  UPDATE that sets one half gets the other half set to the same value,
+  whether the value is in the statement's parameters (the ORM's flush,
+  ``conn.execute(stmt, rows)``) or in ``values(...)``. It refuses what it
+  cannot copy (a SQL expression, a multi-row ``VALUES``) and two halves set
+  to different values.
+* the ORM hooks (:func:`install`): the flush copies a changed attribute to
+  its twin's attribute before it builds the statement (the identity map
+  stays true), and a loaded instance shows the new half where it is set and
+  the old one otherwise, on the attribute of the encrypted column.
+
+Core SELECTs return each half as stored: select both and prefer the new one
+(docs/migrations.md).
+"""
+
+from __future__ import annotations
+
+import weakref
+from itertools import chain
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm import attributes as orm_attributes
+from sqlalchemy.sql.elements import BindParameter, ClauseElement, Null
+
+from ..errors import UnsupportedQueryError
+from .migrating import ENCRYPTING, Pair, column_named, pairs_of
+
+__all__ = ["install", "rewrite"]
+
+_UNSET = object()
+
+
+def _refuse(table: Any, pair: Pair, why: str) -> UnsupportedQueryError:
+    return UnsupportedQueryError(
+        f"{table.fullname}.{pair.encrypted} is migrating with {pair.plaintext}: {why}; every write must set "
+        "both halves to one value (pass Python values, or one half only)",
+        table=table.fullname,
+        column=pair.encrypted,
+    )
+
+
+def _resolve(stmt: Any, table: Any, key: Any) -> Any:
+    """The column a ``values()`` key names: a Column, or a string that is an
+    ORM attribute name (ORM-enabled statements) or a column key."""
+    if not isinstance(key, str):
+        return getattr(key, "__clause_element__", lambda: key)()
+    mapper = getattr(stmt, "_propagate_attrs", {}).get("plugin_subject")
+    prop = getattr(getattr(mapper, "mapper", None), "attrs", {}).get(key) if mapper is not None else None
+    if prop is not None and hasattr(prop, "columns"):
+        return prop.columns[0]
+    return table.c.get(key)
+
+
+def _python_value(value: Any) -> Any:
+    """The Python value a ``values()`` entry writes, or ``_UNSET`` if it is SQL."""
+    if value is None or isinstance(value, Null):
+        return None
+    if not isinstance(value, ClauseElement):
+        return value
+    if isinstance(value, BindParameter) and value.callable is None and not value.required:
+        return value.value
+    return _UNSET
+
+
+def _sync_values(stmt: Any, table: Any, pair: Pair, enc: Any, plain: Any) -> Any:
+    if stmt._multi_values:
+        raise _refuse(table, pair, "a multi-row VALUES cannot be copied; pass a list of parameter dicts to execute()")
+    found: dict[str, Any] = {}
+    for key, value in (stmt._values or {}).items():
+        name = getattr(_resolve(stmt, table, key), "name", None)
+        if name in (pair.encrypted, pair.plaintext):
+            found[name] = _python_value(value)
+    if not found:
+        return stmt
+    if _UNSET in found.values():
+        raise _refuse(table, pair, "a SQL expression cannot be written to both halves")
+    value_e, value_p = found.get(pair.encrypted, _UNSET), found.get(pair.plaintext, _UNSET)
+    if value_e is not _UNSET and value_p is not _UNSET and value_e is not None and value_p is not None:
+        if value_e != value_p:
+            raise _refuse(table, pair, "this statement sets the two halves to different values")
+        return stmt
+    value = value_e if value_e not in (_UNSET, None) else value_p
+    value = None if value is _UNSET else value
+    return stmt.values({enc: value, plain: value})
+
+
+def _sync_params(params: Any, table: Any, pair: Pair, enc_key: str, plain_key: str) -> Any:
+    has_e, has_p = enc_key in params, plain_key in params
+    if not (has_e or has_p):
+        return params
+    value_e, value_p = params.get(enc_key), params.get(plain_key)
+    if has_e and has_p:
+        if value_e is None or value_p is None:
+            if value_e is value_p:
+                return params
+        elif value_e == value_p:
+            return params
+        else:
+            raise _refuse(table, pair, "this statement sets the two halves to different values")
+    value = value_e if value_e is not None else value_p
+    return {**params, enc_key: value, plain_key: value}
+
+
+def rewrite(conn: Any, stmt: Any, multiparams: Any, params: Any, execution_options: Any) -> Any:
+    """``before_execute`` (retval): an INSERT/UPDATE writes both halves."""
+    if not (getattr(stmt, "is_insert", False) or getattr(stmt, "is_update", False)):
+        return stmt, multiparams, params
+    table = getattr(stmt, "table", None)
+    pairs = pairs_of(table) if table is not None else {}
+    for pair in pairs.values():
+        enc, plain = column_named(table, pair.encrypted), column_named(table, pair.plaintext)
+        stmt = _sync_values(stmt, table, pair, enc, plain)
+        multiparams = [_sync_params(p, table, pair, enc.key, plain.key) for p in multiparams]
+        if params:
+            params = _sync_params(params, table, pair, enc.key, plain.key)
+    return stmt, multiparams, params
+
+
+# -- the ORM: the flush copies, the load merges -------------------------------------------------
+
+_PAIRS: weakref.WeakKeyDictionary[Mapper[Any], tuple[tuple[str, str, str], ...]] = weakref.WeakKeyDictionary()
+_installed = False
+
+
+def _attr_pairs(mapper: Mapper[Any]) -> tuple[tuple[str, str, str], ...]:
+    """(encrypted attribute, plaintext attribute, direction) of ``mapper``."""
+    found = _PAIRS.get(mapper)
+    if found is None:
+        out = []
+        for table in mapper.tables:
+            for pair in pairs_of(table).values():
+                enc = mapper.get_property_by_column(column_named(table, pair.encrypted))
+                plain = mapper.get_property_by_column(column_named(table, pair.plaintext))
+                out.append((enc.key, plain.key, pair.direction))
+        found = _PAIRS[mapper] = tuple(out)
+    return found
+
+
+def _copy_changes(session: Session, flush_context: Any, instances: Any) -> None:
+    """A changed half is copied to its twin's attribute before the flush."""
+    for obj in chain(session.new, session.dirty):
+        state = orm_attributes.instance_state(obj)
+        changed = state.dict if state.key is None else state.committed_state
+        for enc_attr, plain_attr, _ in _attr_pairs(state.mapper):
+            if (enc_attr in changed) != (plain_attr in changed):
+                source, target = (enc_attr, plain_attr) if enc_attr in changed else (plain_attr, enc_attr)
+                setattr(obj, target, state.dict.get(source))
+
+
+def _merge_loaded(state: Any, *_: Any) -> None:
+    """The encrypted column's attribute shows the new half where it is set."""
+    for enc_attr, plain_attr, direction in _attr_pairs(state.mapper):
+        new, old = (enc_attr, plain_attr) if direction == ENCRYPTING else (plain_attr, enc_attr)
+        if new in state.dict and old in state.dict:
+            merged = state.dict[new] if state.dict[new] is not None else state.dict[old]
+            state.dict[enc_attr] = merged
+
+
+def install(engine: Any) -> None:
+    """Rewrite writes on ``engine``; listen on every Session and mapper once
+    (one dict lookup per load for models without migrating columns)."""
+    if not event.contains(engine, "before_execute", rewrite):
+        event.listen(engine, "before_execute", rewrite, retval=True)
+    global _installed
+    if not _installed:
+        event.listen(Session, "before_flush", _copy_changes)
+        event.listen(Mapper, "load", _merge_loaded, raw=True)
+        event.listen(Mapper, "refresh", _merge_loaded, raw=True)
+        _installed = True

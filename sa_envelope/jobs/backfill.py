@@ -1,0 +1,264 @@
+"""The online backfill: fill a migrating column's new half while the application writes.
+
+Between the expand and the contract of an online migration
+(docs/migrations.md) the application writes both halves of the column in
+every statement (:mod:`sa_envelope.columns.dualwrite`); this job fills the
+new half (the *shadow* column) of the rows written before that: sealed from
+the plaintext when encrypting, opened from the ciphertext when decrypting.
+
+Each batch reads ``(pk, old, new)`` for a slice of a claimed primary-key
+range (:mod:`.claims`), computes the new half of the rows that need it, and
+writes them with one executemany compare-and-set::
+
+    UPDATE t SET new = :value WHERE pk = :pk AND old <=> :old_read AND new <=> :new_read
+
+so an application write that lands in between (it changes ``old``, or
+``new``, or deletes the row) always wins: the row is left to the
+application. Rows whose new half is set already are opened and compared, and
+re-done if they disagree (an application instance that still wrote one half
+during the roll-out of the dual-writing release). The cursor of the range
+moves in the same transaction (:meth:`.claims.Claims.advance`), so a crash
+at any point loses at most the batch in flight and a rerun resumes there; a
+rerun after completion finds every range done and makes no write and no KMS
+call. Keys are fetched through the store's cache (one unwrap per key per
+process, whatever the rows or threads), and created, if new, in the
+batch's transaction (``tracker.use_connection``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, LargeBinary, MetaData, String, Table, bindparam, cast, func, select, update
+
+from ..columns.encrypted import EncryptedType
+from ..errors import ConfigurationError, EnvelopeError
+from ..faults import fault_point
+from ..keys.store import KeyStore
+from .claims import Claim, Claims, worker_name
+from .progress import progress_bar
+
+__all__ = ["BackfillReport", "Pacer", "backfill", "disagreeing", "job_name"]
+
+DIRECTIONS = ("encrypt", "decrypt")
+
+
+@dataclass
+class BackfillReport:
+    """What one run did: rows it changed, ranges its workers finished."""
+
+    table: str
+    column: str
+    direction: str
+    written: int = 0
+    conceded: int = 0  # rows an application write changed between the read and the write: left to it
+    ranges: dict[str, list[int]] = field(default_factory=dict)  # worker -> lo of each range it finished
+
+    def __str__(self) -> str:
+        finished = sum(len(r) for r in self.ranges.values())
+        return (
+            f"{self.direction} {self.table}.{self.column}: {self.written} rows written, "
+            f"{self.conceded} conceded to concurrent writes, "
+            f"{finished} ranges finished by {len(self.ranges)} workers"
+        )
+
+
+class Pacer:
+    """``rate`` rows per second across the threads of one process."""
+
+    def __init__(self, rate: float) -> None:
+        if rate <= 0:
+            raise ConfigurationError("--rate must be a positive number of rows per second")
+        self.rate, self._next, self._lock = rate, time.monotonic(), threading.Lock()
+
+    def wait(self, rows: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + rows / self.rate
+        if start > now:
+            time.sleep(start - now)
+
+
+def job_name(table: str, column: str, direction: str) -> str:
+    return f"{direction}-column:{table}.{column}"
+
+
+def _exact(column: Any, dialect: str) -> Any:
+    """``column`` compared byte for byte: MariaDB's collations fold case and
+    pad spaces, which would let a concurrent ``'a'`` -> ``'A'`` look unchanged."""
+    if dialect in ("mysql", "mariadb") and isinstance(column.type, String):
+        return cast(column, LargeBinary)
+    return column
+
+
+def _plain(value: Any) -> Any:
+    """A value as read, ready to bind back (psycopg reads BYTEA as memoryview)."""
+    return bytes(value) if isinstance(value, memoryview) else value
+
+
+class _Backfill:
+    """One job: its table, halves, statements and the transformation."""
+
+    def __init__(self, store: KeyStore, enc: EncryptedType, table: Table, column: str, shadow: str, encrypt: bool):
+        self.store, self.enc, self.encrypt = store, enc, encrypt
+        self.conceded, self._count_lock = 0, threading.Lock()  # summed across the job's threads
+        pk = list(table.primary_key.columns)
+        if len(pk) != 1 or pk[0].type.python_type is not int:
+            raise ConfigurationError(
+                f"table {table.name} needs a single integer primary key for an online backfill", table=table.name
+            )
+        self.pk, self.old, self.new = pk[0], table.c[column], table.c[shadow]
+        dialect = store.engine.dialect.name
+        self.pick = select(self.pk, self.old, self.new).order_by(self.pk)
+        self.cas = (
+            update(table)
+            .where(
+                self.pk == bindparam("_pk"),
+                _exact(self.old, dialect).is_not_distinct_from(_exact(bindparam("_old", type_=self.old.type), dialect)),
+                _exact(self.new, dialect).is_not_distinct_from(_exact(bindparam("_new", type_=self.new.type), dialect)),
+            )
+            .values({self.new.name: bindparam("_value", type_=self.new.type)})
+        )
+
+    def target(self, old: Any, new: Any) -> tuple[bool, Any]:
+        """(whether the row needs a write, the new half it must hold)."""
+        if old is None:
+            return new is not None, None
+        if self.encrypt:
+            if new is not None:
+                try:
+                    if self.enc.decrypt(bytes(new)) == old:
+                        return False, None
+                except EnvelopeError:  # a damaged shadow: the plaintext is the truth
+                    pass
+            return True, self.enc.encrypt(old)
+        value = self.enc.decrypt(bytes(old))
+        return new is None or new != value, value
+
+    def batch(self, conn: Connection, claims: Claims, claim: Claim, size: int, pacer: Pacer | None) -> int:
+        with self.store.tracker.use_connection(conn):
+            rows = conn.execute(self.pick.where(self.pk >= claim.cursor, self.pk < claim.hi).limit(size)).all()
+            params = []
+            for pk, old, new in rows:
+                needed, value = self.target(old, new)
+                if needed:
+                    params.append({"_pk": pk, "_old": _plain(old), "_new": _plain(new), "_value": value})
+            cursor = rows[-1][0] + 1 if len(rows) == size else claim.hi
+            if pacer is not None:  # between the read and the compare-and-set: no lock is held yet
+                pacer.wait(len(rows))
+            claims.advance(conn, claim, cursor, len(params))  # first: holds the range until commit
+            fault_point("backfill.batch.before_update")
+            written = 0
+            if params:
+                result = conn.execute(self.cas, params)
+                written = result.rowcount if conn.dialect.supports_sane_multi_rowcount else len(params)
+            fault_point("backfill.batch.after_update")
+        with self._count_lock:
+            self.conceded += len(params) - max(written, 0)
+        return max(written, 0)
+
+
+def disagreeing(
+    store: KeyStore,
+    enc: EncryptedType,
+    table_name: str,
+    column: str,
+    shadow: str,
+    *,
+    direction: str,
+    batch_size: int = 1000,
+) -> int:
+    """Rows whose shadow does not hold their value yet (empty, or another
+    value): read in primary-key order, batch by batch, each shadow opened.
+    What a careful contract checks (``verify=True``) before it drops a half."""
+    engine = store.engine
+    job = _Backfill(
+        store, enc, Table(table_name, MetaData(), autoload_with=engine), column, shadow, direction == "encrypt"
+    )
+    count, cursor = 0, None
+    with engine.connect() as conn:
+        while True:
+            pick = job.pick if cursor is None else job.pick.where(job.pk > cursor)
+            rows = conn.execute(pick.limit(batch_size)).all()
+            if not rows:
+                return count
+            count += sum(1 for _, old, new in rows if job.target(old, new)[0])
+            cursor = rows[-1][0]
+
+
+def backfill(
+    store: KeyStore,
+    enc: EncryptedType,
+    table_name: str,
+    column: str,
+    shadow: str,
+    *,
+    direction: str = "encrypt",
+    batch_size: int = 500,
+    workers: int = 1,
+    rate: float | None = None,
+    lease: float = 60.0,
+    chunk: int | None = None,
+    restart: bool = False,
+    progress: bool | None = None,
+) -> BackfillReport:
+    """Fill ``shadow`` from ``column`` of ``table_name`` (see the module).
+
+    ``enc`` is the column's EncryptedType bound to the final ``table.column``.
+    ``workers`` threads share the job through the claims table with any
+    other process running it; ``rate`` caps this process's rows per second;
+    ``chunk`` is the primary-key span of one claimed range (default 20
+    batches); ``restart`` forgets earlier progress and checks every row again.
+    """
+    if direction not in DIRECTIONS:
+        raise ConfigurationError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    engine = store.engine
+    table = Table(table_name, MetaData(), autoload_with=engine)
+    job = _Backfill(store, enc, table, column, shadow, direction == "encrypt")
+    claims = Claims(engine, job_name(table_name, column, direction), lease=lease)
+    claims.create()
+    if restart:
+        claims.reset()
+    with engine.connect() as conn:
+        planned = claims.planned(conn)
+        lo, hi = (None, None) if planned else conn.execute(select(func.min(job.pk), func.max(job.pk))).one()
+    if not planned:
+        claims.plan(int(lo or 0), int(hi if hi is not None else -1) + 1, chunk or batch_size * 20)
+    report = BackfillReport(table_name, column, direction)
+    pacer = Pacer(rate) if rate else None
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    # the bar counts primary-key span left in the job's ranges: rows where keys are dense, and an honest ETA
+    with progress_bar(claims.span_left(), f"{direction}-column {table_name}.{column}", progress) as bar:
+
+        def work() -> None:
+            owner = worker_name()
+
+            def one(conn: Connection, claim: Claim) -> int:
+                start = claim.cursor
+                n = job.batch(conn, claims, claim, batch_size, pacer)
+                bar.update(claim.cursor - start)
+                return n
+
+            try:
+                written, ranges = claims.run(owner, one)
+            except BaseException as exc:  # re-raised in the caller's thread
+                errors.append(exc)
+                return
+            with lock:
+                report.written += written
+                report.ranges[owner] = ranges
+
+        threads = [threading.Thread(target=work, name=f"backfill-{i}") for i in range(max(1, workers))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
+    report.conceded = job.conceded
+    return report
