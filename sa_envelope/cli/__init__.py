@@ -81,13 +81,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # stdout's reader left (| head): nothing more to say, and no flush at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except EnvelopeError as exc:
+    except (EnvelopeError, SQLAlchemyError, OSError, ValueError) as exc:
+        if _after_interrupt(exc):  # a clean-up that failed because Ctrl-C cut a query short
+            say(f"sa-envelope: interrupted: {ns.interrupted}", file=sys.stderr)
+            return INTERRUPTED
+        if isinstance(exc, SQLAlchemyError) and not isinstance(exc, EnvelopeError):
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            return _fail(ns, f"database error: {type(exc).__name__}: {escape(first)}")
         return _fail(ns, f"error: {escape(exc)}")
-    except SQLAlchemyError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        return _fail(ns, f"database error: {type(exc).__name__}: {escape(first)}")
-    except (OSError, ValueError) as exc:
-        return _fail(ns, f"error: {escape(exc)}")
+
+
+def _after_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while handling a KeyboardInterrupt."""
+    seen: BaseException | None = exc.__context__
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__context__
+    return False
 
 
 if __name__ == "__main__":  # pragma: no cover
