@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import EnvelopeError
 from . import data, keys
-from .common import Configure, one_line_errors
+from .common import STARTS_OVER, Configure, one_line_errors
 from .demo import run_demo
 from .output import escape, say
 
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, configure, help_text in COMMANDS:
         command = sub.add_parser(name, help=help_text, description=help_text)
-        command.set_defaults(command_name=name)
+        command.set_defaults(command_name=name, interrupted=STARTS_OVER)  # a command that writes says more
         configure(command)
     return parser
 

@@ -10,12 +10,19 @@ full pipe), each followed by a rerun that finishes the work.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import csv
+import fcntl
 import datetime as dt
 import io
 import json
+import os
+import pty
 import signal
+import struct
 import subprocess
+import termios
 import time
 from decimal import Decimal
 from importlib.metadata import version
@@ -23,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import JSON, Boolean, Date, Integer, LargeBinary, MetaData, Numeric, String, Table, delete, insert, select, type_coerce
+from sqlalchemy import JSON, Boolean, Column, Date, Integer, LargeBinary, MetaData, Numeric, String, Table, delete, insert, select, type_coerce
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -107,6 +114,47 @@ def test_verify_names_the_row_of_a_tampered_value(engine: Engine, db_url: str, t
     (key_id,) = [k for k, s in key_statuses(engine, "data_0").items()]
     assert f"value id=3 of data_0.name does not authenticate (key {fmt.format_key_id(key_id)})" in result.stdout
     assert "data_0.name: 9 ok, 0 erased, 1 failed (1 value does not authenticate)" in result.stdout
+
+
+def test_verify_draws_a_progress_bar_on_a_terminal(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    provider, cmk = local(tmp_path)
+    fill(engine, KeyManager(engine, provider), tables=1, rows=25)
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # tqdm sizes the bar to it
+    try:
+        result = subprocess.run([PYTHON, "-m", "sa_envelope", "verify", "--database-url", db_url, "--cmk", cmk],
+                                env=subprocess_env(None), stdout=subprocess.PIPE, stderr=terminal, text=True,
+                                timeout=180)
+        os.close(terminal)
+        drawn = b""
+        with contextlib.suppress(OSError):  # EIO once the terminal's last writer is gone
+            while chunk := os.read(controller, 65536):
+                drawn += chunk
+    finally:
+        os.close(controller)
+    assert result.returncode == 0 and "verified 50 values: 50 ok, 0 failed" in result.stdout
+    assert b"verify values" in drawn and b"50/50" in drawn  # tqdm, on stderr only
+
+
+def test_a_plain_binary_column_is_not_taken_for_encrypted(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    provider, cmk = local(tmp_path)
+    keys = KeyManager(engine, provider)
+    keys.create_table()
+    (table,) = data_tables(keys, 1)
+    blobs = Table("blobs", table.metadata, Column("id", Integer, primary_key=True, autoincrement=False),
+                  Column("data", LargeBinary), Column("name", EncryptedType(String(20), keys)))
+    table.metadata.create_all(engine)
+    # one value looks like an envelope (version 1, a key id, 40 bytes); the others do not
+    shaped = bytes([fmt.VERSION_GCM]) + fmt.key_id_bytes(12345) + bytes(31)
+    values = [shaped, b"\x89PNG\r\n\x1a\n" + bytes(40), b"plain text", shaped]
+    with engine.begin() as conn:
+        conn.execute(insert(blobs), [{"id": i, "data": v, "name": f"n{i}"} for i, v in enumerate(values)])
+    verify = cli("verify", "--database-url", db_url, "--cmk", cmk, "--json")
+    assert verify.returncode == 0, verify.stdout
+    assert [(c["table"], c["column"]) for c in as_json(verify)["columns"]] == [("blobs", "name")]
+    export = cli("export", "--database-url", db_url, "--cmk", cmk, "--table", "blobs", "--format", "jsonl")
+    assert [json.loads(x) for x in export.stdout.splitlines()] == [
+        {"id": i, "data": base64.b64encode(v).decode(), "name": f"n{i}"} for i, v in enumerate(values)]
 
 
 # -- export -----------------------------------------------------------------------------------
