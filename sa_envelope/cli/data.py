@@ -22,7 +22,7 @@ from ..jobs.verify import verify_database
 from ..manager import KeyManager
 from ..providers.spec import provider_from_spec
 from .common import RESUMES, STARTS_OVER, Configure, cmk_option, database_option, emit, engine_of, manager
-from .output import say
+from .output import escape, say
 
 __all__ = ["COMMANDS"]
 
@@ -149,7 +149,8 @@ def _export(parser: argparse.ArgumentParser) -> None:
             store = manager(ns, engine).store
             args = {"fmt_name": ns.format, "columns": _names(ns.columns), "types_": types_, "pk": ns.pk}
             if not ns.output:
-                report = export_table(store, ns.table, sys.stdout, **args)
+                out = _Terminal(sys.stdout) if sys.stdout.isatty() else sys.stdout
+                report = export_table(store, ns.table, out, **args)
             else:
                 with _atomic(Path(ns.output)) as out:
                     report = export_table(store, ns.table, out, **args)
@@ -162,6 +163,18 @@ def _export(parser: argparse.ArgumentParser) -> None:
         return 0
 
     parser.set_defaults(run=run, interrupted="the export is incomplete and --output was left untouched: run it again")
+
+
+class _Terminal:
+    """Rows shown on a terminal: every character that is not printable (an
+    escape sequence stored by whoever can write the database) is escaped, as
+    everything else the CLI prints. Files and pipes get the data as it is."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def write(self, text: str) -> int:
+        return self.out.write("\n".join(escape(line) for line in text.replace("\r\n", "\n").split("\n")))
 
 
 class _atomic:

@@ -24,7 +24,7 @@ import decimal
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, TextIO
+from typing import Any, Callable, Iterable, Protocol
 
 from sqlalchemy import Table, func, select, types
 
@@ -35,7 +35,7 @@ from ..keys.store import KeyStore
 from . import scan
 from .progress import progress_bar
 
-__all__ = ["FORMATS", "TYPES", "ExportReport", "export_table"]
+__all__ = ["FORMATS", "TYPES", "ExportReport", "Output", "export_table"]
 
 FORMATS = ("csv", "jsonl")
 TYPES: dict[str, Callable[[], types.TypeEngine[Any]]] = {
@@ -54,6 +54,12 @@ TYPES: dict[str, Callable[[], types.TypeEngine[Any]]] = {
     "json": types.JSON,
     "largebinary": types.LargeBinary,
 }
+
+
+class Output(Protocol):
+    """Where the rows go: a text file, stdout, anything with ``write``."""
+
+    def write(self, text: str, /) -> Any: ...
 
 
 @dataclass
@@ -154,7 +160,7 @@ def _pk_filter(table: Table, pk: str) -> Any:
 def export_table(
     store: KeyStore,
     name: str,
-    out: TextIO,
+    out: Output,
     *,
     fmt_name: str = "csv",
     columns: Iterable[str] | None = None,
@@ -208,7 +214,7 @@ def _decrypted(
     return decode(opened.plaintext, opened.key)
 
 
-def _writer(out: TextIO, fmt_name: str, columns: list[str]) -> Callable[[dict[str, Any]], None]:
+def _writer(out: Output, fmt_name: str, columns: list[str]) -> Callable[[dict[str, Any]], None]:
     if fmt_name == "jsonl":
 
         def write_json(values: dict[str, Any]) -> None:

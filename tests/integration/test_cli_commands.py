@@ -116,15 +116,14 @@ def test_verify_names_the_row_of_a_tampered_value(engine: Engine, db_url: str, t
     assert "data_0.name: 9 ok, 0 erased, 1 failed (1 value does not authenticate)" in result.stdout
 
 
-def test_verify_draws_a_progress_bar_on_a_terminal(engine: Engine, db_url: str, tmp_path: Path) -> None:
-    provider, cmk = local(tmp_path)
-    fill(engine, KeyManager(engine, provider), tables=1, rows=25)
+def on_terminal(*args: str, stream: str) -> tuple[subprocess.CompletedProcess[str], bytes]:
+    """Run the CLI with ``stream`` (stdout or stderr) on a pseudo-terminal; the other is a pipe."""
     controller, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # tqdm sizes the bar to it
+    streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, stream: terminal}
     try:
-        result = subprocess.run([PYTHON, "-m", "sa_envelope", "verify", "--database-url", db_url, "--cmk", cmk],
-                                env=subprocess_env(None), stdout=subprocess.PIPE, stderr=terminal, text=True,
-                                timeout=180)
+        result = subprocess.run([PYTHON, "-m", "sa_envelope", *args], env=subprocess_env(None), text=True,
+                                timeout=180, **streams)
         os.close(terminal)
         drawn = b""
         with contextlib.suppress(OSError):  # EIO once the terminal's last writer is gone
@@ -132,8 +131,32 @@ def test_verify_draws_a_progress_bar_on_a_terminal(engine: Engine, db_url: str, 
                 drawn += chunk
     finally:
         os.close(controller)
+    return result, drawn
+
+
+def test_verify_draws_a_progress_bar_on_a_terminal(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    provider, cmk = local(tmp_path)
+    fill(engine, KeyManager(engine, provider), tables=1, rows=25)
+    result, drawn = on_terminal("verify", "--database-url", db_url, "--cmk", cmk, stream="stderr")
     assert result.returncode == 0 and "verified 50 values: 50 ok, 0 failed" in result.stdout
     assert b"verify values" in drawn and b"50/50" in drawn  # tqdm, on stderr only
+
+
+def test_export_escapes_control_characters_on_a_terminal_only(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    provider, cmk = local(tmp_path)
+    keys = KeyManager(engine, provider)
+    keys.create_table()
+    (table,) = data_tables(keys, 1)
+    table.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(table), [{"id": 1, "name": "\x1b]0;owned\x07\u202eevil", "ssn": "1"}])
+    args = ("export", "--database-url", db_url, "--cmk", cmk, "--table", "data_0", "--format", "jsonl")
+    result, drawn = on_terminal(*args, stream="stdout")
+    assert result.returncode == 0, result.stderr
+    assert b"\x1b" not in drawn and b"\x07" not in drawn and "\u202e".encode() not in drawn
+    assert b"\\u202eevil" in drawn
+    piped = cli(*args)
+    assert json.loads(piped.stdout) == {"id": 1, "name": "\x1b]0;owned\x07\u202eevil", "ssn": "1"}
 
 
 def test_a_plain_binary_column_is_not_taken_for_encrypted(engine: Engine, db_url: str, tmp_path: Path) -> None:
