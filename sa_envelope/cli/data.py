@@ -162,7 +162,9 @@ def _export(parser: argparse.ArgumentParser) -> None:
             say(report, sys.stderr)
         return 0
 
-    parser.set_defaults(run=run, interrupted="the export is incomplete and --output was left untouched: run it again")
+    parser.set_defaults(
+        run=run, interrupted="the export is incomplete (an --output file is left as it was): run it again"
+    )
 
 
 class _Terminal:

@@ -381,7 +381,7 @@ def test_ctrl_c_during_an_export(engine: Engine, db_url: str, tmp_path: Path) ->
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    assert_interrupted(result, "the export is incomplete and --output was left untouched: run it again")
+    assert_interrupted(result, "the export is incomplete (an --output file is left as it was): run it again")
     assert len(out.splitlines()) < 3000
 
 
