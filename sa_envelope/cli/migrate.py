@@ -24,6 +24,7 @@ from ..errors import ConfigurationError
 from ..jobs.backfill import backfill
 from ..manager import KeyManager
 from ..providers.spec import provider_from_spec
+from .common import RESUMES, one_line_errors
 from .output import escape, say
 
 __all__ = ["MIGRATE_COMMANDS"]
@@ -44,10 +45,7 @@ SUFFIX = {"encrypt": "__encrypted", "decrypt": "__plaintext"}  # as sa_envelope.
 
 
 def _options(parser: argparse.ArgumentParser, direction: str) -> None:
-    def error(message: str) -> Any:
-        parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
-
-    parser.error = error  # type: ignore[method-assign]
+    one_line_errors(parser)
     add = parser.add_argument
     add("--database-url", "--url", default=os.environ.get("SA_ENVELOPE_DATABASE_URL"), help="SQLAlchemy URL")
     add("--table", required=True)
@@ -63,7 +61,7 @@ def _options(parser: argparse.ArgumentParser, direction: str) -> None:
     add("--chunk", type=int, help="primary-key span of one claimed range (default 20 batches)")
     add("--lease", type=float, default=60.0, help="seconds a dead worker's range stays claimed (default 60)")
     add("--restart", action="store_true", help="forget earlier progress and check every row again")
-    parser.set_defaults(run=lambda ns: _run(ns, direction))
+    parser.set_defaults(run=lambda ns: _run(ns, direction), interrupted=RESUMES)
 
 
 def _run(ns: argparse.Namespace, direction: str) -> int:

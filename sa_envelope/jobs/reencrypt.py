@@ -13,9 +13,22 @@ resumable after a crash at any point.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
-from sqlalchemy import Column, Connection, LargeBinary, and_, func, literal, select, tuple_, type_coerce, update
+from sqlalchemy import (
+    Column,
+    Connection,
+    LargeBinary,
+    MetaData,
+    Table,
+    and_,
+    func,
+    literal,
+    select,
+    tuple_,
+    type_coerce,
+    update,
+)
 
 from ..columns import binds
 from ..columns.encrypted import EncryptedType
@@ -24,9 +37,10 @@ from ..errors import ConfigurationError, EnvelopeError, KeyNotFoundError
 from ..faults import fault_point
 from ..keys import table as kt
 from ..keys.store import KeyStore
+from . import scan
 from .runner import run_batches
 
-__all__ = ["ReencryptReport", "reencrypt_columns", "under_key"]
+__all__ = ["ReencryptReport", "reencrypt_columns", "reflected_columns", "under_key"]
 
 
 @dataclass
@@ -144,3 +158,41 @@ def reencrypt_columns(
 def _count(conn: Any, column: Column[Any], key_id: int) -> int:
     stmt = select(func.count()).select_from(column.table).where(under_key(column, key_id))
     return int(conn.execute(stmt).scalar_one())
+
+
+def reflected_columns(keys: Any, key_id: int | str, names: Iterable[str] | None = None) -> list[Column[Any]]:
+    """The encrypted columns of the table that owns ``key_id``, found without models.
+
+    For the CLI: the table is reflected and its encrypted columns found by
+    their values (:mod:`.scan`). Each is declared ``EncryptedType(LargeBinary,
+    keys)``, which re-seals the decrypted bytes exactly as they were (the
+    inner type's serialisation is kept, whatever the type), deterministic
+    when the key is. ``names`` restricts them.
+    """
+    store = keys.store
+    kid = fmt.parse_key_id(key_id) if isinstance(key_id, str) else key_id
+    with store.engine.connect() as conn:
+        record = kt.get_record(conn, store.table, kid)
+        if record is None:
+            raise KeyNotFoundError(key_id=fmt.format_key_id(kid))
+        if record.scope not in (kt.SCOPE_TABLE, kt.SCOPE_DETERMINISTIC):
+            raise ConfigurationError(
+                f"key {fmt.format_key_id(kid)} is a {record.scope} key of {record.owner_table}: only table "
+                "and deterministic keys are re-encrypted (shred a row key instead)"
+            )
+        reflected = scan.reflect(conn, record.owner_table)
+        found = scan.encrypted_columns(conn, reflected)
+    chosen = list(names) if names else found
+    strays = [n for n in chosen if n not in found]
+    if strays:
+        raise ConfigurationError(f"{record.owner_table} has no encrypted column {', '.join(strays)}")
+    deterministic = record.scope == kt.SCOPE_DETERMINISTIC
+
+    def declared(col: Column[Any]) -> Column[Any]:
+        if col.name not in chosen:
+            return Column(col.name, col.type, primary_key=col.primary_key)
+        ctype = EncryptedType(LargeBinary(), keys, deterministic=deterministic)
+        return Column(col.name, ctype, primary_key=col.primary_key)
+
+    table = Table(record.owner_table, MetaData(), *(declared(c) for c in reflected.columns))
+    return [table.c[n] for n in chosen]

@@ -1,0 +1,207 @@
+"""The commands that read or move stored data: ``rewrap``, ``verify``, ``reencrypt``, ``export``.
+
+None needs the application's models. ``verify``, ``export`` and
+``reencrypt`` reflect the tables and find the encrypted columns by the shape
+of their values (:mod:`sa_envelope.jobs.scan`); ``export`` reads an
+encrypted column as text unless ``--type COLUMN=TYPE`` names its inner type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..errors import ConfigurationError
+from ..jobs.export import FORMATS, TYPES, export_table
+from ..jobs.reencrypt import reflected_columns
+from ..jobs.verify import verify_database
+from ..manager import KeyManager
+from ..providers.spec import provider_from_spec
+from .common import RESUMES, STARTS_OVER, Configure, cmk_option, database_option, emit, engine_of, manager
+from .output import escape, say
+
+__all__ = ["COMMANDS"]
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
+def _rewrap(parser: argparse.ArgumentParser) -> None:
+    database_option(parser)
+    parser.add_argument(
+        "--to",
+        default=os.environ.get("SA_ENVELOPE_CMK"),
+        help="target CMK: KMS key ARN, key id, alias, or local:PATH (default $SA_ENVELOPE_CMK)",
+    )
+    parser.add_argument(
+        "--from",
+        dest="source",
+        default=os.environ.get("SA_ENVELOPE_SOURCE_CMK"),
+        help="CMK the keys are wrapped by now, e.g. alias/old or local:OLD.key: only it and "
+        "the target are trusted (default $SA_ENVELOPE_SOURCE_CMK)",
+    )
+    parser.add_argument("--batch-size", type=int, default=100, help="keys per transaction (default 100)")
+
+    def run(ns: argparse.Namespace) -> int:
+        target = provider_from_spec(ns.to or "", check=True)
+        source = provider_from_spec(ns.source) if ns.source else target
+        engine = engine_of(ns)
+        try:
+            report = KeyManager(engine, source).rewrap(target, batch_size=ns.batch_size)
+        finally:
+            engine.dispose()
+        lines: list[Any] = [report]
+        lines += [f"  key {key_id}: {reason}" for key_id, reason in report.failures]
+        lines += [f"  key {k}: wrapped by untrusted key {w}, left as it is" for k, w in report.untrusted]
+        data = {n: getattr(report, n) for n in ("target", "rewrapped", "current", "failed", "locked", "complete")}
+        failures = [{"key": k, "reason": r} for k, r in report.failures]
+        emit(ns, data | {"failures": failures, "untrusted": [{"key": k, "wrapped_by": w} for k, w in report.untrusted]},
+             lines)  # fmt: skip
+        return 0 if report.complete else 1
+
+    parser.set_defaults(run=run, interrupted=RESUMES)
+
+
+def _verify(parser: argparse.ArgumentParser) -> None:
+    database_option(parser)
+    parser.add_argument("--table", action="append", dest="tables", help="only this table (repeatable)")
+    cmk_option(parser)
+
+    def run(ns: argparse.Namespace) -> int:
+        engine = engine_of(ns)
+        try:
+            report = verify_database(manager(ns, engine).store, ns.tables)
+        finally:
+            engine.dispose()
+        lines = report.lines()
+        lines.append(f"verified {report.ok + report.failed} values: {report.ok} ok, {report.failed} failed")
+        lines.append(f"erased (row key shredded): {report.erased}")
+        lines.append(f"key table: {len(report.anomalies)} anomalies")
+        emit(ns, report.as_dict(), lines)
+        return 0 if report.complete else 1
+
+    parser.set_defaults(run=run, interrupted=STARTS_OVER.replace("changed", "changed (verify only reads)"))
+
+
+def _reencrypt(parser: argparse.ArgumentParser) -> None:
+    database_option(parser)
+    parser.add_argument("--key", required=True, help="the key to move values off, as keys list shows it")
+    parser.add_argument("--columns", help="only these encrypted columns of the key's table (a,b)")
+    parser.add_argument("--batch-size", type=int, default=500, help="rows per transaction (default 500)")
+    cmk_option(parser)
+
+    def run(ns: argparse.Namespace) -> int:
+        engine = engine_of(ns)
+        try:
+            keys = manager(ns, engine)
+            report = keys.reencrypt(
+                reflected_columns(keys, _key(ns.key), _names(ns.columns)), key_id=ns.key, batch_size=ns.batch_size
+            )
+        finally:
+            engine.dispose()
+        lines: list[Any] = [report, *(f"  {where}: {reason}" for where, reason in report.failures)]
+        data = {n: getattr(report, n) for n in ("reencrypted", "failed", "remaining")}
+        failures = [{"column": w, "reason": r} for w, r in report.failures]
+        emit(ns, {"key": report.key_id, **data, "failures": failures}, lines)
+        return 0 if report.remaining == 0 and report.failed == 0 else 1
+
+    parser.set_defaults(run=run, interrupted=RESUMES)
+
+
+def _key(text: str) -> str:
+    if len(text) != 16 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise ConfigurationError(f"{text!r} is not a key id (16 hex digits, as keys list shows)")
+    return text.lower()
+
+
+def _types(pairs: list[str] | None) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        column, sep, type_name = pair.partition("=")
+        if not sep or not column or type_name.lower() not in TYPES:
+            raise ConfigurationError(f"--type {pair!r}: give COLUMN=TYPE, TYPE one of {', '.join(TYPES)}")
+        out[column] = type_name
+    return out
+
+
+def _export(parser: argparse.ArgumentParser) -> None:
+    database_option(parser)
+    parser.add_argument("--table", required=True, help="the table to export")
+    parser.add_argument("--columns", help="only these columns, in this order (a,b); default all")
+    parser.add_argument("--format", choices=FORMATS, default="csv", help="csv (a header line) or jsonl")
+    parser.add_argument("--output", help="write to FILE (made mode 0600, in place only once complete)")
+    parser.add_argument("--pk", help="only the row with this primary key (a data-subject request)")
+    parser.add_argument(
+        "--type", action="append", metavar="COLUMN=TYPE", help="inner type of an encrypted column (default String)"
+    )
+    cmk_option(parser)
+
+    def run(ns: argparse.Namespace) -> int:
+        if ns.json and not ns.output:
+            raise ConfigurationError("--json prints the report on stdout: give the data a file with --output")
+        types_, engine = _types(ns.type), engine_of(ns)
+        try:
+            store = manager(ns, engine).store
+            args = {"fmt_name": ns.format, "columns": _names(ns.columns), "types_": types_, "pk": ns.pk}
+            if not ns.output:
+                out = _Terminal(sys.stdout) if sys.stdout.isatty() else sys.stdout
+                report = export_table(store, ns.table, out, **args)
+            else:
+                with _atomic(Path(ns.output)) as out:
+                    report = export_table(store, ns.table, out, **args)
+        finally:
+            engine.dispose()
+        if ns.json:
+            emit(ns, report.as_dict() | {"output": ns.output}, [])
+        else:
+            say(report, sys.stderr)
+        return 0
+
+    parser.set_defaults(
+        run=run, interrupted="the export is incomplete (an --output file is left as it was): run it again"
+    )
+
+
+class _Terminal:
+    """Rows shown on a terminal: every character that is not printable (an
+    escape sequence stored by whoever can write the database) is escaped, as
+    everything else the CLI prints. Files and pipes get the data as it is."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def write(self, text: str) -> int:
+        return self.out.write("\n".join(escape(line) for line in text.replace("\r\n", "\n").split("\n")))
+
+
+class _atomic:
+    """A file written beside ``path`` (mode 0600: it holds plaintext), moved in
+    place only when complete; removed if the export fails."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> TextIO:
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent or ".")
+        self.file = os.fdopen(fd, "w", encoding="utf-8", newline="")
+        return self.file
+
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        self.file.close()
+        if kind is None:
+            os.replace(self.tmp, self.path)
+        else:
+            os.unlink(self.tmp)
+
+
+COMMANDS: tuple[tuple[str, Configure, str], ...] = (
+    ("rewrap", _rewrap, "re-wrap every table key under another CMK (CMK rotation)"),
+    ("verify", _verify, "open every encrypted value and check every key; report failures by kind"),
+    ("reencrypt", _reencrypt, "re-encrypt the values stored under one key with the table's active key"),
+    ("export", _export, "stream a table decrypted as CSV or JSON lines (reports, data-subject requests)"),
+)

@@ -1,0 +1,147 @@
+"""Encrypted values found without the application's models, and opened one by one.
+
+``verify``, ``export`` and the CLI's ``reencrypt`` work on a database they
+know only by its URL. Tables are reflected; a binary column is taken as
+encrypted when every value of a sample of its first values has the shape of
+an envelope (a known version byte, a key id in range, at least the shortest
+envelope's length). The key table is *not* asked: a column whose key rows
+were deleted must still be found, or a lost key would read as "nothing to
+check". Each value is then opened with the key its header names and the
+``table.column`` it is bound to (:class:`Opener`), and a failure is sorted
+into what an operator does about it (:data:`KINDS`): configure the right
+provider, restore a key row, or look at one tampered value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from sqlalchemy import Connection, LargeBinary, MetaData, Table, inspect, select
+from sqlalchemy.types import _Binary
+
+from ..envelope import format as fmt
+from ..errors import DecryptionError, EnvelopeError, KeyNotFoundError, KeyProviderError, UnauthenticatedKeyError
+from ..keys import table as kt
+from ..keys.store import KeyStore
+
+__all__ = [
+    "ERASED",
+    "KINDS",
+    "MISSING",
+    "Opened",
+    "Opener",
+    "SKIP_TABLES",
+    "SAMPLE",
+    "encrypted_columns",
+    "reflect",
+    "table_names",
+]
+
+SKIP_TABLES = ("alembic_version",)
+SAMPLE = 20  # values per column whose shape decides whether it is encrypted
+
+OK = "ok"
+ERASED = "erased"  # the row key was shredded: unreadable on purpose, not a failure
+MISSING = "missing_key"
+UNWRAP = "cannot_unwrap"
+BAD_KEY = "key_not_authentic"
+BAD_VALUE = "value_not_authentic"
+KINDS = {  # failure kinds, in the order reports list them, with their label
+    MISSING: "missing key",
+    UNWRAP: "cannot unwrap",
+    BAD_KEY: "key does not authenticate",
+    BAD_VALUE: "value does not authenticate",
+}
+
+
+@dataclass(frozen=True)
+class Opened:
+    """One value's outcome: ``plaintext`` when ``kind`` is ``ok``, else why not."""
+
+    key: str  # the key id its header names, as ``keys list`` shows it ("-": no header)
+    kind: str
+    plaintext: bytes | None = None
+    reason: str = ""
+
+
+def table_names(store: KeyStore, tables: Iterable[str] | None = None) -> list[str]:
+    """``tables``, or every table but the key table and Alembic's."""
+    if tables:
+        return list(tables)
+    skip = (store.table.name, *SKIP_TABLES)
+    return [t for t in inspect(store.engine).get_table_names() if t not in skip]
+
+
+def reflect(conn: Connection, name: str) -> Table:
+    return Table(name, MetaData(), autoload_with=conn)
+
+
+def _envelope_shaped(value: Any) -> bool:
+    data = bytes(value)
+    try:
+        version, key_id = fmt.read_header(data)
+    except fmt.InvalidEnvelope:
+        return False
+    shortest = fmt.SIV_OVERHEAD if version == fmt.VERSION_SIV else fmt.GCM_OVERHEAD
+    return fmt.is_key_id(key_id) and len(data) >= shortest
+
+
+def encrypted_columns(conn: Connection, table: Table) -> list[str]:
+    """Names of the binary columns of ``table`` whose sampled values are all envelopes."""
+    found = []
+    for col in table.columns:
+        if not isinstance(col.type, (_Binary, LargeBinary)):
+            continue
+        stmt = select(col).where(col.is_not(None)).limit(SAMPLE)
+        sample = conn.execute(stmt).scalars().all()
+        if sample and all(_envelope_shaped(v) for v in sample):
+            found.append(col.name)
+    return found
+
+
+class Opener:
+    """Opens values with the store's keys; remembers each key that failed, so
+    that a million values under one missing key cost one key-table query."""
+
+    def __init__(self, store: KeyStore, lookups: Connection) -> None:
+        self.store, self.lookups = store, lookups
+        self._failed: dict[tuple[int, str, str], Opened] = {}
+
+    def open(self, value: Any, table: str, column: str, context: bytes) -> Opened:
+        data = bytes(value)
+        try:
+            version, key_id = fmt.read_header(data)
+        except fmt.InvalidEnvelope as exc:
+            return Opened("-", BAD_VALUE, reason=str(exc))
+        shown = fmt.format_key_id(key_id)
+        failed = self._failed.get((key_id, table, column))
+        if failed is not None:
+            return failed
+        try:
+            key = self.store.decryption_key(key_id, table=table, column=column)
+        except EnvelopeError as exc:
+            outcome = self._key_failure(key_id, shown, exc)
+            self._failed[(key_id, table, column)] = outcome
+            return outcome
+        try:
+            if version != key.head[0]:
+                raise fmt.InvalidEnvelope("format version does not match the key's algorithm")
+            return Opened(shown, OK, plaintext=fmt.open_value(key.cipher, version, data, context))
+        except fmt.InvalidEnvelope as exc:
+            return Opened(shown, BAD_VALUE, reason=str(exc))
+
+    def _key_failure(self, key_id: int, shown: str, exc: EnvelopeError) -> Opened:
+        """Sort a key that did not load: gone, erased, or not ours to unwrap."""
+        if isinstance(exc, KeyNotFoundError):
+            record = kt.get_record(self.lookups, self.store.table, key_id) if fmt.is_key_id(key_id) else None
+            if record is not None and record.status == kt.SHREDDED:
+                return Opened(shown, ERASED, reason=str(exc))
+            return Opened(shown, MISSING, reason=str(exc))
+        if isinstance(exc, UnauthenticatedKeyError):
+            return Opened(shown, BAD_KEY, reason=str(exc))
+        if isinstance(exc, KeyProviderError):
+            return Opened(shown, UNWRAP, reason=str(exc))
+        if isinstance(exc, DecryptionError):
+            return Opened(shown, BAD_KEY, reason=str(exc))
+        raise exc
