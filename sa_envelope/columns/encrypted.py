@@ -25,7 +25,9 @@ from ..envelope import format as fmt
 from ..envelope.codecs import UnsupportedValue, codec_for
 from ..errors import ConfigurationError, DecryptionError, EncryptionError, RowKeyRequiredError
 from ..keys import table as kt
+from ..keys.clock import CLOCK
 from ..keys.store import KeyStore
+from . import fastpath
 from .naming import ColumnNames
 from .operators import EncryptedComparator
 from .rowvalue import RowValue
@@ -83,7 +85,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
             self._codec = codec_for(self.inner)
         except TypeError as exc:
             raise ConfigurationError(str(exc)) from None
-        self._read_memo: dict[bytes, tuple[Any, Any]] = {}
+        self._read_memo: dict[bytes, list[Any]] = {}
         # chosen once: which table-level key a value uses, and how it is sealed
         self._key_scope = kt.SCOPE_DETERMINISTIC if deterministic else kt.SCOPE_TABLE
         self._seal = fmt.seal_function(deterministic)
@@ -168,44 +170,14 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         return None if value is None else self.decrypt(value)
 
     def bind_processor(self, dialect: Dialect) -> Any:
-        """One closure per dialect: the per-value path skips a call layer.
-        On failure the closure's frame drops the value before the error
-        leaves it (frame locals are what error trackers capture)."""
-        encrypt = self.encrypt
-        impl: Any = self.impl_instance.bind_processor(dialect)
-
-        def process(value: Any) -> Any:
-            if value is None:
-                return None
-            try:
-                return encrypt(value)
-            except BaseException:
-                value = None
-                raise
-
-        def process_impl(value: Any) -> Any:  # the storage type's own processor after ours
-            if value is None:
-                return None
-            try:
-                return impl(encrypt(value))
-            except BaseException:
-                value = None
-                raise
-
-        return process if impl is None else process_impl  # chosen once, not per value
+        """One closure per dialect (:mod:`.fastpath`): the write key leased
+        once per statement, the storage type's own processor after ours."""
+        return fastpath.bind_closure(self, self.impl_instance.bind_processor(dialect))
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
-        """One closure per dialect: the per-value path skips a call layer."""
-        decrypt = self.decrypt
-        impl = self.impl_instance.result_processor(dialect, coltype)
-        if impl is None:
-            return lambda value: None if value is None else decrypt(value)
-
-        def process(value: Any) -> Any:
-            value = impl(value)
-            return None if value is None else decrypt(value)
-
-        return process
+        """One closure per dialect (:mod:`.fastpath`): the read memo, or the
+        row-key cache, before the full :meth:`decrypt`."""
+        return fastpath.result_closure(self, self.impl_instance.result_processor(dialect, coltype))
 
     def encrypt(self, value: Any) -> bytes:
         """Serialise and seal one value for this column.
@@ -291,7 +263,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         except TypeError:  # an unhashable bytes-like value (bytearray): the full path copies it
             memo = None
         if memo is not None:
-            entry, open_value = memo
+            open_value, _, entry = memo
             if entry.alive and entry.expires > _monotonic():
                 try:
                     return self._codec.decode(open_value(value))
@@ -339,7 +311,8 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
             return
         # registered with the cache entry: the memo (which holds the cipher)
         # is dropped when the entry is evicted, expires or the cache is cleared
-        key.remember(self._read_memo, head, (key, fmt.opener(key.cipher, version, head, self._ctx)))
+        # [opener, the statement epoch it was last checked in, key]: see .fastpath
+        key.remember(self._read_memo, head, [fmt.opener(key.cipher, version, head, self._ctx), CLOCK.epoch, key])
 
     def _bind_names(self, table: str, column: str) -> None:
         super()._bind_names(table, column)
