@@ -132,6 +132,15 @@ class KeyCache:
                 entry.kill()
                 self.evictions += 1
 
+    def evict_many(self, key_ids: Iterable[int]) -> None:
+        """Forget many keys under one lock (a stream's partitions gone by)."""
+        with self._lock:
+            for key_id in key_ids:
+                entry = self._entries.pop(key_id, None)
+                if entry is not None:
+                    entry.kill()
+                    self.evictions += 1
+
     def clear(self) -> None:
         """Forget every key."""
         with self._lock:
