@@ -266,7 +266,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
             open_value, _, entry = memo
             if entry.alive and entry.expires > _monotonic():
                 try:
-                    return self._codec.decode(open_value(value))
+                    return open_value(value)  # opens and decodes
                 except Exception:
                     pass
         return self._decrypt_full(value)
@@ -312,7 +312,8 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         # registered with the cache entry: the memo (which holds the cipher)
         # is dropped when the entry is evicted, expires or the cache is cleared
         # [opener, the statement epoch it was last checked in, key]: see .fastpath
-        key.remember(self._read_memo, head, [fmt.opener(key.cipher, version, head, self._ctx), CLOCK.epoch, key])
+        opener = fmt.opener(key.cipher, version, head, self._ctx, then=self._codec.decode)
+        key.remember(self._read_memo, head, [opener, CLOCK.epoch, key])
 
     def _bind_names(self, table: str, column: str) -> None:
         super()._bind_names(table, column)

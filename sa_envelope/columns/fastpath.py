@@ -58,7 +58,8 @@ def bind_closure(coltype: Any, impl: Any) -> Callable[[Any], Any]:
     encrypt, store = coltype.encrypt, coltype._store
     if coltype.scope == kt.SCOPE_ROW or store is None:
         return _plain_bind(encrypt, impl)
-    encode, scope, clock = coltype._codec.encode, coltype._key_scope, CLOCK
+    encode = coltype._codec.fast_encode or coltype._codec.encode
+    scope, clock = coltype._key_scope, CLOCK
     max_uses = store.cache.limits.max_uses
     current: list[WriteLease | None] = [None]
 
@@ -68,7 +69,9 @@ def bind_closure(coltype: Any, impl: Any) -> Callable[[Any], Any]:
         lease = current[0]
         if lease is None or lease.epoch != clock.epoch:  # once per statement
             table = coltype._table
-            lease = current[0] = None if table is None else write_lease(store, table, scope, coltype._ctx, lease)
+            lease = current[0] = (
+                None if table is None else write_lease(store, table, scope, coltype._ctx, encode, lease)
+            )
         if (
             lease is not None
             and lease.entry.alive
@@ -76,7 +79,7 @@ def bind_closure(coltype: Any, impl: Any) -> Callable[[Any], Any]:
             and (lease.budget is None or next(lease.budget) < lease.limit)
         ):
             try:
-                sealed = lease.seal(encode(value))
+                sealed = lease.seal(value)
                 return sealed if impl is None else impl(sealed)
             except BaseException:
                 pass  # the full path below says why, from a frame without the value
@@ -97,7 +100,7 @@ def result_closure(coltype: Any, impl: Any) -> Callable[[Any], Any]:
         if coltype._row_keys is None:  # declared for DDL only: decrypt says so
             return _plain_result(decrypt, impl)
         return _row_result(coltype, decrypt, decode, impl)
-    memo = coltype._read_memo  # header -> [opener, epoch, cached key], shared with decrypt()
+    memo = coltype._read_memo  # header -> [opener+decoder, epoch, cached key], shared with decrypt()
 
     def process(value: Any) -> Any:
         if impl is not None:
@@ -110,7 +113,7 @@ def result_closure(coltype: Any, impl: Any) -> Callable[[Any], Any]:
             hit = None
         if hit is not None and (hit[1] == clock.epoch or _renew(hit)):
             try:
-                return decode(hit[0](value))
+                return hit[0](value)  # opens and decodes
             except Exception:
                 pass
         return decrypt(value)

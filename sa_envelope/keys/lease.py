@@ -3,8 +3,8 @@
 Before, every value asked the store for its table's write key: the
 trusted-key dict, the cache's age check (a ``time.monotonic()`` call) and
 two use counters, about a third of a microsecond per value. A lease holds
-what that lookup found (the cached key, a sealer with the associated data
-precomputed, the two counters) and is checked again when a new statement
+what that lookup found (the cached key, a sealer with the codec and the associated
+data precomputed, the two counters) and is checked again when a new statement
 starts (:mod:`.clock`): the key is still the store's trusted write key of
 (owner, scope), alive in the cache and younger than ``max_age``. What stays
 per value is what must be exact: the key's cache uses (``max_uses``) and,
@@ -37,13 +37,15 @@ class WriteLease:
 
     __slots__ = ("budget", "context", "entry", "epoch", "key_id", "limit", "owner", "scope", "seal", "uses")
 
-    def __init__(self, entry: CachedKey, owner: str, scope: str, context: bytes, budget: Any, limit: int) -> None:
+    def __init__(
+        self, entry: CachedKey, owner: str, scope: str, context: bytes, encode: Any, budget: Any, limit: int
+    ) -> None:
         self.entry = entry
         self.key_id = entry.key_id
         self.owner = owner
         self.scope = scope
         self.context = context
-        self.seal: Callable[[bytes], bytes] = fmt.sealer(entry.cipher, entry.head[0], entry.head, context)
+        self.seal: Callable[[Any], bytes] = fmt.sealer(entry.cipher, entry.head[0], entry.head, context, encode)
         self.uses = entry.uses  # the cache's use counter of this entry (max_uses)
         self.budget = budget  # the roll-over budget's counter of this key (table keys), or None
         self.limit = limit
@@ -63,7 +65,9 @@ class WriteLease:
         return valid
 
 
-def write_lease(store: KeyStore, owner: str, scope: str, context: bytes, old: WriteLease | None) -> WriteLease | None:
+def write_lease(
+    store: KeyStore, owner: str, scope: str, context: bytes, encode: Any, old: WriteLease | None
+) -> WriteLease | None:
     """The lease for values of (owner, scope) in the statement now running:
     ``old`` renewed, or a new one on the store's trusted write key; ``None``
     when there is none (first write, a key of the caller's transaction, a
@@ -78,5 +82,5 @@ def write_lease(store: KeyStore, owner: str, scope: str, context: bytes, old: Wr
         return None
     budget = store.budget
     if scope == kt.SCOPE_TABLE and budget.limit:
-        return WriteLease(entry, owner, scope, context, budget.counts[key_id], budget.limit)
-    return WriteLease(entry, owner, scope, context, None, 0)
+        return WriteLease(entry, owner, scope, context, encode, budget.counts[key_id], budget.limit)
+    return WriteLease(entry, owner, scope, context, encode, None, 0)
