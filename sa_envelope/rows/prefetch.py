@@ -146,15 +146,11 @@ def install_prefetch(rows: RowKeys, manager: Any) -> None:
             return
         if context.cursor_fetch_strategy is not sa_cursor._DEFAULT_FETCH:
             return
-        if context._is_server_side:  # rows arrive while the caller iterates: keys per partition
-            hook = PartitionKeys(
-                rows,
-                conn,
-                owner or "",
-                positions,
-                pk_positions(context.compiled, positions, conn.dialect),
-                check_binding,
-            )
+        if context._is_server_side or context.execution_options.get("stream_results"):
+            # rows arrive while the caller iterates: keys per partition (rows.stream)
+            pk = pk_positions(context.compiled, positions, conn.dialect)
+            own = not context._is_server_side
+            hook = PartitionKeys(rows, conn, owner or "", positions, pk, check_binding, own)
             context.cursor_fetch_strategy = StreamingPrefetch(cursor, context.execution_options, hook)
             return
         fetched = cursor.fetchall()

@@ -14,11 +14,13 @@ the key ids are read from the value headers, the missing keys are loaded in
 one ``IN``/``ANY`` query per 1,000/10,000 ids **on another connection** of
 the same engine (a second query on the streaming connection would cut an
 unbuffered MySQL/MariaDB result short), and the rows' bindings are checked
-as for a buffered result. Memory stays bounded by the partition: the keys
-this stream loaded for the partition before the previous one are evicted
-(two partitions are kept, since SQLAlchemy may still hold the previous
-batch's last rows when it fetches the next, and processes the last batch
-after the cursor is closed; what is left is the cache's to trim).
+as for a buffered result. SQLite has no server-side cursors but steps its
+statement as rows are fetched: a ``yield_per`` / ``stream_results`` read
+there gets the same pass, on its own connection, instead of being read
+whole. Memory stays bounded by the partition: when a batch arrives, the
+keys this stream loaded for the batch before are evicted (SQLAlchemy has
+processed those rows by then), except those of rows it still holds
+unprocessed; the last partition's keys are left to the cache's own bounds.
 """
 
 from __future__ import annotations
@@ -39,55 +41,68 @@ Check = Callable[[RowKeys, Connection, str, list[Any], list[int], Any], None]
 
 
 class PartitionKeys:
-    """Loads and forgets the row keys of one streamed result, partition by partition."""
+    """Loads and forgets the row keys of one streamed result, partition by partition.
 
-    def __init__(self, rows: RowKeys, conn: Connection, owner: str, positions: list[int], pk: Any, check: Check):
+    ``own``: the result is not on a server-side cursor (SQLite steps its
+    statement as rows are fetched, and allows other statements meanwhile):
+    keys are loaded on the result's own connection, which sees the keys of
+    its own open transaction. Otherwise on another connection of the engine.
+    """
+
+    def __init__(
+        self, rows: RowKeys, conn: Connection, owner: str, positions: list[int], pk: Any, check: Check, own: bool
+    ) -> None:
         self.rows = rows
-        self.engine = conn.engine
+        self.conn = conn
+        self.own = own
         self.owner = owner
         self.positions = positions
         self.pk = pk
         self.check = check
-        self.loaded: collections.deque[set[int]] = collections.deque(maxlen=2)
+        self.loaded: set[int] = set()  # what this stream loaded for the partition before
 
-    def __call__(self, batch: Any) -> Any:
-        """Prepare the keys of ``batch`` (rows just fetched); returns it unchanged."""
+    def ids(self, batch: Any) -> set[int]:
+        """The key ids the row-scoped values of ``batch`` name."""
+        key_id_of, positions = fmt.key_id_of, self.positions
+        return {key_id_of(v) for row in batch for v in (row[i] for i in positions) if v}
+
+    def __call__(self, batch: Any, buffered: Any = ()) -> Any:
+        """Prepare the keys of ``batch`` (rows just fetched; ``buffered``: rows
+        fetched before, not yet processed); returns ``batch`` unchanged."""
         if not batch:
             return batch
-        key_id_of, positions = fmt.key_id_of, self.positions
-        ids = {key_id_of(v) for row in batch for v in (row[i] for i in positions) if v}
+        ids = self.ids(batch)
+        # the previous partition's rows are processed: forget its keys first
+        self.rows.cache.evict_many(self.loaded - ids - (self.ids(buffered) if buffered else set()))
         wanted = self.rows.missing(ids)
         with contextlib.ExitStack() as stack:
-            other: Connection | None = None
-            if wanted:
-                other = stack.enter_context(self.engine.connect())
+            other = self.conn if self.own else None
+            if other is None and (wanted or self.pk is not None):
+                other = stack.enter_context(self.conn.engine.connect())
                 stack.enter_context(self.rows.tracker.use_connection(other))
+            if wanted and other is not None:
                 self.rows.load(other, wanted, table=self.owner, column=None)
-            if self.pk is not None and self.owner:
-                if other is None:
-                    other = stack.enter_context(self.engine.connect())
-                    stack.enter_context(self.rows.tracker.use_connection(other))
-                self.check(self.rows, other, self.owner, list(batch), positions, self.pk)
-        if len(self.loaded) == self.loaded.maxlen:
-            self.rows.cache.evict_many(self.loaded[0] - ids)
-        self.loaded.append(wanted)
+            if self.pk is not None and self.owner and other is not None:
+                self.check(self.rows, other, self.owner, list(batch), self.positions, self.pk)
+        self.loaded = wanted
         return batch
 
 
 class _Cursor:
     """The DBAPI cursor, with every fetched batch passed through the partition hook."""
 
-    __slots__ = ("_cursor", "_hook")
+    __slots__ = ("_cursor", "_hook", "_buffer")
 
-    def __init__(self, cursor: Any, hook: PartitionKeys) -> None:
+    def __init__(self, cursor: Any, hook: PartitionKeys, buffer: Any) -> None:
         self._cursor = cursor
         self._hook = hook
+        self._buffer = buffer
 
     def fetchmany(self, size: int) -> Any:
-        return self._hook(self._cursor.fetchmany(size))
+        return self._hook(self._cursor.fetchmany(size), self._buffer)
 
     def fetchall(self) -> Any:
-        return self._hook(self._cursor.fetchall())
+        return self._hook(self._cursor.fetchall(), self._buffer)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._cursor, name)
@@ -104,7 +119,7 @@ class StreamingPrefetch(BufferedRowCursorFetchStrategy):
         super().__init__(cursor, execution_options, initial_buffer=first)
 
     def _hooked(self, dbapi_cursor: Any) -> Any:
-        return _Cursor(dbapi_cursor, self._hook)
+        return _Cursor(dbapi_cursor, self._hook, self._rowbuffer)
 
     def _buffer_rows(self, result: Any, dbapi_cursor: Any) -> None:
         super()._buffer_rows(result, self._hooked(dbapi_cursor))

@@ -4,8 +4,8 @@ A server-side cursor (``yield_per``, ``stream_results`` on PostgreSQL and
 MariaDB) hands rows over as the caller iterates. Before, each row's key was
 loaded on its own: one key-table query per row. Now each partition's keys
 are loaded together on another connection (rows/stream.py), and the row
-binding is checked as for a buffered result. SQLite buffers every result:
-there the whole result is one partition.
+binding is checked as for a buffered result. SQLite has no server-side
+cursors; its streamed reads get the same pass on their own connection.
 """
 
 from __future__ import annotations
