@@ -33,7 +33,7 @@ class Via:
     def __init__(self, binding: Binding) -> None:
         self.binding = binding
         self.store: KeyStore = binding.store
-        self.memo: dict[bytes, tuple[Any, Any]] = {}
+        self.memo: dict[bytes, list[Any]] = {}  # header -> [opener, epoch, key]: .fastpath
 
 
 def via(column_type: Any, dialect: Any) -> Via | None:

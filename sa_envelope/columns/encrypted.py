@@ -25,9 +25,9 @@ from ..envelope import format as fmt
 from ..envelope.codecs import UnsupportedValue, codec_for
 from ..errors import ConfigurationError, DecryptionError, EncryptionError, RowKeyRequiredError
 from ..keys import table as kt
+from ..keys.clock import CLOCK
 from ..keys.store import KeyStore
-from . import binds
-from . import migrating
+from . import binds, fastpath, migrating
 from .naming import ColumnNames
 from .operators import EncryptedComparator
 from .rowvalue import RowValue
@@ -179,53 +179,24 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         return None if value is None else self.decrypt(value, binds.require(self, dialect))
 
     def bind_processor(self, dialect: Dialect) -> Any:
-        """One closure per dialect: the per-value path skips a call layer,
-        and seals under the store of the dialect's engine (keys.engines).
-        On failure the closure's frame drops the value before the error
-        leaves it (frame locals are what error trackers capture)."""
-        encrypt = self.encrypt
+        """One closure per dialect (:mod:`.fastpath`), sealing under the store
+        of the dialect's engine (keys.engines): the write key leased once per
+        statement, the storage type's own processor after ours."""
         impl: Any = self.impl_instance.bind_processor(dialect)
         via = binds.via(self, dialect)
         if via is None:  # not bound (yet): found per value, so a later bind() serves it
             return binds.late_bind_processor(self, dialect, impl)
-        store = via.store
-
-        def process(value: Any) -> Any:
-            if value is None:
-                return None
-            try:
-                return encrypt(value, store)
-            except BaseException:
-                value = None
-                raise
-
-        def process_impl(value: Any) -> Any:  # the storage type's own processor after ours
-            if value is None:
-                return None
-            try:
-                return impl(encrypt(value, store))
-            except BaseException:
-                value = None
-                raise
-
-        return process if impl is None else process_impl  # chosen once, not per value
+        return fastpath.bind_closure(self, impl, via)
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
-        """One closure per dialect: the per-value path skips a call layer,
-        and opens with the keys of the dialect's engine (keys.engines)."""
-        decrypt = self.decrypt
+        """One closure per dialect (:mod:`.fastpath`), opening with the keys
+        of the dialect's engine: the read memo, or the row-key cache, before
+        the full :meth:`decrypt`."""
         impl = self.impl_instance.result_processor(dialect, coltype)
         via = binds.via(self, dialect)
         if via is None:  # not bound (yet): values refused until it is
             return binds.late_result_processor(self, dialect, impl)
-        if impl is None:
-            return lambda value: None if value is None else decrypt(value, via)
-
-        def process(value: Any) -> Any:
-            value = impl(value)
-            return None if value is None else decrypt(value, via)
-
-        return process
+        return fastpath.result_closure(self, impl, via)
 
     def encrypt(self, value: Any, store: KeyStore | None = None) -> bytes:
         """Serialise and seal one value for this column, under a key of
@@ -322,10 +293,10 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         except TypeError:  # an unhashable bytes-like value (bytearray): the full path copies it
             memo = None
         if memo is not None:
-            entry, open_value = memo
+            open_value, _, entry = memo
             if entry.alive and entry.expires > _monotonic():
                 try:
-                    return self._codec.decode(open_value(value))
+                    return open_value(value)  # opens and decodes
                 except Exception:
                     pass
         return self._decrypt_full(value, via)
@@ -370,7 +341,9 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
             return
         # registered with the cache entry: the memo (which holds the cipher)
         # is dropped when the entry is evicted, expires or the cache is cleared
-        key.remember(memo, head, (key, fmt.opener(key.cipher, version, head, self._ctx)))
+        # [opener, the statement epoch it was last checked in, key]: see .fastpath
+        opener = fmt.opener(key.cipher, version, head, self._ctx, then=self._codec.decode)
+        key.remember(memo, head, [opener, CLOCK.epoch, key])
 
     def _on_table_attach(self, column: Any, table: Any) -> None:
         """A migrating column registers its pair; an encrypted shadow

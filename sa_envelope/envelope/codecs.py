@@ -44,6 +44,10 @@ class Codec:
     name: str
     encode: Callable[[Any], bytes]
     decode: Callable[[bytes], Any]
+    # a C-level encode for the per-value fast path, same bytes as ``encode`` for
+    # every value it accepts; it may raise anything, and the caller then calls
+    # ``encode``, which says why (columns.fastpath)
+    fast_encode: Callable[[Any], bytes] | None = None
 
 
 def _str_codec() -> Codec:
@@ -52,7 +56,7 @@ def _str_codec() -> Codec:
             raise UnsupportedValue(f"expected str, got {type(value).__name__}")
         return value.encode("utf-8")
 
-    return Codec("str", encode, lambda b: b.decode("utf-8"))
+    return Codec("str", encode, bytes.decode, str.encode)  # UTF-8, strict: no Python layer per value
 
 
 def _int_codec() -> Codec:

@@ -28,8 +28,10 @@ class CacheLimits:
     Defaults: 1,000 keys, 15 minutes, 2**24 uses. A key past its age or use
     limit is unwrapped again through the provider on next use, which is what
     bounds how long a revoked CMK keeps working in a running process. Uses
-    count encryptions (values sealed with the cached key); decryptions are
-    bounded by age only.
+    count encryptions (values sealed with the cached key), one by one, also
+    on the column types' fast path; decryptions are bounded by age only. The
+    column types judge the age once per statement (:mod:`.clock`): a
+    statement that started with a fresh key finishes with it.
     """
 
     max_size: int = 1_000
@@ -37,9 +39,10 @@ class CacheLimits:
     max_uses: int = 1 << 24
 
 
-@dataclass(eq=False, repr=False)
+@dataclass(eq=False, repr=False, slots=True)
 class CachedKey:
-    """One plaintext key ready to use: its cipher object, built once."""
+    """One plaintext key ready to use: its cipher object, built once. Slotted:
+    a stream or a bulk read holds tens of thousands of row keys."""
 
     key_id: int
     cipher: Any
@@ -131,6 +134,15 @@ class KeyCache:
             if entry is not None:
                 entry.kill()
                 self.evictions += 1
+
+    def evict_many(self, key_ids: Iterable[int]) -> None:
+        """Forget many keys under one lock (a stream's partitions gone by)."""
+        with self._lock:
+            for key_id in key_ids:
+                entry = self._entries.pop(key_id, None)
+                if entry is not None:
+                    entry.kill()
+                    self.evictions += 1
 
     def clear(self) -> None:
         """Forget every key."""

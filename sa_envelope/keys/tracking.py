@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 
 from sqlalchemy import Connection, Engine, event
 
+from . import clock
 from .cache import KeyCache
 
 __all__ = ["Tracker", "TxState"]
@@ -66,6 +67,7 @@ class Tracker:
         on_execute: Callable[..., None] | None = None,
         on_compiled: Callable[[Any], None] | None = None,
     ) -> None:
+        clock.install()  # the per-statement checks of the per-value path (keys.clock)
         self.cache = cache
         self.row_cache: KeyCache | None = None  # set by the row keys, once made
         self._on_execute_hook = on_execute

@@ -23,12 +23,11 @@ it was read from (:mod:`.binding`), wherever the row's primary key is in the
 result, as it is in every ORM load: a value copied from another row of the
 column raises :class:`~sa_envelope.DecryptionError`.
 
-Skipped (the per-value path then loads keys one by one, still correct, but
-the binding is not checked):
-server-side cursors (``yield_per``, ``stream_results``; keys are then loaded
-on a separate connection, since a second query on the streaming one would
-cut an unbuffered MySQL result short), DML with RETURNING, and textual SQL
-whose columns SQLAlchemy cannot type.
+Server-side cursors (``yield_per``, ``stream_results``) get the same pass
+per partition, on another connection (:mod:`.stream`). Skipped (the
+per-value path then loads keys one by one, still correct, but the binding
+is not checked): DML with RETURNING, and textual SQL whose columns
+SQLAlchemy cannot type.
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ from ..errors import DecryptionError
 from ..keys import table as kt
 from . import binding
 from .keys import RowKeys
+from .stream import PartitionKeys, StreamingPrefetch
 
 __all__ = ["check_binding", "install_prefetch", "pk_positions", "row_positions"]
 
@@ -156,11 +156,14 @@ def install_prefetch(rows: RowKeys, manager: Any) -> None:
         positions, owner = row_positions(context.compiled, manager)
         if not positions or len(cursor.description) != len(context.compiled._result_columns):
             return
-        if context._is_server_side:
-            # Rows arrive while the caller iterates: no prefetch; key misses
-            # go to another connection (keys.tracking knows it streams).
-            return
         if context.cursor_fetch_strategy is not sa_cursor._DEFAULT_FETCH:
+            return
+        if context._is_server_side or context.execution_options.get("stream_results"):
+            # rows arrive while the caller iterates: keys per partition (rows.stream)
+            pk = pk_positions(context.compiled, positions, conn.dialect)
+            own = not context._is_server_side
+            hook = PartitionKeys(rows, conn, owner or "", positions, pk, check_binding, own)
+            context.cursor_fetch_strategy = StreamingPrefetch(cursor, context.execution_options, hook)
             return
         fetched = cursor.fetchall()
         context.cursor_fetch_strategy = sa_cursor.FullyBufferedCursorFetchStrategy(cursor, initial_buffer=fetched)
