@@ -35,6 +35,7 @@ from .jobs.rewrap import RewrapReport, rewrap_keys
 from .jobs.sweep import SweepReport, sweep_orphans
 from .keys import table as kt
 from .keys.cache import CacheLimits, CachedKey, KeyCache
+from .keys.live import LiveKeys, LivePolicy
 from .keys.offload import require_greenlet
 from .keys.rollover import RolloverPolicy
 from .keys.store import KeyStore
@@ -73,6 +74,7 @@ class KeyManager:
         rollover: RolloverPolicy | None = None,
         namespace: str | None = None,
         shred_on_delete: bool = True,
+        live: LivePolicy | None = None,
     ) -> None:
         if hasattr(engine, "sync_engine"):  # an AsyncEngine: say which extra, before SQLAlchemy does
             require_greenlet()
@@ -84,6 +86,7 @@ class KeyManager:
         self.store = KeyStore(
             self.engine, provider, self.table, key_cache, self.tracker, self.rollover, namespace=namespace
         )
+        self.live = LiveKeys(self.store, live)  # deterministic / blind-index keys during rotations
         self.shred_on_delete = shred_on_delete  # ORM delete shreds the row's keys (rows.orm)
         self._rows: RowKeys | None = None
         self._lock = threading.Lock()
@@ -147,6 +150,7 @@ class KeyManager:
     def clear_cache(self) -> None:
         """Forget every plaintext key (the next use unwraps again)."""
         self.store.clear()
+        self.live.invalidate()
         if self._rows is not None:
             self._rows.cache.clear()
 
@@ -161,13 +165,18 @@ class KeyManager:
 
     # -- rotation (docs/rotation.md) -----------------------------------------------------
 
-    def rotate_table_key(self, table: str) -> int:
-        """Make a new active key for ``table`` now; older keys stay for reading.
+    def rotate_table_key(self, table: str, scope: str = kt.SCOPE_TABLE) -> int:
+        """Make a new key of ``scope`` (``"table"``, ``"deterministic"``,
+        ``"blind-index"``) for ``table`` now; older keys stay for reading.
 
         Runs in a transaction of its own and returns the new key id. No value
-        is re-encrypted (see :meth:`reencrypt` for that).
+        is re-encrypted (see :meth:`reencrypt`). A deterministic or
+        blind-index key is matched by queries at once and written under
+        after ``LivePolicy.grace`` (docs/rotation.md).
         """
-        return self.store.rotate(table, kt.SCOPE_TABLE)
+        new_id = self.store.rotate(table, scope)
+        self.live.invalidate(table)
+        return new_id
 
     def rewrap(
         self,
@@ -191,16 +200,37 @@ class KeyManager:
         return report
 
     def reencrypt(
-        self, columns: Iterable[Column[Any]], *, key_id: int | str, batch_size: int = 500, progress: bool | None = None
+        self,
+        columns: Iterable[Column[Any]],
+        *,
+        key_id: int | str,
+        batch_size: int = 500,
+        workers: int = 1,
+        rate: float | None = None,
+        max_batches: int | None = None,
+        progress: bool | None = None,
     ) -> ReencryptReport:
         """Re-encrypt the values of ``columns`` stored under ``key_id`` with the
-        active key (rolled over first if ``key_id`` is still active).
+        current key (rotated first if ``key_id`` is still the current one).
 
-        ``columns`` are table columns declared with ``EncryptedType``; once
-        the report shows nothing left, the old key encrypts nothing any more
-        and may be shredded.
+        ``columns`` are table columns declared with ``EncryptedType`` or
+        ``BlindIndexType``. ``workers`` threads share the rows through the
+        database (``FOR UPDATE SKIP LOCKED``); ``rate`` caps rows per second
+        over all of them; ``max_batches`` stops each worker after that many
+        batches (run again to resume). Once nothing is left, a deterministic
+        or blind-index key is retired: queries match one key again.
         """
-        return reencrypt_columns(self.store, list(columns), key_id=key_id, batch_size=batch_size, progress=progress)
+        return reencrypt_columns(
+            self.store,
+            self.live,
+            list(columns),
+            key_id=key_id,
+            batch_size=batch_size,
+            workers=workers,
+            rate=rate,
+            max_batches=max_batches,
+            progress=progress,
+        )
 
     # -- row scope and crypto-shredding (docs/shredding.md) ------------------------------
 

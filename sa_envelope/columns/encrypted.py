@@ -25,7 +25,9 @@ from ..envelope import format as fmt
 from ..envelope.codecs import UnsupportedValue, codec_for
 from ..errors import ConfigurationError, DecryptionError, EncryptionError, RowKeyRequiredError
 from ..keys import table as kt
+from ..keys.live import LiveKeys
 from ..keys.store import KeyStore
+from .livematch import Sealed
 from .naming import ColumnNames
 from .operators import EncryptedComparator
 from .rowvalue import RowValue
@@ -79,6 +81,8 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         self._row_keys: Any = keys.rows if scope == kt.SCOPE_ROW and keys is not None else None
         # the store's lookups, reached directly: the per-value path skips the facade
         self._store: KeyStore | None = keys.store if keys is not None else None
+        # deterministic columns: the write key and the keys queries match follow rotations (keys.live)
+        self._live: LiveKeys | None = keys.live if keys is not None and deterministic else None
         try:
             self._codec = codec_for(self.inner)
         except TypeError as exc:
@@ -226,9 +230,12 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
                 value = None
                 raise RowKeyRequiredError(table=table, column=self._column)
             key, value = value.key, value.value
+        elif type(value) is Sealed:  # a query value, one per live key (livematch)
+            key, value = value.key, value.value
         if key is None:
+            live = self._live
             try:  # its errors (provider, database) reach the caller as themselves
-                key = store.encryption_key(table, self._key_scope)
+                key = live.write_key(table, self._key_scope) if live else store.encryption_key(table, self._key_scope)
             except BaseException:
                 value = None
                 raise
@@ -242,6 +249,12 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
             reason = f"the value does not encode as {self._codec.name}"
         value = data = None
         raise EncryptionError(reason, table=table, column=self._column)
+
+    def live_keys(self) -> tuple[Any, ...]:
+        """The keys an equality query on this column matches (livematch)."""
+        if self._live is None or self._table is None:
+            raise self._unbound(EncryptionError)
+        return self._live.keys(self._table, self._key_scope)
 
     def check_value(self, value: Any) -> str | None:
         """Why ``value`` cannot be stored in this column, or ``None`` if it can.

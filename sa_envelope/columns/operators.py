@@ -28,6 +28,7 @@ from sqlalchemy.sql.selectable import Select
 from sqlalchemy.types import NullType, TypeDecorator
 
 from ..errors import UnsupportedQueryError
+from .livematch import expand
 
 __all__ = ["EncryptedComparator", "check_comparison", "unsupported"]
 
@@ -184,6 +185,9 @@ class EncryptedComparator(TypeDecorator.Comparator[Any]):
 
     def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
         check_comparison(self.expr, op, other)
+        expanded = expand(self.expr, op, other)  # one ciphertext per live key (livematch)
+        if expanded is not None:
+            return expanded
         return super().operate(op, *other, **kwargs)
 
     def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:
