@@ -17,6 +17,7 @@ from .columns.normalizers import normalize_email, normalize_email_folded, normal
 from .errors import (
     ConfigurationError,
     DecryptionError,
+    DuplicateValueError,
     EncryptionError,
     EnvelopeError,
     KeyNotFoundError,
@@ -29,6 +30,7 @@ from .errors import (
 from .jobs.reencrypt import ReencryptReport
 from .jobs.rewrap import RewrapReport
 from .keys.cache import CacheLimits
+from .keys.live import LivePolicy
 from .keys.rollover import RolloverPolicy
 from .manager import KeyManager
 from .providers.aws import AwsKmsProvider
@@ -43,6 +45,7 @@ __all__ = [
     "ConfigurationError",
     "DataKey",
     "DecryptionError",
+    "DuplicateValueError",
     "EncryptedType",
     "EncryptionError",
     "EnvelopeError",
@@ -50,6 +53,7 @@ __all__ = [
     "KeyNotFoundError",
     "KeyProvider",
     "KeyProviderError",
+    "LivePolicy",
     "LocalKeyProvider",
     "ReencryptReport",
     "RewrapReport",

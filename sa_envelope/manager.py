@@ -25,7 +25,7 @@ from sqlalchemy import Column, Connection, Engine, MetaData, Table
 
 from . import redact
 from .columns.comparisons import check_compiled
-from .columns import flushcheck
+from .columns import flushcheck, uniqueness
 from .columns.guard import check_statement
 from .columns.rowvalue import RowKey
 from .envelope import format as fmt
@@ -92,6 +92,7 @@ class KeyManager:
         self._lock = threading.Lock()
         redact.hide_rows(self.engine)  # SQLAlchemy logs rows after decryption
         flushcheck.install()  # values refused before the flush builds its parameters
+        uniqueness.install(self.engine)  # UNIQUE deterministic columns across keys during a rotation
 
     # -- what the store holds ------------------------------------------------------------
 
