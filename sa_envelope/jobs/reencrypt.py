@@ -252,8 +252,23 @@ def _move(job: _Job, column: Column[Any], progress: bool | None) -> None:
             if kind is _IndexBatches or not batches.written:
                 return
 
+    if total:
+        _warm(job, column)
     with progress_bar(total, desc, progress) as bar:
         run_workers(job.workers, work)
+
+
+def _warm(job: _Job, column: Column[Any]) -> None:
+    """Unwrap the keys of the move once, before the workers start: two
+    workers missing the cache together would each call KMS."""
+    owner, ctype = column.table.name, column.type
+    store = getattr(getattr(ctype, "keys", None), "store", job.store)  # the one the column seals with
+    if isinstance(ctype, BlindIndexType) or getattr(ctype, "deterministic", False):
+        ctype.live_keys()  # type: ignore[attr-defined]
+    else:
+        store.decryption_key(job.key_id, table=owner, column=column.name)
+        if isinstance(ctype, EncryptedType) and ctype.scope == kt.SCOPE_TABLE:
+            store.encryption_key(owner, kt.SCOPE_TABLE)
 
 
 def _covers(columns: Sequence[Column[Any]], record: kt.KeyRecord) -> bool:

@@ -88,14 +88,17 @@ class LiveKeys:
     def write_key(self, owner: str, scope: str) -> CachedKey:
         """The key a new value of ``owner`` in ``scope`` is sealed under."""
         live = self._sets.get((owner, scope))
-        if live is not None and live.expires > time.monotonic() and live.write.alive:
-            return live.write
+        if live is not None and live.expires > time.monotonic():
+            entry = self.store.cache.get(live.write.key_id)  # the cache's age and use limits count
+            if entry is live.write:
+                return entry
         return self._refresh(owner, scope).write
 
     def keys(self, owner: str, scope: str) -> tuple[CachedKey, ...]:
         """Every key a query on ``owner`` in ``scope`` matches, write key first."""
         live = self._sets.get((owner, scope))
-        if live is not None and live.expires > time.monotonic() and all(k.alive for k in live.keys):
+        now = time.monotonic()
+        if live is not None and live.expires > now and all(k.alive and k.expires > now for k in live.keys):
             return live.keys
         return self._refresh(owner, scope).keys
 
@@ -118,6 +121,12 @@ class LiveKeys:
     def _refresh(self, owner: str, scope: str) -> _LiveSet:
         store = self.store
         conn = store.tracker.current()
+        if conn is not None:  # the table's first key, made by this very transaction: its one key
+            state = store.tracker.state(conn)
+            made = state.active.get((owner, scope))
+            entry = store.cache.get(made) if made is not None and made in state.created else None
+            if entry is not None:
+                return _LiveSet(0.0, entry, (entry,), 0.0)
         if conn is None:
             with store.engine.connect() as own:
                 return self._read(own, owner, scope, lambda: self._first_key(owner, scope))
