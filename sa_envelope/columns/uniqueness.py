@@ -24,7 +24,7 @@ from __future__ import annotations
 import weakref
 from typing import Any, Iterator
 
-from sqlalchemy import Engine, LargeBinary, event, select, type_coerce
+from sqlalchemy import Engine, LargeBinary, UniqueConstraint, event, select, type_coerce
 from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
 from ..errors import DuplicateValueError
@@ -40,7 +40,9 @@ def unique_columns(table: Any) -> tuple[Any, ...]:
     """The deterministic columns of ``table`` that are unique on their own."""
     found = _UNIQUE.get(table)
     if found is None:
-        single = {tuple(c.columns)[0] for c in table.constraints if len(c.columns) == 1 and _is_unique(c)}
+        single = {
+            tuple(c.columns)[0] for c in table.constraints if isinstance(c, UniqueConstraint) and len(c.columns) == 1
+        }
         single |= {tuple(i.columns)[0] for i in table.indexes if i.unique and len(i.columns) == 1}
         found = tuple(
             c
@@ -49,10 +51,6 @@ def unique_columns(table: Any) -> tuple[Any, ...]:
         )
         _UNIQUE[table] = found
     return found
-
-
-def _is_unique(constraint: Any) -> bool:
-    return type(constraint).__name__ == "UniqueConstraint"
 
 
 def _plain(value: Any) -> Any:

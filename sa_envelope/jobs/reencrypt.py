@@ -156,10 +156,10 @@ class _ValueBatches(_Batches):
                 except EnvelopeError as exc:
                     failures.append((f"{column.table.name}.{column.name}", str(exc)))
                     continue
-                if fmt.read_header(new)[1] == job.key_id:  # never "move" a value onto the same key
-                    raise EnvelopeError("the key is still the write key", table=column.table.name,
-                                        column=column.name, key_id=job.report.key_id)  # fmt: skip
                 pending.append((tuple(row[: len(self.pk)]), old, new))
+            if pending and fmt.read_header(pending[0][2])[1] == job.key_id:  # never "move" onto the same key
+                raise EnvelopeError("the key is still the write key", table=column.table.name,
+                                    column=column.name, key_id=job.report.key_id)  # fmt: skip
             self.write(conn, pending, failures)
         return len(rows)
 
@@ -205,7 +205,8 @@ class _Job:
 
 def _prepare(store: KeyStore, live: LiveKeys, key_id: int, owner: str) -> kt.KeyRecord:
     """Rotate the key first if it is still active, so new values avoid it; for a
-    deterministic or blind-index key, wait until no process writes under it."""
+    deterministic or blind-index key, wait until no process writes under it
+    and every transaction that did has ended (docs/rotation.md)."""
     with store.engine.connect() as conn:
         record = kt.get_record(conn, store.table, key_id)
     if record is None:
@@ -214,7 +215,10 @@ def _prepare(store: KeyStore, live: LiveKeys, key_id: int, owner: str) -> kt.Key
         store.rotate(record.owner_table, record.scope)
         live.invalidate(record.owner_table)
     if record.scope in kt.SINGLETON_SCOPES and record.status != kt.RETIRED:
-        time.sleep(max(0.0, live.switched_at(record.owner_table, record.scope) - time.time()))
+        # after the switch everywhere, one more grace: writers that sealed under the old key
+        # before they switched have committed (or rolled back) by then, so the move sees them
+        settled = live.switched_at(record.owner_table, record.scope) + live.policy.grace
+        time.sleep(max(0.0, settled - time.time()))
         live.invalidate(record.owner_table)
         if live.write_key(record.owner_table, record.scope).key_id == key_id:
             raise EnvelopeError("the key is still the write key", table=owner, key_id=fmt.format_key_id(key_id))
@@ -263,7 +267,17 @@ def _warm(job: _Job, column: Column[Any]) -> None:
     workers missing the cache together would each call KMS."""
     owner, ctype = column.table.name, column.type
     store = getattr(getattr(ctype, "keys", None), "store", job.store)  # the one the column seals with
-    if isinstance(ctype, BlindIndexType) or getattr(ctype, "deterministic", False):
+    if isinstance(ctype, BlindIndexType):
+        ctype.live_keys()
+        source = column.table.c[ctype.source]
+        if isinstance(source.type, EncryptedType):  # the source's key, from one of its values
+            with job.store.engine.connect() as conn:
+                raw = conn.execute(
+                    select(type_coerce(source, LargeBinary)).where(source.is_not(None)).limit(1)
+                ).scalar()
+            if raw is not None:
+                source.type.decrypt(bytes(raw))
+    elif getattr(ctype, "deterministic", False):
         ctype.live_keys()  # type: ignore[attr-defined]
     else:
         store.decryption_key(job.key_id, table=owner, column=column.name)
