@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from sqlalchemy import Column, Connection, LargeBinary, func, literal, select, tuple_, type_coerce
+from sqlalchemy import Column, Connection, Integer, LargeBinary, func, literal, select, tuple_, type_coerce
 
 from ..columns.blindindex import BlindIndexType
 from ..columns.encrypted import EncryptedType
@@ -130,12 +130,16 @@ class _Batches:
             self.batches += 1
         return rows
 
-    def write(self, conn: Connection, pending: list[Any], failures: list[tuple[str, str]]) -> None:
+    def write(self, conn: Connection, pending: list[Any], failures: list[tuple[Any, str, str]]) -> None:
+        """Write the batch; report the failures not reported by an earlier pass."""
         fault_point("reencrypt.row.before_update")  # once per batch: one statement writes it
         written = write_cas(conn, self.column.table, self.pk, self.column.name, pending)
         fault_point("reencrypt.row.after_update")
         self.written += written
-        self.job.report.add(written, failures)
+        seen = self.job.failed_rows
+        new = [(where, reason) for key, where, reason in failures if (where, key) not in seen]
+        seen.update((where, key) for key, where, _ in failures)
+        self.job.report.add(written, new)
 
 
 class _ValueBatches(_Batches):
@@ -154,7 +158,7 @@ class _ValueBatches(_Batches):
                 try:
                     new = ctype.encrypt(ctype.decrypt(old))
                 except EnvelopeError as exc:
-                    failures.append((f"{column.table.name}.{column.name}", str(exc)))
+                    failures.append((tuple(row[: len(self.pk)]), f"{column.table.name}.{column.name}", str(exc)))
                     continue
                 pending.append((tuple(row[: len(self.pk)]), old, new))
             if pending and fmt.read_header(pending[0][2])[1] == job.key_id:  # never "move" onto the same key
@@ -183,7 +187,7 @@ class _IndexBatches(_Batches):
                     value = stype.decrypt(bytes(row.src)) if encrypted and row.src is not None else row.src
                     new = itype.digest(value) if value is not None else None
                 except EnvelopeError as exc:
-                    failures.append((f"{column.table.name}.{column.name}", str(exc)))
+                    failures.append((tuple(row[: len(self.pk)]), f"{column.table.name}.{column.name}", str(exc)))
                     continue
                 if new is not None and new != bytes(row.idx):
                     pending.append((tuple(row[: len(self.pk)]), bytes(row.idx), new))
@@ -201,6 +205,7 @@ class _Job:
     throttle: Throttle | None
     max_batches: int | None
     report: ReencryptReport
+    failed_rows: set[tuple[str, Any]] = field(default_factory=set)  # reported once, whatever the passes
 
 
 def _prepare(store: KeyStore, live: LiveKeys, key_id: int, owner: str) -> kt.KeyRecord:
@@ -322,7 +327,7 @@ def reencrypt_columns(
     for column in moved:
         pk = list(column.table.primary_key.columns)
         count = 1 if sqlite else workers  # one writer: more would only wait
-        partitioned = count > 1 and len(pk) == 1 and pk[0].type.python_type is int
+        partitioned = count > 1 and len(pk) == 1 and isinstance(pk[0].type, Integer)
         if blind and count > 1 and not partitioned:
             count = 1  # partitions need a single integer primary key
         job = _Job(store, kid, batch_size, count, partitioned, Throttle(rate) if rate else None, max_batches, report)

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 import pytest
-from sqlalchemy import Column, Integer, LargeBinary, MetaData, String, Table, event, select, type_coerce
+from sqlalchemy import Column, Integer, LargeBinary, MetaData, String, Table, event, select, text, type_coerce, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -246,6 +246,12 @@ def test_two_workers_write_each_row_once(engine: Engine, kms_client: Any, cmk: s
     with engine.begin() as conn:
         conn.execute(table.insert(), [{"id": i, "body": f"note {i}"} for i in range(1, 401)])
     (old,) = _header_keys(engine, table.c.body)
+    raw = type_coerce(table.c.body, LargeBinary)
+    with engine.begin() as conn:  # one tampered value: reported once, left in place
+        stored = bytes(conn.execute(select(raw).where(table.c.id == 5)).scalar_one())
+        broken = stored[:-1] + bytes([stored[-1] ^ 1])
+        conn.execute(update(Table("notes", MetaData(), Column("id", Integer), Column("body", LargeBinary)))
+                     .where(text("id = 5")).values(body=broken))  # fmt: skip
     writers: list[str] = []
 
     def log(point: str) -> None:
@@ -256,8 +262,9 @@ def test_two_workers_write_each_row_once(engine: Engine, kms_client: Any, cmk: s
     keys.clear_cache()
     with faults.inject(log):
         report = keys.reencrypt([table.c.body], key_id=old, batch_size=20, workers=2)
-    assert (report.reencrypted, report.remaining, report.failed) == (400, 0, 0)  # each row written once
-    assert old not in _header_keys(engine, table.c.body)
+    assert (report.reencrypted, report.remaining, report.failed) == (399, 1, 1)  # each row written once
+    assert [where for where, _ in report.failures] == ["notes.body"]
+    assert _header_keys(engine, table.c.body) == {old, keys.live.store.encryption_key("notes").key_id}
     if engine.dialect.name != "sqlite":  # SQLite has one writer: one worker
         assert len(set(writers)) == 2
     # KMS: the new key made and the old one unwrapped, whatever the rows and workers
