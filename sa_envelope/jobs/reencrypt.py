@@ -41,7 +41,7 @@ from ..keys.store import KeyStore
 from .batchwrite import write_cas
 from .progress import progress_bar
 from .runner import read_committed, run_batches
-from .threads import run_workers
+from .threads import SharedBar, run_workers
 from .throttle import Throttle
 
 __all__ = ["ReencryptReport", "reencrypt_columns", "under_key"]
@@ -252,7 +252,7 @@ def _move(job: _Job, column: Column[Any], progress: bool | None) -> None:
         while True:
             batches = kind(job, column, worker)
             run_batches(job.store.engine, "reencrypt", batches, total=None, desc=desc, connect=read_committed,
-                        bar=bar, throttle=job.throttle, max_batches=budget)  # fmt: skip
+                        bar=shared, throttle=job.throttle, max_batches=budget)  # fmt: skip
             if budget is not None:
                 budget -= batches.batches
                 if budget <= 0:
@@ -263,7 +263,8 @@ def _move(job: _Job, column: Column[Any], progress: bool | None) -> None:
 
     if total:
         _warm(job, column)
-    with progress_bar(total, desc, progress) as bar:
+    with progress_bar(total, desc, progress) as bar:  # tqdm: rows done, rows/s, time left
+        shared = SharedBar(bar)
         run_workers(job.workers, work)
 
 

@@ -13,9 +13,20 @@ parallel while the GIL holds the Python share.
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import Any, Callable
 
-__all__ = ["run_workers"]
+__all__ = ["SharedBar", "run_workers"]
+
+
+class SharedBar:
+    """A progress bar several workers update: one update at a time."""
+
+    def __init__(self, bar: Any) -> None:
+        self._bar, self._lock = bar, threading.Lock()
+
+    def update(self, n: int = 1) -> None:
+        with self._lock:
+            self._bar.update(n)
 
 
 def run_workers(count: int, work: Callable[[int], None]) -> None:
