@@ -32,7 +32,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from sqlalchemy import Connection, update
 
@@ -127,24 +127,22 @@ class LiveKeys:
             entry = store.cache.get(made) if made is not None and made in state.created else None
             if entry is not None:
                 return _LiveSet(0.0, entry, (entry,), 0.0)
-        if conn is None:
-            with store.engine.connect() as own:
-                return self._read(own, owner, scope, lambda: self._first_key(owner, scope))
-        return self._read(conn, owner, scope, lambda: self._first_key(owner, scope))
+            live = self._read(conn, owner, scope)
+        else:
+            with store.engine.connect() as own:  # a read only: closed before any key is made
+                live = self._read(own, owner, scope)
+        if live is None:  # no key yet: the store makes the first one, in the writer's transaction
+            first: CachedKey = store.encryption_key(owner, scope)
+            return _LiveSet(0.0, first, (first,), 0.0)  # not cached: it may not be committed
+        return live
 
-    def _first_key(self, owner: str, scope: str) -> CachedKey:
-        """No key yet: the store makes the table's first one (in the writer's transaction)."""
-        entry: CachedKey = self.store.encryption_key(owner, scope)
-        return entry
-
-    def _read(self, conn: Connection, owner: str, scope: str, create: Callable[[], CachedKey]) -> _LiveSet:
+    def _read(self, conn: Connection, owner: str, scope: str) -> _LiveSet | None:
         store, now = self.store, kt.utcnow()
         self.refreshes += 1
         records = store.query(lambda: kt.find_candidates(conn, store.table, owner, scope, choice.CANDIDATES), owner)
         usable = [(r, e) for r in records if (e := store.usable(r, conn, now)) is not None]
         if not usable:
-            entry = create()
-            return _LiveSet(0.0, entry, (entry,), 0.0)  # made in this transaction: not cached
+            return None
         write_record, write = self._write_of(usable, now.timestamp())
         if write_record.status not in LIVE_STATUSES:  # fail closed, as KeyStore.current does
             raise EnvelopeError(

@@ -271,3 +271,18 @@ def test_two_workers_write_each_row_once(engine: Engine, kms_client: Any, cmk: s
     assert sum(kms_client.calls.values()) <= 3, kms_client.calls
     with engine.connect() as conn:
         assert conn.execute(select(table.c.body).where(table.c.id == 7)).scalar_one() == "note 7"
+
+
+def test_first_key_made_outside_a_statement_is_stored(engine: Engine, kms_client: Any, cmk: str) -> None:
+    """A digest or value computed before any statement runs makes the table's
+    first key in a transaction of its own, committed: another process finds it."""
+    keys = _manager(engine, kms_client, cmk)
+    index_type = BlindIndexType("v", keys)
+    Table("firsts", MetaData(), Column("id", Integer, primary_key=True), Column("v_index", index_type))
+    digest = index_type.digest("x")
+    (made,) = key_statuses(engine, "firsts", kt.SCOPE_BLIND_INDEX)
+    other = KeyManager(engine, AwsKmsProvider(cmk, client=kms_client), live=FAST)
+    other_type = BlindIndexType("v", other)
+    Table("firsts", MetaData(), Column("id", Integer, primary_key=True), Column("v_index", other_type))
+    assert other_type.digest("x") == digest
+    assert other.live.write_key("firsts", kt.SCOPE_BLIND_INDEX).key_id == made
