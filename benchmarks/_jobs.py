@@ -124,8 +124,9 @@ def _load(engine: Any, table: Table, rows: int) -> None:
             conn.execute(table.insert(), values[start:start + CHUNK])
 
 
-def run_reencrypt(env: BackendEnv, settings: Settings) -> dict[str, Any]:
-    """Re-encrypt every value of one column from a retired key to the active one."""
+def run_reencrypt(env: BackendEnv, settings: Settings, workers: int = 1) -> dict[str, Any]:
+    """Re-encrypt every value of one column from a retired key to the active one
+    (one statement per batch; ``workers`` threads sharing the rows)."""
     from sqlalchemy import select
 
     from sa_envelope import EncryptedType
@@ -143,9 +144,10 @@ def run_reencrypt(env: BackendEnv, settings: Settings) -> dict[str, Any]:
         keys.rotate_table_key(table.name)
 
     def run() -> None:
-        keys.reencrypt([table.c.email], key_id=old[0], batch_size=BATCH)
+        keys.reencrypt([table.c.email], key_id=old[0], batch_size=BATCH, workers=workers)
 
-    return _throughput(Contender("reencrypt", [("job", run)], prepare), settings, engine, table)
+    name = "reencrypt" if workers == 1 else f"reencrypt_{workers}_workers"
+    return _throughput(Contender(name, [("job", run)], prepare), settings, engine, table)
 
 
 def run_encrypt_column(env: BackendEnv, settings: Settings) -> dict[str, Any]:
@@ -189,6 +191,7 @@ def run_jobs(env: BackendEnv, settings: Settings) -> dict[str, Any]:
     return {
         "rewrap": _guarded(run_rewrap, env, settings),
         "reencrypt": _guarded(run_reencrypt, env, settings),
+        "reencrypt_2_workers": _guarded(lambda e, s: run_reencrypt(e, s, workers=2), env, settings),
         "encrypt_column": _guarded(run_encrypt_column, env, settings),
     }
 

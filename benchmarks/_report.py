@@ -108,7 +108,9 @@ def _jobs(backends: dict[str, Any]) -> list[str]:
             for size, info in rewrap["sizes"].items():
                 rows.append([name, f"rewrap, {int(size):,} row keys under {rewrap['table_keys']} table keys",
                              f"{info['seconds']:.3f} s", f"{info.get('kms_calls', '-')} KMS calls"])
-        for job in ("reencrypt", "encrypt_column"):
+        for job in ("reencrypt", "reencrypt_2_workers", "encrypt_column"):
+            if job not in jobs:
+                continue
             info = jobs[job]
             if "unavailable" in info:
                 rows.append([name, job, *_na(info["unavailable"], 2)])

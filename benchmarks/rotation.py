@@ -7,26 +7,29 @@ SQLite in a temporary folder unless ``--url`` names another (it is emptied).
 What it shows: with 10 table keys, a rewrap makes 10 KMS calls and takes
 about the same time whether the key table also holds 1k, 100k or 1M row
 keys (they are wrapped by their table key, not by the CMK); and how many
-rows per second ``op.encrypt_column`` converts.
+rows per second ``op.encrypt_column`` converts, and re-encryption in the same run
+(one and several workers, table-scoped and deterministic), with the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import boto3
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
-from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine
+from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, select
 
 import sa_envelope.alembic  # noqa: F401  (registers op.encrypt_column)
-from sa_envelope import AwsKmsProvider, EncryptedType, KeyManager
+from sa_envelope import AwsKmsProvider, EncryptedType, KeyManager, LivePolicy
 from sa_envelope.keys import table as kt
 from sa_envelope.envelope import format as fmt
 from sa_envelope.providers.base import key_context
@@ -110,23 +113,91 @@ def bench_encrypt_column(url: str, rows: int, client: Any) -> dict[str, Any]:
     return {"rows": rows, "seconds": round(elapsed, 3), "rows_per_second": int(rows / elapsed)}
 
 
+def bench_reencrypt(url: str, rows: int, client: Any, *, workers: int = 1, deterministic: bool = False,
+                    batch_size: int = 1000) -> dict[str, Any]:
+    """Re-encrypt every value of one column off its key (rotated first), with ``workers``."""
+    engine = create_engine(url)
+    _reset(engine)
+    keys = KeyManager(engine, AwsKmsProvider(client.create_key()["KeyMetadata"]["Arn"], client=client),
+                      live=LivePolicy(ttl=0.1, grace=1.0))
+    keys.create_table()
+    table = Table("people", MetaData(), Column("id", Integer, primary_key=True, autoincrement=False),
+                  Column("email", EncryptedType(String(200), keys, deterministic=deterministic)))
+    table.create(engine)
+    with engine.begin() as conn:
+        for start in range(0, rows, 10_000):
+            conn.execute(table.insert(), [{"id": i, "email": f"user{i}@example.org"}
+                                          for i in range(start + 1, min(rows, start + 10_000) + 1)])
+    scope = kt.SCOPE_DETERMINISTIC if deterministic else kt.SCOPE_TABLE
+    with engine.connect() as conn:
+        old = conn.execute(select(keys.table.c.id).where(keys.table.c.scope == scope)).scalar_one()
+    keys.rotate_table_key("people", scope=scope)
+    time.sleep(3.5 if deterministic else 0)  # past the switch: the job would wait for it
+    keys.clear_cache()  # a fresh job process: its KMS calls are one per key it needs
+    client.calls.clear()
+    started = time.perf_counter()
+    report = keys.reencrypt([table.c.email], key_id=old, batch_size=batch_size, workers=workers, progress=False)
+    elapsed = time.perf_counter() - started
+    kms = sum(client.calls.values())
+    engine.dispose()
+    assert report.remaining == 0 and report.reencrypted == rows, report
+    return {"rows": rows, "workers": workers, "deterministic": deterministic, "seconds": round(elapsed, 3),
+            "rows_per_second": int(rows / elapsed), "kms_calls": kms}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="database URL (emptied!); default SQLite in a temporary folder")
     parser.add_argument("--sizes", default="1000,100000", help="row-key counts (add 1000000 for the full run)")
     parser.add_argument("--encrypt-rows", type=int, default=20_000)
+    parser.add_argument("--workers", default="1,2", help="re-encryption worker counts to measure")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each job (the median is reported)")
+    parser.add_argument("--skip-rewrap", action="store_true")
+    parser.add_argument("--json", help="write the figures to this file too")
     ns = parser.parse_args()
     server, client = _kms()
     try:
         with tempfile.TemporaryDirectory() as folder:
             url = ns.url or f"sqlite:///{folder}/bench.db"
-            print(f"rewrap, {TABLE_KEYS} table keys, {url.split(':')[0]}:")
-            for size in (int(s) for s in ns.sizes.split(",")):
-                print("  ", bench_rewrap(url, size, client))
-            print("encrypt_column:")
-            print("  ", bench_encrypt_column(url, ns.encrypt_rows, client))
+            results: dict[str, Any] = {"url": url.split("@")[-1], "rows": ns.encrypt_rows}
+            if not ns.skip_rewrap:
+                print(f"rewrap, {TABLE_KEYS} table keys, {url.split(':')[0]}:")
+                results["rewrap"] = [bench_rewrap(url, size, client) for size in (int(s) for s in ns.sizes.split(","))]
+                for line in results["rewrap"]:
+                    print("  ", line)
+            results.update(_jobs_in_one_run(url, ns, client))
+            if ns.json:
+                Path(ns.json).write_text(json.dumps(results, indent=2) + "\n")
     finally:
         server.stop()
+
+
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return sorted(runs, key=lambda r: r["rows_per_second"])[len(runs) // 2]
+
+
+def _jobs_in_one_run(url: str, ns: Any, client: Any) -> dict[str, Any]:
+    """encrypt_column and re-encryption in the same run, interleaved, with the ratios the issue targets."""
+    out: dict[str, Any] = {}
+    workers = [int(w) for w in ns.workers.split(",")]
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(ns.rounds):
+        runs.setdefault("encrypt_column", []).append(bench_encrypt_column(url, ns.encrypt_rows, client))
+        for w in workers:
+            runs.setdefault(f"reencrypt_{w}w", []).append(bench_reencrypt(url, ns.encrypt_rows, client, workers=w))
+        runs.setdefault("reencrypt_det_1w", []).append(
+            bench_reencrypt(url, ns.encrypt_rows, client, workers=1, deterministic=True))
+    for name, found in runs.items():
+        out[name] = _median(found)
+        print(f"{name}:", out[name])
+    base = out["encrypt_column"]["rows_per_second"]
+    ratios = {name: round(r["rows_per_second"] / base, 2) for name, r in out.items() if name != "encrypt_column"}
+    if f"reencrypt_{workers[0]}w" in out and len(workers) > 1:
+        one = out[f"reencrypt_{workers[0]}w"]["rows_per_second"]
+        ratios["workers_speedup"] = round(out[f"reencrypt_{workers[-1]}w"]["rows_per_second"] / one, 2)
+    out["ratios"] = ratios
+    print("ratios (to encrypt_column; workers_speedup: last over first):", ratios)
+    return out
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from .columns.normalizers import normalize_email, normalize_email_folded, normal
 from .errors import (
     ConfigurationError,
     DecryptionError,
+    DuplicateValueError,
     EncryptionError,
     EnvelopeError,
     KeyNotFoundError,
@@ -30,6 +31,7 @@ from .errors import (
 from .jobs.reencrypt import ReencryptReport
 from .jobs.rewrap import RewrapReport
 from .keys.cache import CacheLimits
+from .keys.live import LivePolicy
 from .keys.rollover import RolloverPolicy
 from .manager import KeyManager
 from .providers.aws import AwsKmsProvider
@@ -44,6 +46,7 @@ __all__ = [
     "ConfigurationError",
     "DataKey",
     "DecryptionError",
+    "DuplicateValueError",
     "EncryptedType",
     "EncryptionError",
     "EnvelopeError",
@@ -51,6 +54,7 @@ __all__ = [
     "KeyNotFoundError",
     "KeyProvider",
     "KeyProviderError",
+    "LivePolicy",
     "LocalKeyProvider",
     "MigrationIncompleteError",
     "ReencryptReport",

@@ -122,6 +122,12 @@ class UnsupportedQueryError(EnvelopeError):
     """A query form cannot give a correct answer on an encrypted column."""
 
 
+class DuplicateValueError(EnvelopeError):
+    """A unique deterministic column would hold one value twice, under two
+    keys, while its key is being rotated (the database sees two different
+    byte strings: docs/rotation.md). The statement ran: roll back."""
+
+
 # -- row scope (issue 3) --------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ from sqlalchemy import Column, Connection, Engine, MetaData, Table
 
 from . import redact
 from .columns.comparisons import check_compiled
-from .columns import dualwrite, flushcheck
+from .columns import dualwrite, flushcheck, uniqueness
 from .columns.guard import check_statement
 from .columns.rowvalue import RowKey
 from .envelope import format as fmt
@@ -44,6 +44,7 @@ from .jobs.sweep import SweepReport, sweep_orphans
 from .keys import table as kt
 from .keys.cache import CacheLimits, CachedKey, KeyCache
 from .keys.engines import Binding, Engines
+from .keys.live import LiveKeys, LivePolicy
 from .keys.rollover import RolloverPolicy
 from .keys.store import KeyStore
 from .keys.tracking import Tracker
@@ -88,10 +89,12 @@ class KeyManager:
         rollover: RolloverPolicy | None = None,
         namespace: str | None = None,
         shred_on_delete: bool = True,
+        live: LivePolicy | None = None,
     ) -> None:
         self.table = kt.key_table(metadata if metadata is not None else MetaData(), table_name)
         self.rollover = rollover if rollover is not None else RolloverPolicy()
         self.namespace = namespace
+        self._live_policy = live
         self.shred_on_delete = shred_on_delete  # ORM delete shreds the row's keys (rows.orm)
         self._limits = cache or CacheLimits()
         self._provider = provider
@@ -120,7 +123,8 @@ class KeyManager:
         )
         redact.hide_rows(engine)  # SQLAlchemy logs rows after decryption
         dualwrite.install(engine)  # migrating columns: both halves written, merged on load
-        binding = Binding(engine, tracker, store)
+        uniqueness.install(engine)  # UNIQUE deterministic columns across keys during a rotation
+        binding = Binding(engine, tracker, store, LiveKeys(store, self._live_policy))
         if self._row_scope:
             self._wire_rows(binding)
         return binding
@@ -157,6 +161,16 @@ class KeyManager:
     @property
     def tracker(self) -> Tracker:
         return self.engines.select().tracker
+
+    @property
+    def live(self) -> LiveKeys:
+        """The live deterministic and blind-index keys of the one bound engine (keys.live)."""
+        return self.engines.select().live
+
+    def live_for(self, bind: Any) -> LiveKeys:
+        """The live keys of ``bind``'s database: a KeyStore, Engine or
+        Connection; ``None``: the statement executing now, else the one bound engine."""
+        return self.engines.live_for(bind)
 
     def store_for(self, bind: Any = None) -> KeyStore:
         """The key store of ``bind`` (Engine, AsyncEngine or Connection), else of the one bound engine."""
@@ -223,6 +237,7 @@ class KeyManager:
         """Forget every plaintext key of every engine (the next use unwraps again)."""
         for binding in self.engines:
             binding.store.clear()
+            binding.live.invalidate()
             if binding.rows is not None:
                 binding.rows.cache.clear()
 
@@ -237,13 +252,19 @@ class KeyManager:
 
     # -- rotation (docs/rotation.md) -----------------------------------------------------
 
-    def rotate_table_key(self, table: str, *, engine: Any = None) -> int:
-        """Make a new active key for ``table`` now; older keys stay for reading.
+    def rotate_table_key(self, table: str, scope: str = kt.SCOPE_TABLE, *, engine: Any = None) -> int:
+        """Make a new key of ``scope`` (``"table"``, ``"deterministic"``,
+        ``"blind-index"``) for ``table`` now; older keys stay for reading.
 
         Runs in a transaction of its own and returns the new key id. No value
-        is re-encrypted (see :meth:`reencrypt` for that).
+        is re-encrypted (see :meth:`reencrypt`). A deterministic or
+        blind-index key is matched by queries at once and written under
+        after ``LivePolicy.grace`` (docs/rotation.md).
         """
-        return self.engines.select(engine).store.rotate(table, kt.SCOPE_TABLE)
+        binding = self.engines.select(engine)
+        new_id = binding.store.rotate(table, scope)
+        binding.live.invalidate(table)
+        return new_id
 
     def rewrap(
         self,
@@ -278,18 +299,34 @@ class KeyManager:
         *,
         key_id: int | str,
         batch_size: int = 500,
+        workers: int = 1,
+        rate: float | None = None,
+        max_batches: int | None = None,
         progress: bool | None = None,
         engine: Any = None,
     ) -> ReencryptReport:
         """Re-encrypt the values of ``columns`` stored under ``key_id`` with the
-        active key (rolled over first if ``key_id`` is still active).
+        current key (rotated first if ``key_id`` is still the current one).
 
-        ``columns`` are table columns declared with ``EncryptedType``; once
-        the report shows nothing left, the old key encrypts nothing any more
-        and may be shredded.
+        ``columns`` are table columns declared with ``EncryptedType`` or
+        ``BlindIndexType``. ``workers`` threads share the rows through the
+        database (``FOR UPDATE SKIP LOCKED``); ``rate`` caps rows per second
+        over all of them; ``max_batches`` stops each worker after that many
+        batches (run again to resume). Once nothing is left, a deterministic
+        or blind-index key is retired: queries match one key again.
         """
-        store = self.engines.select(engine).store
-        return reencrypt_columns(store, list(columns), key_id=key_id, batch_size=batch_size, progress=progress)
+        binding = self.engines.select(engine)
+        return reencrypt_columns(
+            binding.store,
+            binding.live,
+            list(columns),
+            key_id=key_id,
+            batch_size=batch_size,
+            workers=workers,
+            rate=rate,
+            max_batches=max_batches,
+            progress=progress,
+        )
 
     # -- row scope and crypto-shredding (docs/shredding.md) ------------------------------
 

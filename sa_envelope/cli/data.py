@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from ..errors import ConfigurationError
 from ..jobs.export import FORMATS, TYPES, export_table
-from ..jobs.reencrypt import reflected_columns
+from ..jobs.scan import reflected_columns
 from ..jobs.verify import verify_database
 from ..manager import KeyManager
 from ..providers.spec import provider_from_spec

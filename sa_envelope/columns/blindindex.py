@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from sqlalchemy import LargeBinary, event, literal, select
+from sqlalchemy import LargeBinary, event, select
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapper, Session, attributes
@@ -41,6 +41,7 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from ..errors import ConfigurationError, EncryptionError, UnsupportedQueryError
 from ..keys import table as kt
+from .livematch import Sealed, expanding
 from .naming import ColumnNames
 
 __all__ = ["BlindIndexType", "check_index_writes", "lookup"]
@@ -50,15 +51,6 @@ def _as_bytes(value: Any) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     return str(value).encode("utf-8")
-
-
-class _Probe:
-    """A plaintext value to be turned into an index digest at bind time."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
 
 
 # -- the column type -------------------------------------------------------------------
@@ -126,19 +118,29 @@ class BlindIndexType(TypeDecorator[bytes], ColumnNames):
         """The bytes that are indexed for ``value``."""
         return _as_bytes(self.normalizer(value) if self.normalizer is not None else value)
 
-    def digest(self, value: Any, store: Any = None) -> bytes:
-        """The index value of a source value (one HMAC once the key is cached),
-        under the key of ``store`` (default: the manager's one bound engine's)."""
+    def _keys(self, store: Any = None) -> Any:
         table, keys = self._table, self.keys
         if table is None or keys is None:
             raise EncryptionError(
                 "this BlindIndexType has no KeyManager or is not attached to a table", table=table, column=self._column
             )
-        entry = (store or keys.store).encryption_key(table, kt.SCOPE_BLIND_INDEX)
-        cached_entry, base = self._subkey.get(0, (None, None))
+        return keys.live_for(store)
+
+    def live_keys(self) -> tuple[Any, ...]:
+        """The keys a lookup matches, in the database of the statement being
+        executed: the write key and any being rotated (keys.live)."""
+        return tuple(self._keys().keys(self._table, kt.SCOPE_BLIND_INDEX))
+
+    def digest(self, value: Any, store: Any = None, key: Any = None) -> bytes:
+        """The index value of a source value (one HMAC once the key is cached),
+        under the given live ``key``, else the write key of ``store``'s
+        database (default: the statement's, or the one bound engine's)."""
+        live = self._keys(store)
+        entry = key if key is not None else live.write_key(self._table, kt.SCOPE_BLIND_INDEX)
+        cached_entry, base = self._subkey.get(entry.key_id, (None, None))
         if cached_entry is not entry:  # a new or re-loaded key: derive once
             base = entry.cipher.subkey(self._ctx)
-            entry.remember(self._subkey, 0, (entry, base))
+            entry.remember(self._subkey, entry.key_id, (entry, base))
         mac = base.copy()
         mac.update(self.normalise(value))
         digest: bytes = mac.digest()
@@ -147,11 +149,8 @@ class BlindIndexType(TypeDecorator[bytes], ColumnNames):
     def process_bind_param(self, value: Any, dialect: Dialect) -> bytes | None:
         if value is None:
             return None
-        if isinstance(value, _Probe):
-            binding = self.keys.engines.get(dialect) if self.keys is not None else None
-            if binding is None and self.keys is not None:
-                raise self.keys.engines.not_bound(dialect)
-            return self.digest(value.value, binding.store if binding is not None else None)
+        if isinstance(value, Sealed):  # a query value under one live key (livematch)
+            return self.digest(value.value, key=value.key)
         if isinstance(value, (bytes, bytearray, memoryview)) and len(value) == self._size:
             return bytes(value)  # an index value computed at flush
         raise UnsupportedQueryError(
@@ -168,12 +167,16 @@ class BlindIndexType(TypeDecorator[bytes], ColumnNames):
         """Adds ``matches()`` / ``matches_any()`` to the index attribute."""
 
         def matches(self, value: Any) -> Any:
-            """Rows whose index equals that of ``value``: candidates, see lookup()."""
-            return self.expr == literal(_Probe(value), self.expr.type)
+            """Rows whose index equals that of ``value`` under any live key:
+            candidates, see lookup()."""
+            return self.matches_any([value])
 
         def matches_any(self, values: Any) -> Any:
-            """Rows whose index equals that of any of ``values``."""
-            return self.expr.in_([_Probe(v) for v in values])
+            """Rows whose index equals that of any of ``values`` (one digest
+            per value and live key, computed when the statement runs)."""
+            index_type: Any = self.expr.type
+            probes = expanding(index_type, list(values), index_type.live_keys)
+            return self.expr.in_(probes)
 
     def __repr__(self) -> str:
         return f"BlindIndexType({self.source!r}, bits={self.bits})"

@@ -28,6 +28,7 @@ from ..keys import table as kt
 from ..keys.clock import CLOCK
 from ..keys.store import KeyStore
 from . import binds, fastpath, migrating
+from .livematch import Sealed
 from .naming import ColumnNames
 from .operators import EncryptedComparator
 from .rowvalue import RowValue
@@ -224,9 +225,14 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
                 value = None
                 raise RowKeyRequiredError(table=table, column=self._column)
             key, value = value.key, value.value
+        elif type(value) is Sealed:  # a query value, one per live key (livematch)
+            key, value = value.key, value.value
         if key is None:
             try:  # its errors (provider, database) reach the caller as themselves
-                key = store.encryption_key(table, self._key_scope)
+                if self.deterministic:  # the write key follows rotations (keys.live)
+                    key = self.keys.live_for(store).write_key(table, self._key_scope)
+                else:
+                    key = store.encryption_key(table, self._key_scope)
             except BaseException:
                 value = None
                 raise
@@ -240,6 +246,13 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
             reason = f"the value does not encode as {self._codec.name}"
         value = data = None
         raise EncryptionError(reason, table=table, column=self._column)
+
+    def live_keys(self) -> tuple[Any, ...]:
+        """The keys an equality query on this column matches (livematch), in
+        the database of the statement being executed."""
+        if self.keys is None or self._table is None or not self.deterministic:
+            raise self._unbound(EncryptionError)
+        return tuple(self.keys.live_for(None).keys(self._table, self._key_scope))
 
     def check_value(self, value: Any) -> str | None:
         """Why ``value`` cannot be stored in this column, or ``None`` if it can.

@@ -60,7 +60,9 @@ def bind_closure(coltype: Any, impl: Any, via: Via) -> Callable[[Any], Any]:
     """The bind processor of ``coltype`` on ``via``'s engine; ``impl``: the
     storage type's own, or ``None``."""
     encrypt, store = coltype.encrypt, via.store
-    if coltype.scope == kt.SCOPE_ROW:
+    if coltype.scope == kt.SCOPE_ROW or coltype.deterministic:
+        # row scope: the key travels with the value; deterministic: the write
+        # key follows a rotation's two-phase switch (keys.live), not the store's newest
         return _plain_bind(encrypt, store, impl)
     encode = coltype._codec.fast_encode or coltype._codec.encode
     scope, clock = coltype._key_scope, CLOCK

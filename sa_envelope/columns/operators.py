@@ -29,6 +29,7 @@ from sqlalchemy.types import NullType, TypeDecorator
 
 from ..errors import UnsupportedQueryError
 from . import migrating
+from .livematch import expand
 
 __all__ = ["EncryptedComparator", "check_comparison", "unsupported"]
 
@@ -191,6 +192,9 @@ class EncryptedComparator(TypeDecorator.Comparator[Any]):
             )
             if expanded is not None:  # a column in an online migration: both halves
                 return expanded
+        expanded = expand(self.expr, op, other)  # one ciphertext per live key (livematch)
+        if expanded is not None:
+            return expanded
         return super().operate(op, *other, **kwargs)
 
     def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:

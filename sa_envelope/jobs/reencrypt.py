@@ -1,62 +1,82 @@
 """Re-encryption: move stored values off a data key that must go.
 
 Rewrap changes what protects a data key; re-encryption changes the data key
-itself, for when that key may be compromised. The values still under the
-old key are found by their header alone (the key id stands at a fixed
-place in every stored value, see docs/format.md), in SQL, so the job reads
-only what it must change. Each batch is one transaction (the runner's); each row is written back only
-if it still holds the bytes that were read (compare-and-set), so concurrent
-application writes win. Re-running the job finds what is left: it is
-resumable after a crash at any point.
+itself: after a suspected compromise, or to rotate a deterministic or
+blind-index key while queries keep matching (``keys.live``). Values still
+under the old key are found by their header alone (the key id stands at a
+fixed place in every stored value, see docs/format.md), in SQL, so the job
+reads only what it must change. A blind index has no header: its digests
+are recomputed from the source value under the current key, row by row.
+
+Each batch is one transaction (the runner's) and one compare-and-set write
+(:mod:`.batchwrite`): a row is written only if it still holds the bytes
+that were read, so concurrent application writes win. ``workers`` threads
+share a column through the database: value batches are claimed with
+``FOR UPDATE SKIP LOCKED`` (a skipped row still names the old key, so the
+next pass finds it); index batches, which cannot be found again without
+recomputing every digest, take disjoint primary-key partitions
+(``pk % workers``) and wait for locks. Re-running the job finds what is
+left: it is resumable after a crash at any point. When nothing is left of a
+deterministic or blind-index key and every column of its table that uses
+it was moved, the key is marked ``retired`` and queries match one key again.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
-from sqlalchemy import (
-    Column,
-    Connection,
-    LargeBinary,
-    MetaData,
-    Table,
-    and_,
-    func,
-    literal,
-    select,
-    tuple_,
-    type_coerce,
-    update,
-)
+from sqlalchemy import Column, Connection, Integer, LargeBinary, func, literal, select, tuple_, type_coerce
 
 from ..columns import binds
+from ..columns.blindindex import BlindIndexType
 from ..columns.encrypted import EncryptedType
 from ..envelope import format as fmt
 from ..errors import ConfigurationError, EnvelopeError, KeyNotFoundError
 from ..faults import fault_point
 from ..keys import table as kt
+from ..keys.live import LiveKeys, retire_drained
 from ..keys.store import KeyStore
-from . import scan
-from .runner import run_batches
+from .batchwrite import write_cas
+from .progress import progress_bar
+from .runner import read_committed, run_batches
+from .threads import SharedBar, run_workers
+from .throttle import Throttle
 
-__all__ = ["ReencryptReport", "reencrypt_columns", "reflected_columns", "under_key"]
+__all__ = ["ReencryptReport", "reencrypt_columns", "under_key"]
+
+SKIP_LOCKED_DIALECTS = ("postgresql", "mysql", "mariadb")
 
 
 @dataclass
 class ReencryptReport:
-    """Counts of one re-encryption run; ``remaining`` is what still names the old key."""
+    """Counts of one re-encryption run; ``remaining`` is what still names the
+    old key; ``stopped``: ``max_batches`` cut the run short; ``retired``: the
+    (deterministic or blind-index) key is no longer matched by queries."""
 
     key_id: str
     reencrypted: int = 0
     failed: int = 0
     remaining: int = 0
+    stopped: bool = False
+    retired: bool = False
     failures: list[tuple[str, str]] = field(default_factory=list)  # (table.column, reason)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, written: int, failures: Sequence[tuple[str, str]] = ()) -> None:
+        """Count one batch's work (workers report concurrently)."""
+        with self._lock:
+            self.reencrypted += written
+            self.failed += len(failures)
+            self.failures.extend(failures)
 
     def __str__(self) -> str:
+        tail = ", key retired" if self.retired else (", stopped early" if self.stopped else "")
         return (
             f"re-encrypt off key {self.key_id}: {self.reencrypted} re-encrypted, "
-            f"{self.failed} failed, {self.remaining} remaining"
+            f"{self.failed} failed, {self.remaining} remaining{tail}"
         )
 
 
@@ -67,132 +87,273 @@ def under_key(column: Any, key_id: int) -> Any:
     return func.substr(raw, *fmt.KEY_ID_SUBSTR) == needle
 
 
-def _encrypted_type(column: Column[Any]) -> EncryptedType:
-    if not isinstance(column.type, EncryptedType) or column.table is None:
-        raise ConfigurationError(f"{column} is not an EncryptedType column of a table")
+def _scope_of(column: Column[Any]) -> str | None:
+    """The key scope a column's stored bytes depend on."""
+    ctype = column.type
+    if isinstance(ctype, BlindIndexType):
+        return kt.SCOPE_BLIND_INDEX
+    if isinstance(ctype, EncryptedType):
+        return kt.SCOPE_DETERMINISTIC if ctype.deterministic else ctype.scope
+    return None
+
+
+def _checked(column: Column[Any]) -> Column[Any]:
+    if _scope_of(column) is None or column.table is None:
+        raise ConfigurationError(f"{column} is not an EncryptedType or BlindIndexType column of a table")
     if not column.table.primary_key.columns:
         raise ConfigurationError(f"table {column.table.name} has no primary key to re-encrypt by")
-    return column.type
+    return column
 
 
-def _prepare(store: KeyStore, key_id: int, owner: str) -> None:
-    """Roll the key over first if it is still active, so new values avoid it."""
+class _Batches:
+    """One worker's batches of one column: keyset pagination by primary key
+    (each batch starts after the last row the previous one saw), in this
+    worker's partition, locked as the column kind needs."""
+
+    def __init__(self, job: _Job, column: Column[Any], worker: int) -> None:
+        self.job, self.column, self.worker = job, column, worker
+        self.pk = list(column.table.primary_key.columns)
+        self.after: tuple[Any, ...] | None = None
+        self.batches = self.written = 0
+
+    def page(self, stmt: Any, conn: Connection, *, skip_locked: bool) -> list[Any]:
+        pk, job = self.pk, self.job
+        if self.after is not None:
+            stmt = stmt.where(tuple_(*pk) > tuple_(*self.after))
+        if job.partitioned:
+            stmt = stmt.where(pk[0] % job.workers == self.worker)
+        stmt = stmt.order_by(*pk).limit(job.batch_size)
+        if conn.dialect.name in SKIP_LOCKED_DIALECTS:
+            stmt = stmt.with_for_update(skip_locked=skip_locked)
+        rows = list(conn.execute(stmt).all())
+        if rows:
+            self.after = tuple(rows[-1][: len(pk)])
+            self.batches += 1
+        return rows
+
+    def write(self, conn: Connection, pending: list[Any], failures: list[tuple[Any, str, str]]) -> None:
+        """Write the batch; report the failures not reported by an earlier pass."""
+        fault_point("reencrypt.row.before_update")  # once per batch: one statement writes it
+        written = write_cas(conn, self.column.table, self.pk, self.column.name, pending)
+        fault_point("reencrypt.row.after_update")
+        self.written += written
+        seen = self.job.failed_rows
+        new = [(where, reason) for key, where, reason in failures if (where, key) not in seen]
+        seen.update((where, key) for key, where, _ in failures)
+        self.job.report.add(written, new)
+
+
+class _ValueBatches(_Batches):
+    """Values whose header names the old key: decrypted, sealed under the current key."""
+
+    def __call__(self, conn: Connection) -> int:
+        column, job = self.column, self.job
+        ctype: EncryptedType = column.type  # type: ignore[assignment]
+        raw = type_coerce(column, LargeBinary)
+        stmt = select(*self.pk, raw.label("raw")).where(under_key(column, job.key_id))
+        with job.store.tracker.use_connection(conn):
+            rows = self.page(stmt, conn, skip_locked=True)
+            pending, failures = [], []
+            for row in rows:
+                old = bytes(row.raw)
+                try:
+                    new = ctype.encrypt(ctype.decrypt(old, binds.require(ctype, conn.dialect)), job.store)
+                except EnvelopeError as exc:
+                    failures.append((tuple(row[: len(self.pk)]), f"{column.table.name}.{column.name}", str(exc)))
+                    continue
+                pending.append((tuple(row[: len(self.pk)]), old, new))
+            if pending and fmt.read_header(pending[0][2])[1] == job.key_id:  # never "move" onto the same key
+                raise EnvelopeError("the key is still the write key", table=column.table.name,
+                                    column=column.name, key_id=job.report.key_id)  # fmt: skip
+            self.write(conn, pending, failures)
+        return len(rows)
+
+
+class _IndexBatches(_Batches):
+    """Blind-index digests recomputed from the source value under the current key."""
+
+    def __call__(self, conn: Connection) -> int:
+        column, job = self.column, self.job
+        itype: BlindIndexType = column.type  # type: ignore[assignment]
+        source = column.table.c[itype.source]
+        stype: Any = source.type
+        encrypted = isinstance(stype, EncryptedType)
+        value_col = type_coerce(source, LargeBinary) if encrypted else source
+        stmt = select(*self.pk, value_col.label("src"), type_coerce(column, LargeBinary).label("idx"))
+        with job.store.tracker.use_connection(conn):
+            rows = self.page(stmt.where(column.is_not(None)), conn, skip_locked=False)
+            pending, failures = [], []
+            for row in rows:
+                try:
+                    value = (
+                        stype.decrypt(bytes(row.src), binds.require(stype, conn.dialect))
+                        if encrypted and row.src is not None
+                        else row.src
+                    )
+                    new = itype.digest(value, job.store) if value is not None else None
+                except EnvelopeError as exc:
+                    failures.append((tuple(row[: len(self.pk)]), f"{column.table.name}.{column.name}", str(exc)))
+                    continue
+                if new is not None and new != bytes(row.idx):
+                    pending.append((tuple(row[: len(self.pk)]), bytes(row.idx), new))
+            self.write(conn, pending, failures)
+        return len(rows)
+
+
+@dataclass
+class _Job:
+    store: KeyStore
+    live: LiveKeys
+    key_id: int
+    batch_size: int
+    workers: int
+    partitioned: bool
+    throttle: Throttle | None
+    max_batches: int | None
+    report: ReencryptReport
+    failed_rows: set[tuple[str, Any]] = field(default_factory=set)  # reported once, whatever the passes
+
+
+def _prepare(store: KeyStore, live: LiveKeys, key_id: int, owner: str) -> kt.KeyRecord:
+    """Rotate the key first if it is still active, so new values avoid it; for a
+    deterministic or blind-index key, wait until no process writes under it
+    and every transaction that did has ended (docs/rotation.md)."""
     with store.engine.connect() as conn:
         record = kt.get_record(conn, store.table, key_id)
     if record is None:
         raise KeyNotFoundError(table=owner, key_id=fmt.format_key_id(key_id))
     if record.status == kt.ACTIVE:
         store.rotate(record.owner_table, record.scope)
+        live.invalidate(record.owner_table)
+    if record.scope in kt.SINGLETON_SCOPES and record.status != kt.RETIRED:
+        # after the switch everywhere, one more grace: writers that sealed under the old key
+        # before they switched have committed (or rolled back) by then, so the move sees them
+        settled = live.switched_at(record.owner_table, record.scope) + live.policy.grace
+        time.sleep(max(0.0, settled - time.time()))
+        live.invalidate(record.owner_table)
+        if live.write_key(record.owner_table, record.scope).key_id == key_id:
+            raise EnvelopeError("the key is still the write key", table=owner, key_id=fmt.format_key_id(key_id))
+    return record
 
 
-class _ColumnBatches:
-    """The batches of one column: keyset pagination by primary key, so each
-    batch starts after the last row the previous one saw."""
+def _count(conn: Any, column: Column[Any], key_id: int) -> int:
+    if isinstance(column.type, BlindIndexType):  # no header: every digest is a candidate
+        stmt = select(func.count()).select_from(column.table).where(column.is_not(None))
+    else:
+        stmt = select(func.count()).select_from(column.table).where(under_key(column, key_id))
+    return int(conn.execute(stmt).scalar_one())
 
-    def __init__(self, column: Column[Any], key_id: int, size: int, report: ReencryptReport) -> None:
-        self.column, self.key_id, self.size, self.report = column, key_id, size, report
-        self.after: tuple[Any, ...] | None = None
 
-    def __call__(self, conn: Connection) -> int:
-        """Re-encrypt one batch on ``conn``; return how many rows it saw."""
-        column, report = self.column, self.report
-        table, ctype = column.table, _encrypted_type(column)
-        pk = list(table.primary_key.columns)
-        raw = type_coerce(column, LargeBinary)
-        stmt = select(*pk, raw.label("raw")).where(under_key(column, self.key_id))
-        if self.after is not None:
-            stmt = stmt.where(tuple_(*pk) > tuple_(*self.after))
-        rows = conn.execute(stmt.order_by(*pk).limit(self.size)).all()
-        for row in rows:
-            old = bytes(row.raw)
-            try:
-                value = ctype.decrypt(old, binds.require(ctype, conn.dialect))
-            except EnvelopeError as exc:
-                report.failed += 1
-                report.failures.append((f"{table.name}.{column.name}", str(exc)))
-                continue
-            fault_point("reencrypt.row.before_update")
-            conn.execute(
-                update(table)
-                .where(and_(*(c == row[i] for i, c in enumerate(pk))), raw == literal(old, LargeBinary))
-                .values({column.name: value})
-            )
-            fault_point("reencrypt.row.after_update")
-            report.reencrypted += 1
-        if rows:
-            self.after = tuple(rows[-1][: len(pk)])
-        return len(rows)
+def _move(job: _Job, column: Column[Any], progress: bool | None) -> None:
+    """Every worker over one column; value columns pass again while a pass
+    moved something (rows skipped as locked, or written meanwhile by a process
+    that had not yet switched keys)."""
+    kind = _IndexBatches if isinstance(column.type, BlindIndexType) else _ValueBatches
+    with job.store.engine.connect() as conn:
+        total = _count(conn, column, job.key_id)
+    desc = f"re-encrypt {column.table.name}.{column.name}"
+
+    def work(worker: int) -> None:
+        budget = job.max_batches
+        while True:
+            batches = kind(job, column, worker)
+            run_batches(job.store.engine, "reencrypt", batches, total=None, desc=desc, connect=read_committed,
+                        bar=shared, throttle=job.throttle, max_batches=budget)  # fmt: skip
+            if budget is not None:
+                budget -= batches.batches
+                if budget <= 0:
+                    job.report.stopped = True
+                    return
+            if kind is _IndexBatches or not batches.written:
+                return
+
+    if total:
+        _warm(job, column)
+    with progress_bar(total, desc, progress) as bar:  # tqdm: rows done, rows/s, time left
+        shared = SharedBar(bar)
+        run_workers(job.workers, work)
+
+
+def _warm(job: _Job, column: Column[Any]) -> None:
+    """Unwrap the keys of the move once, before the workers start: two
+    workers missing the cache together would each call KMS."""
+    owner, ctype, store = column.table.name, column.type, job.store
+    if isinstance(ctype, BlindIndexType):
+        job.live.keys(owner, kt.SCOPE_BLIND_INDEX)
+        source = column.table.c[ctype.source]
+        if isinstance(source.type, EncryptedType):  # the source's key, from one of its values
+            with store.engine.connect() as conn:
+                raw = conn.execute(
+                    select(type_coerce(source, LargeBinary)).where(source.is_not(None)).limit(1)
+                ).scalar()
+                if raw is not None:
+                    source.type.decrypt(bytes(raw), binds.require(source.type, conn.dialect))
+    elif getattr(ctype, "deterministic", False):
+        job.live.keys(owner, kt.SCOPE_DETERMINISTIC)
+    else:
+        store.decryption_key(job.key_id, table=owner, column=column.name)
+        if isinstance(ctype, EncryptedType) and ctype.scope == kt.SCOPE_TABLE:
+            store.encryption_key(owner, kt.SCOPE_TABLE)
+
+
+def _covers(columns: Sequence[Column[Any]], record: kt.KeyRecord) -> bool:
+    """Whether ``columns`` hold every declared column of the key's table that uses its scope."""
+    tables = {c.table for c in columns if c.table.name == record.owner_table}
+    users = {c for t in tables for c in t.columns if _scope_of(c) == record.scope}
+    return bool(users) and users <= set(columns)
 
 
 def reencrypt_columns(
     store: KeyStore,
+    live: LiveKeys,
     columns: Sequence[Column[Any]],
     *,
     key_id: int | str,
     batch_size: int = 500,
+    workers: int = 1,
+    rate: float | None = None,
+    max_batches: int | None = None,
     progress: bool | None = None,
 ) -> ReencryptReport:
     """Re-encrypt every value of ``columns`` stored under ``key_id`` (see module doc)."""
     kid = fmt.parse_key_id(key_id) if isinstance(key_id, str) else key_id
-    for column in columns:
-        _encrypted_type(column)
+    if batch_size < 1 or workers < 1:
+        raise ValueError("batch_size and workers must be at least 1")
+    columns = [_checked(c) for c in columns]
     report = ReencryptReport(key_id=fmt.format_key_id(kid))
-    if columns:
-        _prepare(store, kid, columns[0].table.name)
-    with store.engine.connect() as conn:
-        totals = [_count(conn, c, kid) for c in columns]
-    for column, total in zip(columns, totals):  # one bar per column: the runner draws it
-        run_batches(
-            store.engine,
-            "reencrypt",
-            _ColumnBatches(column, kid, batch_size, report),
-            total=total,
-            desc=f"re-encrypt {column.table.name}.{column.name}",
-            progress=progress,
+    if not columns:
+        return report
+    record = _prepare(store, live, kid, columns[0].table.name)
+    blind = record.scope == kt.SCOPE_BLIND_INDEX
+    if blind and record.status == kt.RETIRED:
+        report.retired = True  # moved and retired by an earlier run: nothing to read
+        return report
+    moved = [c for c in columns if isinstance(c.type, BlindIndexType) == blind]
+    sqlite = store.engine.dialect.name == "sqlite"
+    for column in moved:
+        pk = list(column.table.primary_key.columns)
+        count = 1 if sqlite else workers  # one writer: more would only wait
+        partitioned = count > 1 and len(pk) == 1 and isinstance(pk[0].type, Integer)
+        if blind and count > 1 and not partitioned:
+            count = 1  # partitions need a single integer primary key
+        job = _Job(
+            store, live, kid, batch_size, count, partitioned, Throttle(rate) if rate else None, max_batches, report
         )
+        _move(job, column, progress)
     with store.engine.connect() as conn:
-        report.remaining = sum(_count(conn, c, kid) for c in columns)
+        report.remaining = report.failed if blind else sum(_count(conn, c, kid) for c in moved)
+    _retire(store, live, record, columns, report)
     return report
 
 
-def _count(conn: Any, column: Column[Any], key_id: int) -> int:
-    stmt = select(func.count()).select_from(column.table).where(under_key(column, key_id))
-    return int(conn.execute(stmt).scalar_one())
-
-
-def reflected_columns(keys: Any, key_id: int | str, names: Iterable[str] | None = None) -> list[Column[Any]]:
-    """The encrypted columns of the table that owns ``key_id``, found without models.
-
-    For the CLI: the table is reflected and its encrypted columns found by
-    their values (:mod:`.scan`). Each is declared ``EncryptedType(LargeBinary,
-    keys)``, which re-seals the decrypted bytes exactly as they were (the
-    inner type's serialisation is kept, whatever the type), deterministic
-    when the key is. ``names`` restricts them.
-    """
-    store = keys.store
-    kid = fmt.parse_key_id(key_id) if isinstance(key_id, str) else key_id
-    with store.engine.connect() as conn:
-        record = kt.get_record(conn, store.table, kid)
-        if record is None:
-            raise KeyNotFoundError(key_id=fmt.format_key_id(kid))
-        if record.scope not in (kt.SCOPE_TABLE, kt.SCOPE_DETERMINISTIC):
-            raise ConfigurationError(
-                f"key {fmt.format_key_id(kid)} is a {record.scope} key of {record.owner_table}: only table "
-                "and deterministic keys are re-encrypted (shred a row key instead)"
-            )
-        reflected = scan.reflect(conn, record.owner_table)
-        found = scan.encrypted_columns(conn, reflected)
-    chosen = list(names) if names else found
-    strays = [n for n in chosen if n not in found]
-    if strays:
-        raise ConfigurationError(f"{record.owner_table} has no encrypted column {', '.join(strays)}")
-    deterministic = record.scope == kt.SCOPE_DETERMINISTIC
-
-    def declared(col: Column[Any]) -> Column[Any]:
-        if col.name not in chosen:
-            return Column(col.name, col.type, primary_key=col.primary_key)
-        ctype = EncryptedType(LargeBinary(), keys, deterministic=deterministic)
-        return Column(col.name, ctype, primary_key=col.primary_key)
-
-    table = Table(record.owner_table, MetaData(), *(declared(c) for c in reflected.columns))
-    return [table.c[n] for n in chosen]
+def _retire(
+    store: KeyStore, live: LiveKeys, record: kt.KeyRecord, columns: Sequence[Column[Any]], report: ReencryptReport
+) -> None:
+    """Retire a drained deterministic / blind-index key: queries stop matching it."""
+    if record.scope not in kt.SINGLETON_SCOPES or report.stopped or report.remaining or report.failed:
+        return
+    if not _covers(columns, record):
+        return
+    with store.engine.begin() as conn:
+        report.retired = retire_drained(conn, store.table, record.id)
+    live.invalidate(record.owner_table)

@@ -17,11 +17,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from sqlalchemy import Connection, LargeBinary, MetaData, Table, inspect, select
+from sqlalchemy import Column, Connection, LargeBinary, MetaData, Table, inspect, select
 from sqlalchemy.types import _Binary
 
+from ..columns.encrypted import EncryptedType
 from ..envelope import format as fmt
-from ..errors import DecryptionError, EnvelopeError, KeyNotFoundError, KeyProviderError, UnauthenticatedKeyError
+from ..errors import (
+    ConfigurationError,
+    DecryptionError,
+    EnvelopeError,
+    KeyNotFoundError,
+    KeyProviderError,
+    UnauthenticatedKeyError,
+)
 from ..keys import table as kt
 from ..keys.store import KeyStore
 
@@ -35,6 +43,7 @@ __all__ = [
     "SAMPLE",
     "encrypted_columns",
     "reflect",
+    "reflected_columns",
     "table_names",
 ]
 
@@ -145,3 +154,41 @@ class Opener:
         if isinstance(exc, DecryptionError):
             return Opened(shown, BAD_KEY, reason=str(exc))
         raise exc
+
+
+def reflected_columns(keys: Any, key_id: int | str, names: Iterable[str] | None = None) -> list[Column[Any]]:
+    """The encrypted columns of the table that owns ``key_id``, found without models.
+
+    For the CLI: the table is reflected and its encrypted columns found by
+    their values (:func:`encrypted_columns`). Each is declared ``EncryptedType(LargeBinary,
+    keys)``, which re-seals the decrypted bytes exactly as they were (the
+    inner type's serialisation is kept, whatever the type), deterministic
+    when the key is. ``names`` restricts them.
+    """
+    store = keys.store
+    kid = fmt.parse_key_id(key_id) if isinstance(key_id, str) else key_id
+    with store.engine.connect() as conn:
+        record = kt.get_record(conn, store.table, kid)
+        if record is None:
+            raise KeyNotFoundError(key_id=fmt.format_key_id(kid))
+        if record.scope not in (kt.SCOPE_TABLE, kt.SCOPE_DETERMINISTIC):
+            raise ConfigurationError(
+                f"key {fmt.format_key_id(kid)} is a {record.scope} key of {record.owner_table}: only table "
+                "and deterministic keys are re-encrypted (shred a row key instead)"
+            )
+        reflected = reflect(conn, record.owner_table)
+        found = encrypted_columns(conn, reflected)
+    chosen = list(names) if names else found
+    strays = [n for n in chosen if n not in found]
+    if strays:
+        raise ConfigurationError(f"{record.owner_table} has no encrypted column {', '.join(strays)}")
+    deterministic = record.scope == kt.SCOPE_DETERMINISTIC
+
+    def declared(col: Column[Any]) -> Column[Any]:
+        if col.name not in chosen:
+            return Column(col.name, col.type, primary_key=col.primary_key)
+        ctype = EncryptedType(LargeBinary(), keys, deterministic=deterministic)
+        return Column(col.name, ctype, primary_key=col.primary_key)
+
+    table = Table(record.owner_table, MetaData(), *(declared(c) for c in reflected.columns))
+    return [table.c[n] for n in chosen]

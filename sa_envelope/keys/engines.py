@@ -38,6 +38,7 @@ from sqlalchemy.engine import Dialect
 
 from ..errors import ConfigurationError
 from .offload import require_greenlet
+from .live import LiveKeys
 from .store import KeyStore
 from .tracking import Tracker
 
@@ -85,12 +86,13 @@ class Binding:
     made by the manager once a row-scoped column exists.
     """
 
-    __slots__ = ("engine", "rows", "store", "tracker")
+    __slots__ = ("engine", "live", "rows", "store", "tracker")
 
-    def __init__(self, engine: Engine, tracker: Tracker, store: KeyStore) -> None:
+    def __init__(self, engine: Engine, tracker: Tracker, store: KeyStore, live: LiveKeys) -> None:
         self.engine = engine
         self.tracker = tracker
         self.store = store
+        self.live = live  # its deterministic and blind-index keys during rotations
         self.rows: Any = None
 
     def __repr__(self) -> str:
@@ -145,6 +147,20 @@ class Engines:
             raise ConfigurationError("this KeyManager is bound to no engine: call keys.bind(engine) first")
         names = ", ".join(repr(engine_name(b.engine)) for b in bindings)
         raise ConfigurationError(f"this KeyManager is bound to {len(bindings)} engines ({names}): pass engine=")
+
+    def live_for(self, bind: Any) -> LiveKeys:
+        """The live keys of ``bind``: a KeyStore, an Engine or Connection, or
+        ``None``: the binding with a statement executing in this thread (a
+        query's keys are computed as it executes), else the one bound engine."""
+        if isinstance(bind, KeyStore):
+            for binding in self._bindings.values():
+                if binding.store is bind:
+                    return binding.live
+            raise ConfigurationError("that key store belongs to no engine of this KeyManager")
+        if bind is not None:
+            return self.select(bind).live
+        running = [b for b in self._bindings.values() if b.tracker.current() is not None]
+        return running[0].live if len(running) == 1 else self.select().live
 
     def not_bound(self, dialect: Any, name: str | None = None) -> ConfigurationError:
         """The error for a statement on an engine this manager is not bound to."""

@@ -121,11 +121,14 @@ def created_at(conn: Connection, table: Table, key_id: int) -> dt.datetime | Non
 
 
 def retire_others(conn: Connection, table: Table, owner: str, scope: str, keep: int) -> int:
-    """Mark every other active key of ``owner``/``scope`` retired (still readable)."""
+    """Mark every other active key of ``owner``/``scope`` retired (still readable);
+    a deterministic or blind-index key becomes ``draining`` instead: queries
+    keep matching it until its values are moved (keys.live)."""
+    status = kt.DRAINING if scope in kt.SINGLETON_SCOPES else kt.RETIRED
     result = conn.execute(
         update(table)
         .where(table.c.owner_table == owner, table.c.scope == scope, table.c.status == kt.ACTIVE, table.c.id != keep)
-        .values(status=kt.RETIRED, updated_at=kt.utcnow())
+        .values(status=status, updated_at=kt.utcnow())
     )
     return int(result.rowcount)
 

@@ -154,7 +154,7 @@ class KeyStore:
         ``None``: there is none, and a new key is to be made."""
         now, successor = kt.utcnow(), -1
         for record in self.query(lambda: kt.find_candidates(conn, self.table, owner, scope, choice.CANDIDATES), owner):
-            entry = self._usable(record, conn, now)
+            entry = self.usable(record, conn, now)
             if entry is None:
                 continue
             created = kt.created_seconds(record.created_at)
@@ -166,7 +166,7 @@ class KeyStore:
                 return None
         return None
 
-    def _usable(self, record: kt.KeyRecord, conn: Connection, now: Any) -> CachedKey | None:
+    def usable(self, record: kt.KeyRecord, conn: Connection, now: Any) -> CachedKey | None:
         """The unwrapped key of a candidate row, or ``None`` where the row is
         refused (untrusted, future, unauthenticated: ``verify`` reports it)."""
         if choice.refusal(record, self.provider, now) is not None:
@@ -242,7 +242,7 @@ class KeyStore:
         record = self.query(lambda: kt.get_record_locked(conn, self.table, key_id), owner)
         entry = None
         if record is not None and (record.owner_table, record.scope) == (owner, scope):
-            entry = self._usable(record, conn, kt.utcnow())
+            entry = self.usable(record, conn, kt.utcnow())
         if entry is None:
             raise EnvelopeError(
                 f"the {scope} key of {owner} was created concurrently but cannot be used; retry",

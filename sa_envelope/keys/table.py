@@ -33,6 +33,7 @@ from ..envelope import format as fmt
 
 __all__ = [
     "ACTIVE",
+    "DRAINING",
     "KeyRecord",
     "RETIRED",
     "SCOPE_BLIND_INDEX",
@@ -67,6 +68,7 @@ SCOPE_ALGORITHM = {  # the one algorithm each scope's keys have (envelope.cipher
 PARENT = "parent"  # wrapping_key_id of a key wrapped by its parent key (row keys)
 ACTIVE = "active"
 RETIRED = "retired"
+DRAINING = "draining"  # a replaced deterministic / blind-index key still matched by queries (keys.live)
 SHREDDED = "shredded"
 
 

@@ -3,6 +3,7 @@ getting-started.md, rotation.md (on a small database) and shredding.md."""
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 import types
@@ -14,8 +15,9 @@ from sqlalchemy import String
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from sa_envelope import AwsKmsProvider, EncryptedType, KeyManager, RolloverPolicy
+from sa_envelope import AwsKmsProvider, EncryptedType, KeyManager, LivePolicy, RolloverPolicy
 from sa_envelope.envelope import format as fmt
+from sa_envelope.keys import table as kt
 from support import DOCS
 from support.models import patients_model
 from support.rotation import key_statuses, provider_key_records
@@ -55,22 +57,28 @@ def test_rotation_runbook_python_examples_run(
     monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", kms_server)
     target = kms_admin.create_key()["KeyMetadata"]["KeyId"]
     kms_admin.create_alias(AliasName="alias/app-data-2027", TargetKeyId=target)
-    keys = KeyManager(engine, AwsKmsProvider(cmk))
+    fast = functools.partial(KeyManager, live=LivePolicy(ttl=0.1, grace=1.0))  # the switch in seconds
+    keys = fast(engine, AwsKmsProvider(cmk))
     keys.create_table()
 
-    Patient = patients_model(name=EncryptedType(String(100), keys), notes=EncryptedType(String(100), keys))
+    Patient = patients_model(
+        name=EncryptedType(String(100), keys), notes=EncryptedType(String(100), keys),
+        ssn=EncryptedType(String(11), keys, deterministic=True),
+    )  # fmt: skip
     Patient.metadata.create_all(engine)
     with Session(engine) as session:
-        session.add_all([Patient(id=i, name=f"n{i}", notes=f"x{i}") for i in range(1, 21)])
+        session.add_all([Patient(id=i, name=f"n{i}", notes=f"x{i}", ssn=f"{i:03d}") for i in range(1, 21)])
         session.commit()
     (suspect,) = key_statuses(engine, "patients")
+    (det,) = key_statuses(engine, "patients", kt.SCOPE_DETERMINISTIC)
     namespace: dict[str, Any] = {
-        "keys": keys, "engine": engine, "provider": keys.provider, "Patient": Patient,
+        "keys": keys, "engine": engine, "Patient": Patient,
+        "provider": AwsKmsProvider("alias/app-data-2027", previous=[cmk]),  # after the rewrap block
         "suspect_key_id": fmt.format_key_id(suspect), "AwsKmsProvider": AwsKmsProvider,
-        "KeyManager": KeyManager, "RolloverPolicy": RolloverPolicy,
+        "KeyManager": fast, "RolloverPolicy": RolloverPolicy, "old_det_key_id": fmt.format_key_id(det),
     }
     blocks = python_blocks("rotation.md")
-    assert len(blocks) == 6
+    assert len(blocks) == 7
     try:
         for block in blocks:
             exec(compile(block, "rotation.md", "exec"), namespace)
@@ -81,6 +89,8 @@ def test_rotation_runbook_python_examples_run(
     assert {r.wrapping_key_id for r in provider_key_records(engine)} == {arn}
     with Session(engine) as session:
         assert [p.notes for p in session.query(Patient).order_by(Patient.id)] == [f"x{i}" for i in range(1, 21)]
+        assert [p.id for p in session.query(Patient).filter(Patient.ssn == "007")] == [7]
+    assert key_statuses(engine, "patients", kt.SCOPE_DETERMINISTIC)[det] == kt.RETIRED
 
 
 def test_shredding_doc_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

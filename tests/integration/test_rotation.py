@@ -11,6 +11,7 @@ from sqlalchemy import LargeBinary, select, type_coerce
 from sqlalchemy.engine import Engine
 
 from sa_envelope import KeyManager, LocalKeyProvider, RolloverPolicy
+from sa_envelope.keys.live import LivePolicy
 from sa_envelope import faults
 from sa_envelope.envelope import format as fmt
 from sa_envelope.keys import table as kt
@@ -101,7 +102,7 @@ def test_rollover_by_age(engine: Engine, provider: LocalKeyProvider) -> None:
 
 
 def test_reencrypt_off_a_key(engine: Engine, provider: LocalKeyProvider) -> None:
-    keys = KeyManager(engine, provider)
+    keys = KeyManager(engine, provider, live=LivePolicy(ttl=0.2, grace=1.5))  # the deterministic switch
     (table,) = fill(engine, keys, tables=1, rows=60)
     (old,) = set(header_key_ids(engine, table, "name"))
     (old_det,) = set(header_key_ids(engine, table, "ssn"))
