@@ -45,6 +45,9 @@ from .rows.keys import RowKeys
 from .rows.orm import install_orm_hooks
 from .rows.shred import shred_instance, shred_table_row
 from .rows.prefetch import install_prefetch
+from .search import writes as search_writes
+from .search.tokens import token_table
+from .search.verify import IndexReport, verify_index
 
 __all__ = ["KeyManager"]
 
@@ -78,6 +81,7 @@ class KeyManager:
             require_greenlet()
         self.engine: Engine = getattr(engine, "sync_engine", engine)
         self.table = kt.key_table(metadata if metadata is not None else MetaData(), table_name)
+        self.search_table = token_table(self.table.metadata, table_name)  # search index tokens
         self.rollover = rollover if rollover is not None else RolloverPolicy()
         key_cache = KeyCache(cache or CacheLimits())
         self.tracker = Tracker(self.engine, key_cache, on_execute=check_statement, on_compiled=check_compiled)
@@ -89,6 +93,7 @@ class KeyManager:
         self._lock = threading.Lock()
         redact.hide_rows(self.engine)  # SQLAlchemy logs rows after decryption
         flushcheck.install()  # values refused before the flush builds its parameters
+        search_writes.install()  # search-index tokens follow every write (sa_envelope.search)
 
     # -- what the store holds ------------------------------------------------------------
 
@@ -125,12 +130,14 @@ class KeyManager:
     # -- the key table and the cache -----------------------------------------------------
 
     def create_table(self) -> None:
-        """Create the key table if it does not exist (idempotent)."""
+        """Create the key table and the search-token table if they do not exist (idempotent)."""
         self.table.create(self.engine, checkfirst=True)
+        self.search_table.create(self.engine, checkfirst=True)
 
     async def create_table_async(self) -> None:
         """:meth:`create_table` for a KeyManager built on an AsyncEngine."""
         await warming.create_table_async(self.engine, self.table)
+        await warming.create_table_async(self.engine, self.search_table)
 
     def stats(self) -> dict[str, int]:
         """Counters: provider calls, cache hits and misses, keys created."""
@@ -201,6 +208,12 @@ class KeyManager:
         and may be shredded.
         """
         return reencrypt_columns(self.store, list(columns), key_id=key_id, batch_size=batch_size, progress=progress)
+
+    def verify_index(self, table: Table, *, fix: bool = False, batch_size: int = 500) -> list[IndexReport]:
+        """Check that every search-index token of ``table`` matches its row's
+        value; ``fix=True`` rebuilds the rows that differ (and backfills a new
+        index). See docs/querying.md."""
+        return verify_index(self.engine, table, fix=fix, batch_size=batch_size)
 
     # -- row scope and crypto-shredding (docs/shredding.md) ------------------------------
 

@@ -43,8 +43,10 @@ from .keytable import (
     AddKeyContextVersionOp,
     AddRowDigestOp,
     CreateKeyTableOp,
+    CreateSearchTableOp,
     DropKeyTableOp,
     DropRowDigestOp,
+    DropSearchTableOp,
     RewrapKeysOp,
 )
 from .render import render_item
@@ -53,9 +55,11 @@ __all__ = [
     "AddKeyContextVersionOp",
     "AddRowDigestOp",
     "CreateKeyTableOp",
+    "CreateSearchTableOp",
     "DecryptColumnOp",
     "DropKeyTableOp",
     "DropRowDigestOp",
+    "DropSearchTableOp",
     "ENCRYPT_SUFFIX",
     "EncryptColumnOp",
     "KEYS_ATTRIBUTE",
