@@ -57,9 +57,10 @@ class _Calendar:
 
     def seconds(self, value: Any) -> int:
         if isinstance(value, dt.datetime):
-            if value.tzinfo is not None:
-                value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
-            return value.toordinal() * 86400 + value.hour * 3600 + value.minute * 60 + value.second
+            moment: dt.datetime = value
+            if moment.tzinfo is not None:
+                moment = moment.astimezone(dt.timezone.utc).replace(tzinfo=None)
+            return moment.toordinal() * 86400 + moment.hour * 3600 + moment.minute * 60 + moment.second
         if isinstance(value, dt.date):
             return value.toordinal() * 86400
         raise TypeError(type(value).__name__)
