@@ -23,7 +23,7 @@ from __future__ import annotations
 import struct
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import BigInteger, Column, Connection, Index, MetaData, String, Table, and_, delete, insert
+from sqlalchemy import BigInteger, Column, Connection, Index, MetaData, String, Table, and_, delete, insert, text
 
 __all__ = [
     "TOKEN_TABLE_NAME",
@@ -83,7 +83,23 @@ def token_of(subkey: Any, label: bytes, data: bytes, bits: int) -> int:
 
 
 def insert_tokens(conn: Connection, tokens: Table, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert token rows on ``conn`` (the writing statement's transaction)."""
+    """Insert token rows on ``conn`` (the writing statement's transaction).
+
+    On PostgreSQL, one ``INSERT ... SELECT FROM unnest(arrays)`` per chunk:
+    psycopg's executemany sends a statement per row, ~20 times slower."""
+    if conn.dialect.name == "postgresql" and rows:
+        statement = text(
+            f"INSERT INTO {conn.dialect.identifier_preparer.format_table(tokens)} (owner, name, row_key, token) "
+            "SELECT * FROM unnest(CAST(:o AS varchar[]), CAST(:n AS varchar[]), CAST(:r AS varchar[]), "
+            "CAST(:t AS bigint[]))"
+        )
+        for start in range(0, len(rows), _CHUNK * 100):
+            chunk = rows[start : start + _CHUNK * 100]
+            columns = {
+                k: [r[c] for r in chunk] for k, c in (("o", "owner"), ("n", "name"), ("r", "row_key"), ("t", "token"))
+            }
+            conn.execute(statement, columns)
+        return
     for start in range(0, len(rows), _CHUNK * 10):
         conn.execute(insert(tokens), list(rows[start : start + _CHUNK * 10]))
 
