@@ -120,7 +120,9 @@ def _before(conn: Connection, stmt: Any, multiparams: Any, params: Any, executio
         plan = _plan_update(stmt, indexes, pk, paramsets)
     else:
         plan = ("delete", indexes, _rows_to_delete(conn, stmt, pk, paramsets))
-    conn.info.setdefault(_PENDING, []).append((stmt, plan))
+    pending = conn.info.setdefault(_PENDING, [])
+    del pending[:-8]  # plans of statements that failed (no after_execute) go
+    pending.append((stmt, plan))
     return stmt, multiparams, params
 
 
@@ -239,7 +241,10 @@ def _value(compiled: dict[str, Any], column: Any, stmt: Any) -> Any:
 
 
 def _after_insert(conn: Connection, stmt: Any, indexes: list[Any], upsert: bool, result: Any) -> None:
-    keys = [row_key_of(row[0]) for row in result.inserted_primary_key_rows]
+    found = [row[0] for row in result.inserted_primary_key_rows]
+    if None in found:  # e.g. SQLite older than 3.35: no RETURNING for many rows
+        raise _refuse(indexes, "an INSERT whose new primary keys the driver does not return; give them")
+    keys = [row_key_of(k) for k in found]
     tokens = indexes[0].tokens_table
     if upsert:
         tk.delete_row_tokens(conn, tokens, indexes[0].owner, [i.name for i in indexes], keys)
