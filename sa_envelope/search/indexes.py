@@ -133,6 +133,27 @@ class SearchIndex(SchemaItem):
     def token(self, subkey: Any, label: bytes, data: bytes) -> int:
         return tk.token_of(subkey, label, data, self.bits)
 
+    def query_subkey(self) -> Any:
+        """The subkey for a query, or ``None`` when the table has no
+        blind-index key yet (so no tokens): a query never creates a key."""
+        cached = self._subkey.get(0)
+        if cached is not None:
+            return cached[1]
+        conn = self.keys.tracker.current()
+        if conn is not None:
+            found = self.keys.store.current(conn, self.owner, kt.SCOPE_BLIND_INDEX)
+        else:
+            with self.keys.engine.connect() as own:
+                found = self.keys.store.current(own, self.owner, kt.SCOPE_BLIND_INDEX)
+        return self.subkey() if found is not None else None
+
+    def query_of(self, inputs: list[tuple[bytes, bytes]], all_required: bool) -> tuple[list[int], bool]:
+        """The tokens of a query's (label, data) inputs; none without a key."""
+        key = self.query_subkey()
+        if key is None:
+            return [], all_required
+        return sorted({self.token(key, label, data) for label, data in inputs}), all_required
+
     def normalise(self, value: Any) -> str:
         text = self.normalizer(value) if self.normalizer is not None else value
         return text if isinstance(text, str) else str(text)
@@ -196,7 +217,7 @@ class PrefixIndex(SearchIndex):
 
     def query_tokens(self, needle: Any) -> tuple[list[int], bool]:
         text = self._text_needle(needle)
-        return [self.token(self.subkey(), b"p", text[: self.max_length].encode("utf-8"))], True
+        return self.query_of([(b"p", text[: self.max_length].encode("utf-8"))], True)
 
     def accepts(self, value: Any, needle: Any) -> bool:
         return value is not None and self.normalise(value).startswith(self.normalise(needle))
@@ -241,8 +262,7 @@ class SubstringIndex(SearchIndex):
         picked = sorted({*grams[:: self.n], grams[-1]})
         step = max(1, len(picked) // self.max_query_tokens + (len(picked) % self.max_query_tokens > 0))
         chosen = picked[::step][: self.max_query_tokens]
-        key = self.subkey()
-        return sorted({self.token(key, b"g", g.encode("utf-8")) for g in chosen}), True
+        return self.query_of([(b"g", g.encode("utf-8")) for g in chosen], True)
 
     def accepts(self, value: Any, needle: Any) -> bool:
         return value is not None and self.normalise(needle) in self.normalise(value)

@@ -44,7 +44,7 @@ def find(index: Any, session: Session, attribute: Any, needle: Any, where: Seque
     """The objects whose ``attribute`` matches ``needle``, exactly."""
     expr = attribute.__clause_element__()
     entity = attribute.parent.entity
-    with index.keys.use_connection(session.connection()):  # a first key goes in this transaction
+    with index.keys.use_connection(session.connection()):  # the key table as this session sees it
         criterion = candidates(index, expr.table, needle)
     found = session.scalars(select(entity).where(criterion, *where)).all()
     return [obj for obj in found if index.accepts(getattr(obj, attribute.key), needle)]

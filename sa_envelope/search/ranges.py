@@ -209,8 +209,7 @@ class RangeIndex(SearchIndex):
         f_lo, f_hi = self._finest(lo, "bound"), self._finest(hi, "bound")
         if f_lo > f_hi:
             return [], False
-        key = self.subkey()
-        return sorted({self.token(key, n.encode(), str(b).encode()) for n, b in self.cover(f_lo, f_hi)}), False
+        return self.query_of([(n.encode(), str(b).encode()) for n, b in self.cover(f_lo, f_hi)], False)
 
     def accepts(self, value: Any, needle: Any) -> bool:
         lo, hi = _bounds(needle, self.refuse)
