@@ -157,7 +157,7 @@ def _index_bytes(engine: Engine, table: str) -> int | None:
             return None
 
 
-def _write_cost(engine: Engine, plain: Any, indexed: Any, corpus: Corpus, rows: int = 2000) -> dict[str, float]:
+def _write_cost(engine: Engine, plain: Any, indexed: Any, corpus: Corpus, rows: int = 500) -> dict[str, float]:
     rng = random.Random(5)
     data = [{"id": i + 1, "notes": " ".join(rng.choice(corpus.vocab) for _ in range(40))[:200]} for i in range(rows)]
     out: dict[str, float] = {}
