@@ -13,7 +13,7 @@ import sys
 
 from .columns.blindindex import BlindIndexType, lookup
 from .columns.encrypted import EncryptedType
-from .columns.normalizers import normalize_email, normalize_email_folded, normalize_phone
+from .columns.normalizers import normalize_email, normalize_email_folded, normalize_phone, normalize_text_folded
 from .errors import (
     ConfigurationError,
     DecryptionError,
@@ -38,6 +38,9 @@ from .providers.aws import AwsKmsProvider
 from .providers.base import DataKey, KeyProvider
 from .providers.local import LocalKeyProvider
 from .providers.spec import provider_from_spec
+from .search.indexes import PrefixIndex, SubstringIndex
+from .search.ranges import RangeIndex, powers_of
+from .search.verify import IndexReport
 
 __all__ = [
     "AwsKmsProvider",
@@ -50,6 +53,7 @@ __all__ = [
     "EncryptedType",
     "EncryptionError",
     "EnvelopeError",
+    "IndexReport",
     "KeyManager",
     "KeyNotFoundError",
     "KeyProvider",
@@ -57,10 +61,13 @@ __all__ = [
     "LivePolicy",
     "LocalKeyProvider",
     "MigrationIncompleteError",
+    "PrefixIndex",
+    "RangeIndex",
     "ReencryptReport",
     "RewrapReport",
     "RolloverPolicy",
     "RowKeyRequiredError",
+    "SubstringIndex",
     "UnauthenticatedKeyError",
     "UnsupportedQueryError",
     "UntrustedKeyError",
@@ -68,6 +75,8 @@ __all__ = [
     "normalize_email",
     "normalize_email_folded",
     "normalize_phone",
+    "normalize_text_folded",
+    "powers_of",
     "provider_from_spec",
 ]
 

@@ -55,6 +55,9 @@ from .rows.keys import RowKeys
 from .rows.orm import install_orm_hooks
 from .rows.shred import shred_instance, shred_table_row
 from .rows.prefetch import install_prefetch
+from .search import writes as search_writes
+from .search.tokens import token_table
+from .search.verify import IndexReport, verify_index
 
 __all__ = ["KeyManager"]
 
@@ -92,6 +95,7 @@ class KeyManager:
         live: LivePolicy | None = None,
     ) -> None:
         self.table = kt.key_table(metadata if metadata is not None else MetaData(), table_name)
+        self.search_table = token_table(self.table.metadata, table_name)  # search index tokens
         self.rollover = rollover if rollover is not None else RolloverPolicy()
         self.namespace = namespace
         self._live_policy = live
@@ -102,6 +106,7 @@ class KeyManager:
         self._lock = threading.RLock()
         self.engines = Engines(self._wire)
         flushcheck.install()  # values refused before the flush builds its parameters
+        search_writes.install()  # search-index tokens follow every write (sa_envelope.search)
         if engine is not None:
             self.bind(engine)
 
@@ -213,12 +218,16 @@ class KeyManager:
     # -- the key table and the cache (engine=: see keys.engines.Engines.select) ----------
 
     def create_table(self, engine: Any = None) -> None:
-        """Create the key table if it does not exist (idempotent)."""
-        self.table.create(self.engines.select(engine).engine, checkfirst=True)
+        """Create the key table and the search-token table if they do not exist (idempotent)."""
+        bound = self.engines.select(engine).engine
+        self.table.create(bound, checkfirst=True)
+        self.search_table.create(bound, checkfirst=True)
 
     async def create_table_async(self, engine: Any = None) -> None:
         """:meth:`create_table` for a KeyManager bound to an AsyncEngine."""
-        await warming.create_table_async(self.engines.select(engine).engine, self.table)
+        bound = self.engines.select(engine).engine
+        await warming.create_table_async(bound, self.table)
+        await warming.create_table_async(bound, self.search_table)
 
     def stats(self) -> dict[str, int]:
         """Counters over every bound engine: provider calls, cache hits and
@@ -327,6 +336,14 @@ class KeyManager:
             max_batches=max_batches,
             progress=progress,
         )
+
+    def verify_index(
+        self, table: Table, *, fix: bool = False, batch_size: int = 500, engine: Any = None
+    ) -> list[IndexReport]:
+        """Check that every search-index token of ``table`` matches its row's
+        value; ``fix=True`` rebuilds the rows that differ (and backfills a new
+        index). See docs/querying.md."""
+        return verify_index(self.engines.select(engine).engine, table, fix=fix, batch_size=batch_size)
 
     # -- row scope and crypto-shredding (docs/shredding.md) ------------------------------
 

@@ -48,8 +48,10 @@ from .keytable import (
     AddKeyContextVersionOp,
     AddRowDigestOp,
     CreateKeyTableOp,
+    CreateSearchTableOp,
     DropKeyTableOp,
     DropRowDigestOp,
+    DropSearchTableOp,
     RewrapKeysOp,
 )
 from .render import render_item
@@ -62,9 +64,11 @@ __all__ = [
     "ContractColumnOp",
     "DropShadowOp",
     "CreateKeyTableOp",
+    "CreateSearchTableOp",
     "DecryptColumnOp",
     "DropKeyTableOp",
     "DropRowDigestOp",
+    "DropSearchTableOp",
     "ENCRYPT_SUFFIX",
     "EncryptColumnOp",
     "KEYS_ATTRIBUTE",

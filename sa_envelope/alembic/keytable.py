@@ -10,14 +10,17 @@ from sqlalchemy import MetaData
 from ..errors import EnvelopeError
 from ..keys import table as kt
 from ..providers.spec import provider_from_spec
+from ..search.tokens import token_table
 from .context import engine_of, manager_for, require_online
 
 __all__ = [
     "AddKeyContextVersionOp",
     "AddRowDigestOp",
     "CreateKeyTableOp",
+    "CreateSearchTableOp",
     "DropKeyTableOp",
     "DropRowDigestOp",
+    "DropSearchTableOp",
     "RewrapKeysOp",
 ]
 
@@ -92,17 +95,57 @@ def _drop_row_digest(operations: Operations, op: DropRowDigestOp) -> None:
     operations.drop_column(op.table_name, "row_digest")
 
 
-@Operations.implementation_for(CreateKeyTableOp)
-def _create_key_table(operations: Operations, op: CreateKeyTableOp) -> None:
-    table = kt.key_table(MetaData(), op.table_name)
+@Operations.register_operation("create_search_table")
+class CreateSearchTableOp(_KeyTableOp):
+    """Upgrade a deployment made before search indexes: create the token
+    table beside the key table (``create_key_table`` now makes both)."""
+
+    @classmethod
+    def create_search_table(cls, operations: Operations, table_name: str = kt.KEY_TABLE_NAME) -> Any:
+        return operations.invoke(cls(table_name))
+
+    def reverse(self) -> DropSearchTableOp:
+        return DropSearchTableOp(self.table_name)
+
+
+@Operations.register_operation("drop_search_table")
+class DropSearchTableOp(_KeyTableOp):
+    """Drop the token table: every search index is gone (rebuild with verify_index(fix=True))."""
+
+    @classmethod
+    def drop_search_table(cls, operations: Operations, table_name: str = kt.KEY_TABLE_NAME) -> Any:
+        return operations.invoke(cls(table_name))
+
+    def reverse(self) -> CreateSearchTableOp:
+        return CreateSearchTableOp(self.table_name)
+
+
+def _create_like(operations: Operations, table: Any) -> None:
     operations.create_table(table.name, *(c._copy() for c in table.columns))
     for index in sorted(table.indexes, key=lambda i: str(i.name)):
         operations.create_index(str(index.name), table.name, [c.name for c in index.columns])
 
 
+@Operations.implementation_for(CreateKeyTableOp)
+def _create_key_table(operations: Operations, op: CreateKeyTableOp) -> None:
+    _create_like(operations, kt.key_table(MetaData(), op.table_name))
+    _create_like(operations, token_table(MetaData(), op.table_name))
+
+
 @Operations.implementation_for(DropKeyTableOp)
 def _drop_key_table(operations: Operations, op: DropKeyTableOp) -> None:
+    operations.drop_table(token_table(MetaData(), op.table_name).name, if_exists=True)
     operations.drop_table(op.table_name)
+
+
+@Operations.implementation_for(CreateSearchTableOp)
+def _create_search_table(operations: Operations, op: CreateSearchTableOp) -> None:
+    _create_like(operations, token_table(MetaData(), op.table_name))
+
+
+@Operations.implementation_for(DropSearchTableOp)
+def _drop_search_table(operations: Operations, op: DropSearchTableOp) -> None:
+    operations.drop_table(token_table(MetaData(), op.table_name).name)
 
 
 @Operations.register_operation("add_key_context_version")

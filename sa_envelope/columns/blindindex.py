@@ -43,6 +43,7 @@ from ..errors import ConfigurationError, EncryptionError, UnsupportedQueryError
 from ..keys import table as kt
 from .livematch import Sealed, expanding
 from .naming import ColumnNames
+from .searchable import index_for
 
 __all__ = ["BlindIndexType", "check_index_writes", "lookup"]
 
@@ -297,14 +298,30 @@ def _resolve(attribute: Any) -> tuple[Any, Any, BlindIndexType]:
     return entity, getattr(entity, key), index_type
 
 
-def lookup(session: Session, attribute: Any, value: Any, *where: Any) -> list[Any]:
-    """Objects whose ``attribute`` equals ``value`` after normalising.
+def lookup(
+    session: Session, attribute: Any, *args: Any, startswith: Any = None, contains: Any = None, between: Any = None
+) -> list[Any]:
+    """Objects whose ``attribute`` equals ``value`` after normalising:
+    ``lookup(session, attr, value, *where)``.
 
     ``attribute`` is the source attribute (``User.email``) or its index
     (``User.email_index``); ``where`` adds criteria. Candidates come from the
     index; each is checked against its decrypted value, so the result holds
     exactly the matching rows, never a colliding one.
+
+    With ``startswith=``, ``contains=`` or ``between=(low, high)`` instead of
+    a value (``lookup(session, attr, *where, contains="x")``), the column's
+    search index answers (:mod:`sa_envelope.search`), re-checked the same way.
     """
+    asked = [(k, v) for k, v in (("prefix", startswith), ("substring", contains), ("range", between)) if v is not None]
+    if asked:
+        if len(asked) > 1:
+            raise ConfigurationError("pass one of startswith=, contains= and between= per lookup")
+        kind, needle = asked[0]
+        return index_for(attribute, kind).find(session, attribute, needle, args)  # type: ignore[no-any-return]
+    if not args:
+        raise ConfigurationError("lookup() needs a value, or one of startswith=, contains= and between=")
+    value, *where = args
     entity, index_attr, index_type = _resolve(attribute)
     wanted = index_type.normalise(value)
     candidates = session.scalars(select(entity).where(index_attr.matches(value), *where)).all()

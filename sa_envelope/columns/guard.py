@@ -44,7 +44,9 @@ def _check_select(stmt: Select[Any] | CompoundSelect[Any]) -> None:
             raise unsupported(
                 found,
                 "ORDER BY",
-                "Ciphertext order is meaningless. Sort in Python after loading, or order by a plaintext column.",
+                "Ciphertext order is meaningless. Bound the result (a filter, a RangeIndex lookup "
+                "between=(low, high), .limit(n)), then sort it in Python: "
+                "sorted(rows, key=lambda row: row.<column>); or order by a plaintext column.",
             )
     if isinstance(stmt, CompoundSelect):
         return

@@ -18,7 +18,7 @@ import unicodedata
 
 from ..errors import EncryptionError
 
-__all__ = ["normalize_email", "normalize_email_folded", "normalize_phone"]
+__all__ = ["normalize_email", "normalize_email_folded", "normalize_phone", "normalize_text_folded"]
 
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
@@ -76,3 +76,13 @@ def normalize_phone(value: str) -> str:
             raise EncryptionError("a phone number may hold only digits, separators and a leading +")
         digits.append(str(digit))
     return ("+" if plus else "") + _not_empty("".join(digits), "phone number")
+
+
+def normalize_text_folded(value: str) -> str:
+    """For search indexes over prose and names: NFKD, accents (combining
+    marks) dropped, full case folding, NFC. ``Émile`` matches ``emile``,
+    ``STRASSE`` matches ``straße``. May be empty: a search index stores no
+    token for it, and a lookup refuses an empty needle."""
+    decomposed = unicodedata.normalize("NFKD", value)
+    bare = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return unicodedata.normalize("NFC", bare.casefold())

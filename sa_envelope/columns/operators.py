@@ -30,6 +30,7 @@ from sqlalchemy.types import NullType, TypeDecorator
 from ..errors import UnsupportedQueryError
 from . import migrating
 from .livematch import expand
+from .searchable import index_for
 
 __all__ = ["EncryptedComparator", "check_comparison", "unsupported"]
 
@@ -77,14 +78,16 @@ def _advice(expr_type: Any, op: Any) -> tuple[str, str]:
     if op in ORDERING:
         return (
             f"ordering ({name})",
-            "Sort or range-filter in Python after loading, or keep a plaintext "
-            "column for the part you need to order by.",
+            "For ranges, declare a RangeIndex and use lookup(session, attr, between=(low, high)) "
+            "or .matches_range(low, high); sort a bounded result in Python, or keep a "
+            "plaintext column for the part you need to order by.",
         )
     if any(p in name for p in PATTERN_NAMES):
         return (
             f"pattern matching ({name})",
-            "Use == on a deterministic=True column, or a BlindIndex over a "
-            "normalised value (sa_envelope.BlindIndexType, lookup()).",
+            "Use == on a deterministic=True column, a BlindIndex over a normalised "
+            "value (sa_envelope.BlindIndexType, lookup()), or a PrefixIndex / SubstringIndex "
+            "and lookup(session, attr, startswith=... | contains=...).",
         )
     if op in EQUALITY and not getattr(expr_type, "deterministic", False):
         return (
@@ -200,3 +203,17 @@ class EncryptedComparator(TypeDecorator.Comparator[Any]):
     def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:
         check_comparison(self.expr, op, (other,))
         return super().reverse_operate(op, other, **kwargs)
+
+    # candidates from the column's search indexes (sa_envelope.search): re-check, or use lookup()
+
+    def matches_prefix(self, text: str) -> Any:
+        """Rows whose value may start with ``text`` (the column's PrefixIndex)."""
+        return index_for(self.expr, "prefix").candidates(self.expr, text)
+
+    def matches_substring(self, text: str) -> Any:
+        """Rows whose value may contain ``text`` (the column's SubstringIndex)."""
+        return index_for(self.expr, "substring").candidates(self.expr, text)
+
+    def matches_range(self, low: Any, high: Any) -> Any:
+        """Rows whose value may lie in ``low .. high``, inclusive (the column's RangeIndex)."""
+        return index_for(self.expr, "range").candidates(self.expr, (low, high))

@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("keys",),
     ("columns",),
     ("rows",),
+    ("search",),
     ("jobs",),
     ("manager",),
     ("cli", "alembic", "__init__", "__main__"),

@@ -1,0 +1,273 @@
+"""Search benchmark: prefix, substring and range lookups on encrypted columns
+against the same queries on a plaintext twin; the write cost of a substring
+index; the stored index size per row.
+
+Not a test. Run ``python -m benchmarks.search [--rows 100000] [--backends sqlite,postgresql,mysql]``.
+Each backend gets a database of its own (``sae_search_bench``, dropped
+afterwards; SQLite: a temporary file). Keys come from a LocalKeyProvider (no
+KMS call is on a lookup's path once the key is cached). Both sides load ORM
+objects: ``lookup()`` (token query, decryption, re-check) against
+``session.scalars(select(Twin).where(...))``. On PostgreSQL the twin's text
+columns have ``pg_trgm`` GIN indexes (if the extension is installed) and its
+date a B-tree; on MariaDB and SQLite the twin's ``LIKE '%x%'`` is a full scan.
+Results go to ``benchmarks/results/search-<time>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from sqlalchemy import Date, Integer, String, create_engine, func, insert, select, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from sa_envelope import EncryptedType, KeyManager, LocalKeyProvider, PrefixIndex, RangeIndex, SubstringIndex, lookup
+
+DB = "sae_search_bench"
+SERVERS = {
+    "postgresql": ("postgresql+psycopg://postgres@127.0.0.1:5432/", "postgres"),
+    "mysql": ("mysql+pymysql://root@127.0.0.1:3306/", ""),
+}
+RESULTS = Path(__file__).resolve().parent / "results"
+NEEDLES = 15
+
+
+def _words(rng: random.Random, count: int) -> list[str]:
+    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ber", "dan", "gor", "hil", "pen", "cil", "lin", "qu"]
+    return sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(2, 4))) for _ in range(count)})
+
+
+class Corpus:
+    """Generated names (first + last), notes of ~60 characters and dates."""
+
+    def __init__(self, rows: int, seed: int = 3) -> None:
+        rng = random.Random(seed)
+        self.first = [w.capitalize() for w in _words(rng, 400)][:200]
+        self.last = [w.capitalize() for w in _words(rng, 3000)]
+        self.vocab = _words(rng, 2500)
+        self.rows = [
+            {
+                "id": i + 1,
+                "name": f"{rng.choice(self.first)} {rng.choice(self.last)}",
+                "notes": " ".join(rng.choice(self.vocab) for _ in range(8))[:60],
+                "born": dt.date(1900, 1, 1) + dt.timedelta(days=rng.randrange(120 * 365)),
+            }
+            for i in range(rows)
+        ]
+        self.rng = rng
+
+    def prefixes(self) -> list[str]:
+        return [self.rng.choice(self.first)[: self.rng.randint(3, 5)] for _ in range(NEEDLES)]
+
+    def substrings(self) -> list[str]:
+        return [w for w in (self.rng.choice(self.vocab) for _ in range(NEEDLES * 3)) if len(w) >= 6][:NEEDLES]
+
+    def ranges(self) -> list[tuple[dt.date, dt.date]]:
+        starts = [dt.date(1900, 1, 1) + dt.timedelta(days=self.rng.randrange(118 * 365)) for _ in range(NEEDLES)]
+        return [(s, s + dt.timedelta(days=438)) for s in starts]  # ~1% of 120 years
+
+
+def models(keys: KeyManager, notes_length: int = 200) -> tuple[Any, Any, Any]:
+    class Base(DeclarativeBase):
+        pass
+
+    class Patient(Base):
+        __tablename__ = "bench_search_patients"
+        id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+        name: Mapped[str] = mapped_column(EncryptedType(String(100), keys))
+        notes: Mapped[str] = mapped_column(EncryptedType(String(notes_length), keys))
+        born: Mapped[dt.date] = mapped_column(EncryptedType(Date, keys))
+        __table_args__ = (
+            PrefixIndex("name", keys, max_length=8),
+            SubstringIndex("notes", keys, n=3),
+            RangeIndex("born", keys, granularities=("year", "month", "day")),
+        )
+
+    class Twin(Base):
+        __tablename__ = "bench_search_twin"
+        id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+        name: Mapped[str] = mapped_column(String(100))
+        notes: Mapped[str] = mapped_column(String(notes_length))
+        born: Mapped[dt.date] = mapped_column(Date, index=True)
+
+    class Plain(Base):  # encrypted, no search index: the write-cost baseline
+        __tablename__ = "bench_search_plain"
+        id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+        notes: Mapped[str] = mapped_column(EncryptedType(String(notes_length), keys))
+
+    class Indexed(Base):  # the same with a substring index
+        __tablename__ = "bench_search_indexed"
+        id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+        notes: Mapped[str] = mapped_column(EncryptedType(String(notes_length), keys))
+        __table_args__ = (SubstringIndex("notes", keys, n=3),)
+
+    return Patient, Twin, (Plain, Indexed)
+
+
+def _median_ms(run: Callable[[Any], Any], needles: list[Any]) -> float:
+    run(needles[0])  # warm: plans, caches
+    times = []
+    for needle in needles:
+        start = time.perf_counter()
+        run(needle)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def _trigram_indexes(engine: Engine) -> str:
+    with engine.begin() as conn:
+        available = conn.execute(text("SELECT 1 FROM pg_available_extensions WHERE name = 'pg_trgm'")).first()
+        if available is None:
+            return "pg_trgm not installed on this server: the twin's LIKE is a plain scan"
+        conn.execute(text("CREATE EXTENSION IF NOT EXISTS pg_trgm"))
+        for column in ("name", "notes"):
+            conn.execute(
+                text(f"CREATE INDEX bench_twin_{column}_trgm ON bench_search_twin USING gin ({column} gin_trgm_ops)")
+            )
+        conn.execute(text("ANALYZE"))
+    return "pg_trgm GIN indexes on the twin's name and notes"
+
+
+def _index_bytes(engine: Engine, table: str) -> int | None:
+    with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            return int(conn.execute(text(f"SELECT pg_total_relation_size('{table}')")).scalar() or 0)
+        if conn.dialect.name in ("mysql", "mariadb"):
+            conn.execute(text(f"ANALYZE TABLE {table}"))
+            row = conn.execute(
+                text(
+                    "SELECT data_length + index_length FROM information_schema.tables "
+                    "WHERE table_schema = DATABASE() AND table_name = :t"
+                ),
+                {"t": table},
+            ).scalar()
+            return int(row or 0)
+        try:
+            return int(conn.execute(text(f"SELECT sum(pgsize) FROM dbstat WHERE name LIKE '{table}%' OR name LIKE 'ix_{table}%'")).scalar() or 0)
+        except Exception:  # noqa: BLE001  (dbstat not compiled in)
+            return None
+
+
+def _write_cost(engine: Engine, plain: Any, indexed: Any, corpus: Corpus, rows: int = 500) -> dict[str, float]:
+    rng = random.Random(5)
+    data = [{"id": i + 1, "notes": " ".join(rng.choice(corpus.vocab) for _ in range(40))[:200]} for i in range(rows)]
+    out: dict[str, float] = {}
+    for label, model in (("without", plain), ("with", indexed)):
+        times = []
+        for _ in range(3):
+            with engine.begin() as conn:
+                conn.execute(model.__table__.delete())
+            start = time.perf_counter()
+            with engine.begin() as conn:
+                conn.execute(insert(model.__table__), data)
+            times.append(time.perf_counter() - start)
+        out[f"insert_{label}_index_rows_per_s"] = rows / statistics.median(times)
+    out["insert_ratio"] = out["insert_without_index_rows_per_s"] / out["insert_with_index_rows_per_s"]
+    return out
+
+
+def run_backend(name: str, url: str, rows: int) -> dict[str, Any]:
+    engine = create_engine(url)
+    keys = KeyManager(engine, LocalKeyProvider(os.urandom(32)), table_name="bench_sa_envelope_keys")
+    keys.create_table()
+    Patient, Twin, (Plain, Indexed) = models(keys)
+    Patient.metadata.create_all(engine)
+    corpus = Corpus(rows)
+    result: dict[str, Any] = {"backend": name, "rows": rows}
+    start = time.perf_counter()
+    for chunk in range(0, rows, 5000):
+        with engine.begin() as conn:
+            conn.execute(insert(Patient.__table__), corpus.rows[chunk : chunk + 5000])
+            conn.execute(insert(Twin.__table__), corpus.rows[chunk : chunk + 5000])
+    result["load_seconds"] = round(time.perf_counter() - start, 1)
+    result["twin_indexes"] = _trigram_indexes(engine) if name == "postgresql" else "B-tree on born only (LIKE scans)"
+    if name != "postgresql":
+        with engine.begin() as conn:
+            conn.execute(text("ANALYZE" if name == "sqlite" else f"ANALYZE TABLE {keys.search_table.name}"))
+    with engine.connect() as conn:
+        tokens = conn.execute(select(func.count()).select_from(keys.search_table)).scalar() or 0
+    size = _index_bytes(engine, keys.search_table.name)
+    result["tokens_per_row"] = round(tokens / rows, 1)
+    result["index_bytes_per_row"] = round(size / rows) if size else None
+    with Session(engine) as session:
+        kinds = (
+            ("prefix", corpus.prefixes(), lambda n: lookup(session, Patient.name, startswith=n), Twin.name.startswith),
+            ("substring", corpus.substrings(), lambda n: lookup(session, Patient.notes, contains=n), Twin.notes.contains),
+            ("range", corpus.ranges(), lambda n: lookup(session, Patient.born, between=n), lambda n: Twin.born.between(*n)),
+        )
+        for kind, needles, ours, theirs in kinds:
+            hits = [len(ours(n)) for n in needles]
+            assert hits == [len(session.scalars(select(Twin).where(theirs(n))).all()) for n in needles]
+            result[f"{kind}_median_hits"] = statistics.median(hits)
+            result[f"{kind}_ms"] = round(_median_ms(ours, needles), 2)
+            result[f"{kind}_twin_ms"] = round(_median_ms(lambda n: session.scalars(select(Twin).where(theirs(n))).all(), needles), 2)
+            result[f"{kind}_ratio"] = round(result[f"{kind}_ms"] / result[f"{kind}_twin_ms"], 2)
+            session.expunge_all()
+    result.update({k: round(v, 2) for k, v in _write_cost(engine, Plain, Indexed, corpus).items()})
+    engine.dispose()
+    return result
+
+
+def _url(name: str, tmp: str) -> tuple[str, Callable[[], None]]:
+    if name == "sqlite":
+        return f"sqlite:///{tmp}/search.db", lambda: None
+    base, admin_db = SERVERS[name]
+    admin = create_engine(base + admin_db, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS {DB}"))
+        conn.execute(text(f"CREATE DATABASE {DB}"))
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {DB}"))
+        admin.dispose()
+
+    return base + DB + ("?charset=utf8mb4" if name == "mysql" else ""), drop
+
+
+def _markdown(results: list[dict[str, Any]]) -> str:
+    lines = ["| backend | kind | lookup ms | twin ms | ratio | median hits |", "|---|---|---|---|---|---|"]
+    for r in results:
+        for kind in ("prefix", "substring", "range"):
+            lines.append(f"| {r['backend']} | {kind} | {r[kind + '_ms']} | {r[kind + '_twin_ms']} | {r[kind + '_ratio']} | {r[kind + '_median_hits']} |")
+    lines += ["", "| backend | rows | tokens/row | index bytes/row | insert rows/s without | with substring index | ratio | twin |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(
+            f"| {r['backend']} | {r['rows']} | {r['tokens_per_row']} | {r['index_bytes_per_row']} | "
+            f"{r['insert_without_index_rows_per_s']} | {r['insert_with_index_rows_per_s']} | {r['insert_ratio']} | {r['twin_indexes']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--backends", default="sqlite,postgresql,mysql")
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.backends.split(","):
+            url, drop = _url(name, tmp)
+            try:
+                results.append(run_backend(name, url, args.rows))
+                print(json.dumps(results[-1]), flush=True)
+            finally:
+                drop()
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"search-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"search-{stamp}.md").write_text(_markdown(results))
+    print(_markdown(results))
+
+
+if __name__ == "__main__":
+    main()

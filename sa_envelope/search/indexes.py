@@ -1,0 +1,268 @@
+"""Prefix and substring indexes, and what every search index shares.
+
+Declared beside the encrypted column, in the table's arguments::
+
+    class Patient(Base):
+        __tablename__ = "patients"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(EncryptedType(String(200), keys))
+        notes: Mapped[str] = mapped_column(EncryptedType(String(2000), keys))
+        __table_args__ = (
+            PrefixIndex("name", keys, max_length=8, normalizer=normalize_text_folded),
+            SubstringIndex("notes", keys, n=3),
+        )
+
+    lookup(session, Patient.name, startswith="ada")
+    lookup(session, Patient.notes, contains="penicillin")
+
+An index stores, per row, a set of *tokens* (:mod:`.tokens`): truncated,
+keyed digests of the normalised value's prefixes or n-grams. A query turns
+its needle into tokens the same way, the database returns the rows holding
+them (*candidates*: truncated digests collide by design), and
+:func:`~sa_envelope.lookup` re-checks each candidate against its decrypted
+value. The key is the table's blind-index key (scope ``blind-index``), with
+a subkey per index kind, column and settings; it never rolls over by itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from sqlalchemy import Column, Table
+from sqlalchemy.sql.schema import SchemaItem
+
+from ..errors import ConfigurationError, EncryptionError, UnsupportedQueryError
+from ..keys import table as kt
+from . import tokens as tk
+from . import query
+from ..columns.searchable import INFO_KEY
+
+__all__ = ["PrefixIndex", "SearchIndex", "SubstringIndex"]
+
+
+class SearchIndex(SchemaItem):
+    """A set of tokens per row, derived from the value of column ``source``.
+
+    ``source`` is the encrypted column's name; ``keys`` its KeyManager;
+    ``normalizer`` maps a value to the text that is indexed and compared
+    (default: the value as is); ``bits`` (8 to 64) is the size of a token:
+    fewer bits, more candidates to re-check and less for a database reader
+    to learn. ``context="table.column"`` pins the names (as for
+    EncryptedType), so a rename keeps the tokens valid.
+    """
+
+    __visit_name__ = "sa_envelope_search_index"
+    kind = ""
+
+    def __init__(
+        self,
+        source: str,
+        keys: Any,
+        *,
+        normalizer: Callable[[Any], Any] | None = None,
+        bits: int = 32,
+        context: str | None = None,
+    ) -> None:
+        if not 8 <= bits <= 64:
+            raise ConfigurationError(f"bits must be from 8 to 64, got {bits}")
+        self.source, self.keys, self.normalizer, self.bits = source, keys, normalizer, bits
+        self.context = context
+        self.table: Table | None = None
+        self.owner = ""
+        self.column = ""
+        self._subkey: dict[int, tuple[Any, Any]] = {}
+
+    # -- the table ---------------------------------------------------------------------
+
+    def _set_parent(self, parent: Any, **kw: Any) -> None:
+        if not isinstance(parent, Table):
+            raise ConfigurationError(f"{type(self).__name__} belongs in a table's arguments")
+        if self.source not in parent.c:
+            raise ConfigurationError(f"{type(self).__name__}: {parent.fullname} has no column {self.source!r}")
+        self.table = parent
+        self.owner, self.column = parent.fullname, parent.c[self.source].name
+        if self.context is not None:
+            self.owner, _, self.column = self.context.rpartition(".")
+        known = parent.info.setdefault(INFO_KEY, [])
+        if any(i.kind == self.kind and i.source == self.source for i in known):
+            raise ConfigurationError(f"{parent.fullname}.{self.source} has two {self.kind} indexes")
+        known.append(self)
+
+    @property
+    def name(self) -> str:
+        """The index's name in the token table: ``column/kind``."""
+        return f"{self.column}/{self.kind}"
+
+    @property
+    def tokens_table(self) -> Table:
+        return tk.token_table(self.keys.table.metadata, self.keys.table.name)
+
+    def source_column(self) -> Column[Any]:
+        assert self.table is not None
+        return self.table.c[self.source]
+
+    def pk_column(self) -> Column[Any]:
+        """The one primary-key column whose value keys a row's tokens."""
+        assert self.table is not None
+        columns = list(self.table.primary_key.columns)
+        if len(columns) != 1:
+            raise ConfigurationError(
+                f"a search index needs a one-column primary key; {self.owner} has {len(columns)}",
+                table=self.owner,
+                column=self.column,
+            )
+        return columns[0]
+
+    def settings(self) -> str:
+        """What besides the key changes the tokens (bound into the subkey)."""
+        return f"bits={self.bits}"
+
+    # -- tokens ------------------------------------------------------------------------
+
+    def subkey(self) -> Any:
+        """The HMAC of this index, keyed from the table's blind-index key."""
+        if self.table is None or self.keys is None:
+            raise EncryptionError("this search index is not attached to a table", column=self.source)
+        entry = self.keys.store.encryption_key(self.owner, kt.SCOPE_BLIND_INDEX)
+        cached_entry, base = self._subkey.get(0, (None, None))
+        if cached_entry is not entry:  # a new or re-loaded key: derive once
+            base = entry.cipher.subkey(tk.derive_context(self.kind, self.owner, self.column, self.settings()))
+            entry.remember(self._subkey, 0, (entry, base))
+        return base
+
+    def token(self, subkey: Any, label: bytes, data: bytes) -> int:
+        return tk.token_of(subkey, label, data, self.bits)
+
+    def query_subkey(self) -> Any:
+        """The subkey for a query, or ``None`` when the table has no
+        blind-index key yet (so no tokens): a query never creates a key."""
+        cached = self._subkey.get(0)
+        if cached is not None:
+            return cached[1]
+        conn = self.keys.tracker.current()
+        if conn is not None:
+            found = self.keys.store.current(conn, self.owner, kt.SCOPE_BLIND_INDEX)
+        else:
+            with self.keys.engine.connect() as own:
+                found = self.keys.store.current(own, self.owner, kt.SCOPE_BLIND_INDEX)
+        return self.subkey() if found is not None else None
+
+    def query_of(self, inputs: list[tuple[bytes, bytes]], all_required: bool) -> tuple[list[int], bool]:
+        """The tokens of a query's (label, data) inputs; none without a key."""
+        key = self.query_subkey()
+        if key is None:
+            return [], all_required
+        return sorted({self.token(key, label, data) for label, data in inputs}), all_required
+
+    def normalise(self, value: Any) -> str:
+        text = self.normalizer(value) if self.normalizer is not None else value
+        return text if isinstance(text, str) else str(text)
+
+    def tokens(self, value: Any) -> set[int]:  # pragma: no cover - each kind has its own
+        raise NotImplementedError
+
+    def query_tokens(self, needle: Any) -> tuple[list[int], bool]:  # pragma: no cover
+        """(tokens, all_required) a needle's rows hold."""
+        raise NotImplementedError
+
+    def accepts(self, value: Any, needle: Any) -> bool:  # pragma: no cover
+        """The exact test of one decrypted value (the re-check)."""
+        raise NotImplementedError
+
+    def refuse(self, why: str) -> UnsupportedQueryError:
+        return UnsupportedQueryError(f"{self.owner}.{self.column}: {why}", table=self.owner, column=self.column)
+
+    def _text_needle(self, needle: Any) -> str:
+        if not isinstance(needle, str):
+            raise self.refuse(f"a {self.kind} search takes a str, got {type(needle).__name__}")
+        text = self.normalise(needle)
+        if not text:
+            raise self.refuse(f"an empty {self.kind} needle would match every row: refused")
+        return text
+
+    def candidates(self, expr: Any, needle: Any) -> Any:
+        """The SQL criterion of the rows that may match ``needle`` (re-check them)."""
+        return query.candidates(self, getattr(expr, "table", None), needle)
+
+    def find(self, session: Any, attribute: Any, needle: Any, where: Any) -> list[Any]:
+        """Exactly the objects whose value matches ``needle`` (see lookup())."""
+        return query.find(self, session, attribute, needle, where)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.source!r}, {self.settings()})"
+
+
+class PrefixIndex(SearchIndex):
+    """Tokens of the normalised value's first 1 .. ``max_length`` characters.
+
+    Answers ``startswith``. A needle longer than ``max_length`` is looked up
+    by its first ``max_length`` characters and re-checked in full. Reveals
+    which rows share each prefix up to ``max_length`` (docs/querying.md).
+    """
+
+    kind = "prefix"
+
+    def __init__(self, source: str, keys: Any, *, max_length: int = 8, **kw: Any) -> None:
+        super().__init__(source, keys, **kw)
+        if not 1 <= max_length <= 64:
+            raise ConfigurationError(f"max_length must be from 1 to 64, got {max_length}")
+        self.max_length = max_length
+
+    def settings(self) -> str:
+        return f"bits={self.bits};max_length={self.max_length}"
+
+    def tokens(self, value: Any) -> set[int]:
+        text, key = self.normalise(value), self.subkey()
+        return {self.token(key, b"p", text[:i].encode("utf-8")) for i in range(1, min(len(text), self.max_length) + 1)}
+
+    def query_tokens(self, needle: Any) -> tuple[list[int], bool]:
+        text = self._text_needle(needle)
+        return self.query_of([(b"p", text[: self.max_length].encode("utf-8"))], True)
+
+    def accepts(self, value: Any, needle: Any) -> bool:
+        return value is not None and self.normalise(value).startswith(self.normalise(needle))
+
+
+class SubstringIndex(SearchIndex):
+    """Tokens of the normalised value's n-grams (``n`` characters, 3 by default).
+
+    Answers ``contains`` for needles of at least ``n`` characters: a row is
+    a candidate when it holds every n-gram of the needle (up to
+    ``max_query_tokens`` of them, spread over the needle). Reveals which rows
+    share each n-gram, and how many distinct n-grams a value has.
+    """
+
+    kind = "substring"
+
+    def __init__(self, source: str, keys: Any, *, n: int = 3, max_query_tokens: int = 8, **kw: Any) -> None:
+        super().__init__(source, keys, **kw)
+        if not 1 <= n <= 16:
+            raise ConfigurationError(f"n must be from 1 to 16, got {n}")
+        self.n, self.max_query_tokens = n, max(1, max_query_tokens)
+
+    def settings(self) -> str:
+        return f"bits={self.bits};n={self.n}"
+
+    def grams(self, text: str) -> list[str]:
+        return [text[i : i + self.n] for i in range(len(text) - self.n + 1)]
+
+    def tokens(self, value: Any) -> set[int]:
+        key = self.subkey()
+        return {self.token(key, b"g", g.encode("utf-8")) for g in set(self.grams(self.normalise(value)))}
+
+    def query_tokens(self, needle: Any) -> tuple[list[int], bool]:
+        text = self._text_needle(needle)
+        if len(text) < self.n:
+            raise self.refuse(
+                f"a contains needle needs at least {self.n} characters (n={self.n}); "
+                f"got {len(text)}: filter a bounded result in Python instead"
+            )
+        grams = self.grams(text)
+        # non-overlapping n-grams and the last one cover the needle; a few suffice
+        picked = sorted({*grams[:: self.n], grams[-1]})
+        step = max(1, len(picked) // self.max_query_tokens + (len(picked) % self.max_query_tokens > 0))
+        chosen = picked[::step][: self.max_query_tokens]
+        return self.query_of([(b"g", g.encode("utf-8")) for g in chosen], True)
+
+    def accepts(self, value: Any, needle: Any) -> bool:
+        return value is not None and self.normalise(needle) in self.normalise(value)

@@ -1,0 +1,50 @@
+"""Candidates from the token table, and exact answers from the candidates.
+
+``candidates()`` is the SQL criterion ``pk IN (SELECT row_key FROM tokens
+WHERE owner, index AND token IN (...))``: for a substring needle, grouped so
+that only rows holding *every* needle token remain. Truncated digests
+collide, and a database writer may add tokens, so these are candidates:
+:func:`find` re-checks each against its decrypted value, which makes the
+result exactly the rows a plaintext ``LIKE`` / ``BETWEEN`` would return.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from sqlalchemy import String, cast, false, func, select
+from sqlalchemy.orm import Session
+
+__all__ = ["candidates", "find"]
+
+
+def candidates(index: Any, table: Any, needle: Any) -> Any:
+    """Rows of ``table`` (the indexed table or an alias of it) that may match."""
+    tokens_found, all_required = index.query_tokens(needle)
+    if not tokens_found:
+        return false()
+    tokens = index.tokens_table
+    pk = index.pk_column()
+    row_key: Any = tokens.c.row_key if isinstance(pk.type, String) else cast(tokens.c.row_key, pk.type)
+    token = tokens.c.token
+    query = select(row_key).where(
+        tokens.c.owner == index.owner,
+        tokens.c.name == index.name,
+        token == tokens_found[0] if len(tokens_found) == 1 else token.in_(tokens_found),
+    )
+    if all_required and len(tokens_found) > 1:
+        # count(*), not count(DISTINCT): hashable, and a duplicated (forged) token
+        # only adds a candidate, which the re-check discards
+        query = query.group_by(tokens.c.row_key).having(func.count() >= len(tokens_found))
+    target = getattr(table, "c", None)
+    return (target[pk.key] if target is not None else pk).in_(query)
+
+
+def find(index: Any, session: Session, attribute: Any, needle: Any, where: Sequence[Any]) -> list[Any]:
+    """The objects whose ``attribute`` matches ``needle``, exactly."""
+    expr = attribute.__clause_element__()
+    entity = attribute.parent.entity
+    with index.keys.use_connection(session.connection()):  # the key table as this session sees it
+        criterion = candidates(index, expr.table, needle)
+    found = session.scalars(select(entity).where(criterion, *where)).all()
+    return [obj for obj in found if index.accepts(getattr(obj, attribute.key), needle)]

@@ -1,0 +1,279 @@
+"""Tokens kept in step with their rows, on every write path, in its transaction.
+
+Every write reaches the database as a Core statement, whether it comes from
+``conn.execute(insert(t), rows)``, an ORM flush, an ORM bulk statement or an
+upsert. Two listeners on every Engine (``before_execute``, ``after_execute``)
+see each one, and for a table with search indexes:
+
+* **INSERT** (one row, many rows, ORM flush, ORM bulk): the primary keys are
+  asked back (``return_defaults()``) when not given; afterwards the tokens
+  of each row's values are inserted on the same connection.
+* **UPDATE** of an indexed column: only by primary key (``WHERE pk = :value``,
+  as the ORM flush and ORM bulk updates do, optionally ``AND`` more criteria
+  for one row at a time); afterwards the row's tokens are replaced.
+* **DELETE** (any criteria): the rows' keys are selected first; afterwards
+  their tokens are deleted. A row inserted by another transaction between
+  the two keeps its tokens: a stale token only adds a candidate that the
+  re-check discards, never a wrong row.
+* **Upsert** (``on_conflict_do_update`` on the primary key,
+  ``on_duplicate_key_update`` on a table with no other unique key), setting
+  each indexed column from the inserted values: the row's tokens are replaced.
+
+Anything else that would change an indexed value (an UPDATE by other
+criteria, a primary-key change, multi-row ``values([...])``, INSERT FROM
+SELECT, ``on_conflict_do_nothing``) raises :class:`UnsupportedQueryError`
+*before* it runs, so nothing is written with its tokens out of step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from sqlalchemy import Connection, Engine, String, UniqueConstraint, cast, delete, event, select
+from sqlalchemy.sql import operators as ops
+from sqlalchemy.sql.elements import BindParameter, BinaryExpression, BooleanClauseList
+
+from ..columns.rowvalue import RowValue
+from ..columns.searchable import indexes_of
+from ..errors import UnsupportedQueryError
+from . import tokens as tk
+
+__all__ = ["install", "row_key_of", "token_rows"]
+
+_PENDING = "sa_envelope_search_pending"
+_installed = False
+
+
+def install() -> None:
+    """Listen on every Engine (idempotent; a statement on a table without
+    search indexes costs two attribute reads)."""
+    global _installed
+    if not _installed:
+        event.listen(Engine, "before_execute", _before, retval=True)
+        event.listen(Engine, "after_execute", _after)
+        _installed = True
+
+
+def row_key_of(value: Any) -> str:
+    """A primary-key value as the token table stores it."""
+    return str(value)
+
+
+def token_rows(index: Any, row_key: str, value: Any) -> list[dict[str, Any]]:
+    """The token-table rows of one row's value (none for NULL)."""
+    if isinstance(value, RowValue):
+        value = value.value
+    if value is None:
+        return []
+    return [
+        {"owner": index.owner, "name": index.name, "row_key": row_key, "token": t} for t in sorted(index.tokens(value))
+    ]
+
+
+def _refuse(indexes: Sequence[Any], why: str) -> UnsupportedQueryError:
+    index = indexes[0]
+    return UnsupportedQueryError(
+        f"{index.owner}: {why}; its search index ({index.name}) would go out of step with the rows",
+        table=index.owner,
+        column=index.column,
+    )
+
+
+def _key(k: Any) -> str:
+    return str(getattr(k, "key", k))
+
+
+def _written(stmt: Any, paramsets: Sequence[Any]) -> set[str]:
+    keys = {_key(k) for k in (stmt._values or ())}
+    for first in paramsets[:1]:
+        if isinstance(first, dict):
+            keys.update(first)
+    return keys
+
+
+def _pk_bind(where: Any, pk: Any) -> tuple[BindParameter[Any] | None, bool]:
+    """(the bind of ``pk = :x`` in ``where``, whether other criteria are ANDed)."""
+    terms = list(where.clauses) if isinstance(where, BooleanClauseList) and where.operator is ops.and_ else [where]
+    for term in terms:
+        if isinstance(term, BinaryExpression) and term.operator is ops.eq:
+            left, right = term.left, term.right
+            if isinstance(right, BindParameter) and getattr(left, "key", None) == pk.key and left.table is pk.table:
+                return right, len(terms) > 1
+    return None, False
+
+
+# -- before: refuse, or plan --------------------------------------------------------------
+
+
+def _before(conn: Connection, stmt: Any, multiparams: Any, params: Any, execution_options: Any) -> Any:
+    if not getattr(stmt, "is_dml", False):
+        return stmt, multiparams, params
+    indexes = indexes_of(getattr(stmt, "table", None))
+    if not indexes:
+        return stmt, multiparams, params
+    paramsets = list(multiparams) if multiparams else [params or {}]
+    pk = indexes[0].pk_column()
+    plan: tuple[Any, ...]
+    if stmt.is_insert:
+        stmt, plan = _plan_insert(stmt, indexes, pk, paramsets)
+    elif stmt.is_update:
+        plan = _plan_update(stmt, indexes, pk, paramsets)
+    else:
+        plan = ("delete", indexes, _rows_to_delete(conn, stmt, pk, paramsets))
+    pending = conn.info.setdefault(_PENDING, [])
+    del pending[:-8]  # plans of statements that failed (no after_execute) go
+    pending.append((stmt, plan))
+    return stmt, multiparams, params
+
+
+def _plan_insert(stmt: Any, indexes: list[Any], pk: Any, paramsets: Sequence[Any]) -> tuple[Any, tuple[Any, ...]]:
+    if stmt._multi_values:
+        raise _refuse(indexes, "a multi-row values([...]) INSERT; pass the rows as a list of parameters instead")
+    if getattr(stmt, "select", None) is not None:
+        raise _refuse(indexes, "INSERT ... FROM SELECT")
+    upsert = stmt._post_values_clause is not None
+    if upsert:
+        _check_upsert(stmt, indexes, pk, paramsets)
+    if not stmt._return_defaults and not stmt._returning:
+        stmt = stmt.return_defaults()  # the new rows' keys, also from executemany
+    elif stmt._returning and not stmt._return_defaults:
+        stmt = stmt.return_defaults()
+    return stmt, ("insert", indexes, upsert)
+
+
+def _check_upsert(stmt: Any, indexes: list[Any], pk: Any, paramsets: Sequence[Any]) -> None:
+    clause = stmt._post_values_clause
+    given = {_key(k) for k in (stmt._values or ())}
+    if not all(pk.key in given or (isinstance(p, dict) and pk.key in p) for p in paramsets):
+        raise _refuse(indexes, "an upsert that does not give the primary key")
+    sets = getattr(clause, "update_values_to_set", None)
+    if sets is None:
+        sets = getattr(clause, "update", None)
+    if sets is None:
+        raise _refuse(indexes, f"{type(clause).__name__} (use an upsert that updates the row)")
+    if getattr(clause, "update_whereclause", None) is not None:
+        raise _refuse(indexes, "an upsert whose update has a WHERE")
+    targets = getattr(clause, "inferred_target_elements", None)
+    if targets is not None:
+        if [_key(t) for t in targets] != [pk.key]:
+            raise _refuse(indexes, "an upsert whose conflict target is not the primary key")
+    elif any(isinstance(c, UniqueConstraint) for c in stmt.table.constraints) or any(
+        i.unique for i in stmt.table.indexes
+    ):
+        raise _refuse(indexes, "ON DUPLICATE KEY UPDATE on a table with a unique key besides the primary key")
+    pairs = dict((_key(k), v) for k, v in (sets.items() if isinstance(sets, dict) else sets))
+    for index in indexes:
+        value = pairs.get(index.source_column().key)
+        if value is None or getattr(value, "key", None) != index.source_column().key:
+            raise _refuse(indexes, f"an upsert that does not set {index.column} from the inserted row")
+
+
+def _plan_update(stmt: Any, indexes: list[Any], pk: Any, paramsets: Sequence[Any]) -> tuple[Any, ...]:
+    written = _written(stmt, paramsets)
+    touched = [i for i in indexes if i.source_column().key in written]
+    if pk.key in written:
+        raise _refuse(indexes, f"an UPDATE of the primary key {pk.name}")
+    if not touched:
+        return ("none",)
+    where = stmt.whereclause
+    bind, more = _pk_bind(where, pk) if where is not None else (None, False)
+    if bind is None:
+        raise _refuse(
+            indexes,
+            f"an UPDATE of an indexed column by other criteria than the primary key "
+            f"(WHERE {pk.name} = :value); update the rows by key, or through the ORM",
+        )
+    if more and len(paramsets) > 1:
+        raise _refuse(indexes, "a many-row UPDATE by key with further criteria")
+    keys = [
+        row_key_of(p.get(bind.key, bind.effective_value) if isinstance(p, dict) else bind.effective_value)
+        for p in paramsets
+    ]
+    return ("update", touched, keys, more)
+
+
+def _rows_to_delete(conn: Connection, stmt: Any, pk: Any, paramsets: Sequence[Any]) -> list[str] | None:
+    """The keys of the rows a DELETE will remove (``None``: every row)."""
+    where = stmt.whereclause
+    if where is None:
+        return None
+    bind, more = _pk_bind(where, pk)
+    if bind is not None and not more:
+        return [
+            row_key_of(p.get(bind.key, bind.effective_value) if isinstance(p, dict) else bind.effective_value)
+            for p in paramsets
+        ]
+    found: list[str] = []
+    query = select(cast(pk, String)).where(where)
+    for p in paramsets:
+        found.extend(str(k) for k in conn.execute(query, p if isinstance(p, dict) else {}).scalars())
+    return found
+
+
+# -- after: write the tokens --------------------------------------------------------------
+
+
+def _after(conn: Connection, stmt: Any, multiparams: Any, params: Any, execution_options: Any, result: Any) -> None:
+    pending = conn.info.get(_PENDING)
+    if not pending:
+        return
+    for i in range(len(pending) - 1, -1, -1):
+        if pending[i][0] is stmt:
+            plan = pending.pop(i)[1]
+            break
+    else:
+        return
+    if plan[0] == "insert":
+        _after_insert(conn, stmt, plan[1], plan[2], result)
+    elif plan[0] == "update":
+        _after_update(conn, stmt, plan[1], plan[2], plan[3], result)
+    elif plan[0] == "delete":
+        _after_delete(conn, plan[1], plan[2])
+
+
+def _value(compiled: dict[str, Any], column: Any, stmt: Any) -> Any:
+    if column.key in compiled:
+        return compiled[column.key]
+    for k, v in (stmt._values or {}).items():
+        if _key(k) == column.key and isinstance(v, BindParameter):
+            return compiled.get(v.key, v.value)
+    return None
+
+
+def _after_insert(conn: Connection, stmt: Any, indexes: list[Any], upsert: bool, result: Any) -> None:
+    found = [row[0] for row in result.inserted_primary_key_rows]
+    if None in found:  # e.g. SQLite older than 3.35: no RETURNING for many rows
+        raise _refuse(indexes, "an INSERT whose new primary keys the driver does not return; give them")
+    keys = [row_key_of(k) for k in found]
+    tokens = indexes[0].tokens_table
+    if upsert:
+        tk.delete_row_tokens(conn, tokens, indexes[0].owner, [i.name for i in indexes], keys)
+    rows: list[dict[str, Any]] = []
+    for row_key, compiled in zip(keys, result.context.compiled_parameters):
+        for index in indexes:
+            rows.extend(token_rows(index, row_key, _value(compiled, index.source_column(), stmt)))
+    with indexes[0].keys.use_connection(conn):
+        tk.insert_tokens(conn, tokens, rows)
+
+
+def _after_update(conn: Connection, stmt: Any, indexes: list[Any], keys: list[str], more: bool, result: Any) -> None:
+    if more and result.rowcount == 0:
+        return  # the further criteria matched nothing: the row is unchanged
+    compiled_sets = result.context.compiled_parameters
+    tokens = indexes[0].tokens_table
+    tk.delete_row_tokens(conn, tokens, indexes[0].owner, [i.name for i in indexes], keys)
+    rows: list[dict[str, Any]] = []
+    with indexes[0].keys.use_connection(conn):
+        for row_key, compiled in zip(keys, compiled_sets):
+            for index in indexes:
+                rows.extend(token_rows(index, row_key, _value(compiled, index.source_column(), stmt)))
+        tk.insert_tokens(conn, tokens, rows)
+
+
+def _after_delete(conn: Connection, indexes: list[Any], keys: list[str] | None) -> None:
+    tokens = indexes[0].tokens_table
+    owner = indexes[0].owner
+    if keys is None:
+        conn.execute(delete(tokens).where(tokens.c.owner == owner, tokens.c.name.in_([i.name for i in indexes])))
+    else:
+        tk.delete_row_tokens(conn, tokens, owner, [i.name for i in indexes], keys)
