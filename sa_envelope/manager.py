@@ -1,27 +1,13 @@
 """KeyManager: the facade users hold. It wires, and delegates; it decides nothing.
 
 ``KeyManager(engine, provider)`` is ``KeyManager(None, provider)`` followed
-by ``bind(engine)``. For every bound engine (:mod:`sa_envelope.keys.engines`)
-it makes the pieces and connects them:
-
-* a :class:`~sa_envelope.keys.cache.KeyCache` of plaintext keys, bounded
-  (one per engine: two databases may hold keys of the same id);
-* a :class:`~sa_envelope.keys.tracking.Tracker` on the engine, which knows
-  the executing connection and which transaction made which key, and runs
-  the query guards before each statement (:mod:`sa_envelope.columns.guard`)
-  and once per compiled statement (:mod:`sa_envelope.columns.comparisons`);
-* a :class:`~sa_envelope.keys.store.KeyStore`, which finds, creates and
-  unwraps keys and rolls them over (the rules live there);
-* the row keys (:mod:`sa_envelope.rows`), made with the first row-scoped column.
-
-Across engines:
-
-* the jobs (:mod:`sa_envelope.jobs`), which get the store, never the manager.
-
-The column types bind the store of a statement's engine into their
-processors (once per dialect), so the per-value path gains no call layer
-from this facade. Management calls take ``engine=``; with one bound engine
-it is the default.
+by ``bind(engine)``. Every bound engine (:mod:`sa_envelope.keys.engines`)
+gets its own key cache, tracker, store, live keys and (with a row-scoped
+column) row keys, wired here; the jobs get a store, never the manager
+(docs/architecture.md draws the pieces). The column types bind the store of
+a statement's engine into their processors once per dialect, so the
+per-value path gains no call layer from this facade. Management calls take
+``engine=``; with one bound engine it is the default.
 """
 
 from __future__ import annotations
@@ -31,10 +17,7 @@ from typing import Any, ContextManager, Iterable
 
 from sqlalchemy import Column, Connection, Engine, MetaData, Table
 
-from . import redact
-from .columns.comparisons import check_compiled
-from .columns import dualwrite, flushcheck, uniqueness
-from .columns.guard import check_statement
+from .columns import flushcheck
 from .columns.rowvalue import RowKey
 from .envelope import format as fmt
 from .jobs import warm as warming
@@ -42,19 +25,18 @@ from .jobs.reencrypt import ReencryptReport, reencrypt_columns
 from .jobs.rewrap import RewrapReport, rewrap_keys
 from .jobs.sweep import SweepReport, sweep_orphans
 from .keys import table as kt
-from .keys.cache import CacheLimits, CachedKey, KeyCache
+from .keys.cache import CacheLimits, CachedKey
 from .keys.engines import Binding, Engines
 from .keys.live import LiveKeys, LivePolicy
 from .keys.rollover import RolloverPolicy
 from .keys.store import KeyStore
 from .keys.tracking import Tracker
 from .providers.base import KeyProvider
+from .wiring import Settings, wire_engine, wire_rows
 from .rows.binding import bound_row_key
-from .rows.core import install_core_hook
 from .rows.keys import RowKeys
 from .rows.orm import install_orm_hooks
 from .rows.shred import shred_instance, shred_table_row
-from .rows.prefetch import install_prefetch
 from .search import writes as search_writes
 from .search.tokens import token_table
 from .search.verify import IndexReport, verify_index
@@ -98,10 +80,9 @@ class KeyManager:
         self.search_table = token_table(self.table.metadata, table_name)  # search index tokens
         self.rollover = rollover if rollover is not None else RolloverPolicy()
         self.namespace = namespace
-        self._live_policy = live
         self.shred_on_delete = shred_on_delete  # ORM delete shreds the row's keys (rows.orm)
-        self._limits = cache or CacheLimits()
         self._provider = provider
+        self._settings = Settings(provider, self.table, cache or CacheLimits(), self.rollover, namespace, live)
         self._row_scope = False  # made with the first row-scoped column (row keys per engine)
         self._lock = threading.RLock()
         self.engines = Engines(self._wire)
@@ -120,25 +101,12 @@ class KeyManager:
         return engine
 
     def _wire(self, engine: Engine) -> Binding:
-        """The pieces that serve one engine (once per bound engine, under the lock)."""
-        key_cache = KeyCache(self._limits)
-        tracker = Tracker(engine, key_cache, on_execute=check_statement, on_compiled=check_compiled)
-        store = KeyStore(
-            engine, self._provider, self.table, key_cache, tracker, self.rollover, namespace=self.namespace
-        )
-        redact.hide_rows(engine)  # SQLAlchemy logs rows after decryption
-        dualwrite.install(engine)  # migrating columns: both halves written, merged on load
-        uniqueness.install(engine)  # UNIQUE deterministic columns across keys during a rotation
-        binding = Binding(engine, tracker, store, LiveKeys(store, self._live_policy))
+        """The pieces that serve one engine (:mod:`.wiring`; under the lock)."""
+        self._settings.provider = self._provider
+        binding = wire_engine(self._settings, engine)
         if self._row_scope:
-            self._wire_rows(binding)
+            wire_rows(self, binding)
         return binding
-
-    def _wire_rows(self, binding: Binding) -> None:
-        rows = RowKeys(binding.store)
-        install_prefetch(rows, self)
-        install_core_hook(rows, self)
-        binding.rows = rows
 
     def use_row_scope(self) -> None:
         """Row keys for every bound engine, now and later, with the ORM hooks
@@ -151,7 +119,7 @@ class KeyManager:
             install_orm_hooks()
             self._row_scope = True
             for binding in self.engines:
-                self._wire_rows(binding)
+                wire_rows(self, binding)
 
     @property
     def engine(self) -> Engine:

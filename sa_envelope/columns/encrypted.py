@@ -17,9 +17,8 @@ import time
 from typing import Any
 
 from sqlalchemy import LargeBinary
-from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Dialect
-from sqlalchemy.types import String, TypeDecorator, TypeEngine, to_instance
+from sqlalchemy.types import TypeDecorator, TypeEngine, to_instance
 
 from ..envelope import format as fmt
 from ..envelope.codecs import UnsupportedValue, codec_for
@@ -27,7 +26,7 @@ from ..errors import ConfigurationError, DecryptionError, EncryptionError, RowKe
 from ..keys import table as kt
 from ..keys.clock import CLOCK
 from ..keys.store import KeyStore
-from . import binds, fastpath, migrating
+from . import binds, fastpath, migrating, storage
 from .livematch import Sealed
 from .naming import ColumnNames
 from .operators import EncryptedComparator
@@ -40,13 +39,6 @@ _MEMO_SIZE = 16  # distinct table keys remembered per column
 _monotonic = time.monotonic
 
 SCOPES = ("table", "row")
-MYSQL_VARBINARY_MAX = 3072  # InnoDB's longest index key: beyond it, LONGBLOB
-UTF8_MAX_BYTES = 4
-# Longest encoding of the fixed-size codecs (see envelope.codecs), so that
-# deterministic (queryable, indexable) columns of these types get a bounded
-# VARBINARY on MySQL/MariaDB too (times allow a UTC offset with seconds and
-# microseconds: "+HH:MM:SS.ffffff").
-CODEC_MAX_BYTES = {"int": 20, "uuid": 16, "uuid-str": 16, "bool": 1, "date": 10, "datetime": 42, "time": 31}
 
 
 class EncryptedType(TypeDecorator[Any], ColumnNames):
@@ -107,31 +99,12 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
     # -- storage -----------------------------------------------------------------------
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
-        """BYTEA on PostgreSQL, VARBINARY or LONGBLOB on MySQL, BLOB elsewhere."""
-        if dialect.name == "postgresql":
-            return dialect.type_descriptor(postgresql.BYTEA())
-        if dialect.name in ("mysql", "mariadb"):
-            limit = self.max_stored_length()
-            if limit is not None and limit <= MYSQL_VARBINARY_MAX:
-                return dialect.type_descriptor(mysql.VARBINARY(limit))
-            return dialect.type_descriptor(mysql.LONGBLOB())
-        return dialect.type_descriptor(LargeBinary())
+        """BYTEA on PostgreSQL, VARBINARY or LONGBLOB on MySQL, BLOB elsewhere (:mod:`.storage`)."""
+        return storage.dialect_impl(dialect, self.max_stored_length())
 
     def max_stored_length(self) -> int | None:
-        """Largest stored value in bytes, where the inner type bounds it.
-
-        The envelope adds the mode's overhead (``fmt.SIV_OVERHEAD`` for
-        deterministic columns, ``fmt.GCM_OVERHEAD`` otherwise).
-        """
-        overhead = fmt.SIV_OVERHEAD if self.deterministic else fmt.GCM_OVERHEAD
-        inner = self.inner
-        while isinstance(inner, TypeDecorator):  # a decorator stores what its impl stores
-            inner = inner.impl_instance
-        length: int | None = getattr(inner, "length", None)
-        if isinstance(inner, String) and length:
-            return length * UTF8_MAX_BYTES + overhead
-        fixed = CODEC_MAX_BYTES.get(self._codec.name) if self.deterministic else None
-        return fixed + overhead if fixed is not None else None
+        """Largest stored value in bytes, where the inner type bounds it (:mod:`.storage`)."""
+        return storage.max_stored_length(self.inner, self._codec.name, self.deterministic)
 
     def copy(self, **kw: Any) -> EncryptedType:
         """A copy keeps the names (SQLAlchemy's per-dialect copies need them);

@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("rows",),
     ("search",),
     ("jobs",),
-    ("manager",),
+    ("manager", "wiring"),
     ("cli", "alembic", "__init__", "__main__"),
 )
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
