@@ -87,7 +87,7 @@ def bind_closure(coltype: Any, impl: Any, via: Via) -> Callable[[Any], Any]:
             try:
                 sealed = lease.seal(value)
                 return sealed if impl is None else impl(sealed)
-            except BaseException:
+            except Exception:
                 pass  # the full path below says why, from a frame without the value
         try:
             sealed = encrypt(value, store)
