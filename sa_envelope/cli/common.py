@@ -21,6 +21,7 @@ from sqlalchemy.exc import ArgumentError
 
 from ..errors import ConfigurationError
 from ..keys import table as kt
+from ..keys.live import DEFAULT_GRACE, DEFAULT_TTL, LivePolicy
 from ..manager import KeyManager
 from ..providers.base import KeyProvider
 from ..providers.spec import provider_from_spec
@@ -33,6 +34,7 @@ __all__ = [
     "cmk_option",
     "database_option",
     "emit",
+    "grace_option",
     "engine_of",
     "json_option",
     "key_records",
@@ -119,7 +121,19 @@ def provider_of(ns: argparse.Namespace, engine: Engine) -> KeyProvider:
 
 
 def manager(ns: argparse.Namespace, engine: Engine) -> KeyManager:
-    return KeyManager(engine, provider_of(ns, engine))
+    grace = getattr(ns, "grace", None)
+    live = LivePolicy(ttl=min(DEFAULT_TTL, grace / 2), grace=grace) if grace is not None else None
+    return KeyManager(engine, provider_of(ns, engine), live=live)
+
+
+def grace_option(parser: argparse.ArgumentParser) -> None:
+    """The application's ``LivePolicy.grace`` (a deterministic or blind-index key's move waits for it)."""
+    parser.add_argument(
+        "--grace",
+        type=float,
+        help=f"the application's LivePolicy.grace in seconds (default {DEFAULT_GRACE:g}); never less than the "
+        "application's, or values written meanwhile stay under the old key",
+    )
 
 
 def emit(ns: argparse.Namespace, data: dict[str, Any], lines: Iterable[Any]) -> None:

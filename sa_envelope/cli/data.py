@@ -21,7 +21,7 @@ from ..jobs.scan import reflected_columns
 from ..jobs.verify import verify_database
 from ..manager import KeyManager
 from ..providers.spec import provider_from_spec
-from .common import RESUMES, STARTS_OVER, Configure, cmk_option, database_option, emit, engine_of, manager
+from .common import RESUMES, STARTS_OVER, Configure, cmk_option, database_option, emit, engine_of, grace_option, manager
 from .output import escape, say
 
 __all__ = ["COMMANDS"]
@@ -93,6 +93,9 @@ def _reencrypt(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", required=True, help="the key to move values off, as keys list shows it")
     parser.add_argument("--columns", help="only these encrypted columns of the key's table (a,b)")
     parser.add_argument("--batch-size", type=int, default=500, help="rows per transaction (default 500)")
+    parser.add_argument("--workers", type=int, default=1, help="threads sharing the rows (default 1)")
+    parser.add_argument("--rate", type=float, help="at most this many rows per second in all")
+    grace_option(parser)
     cmk_option(parser)
 
     def run(ns: argparse.Namespace) -> int:
@@ -100,7 +103,11 @@ def _reencrypt(parser: argparse.ArgumentParser) -> None:
         try:
             keys = manager(ns, engine)
             report = keys.reencrypt(
-                reflected_columns(keys, _key(ns.key), _names(ns.columns)), key_id=ns.key, batch_size=ns.batch_size
+                reflected_columns(keys, _key(ns.key), _names(ns.columns)),
+                key_id=ns.key,
+                batch_size=ns.batch_size,
+                workers=ns.workers,
+                rate=ns.rate,
             )
         finally:
             engine.dispose()

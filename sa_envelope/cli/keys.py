@@ -11,6 +11,7 @@ import argparse
 
 from ..envelope import format as fmt
 from ..errors import ConfigurationError
+from ..keys import table as kt
 from .common import (
     RESUMES,
     STARTS_OVER,
@@ -93,19 +94,26 @@ def _sweep(parser: argparse.ArgumentParser) -> None:
 def _rotate(parser: argparse.ArgumentParser) -> None:
     database_option(parser)
     parser.add_argument("--table", required=True, help="the table whose key rolls over")
+    parser.add_argument(
+        "--scope",
+        choices=(kt.SCOPE_TABLE, kt.SCOPE_DETERMINISTIC, kt.SCOPE_BLIND_INDEX),
+        default=kt.SCOPE_TABLE,
+        help="which of the table's keys (default table); a deterministic or blind-index key is matched by "
+        "queries at once and written under after the application's LivePolicy.grace",
+    )
     cmk_option(parser, "wraps the new key")
 
     def run(ns: argparse.Namespace) -> int:
         engine = engine_of(ns)
         try:
-            key_id = fmt.format_key_id(manager(ns, engine).rotate_table_key(ns.table))
+            key_id = fmt.format_key_id(manager(ns, engine).rotate_table_key(ns.table, ns.scope))
         finally:
             engine.dispose()
         line = (
-            f"table {ns.table}: new table key {key_id}; older keys stay for reading "
+            f"table {ns.table}: new {ns.scope} key {key_id}; older keys stay for reading "
             "(sa-envelope reencrypt --key OLD moves values off one)"
         )
-        emit(ns, {"table": ns.table, "key": key_id}, [line])
+        emit(ns, {"table": ns.table, "scope": ns.scope, "key": key_id}, [line])
         return 0
 
     parser.set_defaults(run=run, interrupted=STARTS_OVER)
