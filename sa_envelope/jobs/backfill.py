@@ -28,7 +28,6 @@ batch's transaction (``tracker.use_connection``).
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +39,10 @@ from ..faults import fault_point
 from ..keys.store import KeyStore
 from .claims import Claim, Claims, worker_name
 from .progress import progress_bar
+from .threads import run_workers
+from .throttle import Throttle
 
-__all__ = ["BackfillReport", "Pacer", "backfill", "disagreeing", "job_name"]
+__all__ = ["BackfillReport", "backfill", "disagreeing", "job_name"]
 
 DIRECTIONS = ("encrypt", "decrypt")
 
@@ -64,23 +65,6 @@ class BackfillReport:
             f"{self.conceded} conceded to concurrent writes, "
             f"{finished} ranges finished by {len(self.ranges)} workers"
         )
-
-
-class Pacer:
-    """``rate`` rows per second across the threads of one process."""
-
-    def __init__(self, rate: float) -> None:
-        if rate <= 0:
-            raise ConfigurationError("--rate must be a positive number of rows per second")
-        self.rate, self._next, self._lock = rate, time.monotonic(), threading.Lock()
-
-    def wait(self, rows: int) -> None:
-        with self._lock:
-            now = time.monotonic()
-            start = max(now, self._next)
-            self._next = start + rows / self.rate
-        if start > now:
-            time.sleep(start - now)
 
 
 def job_name(table: str, column: str, direction: str) -> str:
@@ -139,7 +123,7 @@ class _Backfill:
         value = self.enc.decrypt(bytes(old))
         return new is None or new != value, value
 
-    def batch(self, conn: Connection, claims: Claims, claim: Claim, size: int, pacer: Pacer | None) -> int:
+    def batch(self, conn: Connection, claims: Claims, claim: Claim, size: int, pacer: Throttle | None) -> int:
         with self.store.tracker.use_connection(conn):
             rows = conn.execute(self.pick.where(self.pk >= claim.cursor, self.pk < claim.hi).limit(size)).all()
             params = []
@@ -229,13 +213,12 @@ def backfill(
     if not planned:
         claims.plan(int(lo or 0), int(hi if hi is not None else -1) + 1, chunk or batch_size * 20)
     report = BackfillReport(table_name, column, direction)
-    pacer = Pacer(rate) if rate else None
-    errors: list[BaseException] = []
+    pacer = Throttle(rate) if rate else None
     lock = threading.Lock()
     # the bar counts primary-key span left in the job's ranges: rows where keys are dense, and an honest ETA
     with progress_bar(claims.span_left(), f"{direction}-column {table_name}.{column}", progress) as bar:
 
-        def work() -> None:
+        def work(_: int) -> None:
             owner = worker_name()
 
             def one(conn: Connection, claim: Claim) -> int:
@@ -244,21 +227,11 @@ def backfill(
                 bar.update(claim.cursor - start)
                 return n
 
-            try:
-                written, ranges = claims.run(owner, one)
-            except BaseException as exc:  # re-raised in the caller's thread
-                errors.append(exc)
-                return
+            written, ranges = claims.run(owner, one)
             with lock:
                 report.written += written
                 report.ranges[owner] = ranges
 
-        threads = [threading.Thread(target=work, name=f"backfill-{i}") for i in range(max(1, workers))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    if errors:
-        raise errors[0]
+        run_workers(max(1, workers), work)
     report.conceded = job.conceded
     return report

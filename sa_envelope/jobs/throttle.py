@@ -11,6 +11,8 @@ from __future__ import annotations
 import threading
 import time
 
+from ..errors import ConfigurationError
+
 __all__ = ["Throttle"]
 
 
@@ -19,7 +21,7 @@ class Throttle:
 
     def __init__(self, rate: float) -> None:
         if rate <= 0:
-            raise ValueError("rate must be positive")
+            raise ConfigurationError("--rate must be a positive number of rows per second")
         self.rate = rate
         self._start = time.monotonic()
         self._done = 0
