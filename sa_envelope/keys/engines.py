@@ -38,7 +38,7 @@ from sqlalchemy.engine import Dialect
 
 from ..errors import ConfigurationError
 from .offload import require_greenlet
-from .live import LiveKeys
+from .live import LiveKeys, live_of
 from .store import KeyStore
 from .tracking import Tracker
 
@@ -152,11 +152,8 @@ class Engines:
         """The live keys of ``bind``: a KeyStore, an Engine or Connection, or
         ``None``: the binding with a statement executing in this thread (a
         query's keys are computed as it executes), else the one bound engine."""
-        if isinstance(bind, KeyStore):
-            for binding in self._bindings.values():
-                if binding.store is bind:
-                    return binding.live
-            raise ConfigurationError("that key store belongs to no engine of this KeyManager")
+        if isinstance(bind, KeyStore):  # maybe another manager's (a job run by it over these columns)
+            return live_of(bind)
         if bind is not None:
             return self.select(bind).live
         running = [b for b in self._bindings.values() if b.tracker.current() is not None]

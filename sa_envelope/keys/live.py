@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,7 @@ from . import choice
 from . import table as kt
 from .cache import CachedKey
 
-__all__ = ["DEFAULT_GRACE", "DEFAULT_TTL", "LIVE_STATUSES", "LiveKeys", "LivePolicy", "retire_drained"]
+__all__ = ["DEFAULT_GRACE", "DEFAULT_TTL", "LIVE_STATUSES", "LiveKeys", "LivePolicy", "live_of", "retire_drained"]
 
 DEFAULT_TTL = 5.0  # seconds a process keeps a live set before reading it again
 DEFAULT_GRACE = 60.0  # seconds a new key is matched before it is written under
@@ -73,6 +74,17 @@ class _LiveSet:
     switched_at: float  # epoch seconds from which every older key is no longer written
 
 
+_BY_STORE: weakref.WeakKeyDictionary[Any, LiveKeys] = weakref.WeakKeyDictionary()
+
+
+def live_of(store: Any) -> LiveKeys:
+    """The live keys that serve ``store`` (each bound engine's store has one)."""
+    found = _BY_STORE.get(store)
+    if found is None:
+        found = LiveKeys(store)  # a store made outside a KeyManager: the default policy
+    return found
+
+
 class LiveKeys:
     """Per-process cache of the live set of each (owner, scope)."""
 
@@ -82,6 +94,7 @@ class LiveKeys:
         self.refreshes = 0  # key-table reads made for live sets
         self._sets: dict[tuple[str, str], _LiveSet] = {}
         self._lock = threading.Lock()
+        _BY_STORE[store] = self  # a job run by one manager over another's columns finds it (live_of)
 
     # -- the per-statement path -----------------------------------------------------------
 
