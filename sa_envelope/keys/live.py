@@ -156,13 +156,14 @@ class LiveKeys:
         usable = [(r, e) for r in records if (e := store.usable(r, conn, now)) is not None]
         if not usable:
             return None
-        write_record, write = self._write_of(usable, now.timestamp())
-        if write_record.status not in LIVE_STATUSES:  # fail closed, as KeyStore.current does
+        live_keys = [(r, e) for r, e in usable if r.status in LIVE_STATUSES]
+        if not live_keys:  # fail closed, as KeyStore.current does: a retired key is never written
             raise EnvelopeError(
-                f"the {scope} key of {owner} is {write_record.status} but no successor may be a write key (see verify)",
+                f"no {scope} key of {owner} is live (active or draining): none may be a write key (see verify)",
                 table=owner,
-                key_id=fmt.format_key_id(write_record.id),
+                key_id=fmt.format_key_id(usable[0][0].id),
             )
+        write_record, write = self._write_of(live_keys, now.timestamp())
         others = tuple(e for r, e in usable if r.id != write_record.id and r.status in LIVE_STATUSES)
         newest = kt.created_seconds(usable[0][0].created_at)
         live = _LiveSet(time.monotonic() + self.policy.ttl, write, (write, *others), newest + self.policy.grace)
@@ -173,8 +174,10 @@ class LiveKeys:
         return live
 
     def _write_of(self, usable: list[tuple[kt.KeyRecord, CachedKey]], now: float) -> tuple[kt.KeyRecord, CachedKey]:
-        """The newest key past its grace; the table's first key if none is yet
-        (``usable`` is newest first: nothing was written under an older key)."""
+        """The newest live key past its grace; else the oldest live one
+        (``usable`` is newest first: nothing was written under an older key;
+        an older key already retired was drained by a job that judged the
+        grace over, so its successor is the write key here too)."""
         for record, entry in usable:
             if kt.created_seconds(record.created_at) + self.policy.grace <= now:
                 return record, entry

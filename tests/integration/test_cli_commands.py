@@ -34,7 +34,7 @@ from sqlalchemy import JSON, Boolean, Column, Date, Integer, LargeBinary, MetaDa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from sa_envelope import EncryptedType, KeyManager, LocalKeyProvider
+from sa_envelope import LivePolicy, EncryptedType, KeyManager, LocalKeyProvider
 from sa_envelope.envelope import format as fmt
 from sa_envelope.keys import table as kt
 from support import ROOT
@@ -261,7 +261,7 @@ def test_rotate_then_reencrypt_off_the_old_keys(engine: Engine, db_url: str, tmp
                    "--json", "--batch-size", "7", "--grace", "1")  # no application process to wait for
         report = as_json(done)
         assert done.returncode == 0 and (report["reencrypted"], report["remaining"], report["failed"]) == (30, 0, 0)
-    fresh = KeyManager(engine, provider)
+    fresh = KeyManager(engine, provider, live=LivePolicy(ttl=0.5, grace=1.0))  # the grace the CLI was given
     assert read_all(engine, fresh, 1) == [[expected_row(i) for i in range(30)]]
     (table,) = data_tables(fresh, 1)
     with engine.connect() as conn:  # the deterministic column still answers equality
