@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 from sqlalchemy import LargeBinary, create_engine, select, type_coerce
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 
 from sa_envelope.envelope import format as fmt
 from support import DOCS
+from support.backends import async_url
 from support.databases import second_database
 
-ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
 PATIENT = {"name": "Ada Lovelace", "ssn": "123-45-6789", "notes": {"allergies": ["penicillin"]}}
 
 
@@ -88,20 +88,15 @@ def test_flask_factory(db_url: str, tmp_path: Path, page: list[str], monkeypatch
                 engine.dispose()
 
 
-@pytest.mark.backends("sqlite", "postgresql")
 @pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 def test_fastapi_app(db_url: str, tmp_path: Path, page: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     from fastapi.testclient import TestClient
 
     ns = run_blocks([page[0], page[2]], "docs_applications_fastapi", monkeypatch)
 
-    def as_async(url: str) -> str:
-        parsed = make_url(url)
-        return parsed.set(drivername=ASYNC_DRIVERS[parsed.get_backend_name()]).render_as_string(hide_password=False)
-
     with second_database(db_url, tmp_path) as other_url:
         for i, url in enumerate((db_url, other_url)):
-            with TestClient(ns["create_api"](as_async(url))) as client:
+            with TestClient(ns["create_api"](async_url(url))) as client:
                 created = client.post("/patients", json={**PATIENT, "name": f"patient {i}"})
                 assert created.status_code == 201
                 pid = created.json()["id"]

@@ -1,4 +1,4 @@
-"""AsyncSession with aiosqlite and asyncpg: encrypted columns, queries, warming,
+"""AsyncSession with aiosqlite, asyncpg and aiomysql: encrypted columns, queries, warming,
 and a key-provider call that does not stall the event loop."""
 
 from __future__ import annotations
@@ -25,17 +25,8 @@ from sa_envelope import (
     normalize_email,
 )
 from sa_envelope.providers.base import Context
+from support.backends import async_url
 from support.models import new_base
-
-pytestmark = pytest.mark.backends("sqlite", "postgresql")
-
-ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
-
-
-def async_url(db_url: str) -> str:
-    """The same database through the async driver (postgresql+psycopg -> +asyncpg)."""
-    scheme, rest = db_url.split("://", 1)
-    return f"{ASYNC_DRIVERS[scheme.split('+')[0]]}://{rest}"
 
 
 def make_model(keys: KeyManager) -> type:

@@ -32,13 +32,14 @@ from sqlalchemy import (
     text,
     type_coerce,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from sa_envelope import ConfigurationError, DecryptionError, EncryptedType, KeyManager, LocalKeyProvider
 from sa_envelope.envelope import format as fmt
 from sa_envelope.keys import table as kt
+from support.backends import async_url
 from support.databases import second_database
 from support.models import new_base
 
@@ -284,20 +285,12 @@ def test_one_session_over_two_engines(engine: Engine, engine_b: Engine) -> None:
         assert (session.get(Person, 1).name, session.get(Note, 1).body) == ("Ada", {"n": 1})
 
 
-ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
-
-
-@pytest.mark.backends("sqlite", "postgresql")
 def test_async_engines_bound_later(engine: Engine, engine_b: Engine) -> None:
     keys = KeyManager(None, LocalKeyProvider(os.urandom(32)))
     Patient = make_model(keys)
 
-    def as_async(eng: Engine) -> str:
-        url = make_url(eng.url.render_as_string(hide_password=False))
-        return url.set(drivername=ASYNC_DRIVERS[url.get_backend_name()]).render_as_string(hide_password=False)
-
     async def run() -> list[tuple[str, dict[str, int]]]:
-        engines = [create_async_engine(as_async(e)) for e in (engine, engine_b)]
+        engines = [create_async_engine(async_url(e.url)) for e in (engine, engine_b)]
         out = []
         try:
             for i, aeng in enumerate(engines):

@@ -1,5 +1,5 @@
 """Every way SQLAlchemy reads a row decrypts it, on every backend (async on
-aiosqlite and asyncpg), for table-scoped, deterministic and row-scoped columns.
+aiosqlite, asyncpg and aiomysql), for table-scoped, deterministic and row-scoped columns.
 
 The rows are written once through the ORM; each case reads them back through
 one path, in a fresh manager (a cold key cache, as in a new process) and
@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Mapped, Session, joinedload, mapped_column, relationship, selectinload, subqueryload
 
 from sa_envelope import EncryptedType, KeyManager, LocalKeyProvider
+from support.backends import async_url
 from support.models import new_base
 from support.paths import ROWS, rows_as_dicts
 
@@ -155,15 +156,10 @@ def test_read_paths_decrypt(engine: Engine, read: Callable[..., list[tuple[Any, 
     assert read(engine, Owner, Item) == ROWS
 
 
-ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
-
-
-@pytest.mark.backends("sqlite", "postgresql")
 def test_async_reads_and_writes(engine: Engine, db_url: str) -> None:
     """AsyncSession and AsyncConnection: add (row keys made in the flush), Core
     insert (row keys made by the Core hook), get, stream, stream_scalars."""
-    scheme, rest = db_url.split("://", 1)
-    url = f"{ASYNC_DRIVERS[scheme.split('+')[0]]}://{rest}"
+    url = async_url(db_url)
 
     async def main() -> list[list[tuple[Any, ...]]]:
         aengine = create_async_engine(url)

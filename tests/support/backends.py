@@ -27,7 +27,16 @@ from dataclasses import dataclass, field
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, make_url
 
-__all__ = ["DEFAULTS", "SERVER_BACKENDS", "Resolved", "ServerBackend", "summary_line"]
+__all__ = [
+    "ASYNC_DRIVERS",
+    "DEFAULTS",
+    "SERVER_BACKENDS",
+    "Resolved",
+    "ServerBackend",
+    "async_url",
+    "fix_aiomysql_bytes",
+    "summary_line",
+]
 
 SERVER_BACKENDS: dict[str, str] = {
     "postgresql": "SA_ENVELOPE_TEST_POSTGRESQL_URL",
@@ -37,7 +46,38 @@ DEFAULTS: dict[str, str] = {
     "postgresql": "postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
     "mysql": "mysql+pymysql://root@127.0.0.1:3306/",
 }
+# the async driver of each backend (the test dependency group installs them)
+ASYNC_DRIVERS: dict[str, str] = {
+    "sqlite": "sqlite+aiosqlite",
+    "postgresql": "postgresql+asyncpg",
+    "mysql": "mysql+aiomysql",
+}
 RUN_SUFFIX = uuid.uuid4().hex[:8]
+
+
+def async_url(url: str | URL) -> str:
+    """The same database through its backend's async driver
+    (``postgresql+psycopg://...`` -> ``postgresql+asyncpg://...``), password kept."""
+    parsed = make_url(url)
+    driver = ASYNC_DRIVERS[parsed.get_backend_name()]
+    return parsed.set(drivername=driver).render_as_string(hide_password=False)
+
+
+def fix_aiomysql_bytes() -> None:
+    """Let aiomysql 0.3.2 send ``bytes`` parameters again under PyMySQL >= 1.2.3.
+
+    aiomysql imports ``pymysql.converters.escape_bytes_prefixed``, which
+    PyMySQL 1.2.3 replaced by a placeholder string, so every query with a
+    bytes parameter (every encrypted value) fails with "'str' object is not
+    callable" (aio-libs/aiomysql#1080, fix proposed in #1081). This puts back
+    the function that #1081 defines, only while the placeholder is there;
+    docs/applications.md tells users the same (pin ``PyMySQL<1.2.3``)."""
+    try:
+        from aiomysql import connection
+    except ImportError:
+        return
+    if isinstance(getattr(connection, "escape_bytes_prefixed", None), str):
+        connection.escape_bytes_prefixed = lambda value: f"_binary X'{bytes(value).hex()}'"
 
 
 @dataclass
