@@ -100,6 +100,14 @@ class KeyManager:
             self.engines.bind(engine)
         return engine
 
+    def unbind(self, engine: Any) -> Any:
+        """Stop serving ``engine`` (an Engine or AsyncEngine; nothing if not
+        bound): its listeners are removed and its plaintext keys dropped;
+        its statements are refused as if it was never bound. Returns ``engine``."""
+        with self._lock:
+            self.engines.unbind(engine)
+        return engine
+
     def _wire(self, engine: Engine) -> Binding:
         """The pieces that serve one engine (:mod:`.wiring`; under the lock)."""
         self._settings.provider = self._provider

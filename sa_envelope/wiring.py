@@ -5,7 +5,9 @@ engine it is bound to (:mod:`sa_envelope.keys.engines`) is made here: a key
 cache, a tracker with the query guards, a store, the live keys of rotations,
 the per-engine write hooks (redaction, dual writes of migrating columns,
 uniqueness across keys) and, once a row-scoped column exists, the row keys
-with their read prefetch and Core write hook.
+with their read prefetch and Core write hook. Every listener is installed
+through the binding's :class:`~sa_envelope.keys.listeners.Listeners`, so
+that ``unbind`` removes exactly these.
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ def wire_engine(settings: Settings, engine: Engine) -> Binding:
         engine, settings.provider, settings.table, key_cache, tracker, settings.rollover, namespace=settings.namespace
     )
     redact.hide_rows(engine)  # SQLAlchemy logs rows after decryption
-    dualwrite.install(engine)  # migrating columns: both halves written, merged on load
-    uniqueness.install(engine)  # UNIQUE deterministic columns across keys during a rotation
+    dualwrite.install(tracker.listeners)  # migrating columns: both halves written, merged on load
+    uniqueness.install(tracker.listeners)  # UNIQUE deterministic columns across keys during a rotation
     return Binding(engine, tracker, store, LiveKeys(store, settings.live))
 
 

@@ -11,11 +11,14 @@ with the other's key).
 A processor built for a dialect whose engine is not bound refuses every
 value with :class:`~sa_envelope.ConfigurationError` naming the engine, and
 looks again on each value, so an engine bound later is served from then on
-(``bind()`` also drops the processors SQLAlchemy cached before).
+(``bind()`` also drops the processors SQLAlchemy cached before). ``unbind()``
+drops a column's state for the engine (:func:`_forget`) with the processors.
 """
 
 from __future__ import annotations
 
+import functools
+import weakref
 from typing import Any
 
 from ..errors import EncryptionError
@@ -46,7 +49,16 @@ def via(column_type: Any, dialect: Any) -> Via | None:
     found: Via | None = column_type._vias.get(binding)
     if found is None:
         found = column_type._vias[binding] = Via(binding)
+        binding.on_close(functools.partial(_forget, weakref.ref(column_type), binding))
     return found
+
+
+def _forget(column_ref: weakref.ref[Any], binding: Binding) -> None:
+    """``binding`` was unbound: the column drops its state for it (the read memo)."""
+    column_type = column_ref()
+    found = column_type._vias.pop(binding, None) if column_type is not None else None
+    if found is not None:
+        found.memo.clear()
 
 
 def require(column_type: Any, dialect: Any) -> Via:

@@ -33,6 +33,7 @@ from sqlalchemy.orm import attributes as orm_attributes
 from sqlalchemy.sql.elements import BindParameter, ClauseElement, Null
 
 from ..errors import UnsupportedQueryError
+from ..keys.listeners import Listeners
 from .migrating import ENCRYPTING, Pair, column_named, pairs_of
 
 __all__ = ["install", "rewrite"]
@@ -166,11 +167,11 @@ def _merge_loaded(state: Any, *_: Any) -> None:
             state.dict[enc_attr] = merged
 
 
-def install(engine: Any) -> None:
-    """Rewrite writes on ``engine``; listen on every Session and mapper once
+def install(listeners: Listeners) -> None:
+    """Rewrite writes on the engine of ``listeners`` (once per engine, however
+    many managers are bound to it); listen on every Session and mapper once
     (one dict lookup per load for models without migrating columns)."""
-    if not event.contains(engine, "before_execute", rewrite):
-        event.listen(engine, "before_execute", rewrite, retval=True)
+    listeners.share("before_execute", rewrite, retval=True)
     global _installed
     if not _installed:
         event.listen(Session, "before_flush", _copy_changes)

@@ -24,10 +24,11 @@ from __future__ import annotations
 import weakref
 from typing import Any, Iterator
 
-from sqlalchemy import Engine, LargeBinary, UniqueConstraint, event, select, type_coerce
+from sqlalchemy import LargeBinary, UniqueConstraint, select, type_coerce
 from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
 from ..errors import DuplicateValueError
+from ..keys.listeners import Listeners
 from .encrypted import EncryptedType
 from .livematch import Sealed
 
@@ -113,7 +114,7 @@ def _check_column(conn: Any, column: Any, live: Any, written: set[Any]) -> None:
             )
 
 
-def install(engine: Engine) -> None:
-    """Check unique deterministic columns after each write on ``engine`` (once)."""
-    if not event.contains(engine, "after_execute", _check):
-        event.listen(engine, "after_execute", _check)
+def install(listeners: Listeners) -> None:
+    """Check unique deterministic columns after each write on the engine of
+    ``listeners`` (once per engine, however many managers are bound to it)."""
+    listeners.share("after_execute", _check)

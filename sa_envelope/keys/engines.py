@@ -25,6 +25,12 @@ that meet the statement see only its dialect.
 Management operations (``create_table``, ``warm``, ``rewrap``, ``rotate``...)
 take an engine: :meth:`Engines.select` is the rule, one bound engine is the
 default, several must be named.
+
+:meth:`Engines.unbind` undoes a bind: the binding's event listeners
+(:mod:`.listeners`) are removed, its plaintext table and row keys and
+every column's read memo of them dropped, and the processors SQLAlchemy
+built for the engine's dialect forgotten, so its next statement is refused
+as an engine never bound is.
 """
 
 from __future__ import annotations
@@ -35,8 +41,11 @@ from typing import Any, Callable, Iterator
 
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import mapperlib
 
 from ..errors import ConfigurationError
+from ..providers.base import DATA_KEY_BYTES, Context, DataKey, KeyProvider
+from .listeners import Listeners
 from .offload import require_greenlet
 from .live import LiveKeys, live_of
 from .store import KeyStore
@@ -83,10 +92,12 @@ class Binding:
     """One bound engine: its tracker and its store (with its own key cache).
 
     ``rows`` is that engine's row keys (:class:`sa_envelope.rows.keys.RowKeys`),
-    made by the manager once a row-scoped column exists.
+    made by the manager once a row-scoped column exists. ``listeners``: every
+    event listener installed for it (the tracker's). What others keep for it
+    (a column's state for this engine) registers with :meth:`on_close`.
     """
 
-    __slots__ = ("engine", "live", "rows", "store", "tracker")
+    __slots__ = ("_closers", "engine", "live", "rows", "store", "tracker")
 
     def __init__(self, engine: Engine, tracker: Tracker, store: KeyStore, live: LiveKeys) -> None:
         self.engine = engine
@@ -94,9 +105,77 @@ class Binding:
         self.store = store
         self.live = live  # its deterministic and blind-index keys during rotations
         self.rows: Any = None
+        self._closers: list[Callable[[], None]] = []
+
+    @property
+    def listeners(self) -> Listeners:
+        return self.tracker.listeners
+
+    def on_close(self, forget: Callable[[], None]) -> None:
+        """Call ``forget`` when this binding is unbound (drops state kept elsewhere for it)."""
+        self._closers.append(forget)
+
+    def close(self, refusal: Callable[[], ConfigurationError]) -> None:
+        """Unbound: remove its listeners, forget every plaintext key it holds,
+        and refuse every key it would load or make from now on with
+        ``refusal()`` (processors built for it may outlive the unbind in
+        caches of SQLAlchemy's own, such as a mapper's compiled statements:
+        with an empty cache, each of them needs the provider)."""
+        self.listeners.remove()
+        self.store.provider = _Refusing(refusal)
+        self.store.clear()
+        self.live.close()
+        if self.rows is not None:
+            self.rows.cache.clear()
+        closers, self._closers = self._closers, []
+        for forget in closers:
+            forget()
 
     def __repr__(self) -> str:
         return f"Binding({engine_name(self.engine)!r})"
+
+
+class _Refusing(KeyProvider):
+    """The provider of an unbound binding's store: every call raises what a
+    statement on an engine never bound gets. It trusts every wrapping key,
+    so that the refusal is this error, not an untrusted key's."""
+
+    def __init__(self, refusal: Callable[[], ConfigurationError]) -> None:
+        self._refusal = refusal
+
+    @property
+    def wrapping_key_id(self) -> str:
+        return "unbound"
+
+    def trusts(self, wrapping_key_id: str) -> bool:
+        return True
+
+    def wrap(self, plaintext: bytes, context: Context) -> DataKey:
+        raise self._refusal()
+
+    def unwrap(self, wrapped: bytes, context: Context, wrapping_key_id: str) -> bytes:
+        raise self._refusal()
+
+    def generate(self, context: Context, size: int = DATA_KEY_BYTES) -> DataKey:
+        raise self._refusal()
+
+
+def _forget_processors(engine: Engine) -> None:
+    """Drop the statements and processors SQLAlchemy built for ``engine``'s
+    dialect: they are rebuilt for the binding as it is now (or for none).
+    Besides the engine's compiled cache, the ORM keeps the INSERT/UPDATE/
+    DELETE statements of each mapper's flushes in a cache of the mapper's,
+    keyed by dialect first."""
+    engine.clear_compiled_cache()
+    dialect = engine.dialect
+    memos = getattr(dialect, "_type_memos", None)  # SQLAlchemy's per-dialect processor cache
+    if memos is not None:
+        memos.clear()
+    for registry in mapperlib._all_registries():
+        for mapper in registry.mappers:
+            cache: Any = mapper.__dict__.get("_compiled_cache", {})  # made on first flush (memoized)
+            for key in [k for k in list(cache) if isinstance(k, tuple) and k and k[0] is dialect]:
+                cache.pop(key, None)
 
 
 class Engines:
@@ -118,10 +197,19 @@ class Engines:
                 return binding
             binding = self._bindings[sync.dialect] = self._make(sync)
         _urls[sync.dialect] = engine_name(sync)
-        sync.clear_compiled_cache()
-        memos = getattr(sync.dialect, "_type_memos", None)  # SQLAlchemy's per-dialect processor cache
-        if memos is not None:
-            memos.clear()
+        _forget_processors(sync)
+        return binding
+
+    def unbind(self, engine: Any) -> Binding | None:
+        """Stop serving ``engine`` (an Engine or AsyncEngine; the binding of
+        its dialect); ``None`` if it was not bound. Its statements are refused
+        from then on, as those of an engine never bound; it may be bound again."""
+        sync = sync_engine(engine)
+        with self._lock:
+            binding = self._bindings.pop(sync.dialect, None)
+        if binding is not None:
+            binding.close(lambda: self.not_bound(sync.dialect))
+            _forget_processors(sync)
         return binding
 
     def get(self, dialect: Any) -> Binding | None:

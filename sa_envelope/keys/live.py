@@ -115,6 +115,12 @@ class LiveKeys:
             return live.keys
         return self._refresh(owner, scope).keys
 
+    def close(self) -> None:
+        """Its engine was unbound: forget every live set, and that it serves its store."""
+        self.invalidate()
+        if _BY_STORE.get(self.store) is self:
+            del _BY_STORE[self.store]
+
     def invalidate(self, owner: str | None = None) -> None:
         """Forget cached live sets (all, or one table's): after a rotation here."""
         with self._lock:

@@ -28,10 +28,11 @@ import contextlib
 from contextvars import ContextVar
 from typing import Any, Callable, Iterator
 
-from sqlalchemy import Connection, Engine, event
+from sqlalchemy import Connection, Engine
 
 from . import clock
 from .cache import KeyCache
+from .listeners import Listeners
 
 __all__ = ["Tracker", "TxState"]
 
@@ -58,6 +59,7 @@ class Tracker:
     ``on_execute`` is called with every statement before it runs, and
     ``on_compiled`` with its compiled form just before it is sent (the
     manager passes the query guards: the tracker knows no column types).
+    Its listeners are ``listeners``' (its binding's), removed on unbind.
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class Tracker:
         cache: KeyCache,
         on_execute: Callable[..., None] | None = None,
         on_compiled: Callable[[Any], None] | None = None,
+        listeners: Listeners | None = None,
     ) -> None:
         clock.install()  # the per-statement checks of the per-value path (keys.clock)
         self.cache = cache
@@ -75,14 +78,16 @@ class Tracker:
         self._conn: ContextVar[Connection | None] = ContextVar(f"sa_envelope_conn_{id(self)}", default=None)
         self._state_key = f"sa_envelope_state_{id(self)}"
         self._streaming_key = f"sa_envelope_streaming_{id(self)}"
-        event.listen(engine, "before_execute", self._on_execute)
-        event.listen(engine, "after_cursor_execute", self._on_cursor_execute)
+        # the binding's listeners (keys.listeners): unbind removes them
+        self.listeners = listen = listeners if listeners is not None else Listeners(engine)
+        listen.listen("before_execute", self._on_execute)
+        listen.listen("after_cursor_execute", self._on_cursor_execute)
         if on_compiled is not None:
-            event.listen(engine, "before_cursor_execute", self._before_cursor_execute)
-        event.listen(engine, "commit", self._on_commit)
-        event.listen(engine, "rollback", self._on_rollback)
-        event.listen(engine, "rollback_savepoint", self._on_rollback_savepoint)
-        event.listen(engine, "reset", self._on_pool_reset)
+            listen.listen("before_cursor_execute", self._before_cursor_execute)
+        listen.listen("commit", self._on_commit)
+        listen.listen("rollback", self._on_rollback)
+        listen.listen("rollback_savepoint", self._on_rollback_savepoint)
+        listen.listen("reset", self._on_pool_reset)
 
     # -- the executing connection ------------------------------------------------------
 

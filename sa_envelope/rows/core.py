@@ -44,7 +44,7 @@ from __future__ import annotations
 import weakref
 from typing import Any, Mapping, Sequence
 
-from sqlalchemy import Connection, Table, event
+from sqlalchemy import Connection, Table
 
 from ..columns.rowvalue import RowValue
 from ..keys.cache import CachedKey
@@ -62,11 +62,12 @@ _NO_SPEC: Any = object()
 
 
 def install_core_hook(rows: RowKeys, manager: Any) -> None:
-    """Listen on one bound engine of the manager (once per engine, as its row keys are made)."""
+    """Listen on one bound engine of the manager (once per engine, as its row
+    keys are made), through its binding's listeners (removed on unbind)."""
     hook = _CoreWrites(manager)
-    engine = rows.store.engine
-    event.listen(engine, "before_execute", hook.before, retval=True)
-    event.listen(engine, "after_execute", hook.after)
+    listeners = rows.tracker.listeners
+    listeners.listen("before_execute", hook.before, retval=True)
+    listeners.listen("after_execute", hook.after)
 
 
 class _CoreWrites:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Table, event
+from sqlalchemy import Connection, Table
 from sqlalchemy.engine import cursor as sa_cursor
 
 from ..columns.encrypted import EncryptedType
@@ -177,4 +177,4 @@ def install_prefetch(rows: RowKeys, manager: Any) -> None:
             if pk is not None and source:
                 check_binding(rows, conn, source, fetched, group, pk)
 
-    event.listen(rows.store.engine, "after_cursor_execute", after_cursor_execute)
+    rows.tracker.listeners.listen("after_cursor_execute", after_cursor_execute)  # removed on unbind
