@@ -40,6 +40,7 @@ __all__ = [
     "key_records",
     "manager",
     "one_line_errors",
+    "pk_option",
     "provider_of",
 ]
 
@@ -64,10 +65,12 @@ def json_option(parser: argparse.ArgumentParser) -> None:
 
 
 def database_option(parser: argparse.ArgumentParser, *, report: bool = True) -> None:
-    """``--database-url`` (and ``--json`` for a command that reports)."""
+    """``--database-url`` (alias ``--url``), and ``--json`` for a command that
+    reports: every command's one database option; :func:`engine_of` reads it."""
     one_line_errors(parser)
     parser.add_argument(
         "--database-url",
+        "--url",
         default=os.environ.get("SA_ENVELOPE_DATABASE_URL"),
         help="SQLAlchemy URL (default $SA_ENVELOPE_DATABASE_URL)",
     )
@@ -84,8 +87,9 @@ def cmk_option(parser: argparse.ArgumentParser, what: str = "unwraps the keys") 
     )
 
 
-def engine_of(ns: argparse.Namespace) -> Engine:
-    """The engine of ``--database-url``; a missing driver is one line, not a traceback."""
+def engine_of(ns: argparse.Namespace, **engine_options: Any) -> Engine:
+    """The engine of ``--database-url`` (``engine_options`` go to
+    ``create_engine``); a missing driver is one line, not a traceback."""
     if not ns.database_url:
         raise ConfigurationError("no database: pass --database-url or set SA_ENVELOPE_DATABASE_URL")
     try:
@@ -93,7 +97,7 @@ def engine_of(ns: argparse.Namespace) -> Engine:
     except ArgumentError:
         raise ConfigurationError("--database-url is not a SQLAlchemy URL (dialect+driver://user@host/db)") from None
     try:
-        return create_engine(url)
+        return create_engine(url, **engine_options)
     except ImportError as exc:
         raise ConfigurationError(
             f"the database driver of {url.drivername} is not installed ({exc}): pip install it"
@@ -133,6 +137,17 @@ def grace_option(parser: argparse.ArgumentParser) -> None:
         type=float,
         help=f"the application's LivePolicy.grace in seconds (default {DEFAULT_GRACE:g}); never less than the "
         "application's, or values written meanwhile stay under the old key",
+    )
+
+
+def pk_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--pk``: one row's primary key, the one syntax of every command that takes one."""
+    parser.add_argument(
+        "--pk",
+        action="append",
+        metavar="[NAME=]VALUE",
+        help=f"{what}: --pk VALUE for a one-column primary key; --pk NAME=VALUE once per column of a "
+        "composite one (--pk a=3 --pk b=7)",
     )
 
 

@@ -21,7 +21,18 @@ from ..jobs.scan import reflected_columns
 from ..jobs.verify import verify_database
 from ..manager import KeyManager
 from ..providers.spec import provider_from_spec
-from .common import RESUMES, STARTS_OVER, Configure, cmk_option, database_option, emit, engine_of, grace_option, manager
+from .common import (
+    RESUMES,
+    STARTS_OVER,
+    Configure,
+    cmk_option,
+    database_option,
+    emit,
+    engine_of,
+    grace_option,
+    manager,
+    pk_option,
+)
 from .output import escape, say
 
 __all__ = ["COMMANDS"]
@@ -142,7 +153,7 @@ def _export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--columns", help="only these columns, in this order (a,b); default all")
     parser.add_argument("--format", choices=FORMATS, default="csv", help="csv (a header line) or jsonl")
     parser.add_argument("--output", help="write to FILE (made mode 0600, in place only once complete)")
-    parser.add_argument("--pk", help="only the row with this primary key (a data-subject request)")
+    pk_option(parser, "only the row with this primary key (a data-subject request)")
     parser.add_argument(
         "--type", action="append", metavar="COLUMN=TYPE", help="inner type of an encrypted column (default String)"
     )

@@ -11,6 +11,7 @@ import argparse
 
 from ..envelope import format as fmt
 from ..errors import ConfigurationError
+from ..jobs import scan
 from ..keys import table as kt
 from .common import (
     RESUMES,
@@ -23,6 +24,7 @@ from .common import (
     key_records,
     manager,
     one_line_errors,
+    pk_option,
 )
 from .output import escape
 
@@ -123,13 +125,13 @@ def _shred(parser: argparse.ArgumentParser) -> None:
     database_option(parser)
     parser.add_argument("--key", help="a row key id, as keys list shows it")
     parser.add_argument("--table", help="with --pk: shred every key the row of this table ever had")
-    parser.add_argument("--pk", help="the row's primary key value")
+    pk_option(parser, "the row")
     parser.add_argument("--yes", action="store_true", help="confirm: the values under the keys are gone for good")
     cmk_option(parser, "unwraps the table keys")
 
     def run(ns: argparse.Namespace) -> int:
         if bool(ns.key) == bool(ns.table or ns.pk is not None) or bool(ns.table) != (ns.pk is not None):
-            raise ConfigurationError("shred takes either --key KEY or --table TABLE --pk VALUE")
+            raise ConfigurationError("shred takes either --key KEY or --table TABLE --pk [NAME=]VALUE ...")
         if not ns.yes:
             raise ConfigurationError("shredding destroys the values under the keys for good: add --yes")
         engine = engine_of(ns)
@@ -137,12 +139,15 @@ def _shred(parser: argparse.ArgumentParser) -> None:
             keys = manager(ns, engine)
             if ns.key:
                 keys.shred_key(_key_id(ns.key))
-                shredded = [fmt.format_key_id(_key_id(ns.key))]
+                shredded, where = [fmt.format_key_id(_key_id(ns.key))], f"key {ns.key}"
             else:
-                shredded = keys.shred_row(ns.table, ns.pk)
+                with engine.connect() as conn:
+                    table = scan.reflect(conn, ns.table)
+                pk = scan.primary_key(table, ns.pk)
+                shredded = keys.shred_row(ns.table, pk)
+                where = f"row {scan.pk_text(list(table.primary_key.columns), pk)} of {ns.table}"
         finally:
             engine.dispose()
-        where = f"key {ns.key}" if ns.key else f"row {ns.pk} of {ns.table}"
         line = f"shredded {len(shredded)} keys of {where}: {', '.join(shredded) or 'none'}"
         emit(ns, {"shredded": shredded}, [line])
         return 0

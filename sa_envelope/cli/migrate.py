@@ -17,14 +17,14 @@ import os
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, Date, DateTime, Float, Integer, MetaData, Numeric, Table, Text
-from sqlalchemy import String, create_engine
+from sqlalchemy import String
 
 from ..columns.encrypted import EncryptedType
 from ..errors import ConfigurationError
 from ..jobs.backfill import backfill
 from ..manager import KeyManager
 from ..providers.spec import provider_from_spec
-from .common import RESUMES, one_line_errors
+from .common import RESUMES, database_option, engine_of
 from .output import escape, say
 
 __all__ = ["MIGRATE_COMMANDS"]
@@ -45,9 +45,8 @@ SUFFIX = {"encrypt": "__encrypted", "decrypt": "__plaintext"}  # as sa_envelope.
 
 
 def _options(parser: argparse.ArgumentParser, direction: str) -> None:
-    one_line_errors(parser)
+    database_option(parser, report=False)
     add = parser.add_argument
-    add("--database-url", "--url", default=os.environ.get("SA_ENVELOPE_DATABASE_URL"), help="SQLAlchemy URL")
     add("--table", required=True)
     add("--column", required=True, help="the column's name (the plaintext one while encrypting)")
     add("--shadow", help=f"the shadow column (default COLUMN{SUFFIX[direction]})")
@@ -65,11 +64,9 @@ def _options(parser: argparse.ArgumentParser, direction: str) -> None:
 
 
 def _run(ns: argparse.Namespace, direction: str) -> int:
-    if not ns.database_url:
-        raise ConfigurationError("no database: pass --database-url or set SA_ENVELOPE_DATABASE_URL")
     if ns.workers < 1 or ns.batch < 1:
         raise ConfigurationError("--workers and --batch must be at least 1")
-    engine = create_engine(ns.database_url, pool_size=max(5, ns.workers + 2))
+    engine = engine_of(ns, pool_size=max(5, ns.workers + 2))
     try:
         shadow = ns.shadow or ns.column + SUFFIX[direction]
         plaintext = ns.column if direction == "encrypt" else shadow

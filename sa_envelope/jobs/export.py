@@ -24,9 +24,9 @@ import decimal
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
-from sqlalchemy import Table, func, select, types
+from sqlalchemy import Table, and_, func, select, types
 
 from ..envelope import format as fmt
 from ..envelope.codecs import UnsupportedValue, codec_for
@@ -141,20 +141,10 @@ def _raise(opened: scan.Opened, table: str, column: str) -> None:
     raise DecryptionError(opened.reason, table=table, column=column, key_id=opened.key)
 
 
-def _pk_filter(table: Table, pk: str) -> Any:
-    columns = list(table.primary_key.columns)
-    if len(columns) != 1:
-        raise ConfigurationError(f"--pk needs a table with a one-column primary key; {table.name} has {len(columns)}")
-    column = columns[0]
-    try:
-        kind = column.type.python_type
-    except NotImplementedError:
-        kind = str
-    try:
-        value = kind(pk) if kind in (int, decimal.Decimal, float, uuid.UUID) else pk
-    except (ValueError, decimal.InvalidOperation):
-        raise ConfigurationError(f"--pk {pk!r} is not a value of {table.name}.{column.name}") from None
-    return column == value
+def _pk_filter(table: Table, pk: str | Sequence[str]) -> Any:
+    """The row of ``pk`` (``--pk`` texts: :func:`.scan.primary_key`)."""
+    values = scan.primary_key(table, [pk] if isinstance(pk, str) else list(pk))
+    return and_(*(c == v for c, v in zip(table.primary_key.columns, values)))
 
 
 def export_table(
@@ -165,10 +155,12 @@ def export_table(
     fmt_name: str = "csv",
     columns: Iterable[str] | None = None,
     types_: dict[str, str] | None = None,
-    pk: str | None = None,
+    pk: str | Sequence[str] | None = None,
     progress: bool | None = None,
 ) -> ExportReport:
-    """Write table ``name`` decrypted to ``out`` as CSV (a header line) or JSON lines."""
+    """Write table ``name`` decrypted to ``out`` as CSV (a header line) or JSON
+    lines; ``pk``: only that row (``VALUE``, or ``NAME=VALUE`` per primary-key
+    column: :func:`.scan.primary_key`)."""
     if fmt_name not in FORMATS:
         raise ConfigurationError(f"format must be one of {', '.join(FORMATS)}, got {fmt_name!r}")
     engine, types_ = store.engine, dict(types_ or {})

@@ -14,10 +14,13 @@ provider, restore a key row, or look at one tampered value.
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
+import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
-from sqlalchemy import Column, Connection, LargeBinary, MetaData, Table, inspect, select
+from sqlalchemy import Column, Connection, LargeBinary, MetaData, PrimaryKeyConstraint, Table, inspect, select
 from sqlalchemy.types import _Binary
 
 from ..columns.encrypted import EncryptedType
@@ -42,6 +45,8 @@ __all__ = [
     "SKIP_TABLES",
     "SAMPLE",
     "encrypted_columns",
+    "pk_text",
+    "primary_key",
     "reflect",
     "reflected_columns",
     "table_names",
@@ -84,6 +89,62 @@ def table_names(store: KeyStore, tables: Iterable[str] | None = None) -> list[st
 
 def reflect(conn: Connection, name: str) -> Table:
     return Table(name, MetaData(), autoload_with=conn)
+
+
+def primary_key(table: Table, given: Sequence[str]) -> tuple[Any, ...]:
+    """One row's primary key from the CLI's ``--pk`` texts, in the order of
+    the table's primary key (as reflected: the order row digests use).
+
+    A one-column key takes ``VALUE`` (or ``NAME=VALUE``); a composite key
+    takes ``NAME=VALUE`` once for each of its columns, in any order. Each
+    value is read as its column's Python type (numbers, UUIDs, ISO dates),
+    as the application's own primary keys are."""
+    columns = list(table.primary_key.columns)
+    names = ", ".join(c.name for c in columns)
+    if not columns:
+        raise ConfigurationError(f"table {table.name} has no primary key")
+    if len(columns) == 1 and len(given) == 1:
+        text = given[0]
+        prefix = f"{columns[0].name}="
+        return (_typed(table, columns[0], text[len(prefix) :] if text.startswith(prefix) else text),)
+    pairs = [text.partition("=") for text in given]
+    found = {name: value for name, sep, value in pairs if sep}
+    if len(found) != len(given) or set(found) != {c.name for c in columns}:
+        raise ConfigurationError(
+            f"the primary key of {table.name} is ({names}): give --pk NAME=VALUE once for each of its columns"
+        )
+    return tuple(_typed(table, c, found[c.name]) for c in columns)
+
+
+_PARSERS: dict[type, Any] = {
+    int: int,
+    float: float,
+    decimal.Decimal: decimal.Decimal,
+    uuid.UUID: uuid.UUID,
+    dt.date: dt.date.fromisoformat,
+    dt.datetime: dt.datetime.fromisoformat,
+    dt.time: dt.time.fromisoformat,
+}
+
+
+def _typed(table: Table, column: Column[Any], text: str) -> Any:
+    try:
+        kind = column.type.python_type
+    except NotImplementedError:
+        return text
+    parse = _PARSERS.get(kind)
+    try:
+        return text if parse is None else parse(text)
+    except (ValueError, decimal.InvalidOperation):
+        raise ConfigurationError(f"--pk {text!r} is not a value of {table.name}.{column.name}") from None
+
+
+def pk_text(columns: Sequence[Any], values: Sequence[Any]) -> str:
+    """A row named by its primary key, as reports print it and ``--pk`` takes
+    it: ``id=3``, or ``a=3, b=7`` (each ``NAME=VALUE`` is one ``--pk``)."""
+    if not columns:
+        return "(no primary key)"
+    return ", ".join(f"{getattr(c, 'name', c)}={v}" for c, v in zip(columns, values))
 
 
 def _envelope_shaped(value: Any) -> bool:
@@ -186,9 +247,9 @@ def reflected_columns(keys: Any, key_id: int | str, names: Iterable[str] | None 
 
     def declared(col: Column[Any]) -> Column[Any]:
         if col.name not in chosen:
-            return Column(col.name, col.type, primary_key=col.primary_key)
-        ctype = EncryptedType(LargeBinary(), keys, deterministic=deterministic)
-        return Column(col.name, ctype, primary_key=col.primary_key)
+            return Column(col.name, col.type)
+        return Column(col.name, EncryptedType(LargeBinary(), keys, deterministic=deterministic))
 
-    table = Table(record.owner_table, MetaData(), *(declared(c) for c in reflected.columns))
+    pk = PrimaryKeyConstraint(*(c.name for c in reflected.primary_key.columns))  # in the database's order
+    table = Table(record.owner_table, MetaData(), *(declared(c) for c in reflected.columns), pk)
     return [table.c[n] for n in chosen]

@@ -129,13 +129,6 @@ def _key_line(table: str, column: str, key: str, r: ColumnResult) -> str:
     return f"key {key} named by {r.failed} values of {table}.{column} does not authenticate ({r.reason})"
 
 
-def _row_name(table: Table, row: Any) -> str:
-    pk = list(table.primary_key.columns)
-    if not pk:
-        return "(no primary key)"
-    return ", ".join(f"{c.name}={row[i]}" for i, c in enumerate(pk))
-
-
 def _verify_column(
     conn: Connection, opener: scan.Opener, table: Table, column: str, context: bytes, report: VerifyReport, bar: Any
 ) -> None:
@@ -155,7 +148,7 @@ def _verify_column(
             result.failed += 1
             result.kind, result.reason = result.kind or opened.kind, result.reason or opened.reason
             if opened.kind == scan.BAD_VALUE and shown < SHOWN_VALUES:
-                report.bad_values.append((table.name, column, opened.key, _row_name(table, row[1:])))
+                report.bad_values.append((table.name, column, opened.key, scan.pk_text(pk, row[1:])))
                 shown += 1
         bar.update(1)
 
