@@ -59,7 +59,8 @@ class Tracker:
     ``on_execute`` is called with every statement before it runs, and
     ``on_compiled`` with its compiled form just before it is sent (the
     manager passes the query guards: the tracker knows no column types).
-    Its listeners are ``listeners``' (its binding's), removed on unbind.
+    ``listeners`` holds its binding's event listeners (its own, and those the
+    binding's other pieces add), removed on unbind.
     """
 
     def __init__(
@@ -68,7 +69,6 @@ class Tracker:
         cache: KeyCache,
         on_execute: Callable[..., None] | None = None,
         on_compiled: Callable[[Any], None] | None = None,
-        listeners: Listeners | None = None,
     ) -> None:
         clock.install()  # the per-statement checks of the per-value path (keys.clock)
         self.cache = cache
@@ -79,7 +79,7 @@ class Tracker:
         self._state_key = f"sa_envelope_state_{id(self)}"
         self._streaming_key = f"sa_envelope_streaming_{id(self)}"
         # the binding's listeners (keys.listeners): unbind removes them
-        self.listeners = listen = listeners if listeners is not None else Listeners(engine)
+        self.listeners = listen = Listeners(engine)
         listen.listen("before_execute", self._on_execute)
         listen.listen("after_cursor_execute", self._on_cursor_execute)
         if on_compiled is not None:
