@@ -116,3 +116,20 @@ def test_verify_names_the_composite_key_of_a_tampered_value(engine: Engine, db_u
     assert f"value region=eu, num=2 of things.name does not authenticate (key {key})" in result.stdout
     report = as_json(cli("verify", "--database-url", db_url, "--cmk", cmk, "--json"))
     assert report["bad_values"] == [{"table": "things", "column": "name", "key": key, "row": "region=eu, num=2"}]
+
+
+def test_rotate_and_reencrypt_a_table_of_a_composite_key(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """reencrypt pages through the rows by the reflected (composite) primary key."""
+    provider, cmk = filled(engine, tmp_path)
+    with engine.connect() as conn:
+        (old,) = {fmt.key_id_of(bytes(v)) for v in conn.execute(select(type_coerce(model(None).__table__.c.name,
+                                                                                    LargeBinary))).scalars()}  # fmt: skip
+    rotated = as_json(cli("rotate", "--database-url", db_url, "--cmk", cmk, "--table", "things", "--json"))
+    done = cli("reencrypt", "--database-url", db_url, "--cmk", cmk, "--key", fmt.format_key_id(old), "--json",
+               "--batch-size", "2")  # fmt: skip
+    report = as_json(done)
+    assert done.returncode == 0 and (report["reencrypted"], report["remaining"], report["failed"]) == (3, 0, 0)
+    with engine.connect() as conn:
+        heads = conn.execute(select(type_coerce(model(None).__table__.c.name, LargeBinary))).scalars().all()
+    assert {fmt.format_key_id(fmt.key_id_of(bytes(h))) for h in heads} == {rotated["key"]}
+    assert {k: v[0] for k, v in read_back(engine, provider).items()} == {(r, n): name for r, n, name in ROWS}
