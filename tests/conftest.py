@@ -33,7 +33,6 @@ from sqlalchemy.engine import Engine
 SERVER_BACKENDS = backends.SERVER_BACKENDS
 BACKENDS: tuple[str, ...] = ("sqlite", *SERVER_BACKENDS)
 REQUIRE_ENV = "SA_ENVELOPE_REQUIRE_BACKENDS"
-backends.fix_aiomysql_bytes()  # a driver bug of aiomysql 0.3.2 with PyMySQL >= 1.2.3, not ours
 
 
 def _required_backends() -> set[str]:

@@ -1,4 +1,4 @@
-"""AsyncSession with aiosqlite, asyncpg and aiomysql: encrypted columns, queries, warming,
+"""AsyncSession with aiosqlite, asyncpg and asyncmy: encrypted columns, queries, warming,
 and a key-provider call that does not stall the event loop."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Every way SQLAlchemy reads a row decrypts it, on every backend (async on
-aiosqlite, asyncpg and aiomysql), for table-scoped, deterministic and row-scoped columns.
+aiosqlite, asyncpg and asyncmy), for table-scoped, deterministic and row-scoped columns.
 
 The rows are written once through the ORM; each case reads them back through
 one path, in a fresh manager (a cold key cache, as in a new process) and

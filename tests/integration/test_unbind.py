@@ -189,7 +189,7 @@ def test_shared_listeners_stay_while_another_manager_is_bound(engine: Engine) ->
 
 
 def test_async_engines_unbind(engine: Engine, url_b: str) -> None:
-    """aiosqlite, asyncpg, aiomysql: an AsyncEngine unbinds as its sync engine does."""
+    """aiosqlite, asyncpg, asyncmy: an AsyncEngine unbinds as its sync engine does."""
     keys = KeyManager(None, LocalKeyProvider(os.urandom(32)))
     Patient = make_model(keys)
     url_a = engine.url.render_as_string(hide_password=False)

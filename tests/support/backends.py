@@ -34,7 +34,6 @@ __all__ = [
     "Resolved",
     "ServerBackend",
     "async_url",
-    "fix_aiomysql_bytes",
     "summary_line",
 ]
 
@@ -50,7 +49,7 @@ DEFAULTS: dict[str, str] = {
 ASYNC_DRIVERS: dict[str, str] = {
     "sqlite": "sqlite+aiosqlite",
     "postgresql": "postgresql+asyncpg",
-    "mysql": "mysql+aiomysql",
+    "mysql": "mysql+asyncmy",
 }
 RUN_SUFFIX = uuid.uuid4().hex[:8]
 
@@ -61,23 +60,6 @@ def async_url(url: str | URL) -> str:
     parsed = make_url(url)
     driver = ASYNC_DRIVERS[parsed.get_backend_name()]
     return parsed.set(drivername=driver).render_as_string(hide_password=False)
-
-
-def fix_aiomysql_bytes() -> None:
-    """Let aiomysql 0.3.2 send ``bytes`` parameters again under PyMySQL >= 1.2.3.
-
-    aiomysql imports ``pymysql.converters.escape_bytes_prefixed``, which
-    PyMySQL 1.2.3 replaced by a placeholder string, so every query with a
-    bytes parameter (every encrypted value) fails with "'str' object is not
-    callable" (aio-libs/aiomysql#1080, fix proposed in #1081). This puts back
-    the function that #1081 defines, only while the placeholder is there;
-    docs/applications.md tells users the same (pin ``PyMySQL<1.2.3``)."""
-    try:
-        from aiomysql import connection
-    except ImportError:
-        return
-    if isinstance(getattr(connection, "escape_bytes_prefixed", None), str):
-        connection.escape_bytes_prefixed = lambda value: f"_binary X'{bytes(value).hex()}'"
 
 
 @dataclass
