@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 
 from reliability.crash import WORKER, CrashContext, worker_env
@@ -71,13 +72,20 @@ def test_threads_race_for_the_first_key(engine: Engine, reliability: Any) -> Non
             errors.append(exc)
 
     def reader() -> None:  # reads committed rows while the race goes on
+        # Each check makes a fresh KeyManager (a cold cache), which adds event
+        # listeners to the engine it is given; SQLAlchemy does not let listeners
+        # be added to an engine other threads are executing on, so the reader
+        # reads the same database through an engine of its own.
+        own = create_engine(engine.url)
         try:
             start.wait()
             while not done.is_set():
-                checked, wrong = check_rows(engine, provider, "patients")
+                checked, wrong = check_rows(own, provider, "patients")
                 assert wrong == 0, f"{wrong} of {checked} rows read wrong during the race"
         except BaseException as exc:
             errors.append(exc)
+        finally:
+            own.dispose()
 
     writers = [threading.Thread(target=writer, args=(t,)) for t in range(THREADS)]
     readers = [threading.Thread(target=reader) for _ in range(2)]
@@ -104,7 +112,11 @@ def test_processes_race_for_the_first_key(db_url: str, engine: Engine, tmp_path:
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", WORKER, *args, str(w), str(ROWS), str(THREADS_PER_PROCESS)],
-            env=worker_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=worker_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for w in range(PROCESSES)
     ]
