@@ -133,7 +133,7 @@ class SearchIndex(SchemaItem):
 
     def query_of(self, inputs: list[tuple[bytes, bytes]], all_required: bool) -> tuple[Inputs, bool]:
         """A query's (label, data) inputs, made tokens under each live key
-        when the statement executes (:func:`.keyring.query_tokens`)."""
+        when the statement executes (:func:`.keyring.tokens_param`)."""
         return sorted(set(inputs)), all_required
 
     def normalise(self, value: Any) -> str:

@@ -38,7 +38,18 @@ from ..keys.cache import CachedKey
 from ..keys.engines import Binding
 from . import tokens as tk
 
-__all__ = ["binding_of", "install", "live_keys", "query_threshold", "query_tokens", "under", "using", "write_subkey"]
+__all__ = [
+    "Inputs",
+    "binding_of",
+    "install",
+    "live_keys",
+    "subkey_of",
+    "threshold_param",
+    "tokens_param",
+    "under",
+    "using",
+    "write_subkey",
+]
 
 _executing: ContextVar[Connection | None] = ContextVar("sa_envelope_search_executing", default=None)
 _forced: ContextVar[CachedKey | None] = ContextVar("sa_envelope_search_key", default=None)
@@ -121,7 +132,7 @@ def _token_sets(index: Any, inputs: Inputs) -> list[set[int]]:
     return [{index.token(subkey_of(index, k), label, data) for label, data in inputs} for k in live_keys(index)]
 
 
-def query_tokens(index: Any, inputs: Inputs) -> BindParameter[Any]:
+def tokens_param(index: Any, inputs: Inputs) -> BindParameter[Any]:
     """An expanding bind: the needle's tokens under every live key, at execution."""
     frozen = list(inputs)
 
@@ -131,7 +142,7 @@ def query_tokens(index: Any, inputs: Inputs) -> BindParameter[Any]:
     return bindparam(None, callable_=tokens, expanding=True, type_=BigInteger())
 
 
-def query_threshold(index: Any, inputs: Inputs) -> BindParameter[Any]:
+def threshold_param(index: Any, inputs: Inputs) -> BindParameter[Any]:
     """How many of the needle's tokens a candidate holds at least: the fewest
     distinct tokens under any one live key (a row holds every token of the
     key its tokens were made with; a mix only adds a candidate to re-check)."""

@@ -36,12 +36,12 @@ def candidates(index: Any, table: Any, needle: Any) -> Any:
     query = select(row_key).where(
         tokens.c.owner == index.owner,
         tokens.c.name == index.name,
-        tokens.c.token.in_(keyring.query_tokens(index, inputs)),
+        tokens.c.token.in_(keyring.tokens_param(index, inputs)),
     )
     if all_required and len(inputs) > 1:
         # count(*), not count(DISTINCT): hashable, and a duplicated (forged) token
         # only adds a candidate, which the re-check discards
-        query = query.group_by(tokens.c.row_key).having(func.count() >= keyring.query_threshold(index, inputs))
+        query = query.group_by(tokens.c.row_key).having(func.count() >= keyring.threshold_param(index, inputs))
     target = getattr(table, "c", None)
     return (target[pk.key] if target is not None else pk).in_(query)
 
