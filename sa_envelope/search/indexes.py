@@ -72,7 +72,6 @@ class SearchIndex(SchemaItem):
         self.owner = ""
         self.column = ""
         self._subkey: dict[int, tuple[Any, Any]] = {}  # id(key entry) -> (entry, subkey): .keyring
-        keyring.install()
 
     # -- the table ---------------------------------------------------------------------
 

@@ -5,9 +5,9 @@ Two rules, kept here and nowhere else:
 * **The database is the statement's.** A KeyManager may be bound to several
   engines (``KeyManager(None, provider)`` + ``keys.bind(engine)``); each has
   its own key table, so an index has one blind-index key *per database*.
-  The engine is found from the connection executing the statement (a
-  ``before_execute`` listener on every Engine keeps it, per thread and
-  task), never from ``keys.engine``. A statement on an engine the manager
+  The engine is found from the connection executing the statement
+  (:meth:`~sa_envelope.keys.engines.Engines.current`), never from
+  ``keys.engine``. A statement on an engine the manager
   is not bound to gets the :class:`~sa_envelope.ConfigurationError` every
   other column gives (:meth:`~sa_envelope.keys.engines.Engines.of`).
 * **Writes use the write key, queries every live key** (:mod:`sa_envelope.keys.live`).
@@ -28,20 +28,19 @@ from __future__ import annotations
 
 import contextlib
 from contextvars import ContextVar
-from typing import Any, Iterator, Sequence
+from typing import Any, ContextManager, Iterator, Sequence
 
-from sqlalchemy import BigInteger, Connection, Engine, Integer, bindparam, event
+from sqlalchemy import BigInteger, Connection, Integer, bindparam
 from sqlalchemy.sql.elements import BindParameter
 
 from ..keys import table as kt
 from ..keys.cache import CachedKey
-from ..keys.engines import Binding
+from ..keys.engines import Binding, executing_on
 from . import tokens as tk
 
 __all__ = [
     "Inputs",
     "binding_of",
-    "install",
     "live_keys",
     "subkey_of",
     "threshold_param",
@@ -51,33 +50,14 @@ __all__ = [
     "write_subkey",
 ]
 
-_executing: ContextVar[Connection | None] = ContextVar("sa_envelope_search_executing", default=None)
 _forced: ContextVar[CachedKey | None] = ContextVar("sa_envelope_search_key", default=None)
-_installed = False
 
 Inputs = Sequence[tuple[bytes, bytes]]  # a needle's (label, data) pairs, before any key
 
 
-def install() -> None:
-    """Follow the executing connection of every Engine (idempotent)."""
-    global _installed
-    if not _installed:
-        event.listen(Engine, "before_execute", _on_execute)
-        _installed = True
-
-
-def _on_execute(conn: Connection, *args: Any) -> None:
-    _executing.set(conn)
-
-
-@contextlib.contextmanager
-def using(conn: Connection) -> Iterator[Connection]:
+def using(conn: Connection) -> ContextManager[Connection]:
     """Make tokens in ``conn``'s database where no statement is executing (jobs)."""
-    token = _executing.set(conn)
-    try:
-        yield conn
-    finally:
-        _executing.reset(token)
+    return executing_on(conn)
 
 
 @contextlib.contextmanager
@@ -92,11 +72,7 @@ def under(entry: CachedKey) -> Iterator[CachedKey]:
 
 def binding_of(index: Any) -> Binding:
     """The bound engine of the executing statement (else the one bound engine)."""
-    conn = _executing.get()
-    engines = index.keys.engines
-    if conn is None:
-        return engines.select()  # type: ignore[no-any-return]
-    return engines.of(conn)  # type: ignore[no-any-return]
+    return index.keys.engines.current()  # type: ignore[no-any-return]
 
 
 def subkey_of(index: Any, entry: CachedKey) -> Any:
