@@ -294,7 +294,9 @@ class KeyManager:
         current key (rotated first if ``key_id`` is still the current one).
 
         ``columns`` are table columns declared with ``EncryptedType`` or
-        ``BlindIndexType``. ``workers`` threads share the rows through the
+        ``BlindIndexType``; for a blind-index key, the search indexes of
+        their table are rebuilt too (give an indexed column if the table
+        has no ``BlindIndexType``). ``workers`` threads share the rows through the
         database (``FOR UPDATE SKIP LOCKED``); ``rate`` caps rows per second
         over all of them; ``max_batches`` stops each worker after that many
         batches (run again to resume). Once nothing is left, a deterministic
@@ -314,12 +316,19 @@ class KeyManager:
         )
 
     def verify_index(
-        self, table: Table, *, fix: bool = False, batch_size: int = 500, engine: Any = None
+        self,
+        table: Table,
+        *,
+        fix: bool = False,
+        batch_size: int = 500,
+        max_batches: int | None = None,
+        engine: Any = None,
     ) -> list[IndexReport]:
-        """Check that every search-index token of ``table`` matches its row's
-        value; ``fix=True`` rebuilds the rows that differ (and backfills a new
-        index). See docs/querying.md."""
-        return verify_index(self.engines.select(engine).engine, table, fix=fix, batch_size=batch_size)
+        """Check that every search-index token of ``table`` matches its row's value
+        under a live blind-index key; ``fix=True`` rebuilds the rows that differ or
+        are under an older key, and backfills a new index (docs/querying.md)."""
+        bound = self.engines.select(engine).engine
+        return verify_index(bound, table, fix=fix, batch_size=batch_size, max_batches=max_batches)
 
     # -- row scope and crypto-shredding (docs/shredding.md) ------------------------------
 

@@ -21,6 +21,7 @@ from ..jobs.scan import reflected_columns
 from ..jobs.verify import verify_database
 from ..manager import KeyManager
 from ..providers.spec import provider_from_spec
+from .indexes import SPEC_HELP, check_indexes, parse_specs, unchecked_indexes
 from .common import (
     RESUMES,
     STARTS_OVER,
@@ -81,22 +82,42 @@ def _rewrap(parser: argparse.ArgumentParser) -> None:
 def _verify(parser: argparse.ArgumentParser) -> None:
     database_option(parser)
     parser.add_argument("--table", action="append", dest="tables", help="only this table (repeatable)")
+    parser.add_argument(
+        "--index",
+        action="append",
+        dest="indexes",
+        metavar=SPEC_HELP,
+        help="also check this search index's tokens against its rows, described as the model declares it "
+        "(repeatable; e.g. patients.notes=substring:n=3)",
+    )
     cmk_option(parser)
 
     def run(ns: argparse.Namespace) -> int:
+        specs = parse_specs(ns.indexes or [])
         engine = engine_of(ns)
         try:
-            report = verify_database(manager(ns, engine).store, ns.tables)
+            keys = manager(ns, engine)
+            report = verify_database(keys.store, ns.tables)
+            indexes = check_indexes(keys, engine, specs)
+            unchecked = unchecked_indexes(keys, engine, indexes)
         finally:
             engine.dispose()
         lines = report.lines()
         lines.append(f"verified {report.ok + report.failed} values: {report.ok} ok, {report.failed} failed")
         lines.append(f"erased (row key shredded): {report.erased}")
         lines.append(f"key table: {len(report.anomalies)} anomalies")
-        emit(ns, report.as_dict(), lines)
-        return 0 if report.complete else 1
+        lines += [f"search index {r}" for r in indexes]
+        lines += [f"search index {t} {n}: not checked (describe it with --index)" for t, n in unchecked]
+        data = report.as_dict() | {"indexes": [_index_dict(r) for r in indexes]}
+        emit(ns, data | {"unchecked_indexes": [{"table": t, "index": n} for t, n in unchecked]}, lines)
+        return 0 if report.complete and all(r.ok for r in indexes) else 1
 
     parser.set_defaults(run=run, interrupted=STARTS_OVER.replace("changed", "changed (verify only reads)"))
+
+
+def _index_dict(report: Any) -> dict[str, Any]:
+    names = ("table", "column", "index", "key_id", "rows", "ok", "missing", "tampered", "orphan_tokens", "moving")
+    return {n: getattr(report, n) for n in names} | {"rows_shown": report.examples}
 
 
 def _reencrypt(parser: argparse.ArgumentParser) -> None:

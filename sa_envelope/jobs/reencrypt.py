@@ -6,7 +6,8 @@ blind-index key while queries keep matching (``keys.live``). Values still
 under the old key are found by their header alone (the key id stands at a
 fixed place in every stored value, see docs/format.md), in SQL, so the job
 reads only what it must change. A blind index has no header: its digests
-are recomputed from the source value under the current key, row by row.
+are recomputed from the source value under the current key, row by row;
+so are the tokens of the table's search indexes (``search.verify.rebuild``).
 
 Each batch is one transaction (the runner's) and one compare-and-set write
 (:mod:`.batchwrite`): a row is written only if it still holds the bytes
@@ -17,8 +18,8 @@ next pass finds it); index batches, which cannot be found again without
 recomputing every digest, take disjoint primary-key partitions
 (``pk % workers``) and wait for locks. Re-running the job finds what is
 left: it is resumable after a crash at any point. When nothing is left of a
-deterministic or blind-index key and every column of its table that uses
-it was moved, the key is marked ``retired`` and queries match one key again.
+deterministic or blind-index key and every column (and search index) of
+its table that uses it was moved, the key is marked ``retired`` and queries match one key again.
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ from sqlalchemy import Column, Connection, Integer, LargeBinary, func, literal, 
 from ..columns import binds
 from ..columns.blindindex import BlindIndexType
 from ..columns.encrypted import EncryptedType
+from ..columns.searchable import indexes_of
 from ..envelope import format as fmt
 from ..errors import ConfigurationError, EnvelopeError, KeyNotFoundError
 from ..faults import fault_point
 from ..keys import table as kt
 from ..keys.live import LiveKeys, retire_drained
 from ..keys.store import KeyStore
+from ..search.verify import rebuild as rebuild_indexes
 from .batchwrite import write_cas
 from .progress import progress_bar
 from .runner import read_committed, run_batches
@@ -62,6 +65,7 @@ class ReencryptReport:
     remaining: int = 0
     stopped: bool = False
     retired: bool = False
+    reindexed: int = 0  # rows whose search-index tokens were rebuilt (a blind-index key)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (table.column, reason)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -73,7 +77,8 @@ class ReencryptReport:
             self.failures.extend(failures)
 
     def __str__(self) -> str:
-        tail = ", key retired" if self.retired else (", stopped early" if self.stopped else "")
+        tail = f", {self.reindexed} rows re-indexed" if self.reindexed else ""
+        tail += ", key retired" if self.retired else (", stopped early" if self.stopped else "")
         return (
             f"re-encrypt off key {self.key_id}: {self.reencrypted} re-encrypted, "
             f"{self.failed} failed, {self.remaining} remaining{tail}"
@@ -300,7 +305,31 @@ def _covers(columns: Sequence[Column[Any]], record: kt.KeyRecord) -> bool:
     """Whether ``columns`` hold every declared column of the key's table that uses its scope."""
     tables = {c.table for c in columns if c.table.name == record.owner_table}
     users = {c for t in tables for c in t.columns if _scope_of(c) == record.scope}
-    return bool(users) and users <= set(columns)
+    searched = record.scope == kt.SCOPE_BLIND_INDEX and any(_indexes(tables, record))
+    return (bool(users) or searched) and users <= set(columns)
+
+
+def _indexes(tables: Any, record: kt.KeyRecord) -> list[Any]:
+    """The search indexes keyed by ``record`` (a blind-index key) among ``tables``'."""
+    return [i for t in tables for i in indexes_of(t) if i.owner == record.owner_table]
+
+
+def _reindex(
+    store: KeyStore,
+    record: kt.KeyRecord,
+    columns: Sequence[Column[Any]],
+    report: ReencryptReport,
+    batch_size: int,
+    max_batches: int | None,
+) -> None:
+    """Rebuild the search indexes of the key's table under the write key
+    (rows already under it are skipped: a rerun resumes); the key is retired
+    only once they hold no token under it."""
+    tables = {c.table for c in columns if _indexes([c.table], record)}
+    for table in tables:
+        for index_report in rebuild_indexes(store.engine, table, batch_size=batch_size, max_batches=max_batches):
+            report.reindexed += sum(index_report.moving.values()) + index_report.rows_differing
+            report.stopped = report.stopped or index_report.stopped
 
 
 def reencrypt_columns(
@@ -340,6 +369,8 @@ def reencrypt_columns(
             store, live, kid, batch_size, count, partitioned, Throttle(rate) if rate else None, max_batches, report
         )
         _move(job, column, progress)
+    if blind:
+        _reindex(store, record, columns, report, batch_size, max_batches)
     with store.engine.connect() as conn:
         report.remaining = report.failed if blind else sum(_count(conn, c, kid) for c in moved)
     _retire(store, live, record, columns, report)

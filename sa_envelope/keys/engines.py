@@ -16,6 +16,12 @@ once per dialect, so the column types look the binding up once per dialect,
 not per value (:mod:`sa_envelope.columns.encrypted`); code that holds a
 connection (ORM hooks, jobs) asks :meth:`Engines.of`.
 
+Code that runs while a statement executes but holds no connection (the
+keys of an equality query or a search query, computed when it executes)
+asks :meth:`Engines.current`: the engine of the connection executing in
+this thread or task, kept by a process-wide ``before_execute`` listener
+(never a guess among the connections other sessions hold open).
+
 A statement on an engine that is not bound gets :class:`ConfigurationError`
 naming that engine, never a key stored elsewhere: nothing falls back to
 another engine. Its URL is known from a process-wide ``engine_connect``
@@ -35,8 +41,10 @@ as an engine never bound is.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
+from contextvars import ContextVar
 from typing import Any, Callable, Iterator
 
 from sqlalchemy import Connection, Engine, event
@@ -51,9 +59,10 @@ from .live import LiveKeys, live_of
 from .store import KeyStore
 from .tracking import Tracker
 
-__all__ = ["Binding", "Engines", "engine_name", "sync_engine"]
+__all__ = ["Binding", "Engines", "engine_name", "executing_on", "sync_engine"]
 
 _urls: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()  # dialect -> its engine's URL
+_executing: ContextVar[Connection | None] = ContextVar("sa_envelope_executing", default=None)
 _listening = False
 _listen_lock = threading.Lock()
 
@@ -69,13 +78,29 @@ def _learn_url(conn: Connection) -> None:
         _urls[dialect] = engine_name(conn.engine)
 
 
+def _note_executing(conn: Connection, *args: Any) -> None:
+    _executing.set(conn)
+
+
 def _listen_for_urls() -> None:
-    """Learn the URL of every engine's dialect as it connects (once per process)."""
+    """Learn the URL of every engine's dialect as it connects, and the
+    connection executing in each thread or task (once per process)."""
     global _listening
     with _listen_lock:
         if not _listening:
             event.listen(Engine, "engine_connect", _learn_url)
+            event.listen(Engine, "before_execute", _note_executing)
             _listening = True
+
+
+@contextlib.contextmanager
+def executing_on(conn: Connection) -> Iterator[Connection]:
+    """Serve as if a statement executed on ``conn`` (a job's own transaction)."""
+    token = _executing.set(conn)
+    try:
+        yield conn
+    finally:
+        _executing.reset(token)
 
 
 def sync_engine(engine: Any) -> Engine:
@@ -236,16 +261,23 @@ class Engines:
         names = ", ".join(repr(engine_name(b.engine)) for b in bindings)
         raise ConfigurationError(f"this KeyManager is bound to {len(bindings)} engines ({names}): pass engine=")
 
+    def current(self) -> Binding:
+        """The binding of the connection executing in this thread or task
+        (an open one: a query's keys are computed as it executes), else the
+        one bound engine; an unbound engine's statement is refused."""
+        conn = _executing.get()
+        if conn is None or conn.closed:
+            return self.select()
+        return self.of(conn)
+
     def live_for(self, bind: Any) -> LiveKeys:
         """The live keys of ``bind``: a KeyStore, an Engine or Connection, or
-        ``None``: the binding with a statement executing in this thread (a
-        query's keys are computed as it executes), else the one bound engine."""
+        ``None``: those of :meth:`current`."""
         if isinstance(bind, KeyStore):  # maybe another manager's (a job run by it over these columns)
             return live_of(bind)
         if bind is not None:
             return self.select(bind).live
-        running = [b for b in self._bindings.values() if b.tracker.current() is not None]
-        return running[0].live if len(running) == 1 else self.select().live
+        return self.current().live
 
     def not_bound(self, dialect: Any, name: str | None = None) -> ConfigurationError:
         """The error for a statement on an engine this manager is not bound to."""

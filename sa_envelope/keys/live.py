@@ -107,13 +107,18 @@ class LiveKeys:
                 return entry
         return self._refresh(owner, scope).write
 
-    def keys(self, owner: str, scope: str) -> tuple[CachedKey, ...]:
-        """Every key a query on ``owner`` in ``scope`` matches, write key first."""
+    def keys(self, owner: str, scope: str, *, create: bool = True) -> tuple[CachedKey, ...]:
+        """Every key a query on ``owner`` in ``scope`` matches, write key first.
+        ``create=False``: none while the table has no such key (a search
+        query then finds no tokens, and a query never makes a key)."""
         live = self._sets.get((owner, scope))
         now = time.monotonic()
         if live is not None and live.expires > now and all(k.alive and k.expires > now for k in live.keys):
             return live.keys
-        return self._refresh(owner, scope).keys
+        if create:
+            return self._refresh(owner, scope).keys
+        found = self._find(owner, scope)
+        return found.keys if found is not None else ()
 
     def close(self) -> None:
         """Its engine was unbound: forget every live set, and that it serves its store."""
@@ -138,22 +143,26 @@ class LiveKeys:
     # -- reading the key table --------------------------------------------------------------
 
     def _refresh(self, owner: str, scope: str) -> _LiveSet:
-        store = self.store
-        conn = store.tracker.current()
-        if conn is not None:  # the table's first key, made by this very transaction: its one key
-            state = store.tracker.state(conn)
-            made = state.active.get((owner, scope))
-            entry = store.cache.get(made) if made is not None and made in state.created else None
-            if entry is not None:
-                return _LiveSet(0.0, entry, (entry,), 0.0)
-            live = self._read(conn, owner, scope)
-        else:
-            with store.engine.connect() as own:  # a read only: closed before any key is made
-                live = self._read(own, owner, scope)
+        live = self._find(owner, scope)
         if live is None:  # no key yet: the store makes the first one, in the writer's transaction
-            first: CachedKey = store.encryption_key(owner, scope)
+            first: CachedKey = self.store.encryption_key(owner, scope)
             return _LiveSet(0.0, first, (first,), 0.0)  # not cached: it may not be committed
         return live
+
+    def _find(self, owner: str, scope: str) -> _LiveSet | None:
+        """The live set as the executing transaction sees the key table (``None``: no key)."""
+        store = self.store
+        conn = store.tracker.current()
+        if conn is None:
+            with store.engine.connect() as own:  # a read only: closed before any key is made
+                return self._read(own, owner, scope)
+        # the table's first key, made by this very transaction: its one key
+        state = store.tracker.state(conn)
+        made = state.active.get((owner, scope))
+        entry = store.cache.get(made) if made is not None and made in state.created else None
+        if entry is not None:
+            return _LiveSet(0.0, entry, (entry,), 0.0)
+        return self._read(conn, owner, scope)
 
     def _read(self, conn: Connection, owner: str, scope: str) -> _LiveSet | None:
         store, now = self.store, kt.utcnow()

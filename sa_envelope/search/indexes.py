@@ -21,7 +21,8 @@ its needle into tokens the same way, the database returns the rows holding
 them (*candidates*: truncated digests collide by design), and
 :func:`~sa_envelope.lookup` re-checks each candidate against its decrypted
 value. The key is the table's blind-index key (scope ``blind-index``), with
-a subkey per index kind, column and settings; it never rolls over by itself.
+a subkey per index kind, column and settings; it never rolls over by itself,
+and which key and which database's key table is :mod:`.keyring`'s rule.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from sqlalchemy import Column, Table
 from sqlalchemy.sql.schema import SchemaItem
 
 from ..errors import ConfigurationError, EncryptionError, UnsupportedQueryError
-from ..keys import table as kt
+from . import keyring, query
 from . import tokens as tk
-from . import query
+from .keyring import Inputs
 from ..columns.searchable import INFO_KEY
 
 __all__ = ["PrefixIndex", "SearchIndex", "SubstringIndex"]
@@ -70,7 +71,7 @@ class SearchIndex(SchemaItem):
         self.table: Table | None = None
         self.owner = ""
         self.column = ""
-        self._subkey: dict[int, tuple[Any, Any]] = {}
+        self._subkey: dict[int, tuple[Any, Any]] = {}  # id(key entry) -> (entry, subkey): .keyring
 
     # -- the table ---------------------------------------------------------------------
 
@@ -120,39 +121,19 @@ class SearchIndex(SchemaItem):
     # -- tokens ------------------------------------------------------------------------
 
     def subkey(self) -> Any:
-        """The HMAC of this index, keyed from the table's blind-index key."""
+        """The HMAC new tokens are made with: from the write key of the table's
+        blind-index key, in the statement's database (:mod:`.keyring`)."""
         if self.table is None or self.keys is None:
             raise EncryptionError("this search index is not attached to a table", column=self.source)
-        entry = self.keys.store.encryption_key(self.owner, kt.SCOPE_BLIND_INDEX)
-        cached_entry, base = self._subkey.get(0, (None, None))
-        if cached_entry is not entry:  # a new or re-loaded key: derive once
-            base = entry.cipher.subkey(tk.derive_context(self.kind, self.owner, self.column, self.settings()))
-            entry.remember(self._subkey, 0, (entry, base))
-        return base
+        return keyring.write_subkey(self)
 
     def token(self, subkey: Any, label: bytes, data: bytes) -> int:
         return tk.token_of(subkey, label, data, self.bits)
 
-    def query_subkey(self) -> Any:
-        """The subkey for a query, or ``None`` when the table has no
-        blind-index key yet (so no tokens): a query never creates a key."""
-        cached = self._subkey.get(0)
-        if cached is not None:
-            return cached[1]
-        conn = self.keys.tracker.current()
-        if conn is not None:
-            found = self.keys.store.current(conn, self.owner, kt.SCOPE_BLIND_INDEX)
-        else:
-            with self.keys.engine.connect() as own:
-                found = self.keys.store.current(own, self.owner, kt.SCOPE_BLIND_INDEX)
-        return self.subkey() if found is not None else None
-
-    def query_of(self, inputs: list[tuple[bytes, bytes]], all_required: bool) -> tuple[list[int], bool]:
-        """The tokens of a query's (label, data) inputs; none without a key."""
-        key = self.query_subkey()
-        if key is None:
-            return [], all_required
-        return sorted({self.token(key, label, data) for label, data in inputs}), all_required
+    def query_of(self, inputs: list[tuple[bytes, bytes]], all_required: bool) -> tuple[Inputs, bool]:
+        """A query's (label, data) inputs, made tokens under each live key
+        when the statement executes (:func:`.keyring.tokens_param`)."""
+        return sorted(set(inputs)), all_required
 
     def normalise(self, value: Any) -> str:
         text = self.normalizer(value) if self.normalizer is not None else value
@@ -161,8 +142,8 @@ class SearchIndex(SchemaItem):
     def tokens(self, value: Any) -> set[int]:  # pragma: no cover - each kind has its own
         raise NotImplementedError
 
-    def query_tokens(self, needle: Any) -> tuple[list[int], bool]:  # pragma: no cover
-        """(tokens, all_required) a needle's rows hold."""
+    def query_tokens(self, needle: Any) -> tuple[Inputs, bool]:  # pragma: no cover
+        """(inputs, all_required): what a needle's rows hold tokens of."""
         raise NotImplementedError
 
     def accepts(self, value: Any, needle: Any) -> bool:  # pragma: no cover
@@ -215,7 +196,7 @@ class PrefixIndex(SearchIndex):
         text, key = self.normalise(value), self.subkey()
         return {self.token(key, b"p", text[:i].encode("utf-8")) for i in range(1, min(len(text), self.max_length) + 1)}
 
-    def query_tokens(self, needle: Any) -> tuple[list[int], bool]:
+    def query_tokens(self, needle: Any) -> tuple[Inputs, bool]:
         text = self._text_needle(needle)
         return self.query_of([(b"p", text[: self.max_length].encode("utf-8"))], True)
 
@@ -250,7 +231,7 @@ class SubstringIndex(SearchIndex):
         key = self.subkey()
         return {self.token(key, b"g", g.encode("utf-8")) for g in set(self.grams(self.normalise(value)))}
 
-    def query_tokens(self, needle: Any) -> tuple[list[int], bool]:
+    def query_tokens(self, needle: Any) -> tuple[Inputs, bool]:
         text = self._text_needle(needle)
         if len(text) < self.n:
             raise self.refuse(

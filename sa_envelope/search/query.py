@@ -15,27 +15,33 @@ from typing import Any, Sequence
 from sqlalchemy import String, cast, false, func, select
 from sqlalchemy.orm import Session
 
+from . import keyring
+
 __all__ = ["candidates", "find"]
 
 
 def candidates(index: Any, table: Any, needle: Any) -> Any:
-    """Rows of ``table`` (the indexed table or an alias of it) that may match."""
-    tokens_found, all_required = index.query_tokens(needle)
-    if not tokens_found:
+    """Rows of ``table`` (the indexed table or an alias of it) that may match.
+
+    The needle is checked now (an unsupported one raises here); its tokens
+    are made when the statement executes, under every live key of the
+    database it runs on (:mod:`.keyring`), so one statement serves every
+    bound engine and matches across a rotation."""
+    inputs, all_required = index.query_tokens(needle)
+    if not inputs:
         return false()
     tokens = index.tokens_table
     pk = index.pk_column()
     row_key: Any = tokens.c.row_key if isinstance(pk.type, String) else cast(tokens.c.row_key, pk.type)
-    token = tokens.c.token
     query = select(row_key).where(
         tokens.c.owner == index.owner,
         tokens.c.name == index.name,
-        token == tokens_found[0] if len(tokens_found) == 1 else token.in_(tokens_found),
+        tokens.c.token.in_(keyring.tokens_param(index, inputs)),
     )
-    if all_required and len(tokens_found) > 1:
+    if all_required and len(inputs) > 1:
         # count(*), not count(DISTINCT): hashable, and a duplicated (forged) token
         # only adds a candidate, which the re-check discards
-        query = query.group_by(tokens.c.row_key).having(func.count() >= len(tokens_found))
+        query = query.group_by(tokens.c.row_key).having(func.count() >= keyring.threshold_param(index, inputs))
     target = getattr(table, "c", None)
     return (target[pk.key] if target is not None else pk).in_(query)
 
@@ -44,7 +50,6 @@ def find(index: Any, session: Session, attribute: Any, needle: Any, where: Seque
     """The objects whose ``attribute`` matches ``needle``, exactly."""
     expr = attribute.__clause_element__()
     entity = attribute.parent.entity
-    with index.keys.use_connection(session.connection()):  # the key table as this session sees it
-        criterion = candidates(index, expr.table, needle)
+    criterion = candidates(index, expr.table, needle)
     found = session.scalars(select(entity).where(criterion, *where)).all()
     return [obj for obj in found if index.accepts(getattr(obj, attribute.key), needle)]

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import ConfigurationError, EncryptionError
 from .indexes import SearchIndex
+from .keyring import Inputs
 
 __all__ = ["CALENDAR", "RangeIndex", "powers_of"]
 
@@ -204,7 +205,7 @@ class RangeIndex(SearchIndex):
                 f"{self.levels.names}: add a coarser granularity, or narrow the range"
             )
 
-    def query_tokens(self, needle: Any) -> tuple[list[int], bool]:
+    def query_tokens(self, needle: Any) -> tuple[Inputs, bool]:
         lo, hi = _bounds(needle, self.refuse)
         f_lo, f_hi = self._finest(lo, "bound"), self._finest(hi, "bound")
         if f_lo > f_hi:

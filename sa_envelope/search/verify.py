@@ -1,44 +1,75 @@
 """Every search-index token checked against its row: ``verify_index``.
 
-The tokens of a row must be exactly those of its current, decrypted value.
-A missing token makes lookups miss the row (a write past the hooks: raw
-SQL, a bulk load, a backup restored without the token table); an extra one
-(a stale or forged token, or one of a deleted row) only adds candidates that
-the re-check discards, but is reported too. With ``fix=True`` the rows that
-differ get their tokens rebuilt and tokens of rows that no longer exist are
-deleted, batch by batch: the same pass backfills an index added to a table
-that already has rows, and rebuilds one after its key or settings change.
+The tokens of a row must be exactly those of its current, decrypted value
+under one live blind-index key (:mod:`.keyring`): the write key, or during a
+rotation an older key the rebuild has not moved the row off yet (*moving*,
+which lookups still find). Anything else is a problem, sorted by what it
+does to lookups:
+
+* **missing**: a row lacks some of its tokens and holds none it should not
+  (a write past the hooks: raw SQL, a bulk load, a backup restored without
+  the token table, an index added to a table that has rows): lookups miss it;
+* **tampered**: a row holds tokens its value does not give (its value was
+  changed past the hooks, or a token was forged or altered): extra
+  candidates, which the re-check discards, and maybe missing ones;
+* **stale**: tokens of rows that no longer exist (``orphan_tokens``).
+
+With ``fix=True`` each row that is not under the write key gets its tokens
+rebuilt (rows locked while they are, so a concurrent write is not undone)
+and stale tokens are deleted, batch by batch: the same pass backfills a new
+index, repairs a damaged one, and moves an index to a rotated key (the
+rebuild job, :func:`rebuild`). Reports name the table, the column, the
+index and key ids, and rows by primary key: never a value.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import String, Table, and_, cast, delete, select
 
 from ..columns.searchable import indexes_of
+from ..envelope import format as fmt
+from ..keys import table as kt
+from . import keyring
 from . import tokens as tk
 from .writes import row_key_of, token_rows
 
-__all__ = ["IndexReport", "verify_index"]
+__all__ = ["IndexReport", "rebuild", "verify_index"]
 
 _SHOWN = 20  # row keys kept per report, for the message
 
 
 @dataclass
 class IndexReport:
-    """What one index's check found (``ok`` when nothing differs)."""
+    """What one index's check found (``ok`` when nothing is missing, tampered or stale).
+
+    ``key_id`` is the write key the tokens are checked against; ``moving``
+    counts, per older live key id, the rows whose tokens are still under it
+    (with ``fix=True``: the rows moved off it); ``stopped``: ``max_batches``
+    cut the pass short."""
 
     table: str
     index: str
+    column: str = ""
+    key_id: str = "-"
     rows: int = 0
-    rows_differing: int = 0
+    missing: int = 0
+    tampered: int = 0
     missing_tokens: int = 0
     extra_tokens: int = 0
     orphan_tokens: int = 0
+    moving: dict[str, int] = field(default_factory=dict)
     fixed: bool = False
+    stopped: bool = False
     examples: list[str] = field(default_factory=list)
+
+    @property
+    def rows_differing(self) -> int:
+        """Rows whose tokens are those of no live key (missing or tampered)."""
+        return self.missing + self.tampered
 
     @property
     def ok(self) -> bool:
@@ -46,30 +77,50 @@ class IndexReport:
 
     def __str__(self) -> str:
         state = "ok" if self.ok else ("fixed" if self.fixed else "DIFFERS")
+        moving = "".join(
+            f"; {n} rows {'moved off' if self.fixed else 'still under'} key {k}" for k, n in sorted(self.moving.items())
+        )
+        tail = " (stopped early)" if self.stopped else ""
         return (
-            f"{self.table} {self.index}: {self.rows} rows, {state}; {self.rows_differing} rows differ "
-            f"({self.missing_tokens} tokens missing, {self.extra_tokens} extra), "
-            f"{self.orphan_tokens} tokens of rows that do not exist"
+            f"{self.table}.{self.column} {self.index} (key {self.key_id}): {self.rows} rows, {state}; "
+            f"{self.missing} missing, {self.tampered} tampered ({self.missing_tokens} tokens missing, "
+            f"{self.extra_tokens} extra), {self.orphan_tokens} stale tokens of rows that do not exist{moving}{tail}"
         )
 
 
-def verify_index(engine: Any, table: Table, *, fix: bool = False, batch_size: int = 500) -> list[IndexReport]:
-    """Check (and with ``fix=True`` repair) every search index of ``table``."""
-    return [_verify_one(engine, index, fix, batch_size) for index in indexes_of(table)]
+def verify_index(
+    engine: Any, table: Table, *, fix: bool = False, batch_size: int = 500, max_batches: int | None = None
+) -> list[IndexReport]:
+    """Check (and with ``fix=True`` repair) every search index of ``table``
+    in ``engine``'s database; ``max_batches`` stops each index's pass early."""
+    return [_verify_one(engine, index, fix, batch_size, max_batches) for index in indexes_of(table)]
 
 
-def _verify_one(engine: Any, index: Any, fix: bool, batch_size: int) -> IndexReport:
-    report = IndexReport(index.owner, index.name, fixed=fix)
+def rebuild(engine: Any, table: Table, *, batch_size: int = 500, max_batches: int | None = None) -> list[IndexReport]:
+    """Move every search index of ``table`` to the blind-index write key
+    (after a rotation): ``verify_index(fix=True)``. Rows already under it
+    are left as they are, so a rerun resumes."""
+    return verify_index(engine, table, fix=True, batch_size=batch_size, max_batches=max_batches)
+
+
+def _verify_one(engine: Any, index: Any, fix: bool, batch_size: int, max_batches: int | None) -> IndexReport:
+    report = IndexReport(index.owner, index.name, column=index.column, fixed=fix)
     pk, source, tokens = index.pk_column(), index.source_column(), index.tokens_table
     last: Any = None
-    while True:
-        with engine.begin() as conn, index.keys.use_connection(conn):
+    batches = 0
+    while max_batches is None or batches < max_batches:
+        with engine.begin() as conn, index.keys.use_connection(conn), keyring.using(conn):
             query = select(pk, source).order_by(pk).limit(batch_size)
+            if fix and conn.dialect.name != "sqlite":
+                query = query.with_for_update()  # a concurrent write waits: its tokens come after ours
             batch = conn.execute(query if last is None else query.where(pk > last)).all()
             if not batch:
                 break
-            last = batch[-1][0]
+            last, batches = batch[-1][0], batches + 1
             _check_batch(conn, index, tokens, batch, report, fix)
+    else:
+        report.stopped = True
+        return report
     with engine.begin() as conn:
         alive = select(cast(pk, String))
         orphans = and_(tokens.c.owner == index.owner, tokens.c.name == index.name, tokens.c.row_key.not_in(alive))
@@ -77,6 +128,18 @@ def _verify_one(engine: Any, index: Any, fix: bool, batch_size: int) -> IndexRep
         if fix and report.orphan_tokens:
             conn.execute(delete(tokens).where(orphans))
     return report
+
+
+def _live(index: Any) -> list[Any]:
+    """The live keys, write key first (the first key is made if there is none:
+    the tokens a row should have need one)."""
+    keys = list(keyring.live_keys(index))
+    return keys or [keyring.binding_of(index).live.write_key(index.owner, kt.SCOPE_BLIND_INDEX)]
+
+
+def _expected(index: Any, entry: Any, row_key: str, value: Any) -> set[int]:
+    with keyring.under(entry):
+        return {r["token"] for r in token_rows(index, row_key, value)}
 
 
 def _check_batch(conn: Any, index: Any, tokens: Table, batch: list[Any], report: IndexReport, fix: bool) -> None:
@@ -89,19 +152,36 @@ def _check_batch(conn: Any, index: Any, tokens: Table, batch: list[Any], report:
     )
     for row_key, token in found:
         stored[row_key].add(token)
+    live = _live(index)
+    report.key_id = fmt.format_key_id(live[0].key_id)
+    moving: Counter[str] = Counter(report.moving)
     to_fix: list[str] = []
     rebuilt: list[dict[str, Any]] = []
     for row_key, (_, value) in zip(keys, batch):
         report.rows += 1
-        expected = {r["token"] for r in token_rows(index, row_key, value)}
-        if expected != stored[row_key]:
-            report.rows_differing += 1
-            report.missing_tokens += len(expected - stored[row_key])
-            report.extra_tokens += len(stored[row_key] - expected)
-            if len(report.examples) < _SHOWN:
-                report.examples.append(row_key)
-            to_fix.append(row_key)
-            rebuilt.extend(token_rows(index, row_key, value))
+        have, expected = stored[row_key], _expected(index, live[0], row_key, value)
+        if have == expected:
+            continue
+        older = next((e for e in live[1:] if have == _expected(index, e, row_key, value)), None)
+        if older is not None:
+            moving[fmt.format_key_id(older.key_id)] += 1
+        else:
+            _count_problem(report, row_key, have, expected)
+        to_fix.append(row_key)
+        if fix:
+            rebuilt.extend(token_rows(index, row_key, value))  # under the write key
+    report.moving = dict(moving)
     if fix and to_fix:
         tk.delete_row_tokens(conn, tokens, index.owner, [index.name], to_fix)
         tk.insert_tokens(conn, tokens, rebuilt)
+
+
+def _count_problem(report: IndexReport, row_key: str, have: set[int], expected: set[int]) -> None:
+    if have < expected:
+        report.missing += 1
+    else:
+        report.tampered += 1
+    report.missing_tokens += len(expected - have)
+    report.extra_tokens += len(have - expected)
+    if len(report.examples) < _SHOWN:
+        report.examples.append(row_key)

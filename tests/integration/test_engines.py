@@ -36,7 +36,15 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from sa_envelope import ConfigurationError, DecryptionError, EncryptedType, KeyManager, LocalKeyProvider
+from sa_envelope import (
+    BlindIndexType,
+    ConfigurationError,
+    DecryptionError,
+    EncryptedType,
+    KeyManager,
+    LocalKeyProvider,
+    lookup,
+)
 from sa_envelope.envelope import format as fmt
 from sa_envelope.keys import table as kt
 from support.backends import async_url
@@ -359,3 +367,31 @@ def test_a_migration_runs_on_its_own_connection(engine: Engine, engine_b: Engine
         raw = conn.execute(select(type_coerce(encrypted.c.v, LargeBinary()))).scalars().all()
     assert {fmt.key_id_of(bytes(v)) for v in raw} <= {i for i, o, _ in key_rows(engine_b, keys) if o == "t"}
     assert key_rows(engine, keys) == before_a
+
+
+def test_equality_while_sessions_on_both_engines_are_open(engine: Engine, engine_b: Engine) -> None:
+    """A deterministic equality and a blind-index lookup on one engine, while a
+    session on the other still holds its connection: each query's keys are
+    those of the engine it executes on (not a guess among open connections)."""
+    keys = KeyManager(None, LocalKeyProvider(os.urandom(32)))
+
+    class User(new_base()):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        city: Mapped[str] = mapped_column(EncryptedType(String(50), keys, deterministic=True))
+        email: Mapped[str] = mapped_column(EncryptedType(String(100), keys))
+        email_index: Mapped[bytes | None] = mapped_column(BlindIndexType("email", keys))
+
+    for n, eng in enumerate((engine, engine_b)):
+        keys.bind(eng)
+        keys.create_table(engine=eng)
+        User.metadata.create_all(eng)
+        with Session(eng) as session:
+            session.add_all([User(id=i, city="oslo" if i % 2 else "lima", email=f"u{i}@x.org") for i in range(4 + n)])
+            session.commit()
+    with Session(engine) as first, Session(engine_b) as second:
+        for session, count in ((first, 4), (second, 5)):
+            assert len(session.scalars(select(User).where(User.city == "oslo")).all()) == count // 2
+            assert [u.id for u in lookup(session, User.email, "u3@x.org")] == [3]
+        assert [u.id for u in lookup(first, User.email, "u4@x.org")] == []
+        assert [u.id for u in lookup(second, User.email, "u4@x.org")] == [4]

@@ -1,0 +1,156 @@
+"""``sa-envelope verify --index``: search-index tokens checked from the command line.
+
+A search index's settings (kind, bits, n, prefix length, granularities,
+normaliser) live in the application's code, not in the database, and the
+CLI runs no application code; so each index to check is described as the
+model declares it::
+
+    --index patients.name=prefix:max_length=8,normalizer=text_folded
+    --index patients.notes=substring:n=3,bits=32
+    --index patients.born=range:granularities=year/month/day,type=date
+
+Options: ``bits``, ``context`` (the model's pinned ``context=``),
+``normalizer`` (a built-in: ``email``, ``email_folded``, ``phone``,
+``text_folded``), ``max_length`` (prefix), ``n`` (substring),
+``granularities`` (range: calendar names or bucket widths, coarsest first,
+separated by ``/``), ``type`` (the column's inner type, default ``string``,
+or ``date`` for a range) and ``deterministic=yes``. The table is reflected
+and each described index checked by :func:`sa_envelope.search.verify.verify_index`.
+The indexes the token table holds that no ``--index`` describes are listed
+as not checked.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any, Callable
+
+from sqlalchemy import Column, Date, DateTime, Engine, Integer, MetaData, Numeric, String, Table, inspect, select
+from sqlalchemy import BigInteger, Text
+
+from ..columns import normalizers
+from ..columns.encrypted import EncryptedType
+from ..errors import ConfigurationError
+from ..manager import KeyManager
+from ..search.indexes import PrefixIndex, SearchIndex, SubstringIndex
+from ..search.ranges import RangeIndex
+from ..search.verify import IndexReport, verify_index
+
+__all__ = ["SPEC_HELP", "check_indexes", "parse_specs", "unchecked_indexes"]
+
+SPEC_HELP = "TABLE.COLUMN=KIND[:OPTION=VALUE,...]"
+KINDS: dict[str, type[SearchIndex]] = {"prefix": PrefixIndex, "substring": SubstringIndex, "range": RangeIndex}
+TYPES: dict[str, Callable[[], Any]] = {
+    "string": String,
+    "text": Text,
+    "int": Integer,
+    "bigint": BigInteger,
+    "numeric": Numeric,
+    "date": Date,
+    "datetime": DateTime,
+}
+NORMALIZERS: dict[str, Callable[[str], str]] = {
+    "email": normalizers.normalize_email,
+    "email_folded": normalizers.normalize_email_folded,
+    "phone": normalizers.normalize_phone,
+    "text_folded": normalizers.normalize_text_folded,
+}
+_INTS = ("bits", "max_length", "n")
+
+
+class _Spec:
+    """One ``--index`` argument, parsed."""
+
+    def __init__(self, text: str) -> None:
+        target, sep, rest = text.partition("=")
+        self.table, dot, self.column = target.rpartition(".")
+        kind, _, options = rest.partition(":")
+        if not (sep and dot and self.table and self.column) or kind not in KINDS:
+            raise ConfigurationError(f"--index {text!r}: give {SPEC_HELP}, KIND one of {', '.join(KINDS)}")
+        self.kind = kind
+        self.options: dict[str, str] = {}
+        for pair in filter(None, options.split(",")):
+            name, eq, value = pair.partition("=")
+            if not eq:
+                raise ConfigurationError(f"--index {text!r}: option {pair!r} is not OPTION=VALUE")
+            self.options[name.strip()] = value.strip()
+
+    def index(self, keys: KeyManager | None) -> SearchIndex:
+        where = f"--index {self.table}.{self.column}"
+        try:
+            args: dict[str, Any] = {k: int(v) for k, v in self.options.items() if k in _INTS}
+        except ValueError:
+            raise ConfigurationError(f"{where}: {', '.join(_INTS)} take whole numbers") from None
+        if "context" in self.options:
+            args["context"] = self.options["context"]
+        if "normalizer" in self.options:
+            args["normalizer"] = _choice(NORMALIZERS, self.options["normalizer"], "normalizer")
+        if "granularities" in self.options:
+            args["granularities"] = [_level(g) for g in self.options["granularities"].split("/")]
+        unknown = set(self.options) - set(_INTS) - {"context", "normalizer", "granularities", "type", "deterministic"}
+        if unknown:
+            raise ConfigurationError(f"{where}: no option {', '.join(sorted(unknown))}")
+        try:
+            return KINDS[self.kind](self.column, keys, **args)
+        except TypeError:  # an option of another kind
+            raise ConfigurationError(f"{where}: a {self.kind} index takes no {', '.join(sorted(args))}") from None
+
+    def column_type(self, keys: KeyManager | None) -> EncryptedType:
+        default = "date" if self.kind == "range" else "string"
+        inner = _choice(TYPES, self.options.get("type", default), "type")()
+        deterministic = self.options.get("deterministic", "no").lower() in ("yes", "true", "1")
+        context = self.options.get("context") or f"{self.table}.{self.column}"
+        return EncryptedType(inner, keys, deterministic=deterministic, context=context)
+
+
+def _choice(options: dict[str, Any], name: str, what: str) -> Any:
+    if name not in options:
+        raise ConfigurationError(f"--index: {what} {name!r} is not one of {', '.join(options)}")
+    return options[name]
+
+
+def _level(text: str) -> Any:
+    """A calendar granularity name, or a bucket width (an integer or a decimal)."""
+    return text if text.isalpha() else (int(text) if text.isdigit() else Decimal(text))
+
+
+def _declared(engine: Engine, keys: KeyManager, name: str, specs: list[_Spec]) -> Table:
+    """The reflected table, its indexed columns encrypted, its indexes attached."""
+    reflected = Table(name, MetaData(), autoload_with=engine)
+    typed = {s.column: s.column_type(keys) for s in specs}
+    for spec in specs:
+        if spec.column not in reflected.c:
+            raise ConfigurationError(f"--index: table {name} has no column {spec.column}")
+    columns = [Column(c.name, typed.get(c.name, c.type), primary_key=c.primary_key) for c in reflected.columns]
+    return Table(name, MetaData(), *columns, *(s.index(keys) for s in specs))
+
+
+def parse_specs(texts: list[str]) -> list[_Spec]:
+    """The ``--index`` arguments, each checked now (before any database work)."""
+    specs = [_Spec(t) for t in texts]
+    for spec in specs:
+        spec.index(None)
+        spec.column_type(None)
+    return specs
+
+
+def check_indexes(keys: KeyManager, engine: Engine, specs: list[_Spec]) -> list[IndexReport]:
+    """Check every index ``specs`` describe."""
+    by_table: dict[str, list[_Spec]] = {}
+    for spec in specs:
+        by_table.setdefault(spec.table, []).append(spec)
+    reports: list[IndexReport] = []
+    for name, specs in by_table.items():
+        reports.extend(verify_index(engine, _declared(engine, keys, name, specs)))
+    return reports
+
+
+def unchecked_indexes(keys: KeyManager, engine: Engine, checked: list[IndexReport]) -> list[tuple[str, str]]:
+    """(table, index) of the indexes the token table holds that were not checked."""
+    if not inspect(engine).has_table(keys.search_table.name):
+        return []
+    tokens = keys.search_table
+    with engine.connect() as conn:
+        held = conn.execute(select(tokens.c.owner, tokens.c.name).distinct()).all()
+    done = {(r.table, r.index) for r in checked}
+    return sorted((str(o), str(n)) for o, n in held if (o, n) not in done)
