@@ -66,6 +66,10 @@ def _child(target: Callable[..., Any], args: tuple[Any, ...], index: int, count:
         pipe.send(("error", f"{type(exc).__name__}: {first}" if not _ours(exc) else first))
         sys.exit(1)
     pipe.send(("result", result))
+    pipe.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # done and disposed of: the interpreter's teardown would only delay the parent
 
 
 def _ours(exc: BaseException) -> bool:
