@@ -66,7 +66,7 @@ def reencrypt_in_processes(keys: KeyManager, options: dict[str, Any], workers: i
         total = sum(count_left(conn, c, record.id) for c in columns)
     kms = 0
     with progress_bar(total, f"re-encrypt {record.owner_table}", None) as bar:
-        for result in run_processes(_reencrypt_child, (options,), workers, bar):
+        for result in run_processes(_reencrypt_child, (options,), workers, bar) if total else []:
             kms += result["kms_calls"]
             seen = set(map(tuple, report.failures))
             report.add(result["reencrypted"], [tuple(f) for f in result["failures"] if tuple(f) not in seen])
@@ -133,7 +133,8 @@ def backfill_in_processes(
     report = BackfillReport(options["table"], options["column"], options["direction"])
     kms = 0
     with progress_bar(total, f"{options['direction']}-column {options['table']}.{options['column']}", None) as bar:
-        for result in run_processes(_backfill_child, ({**options, "restart": False},), workers, bar):
+        # nothing left (a rerun after completion): no worker to start, no key to unwrap
+        for result in run_processes(_backfill_child, ({**options, "restart": False},), workers, bar) if total else []:
             report.written += result["written"]
             report.conceded += result["conceded"]
             report.ranges.update(result["ranges"])

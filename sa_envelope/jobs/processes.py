@@ -30,6 +30,7 @@ its arguments picklable. POSIX signals are used to stop children.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -55,8 +56,16 @@ class ChildBar:
             self.pipe.send(("progress", int(n)))
 
 
+def _interrupted(signum: int, frame: Any) -> None:
+    """SIGINT in a child: stop quietly. The pool's rollback of a query the
+    interrupt cut short fails and would log a traceback: expected here."""
+    logging.getLogger("sqlalchemy.pool").addHandler(logging.NullHandler())
+    raise KeyboardInterrupt
+
+
 def _child(target: Callable[..., Any], args: tuple[Any, ...], index: int, count: int, pipe: Connection) -> None:
     """A child's whole life: run the target, send its result or one line of error."""
+    signal.signal(signal.SIGINT, _interrupted)
     try:
         result = target(*args, index=index, count=count, bar=ChildBar(pipe))
     except KeyboardInterrupt:
