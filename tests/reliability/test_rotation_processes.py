@@ -215,3 +215,45 @@ def _key_of_body(engine: Engine, table: Any, row_id: int) -> int:
     with engine.connect() as conn:
         raw = conn.execute(select(type_coerce(table.c.body, LargeBinary)).where(table.c.id == row_id)).scalar_one()
     return fmt.read_header(bytes(raw))[1]
+
+
+@pytest.mark.backends("postgresql", "mysql")
+@pytest.mark.parametrize("to", ["group", "command"], ids=["ctrl-c", "sigint-to-the-command"])
+def test_ctrl_c_stops_every_worker_process(db_url: str, engine: Engine, tmp_path: Path, to: str) -> None:
+    """Ctrl-C (SIGINT to the terminal's process group, or to the command
+    alone, which passes it on): every worker stops, one line, exit 130; a
+    rerun finishes the job."""
+    keyfile = tmp_path / "master.key"
+    keys = KeyManager(engine, LocalKeyProvider.from_file(keyfile))
+    keys.create_table()
+    table = Table("notes", MetaData(), Column("id", Integer, primary_key=True, autoincrement=False),
+                  Column("body", EncryptedType(String(50), keys)))  # fmt: skip
+    table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": i, "body": f"note {i}"} for i in range(1, ROWS + 1)])
+    old = _key_of_body(engine, table, 1)
+    args = ["reencrypt", "--database-url", db_url, "--cmk", f"local:{keyfile}", "--key", fmt.format_key_id(old),
+            "--batch-size", "50", "--workers", "2", "--rate", "1000"]  # fmt: skip
+    proc = subprocess.Popen([PYTHON, "-m", "sa_envelope", *args], env=subprocess_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (_moved(engine, table, old) and len(worker_processes(proc.pid)) == 2) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    workers = worker_processes(proc.pid)
+    assert len(workers) == 2 and proc.poll() is None
+    if to == "group":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert err.strip().splitlines() == ["sa-envelope: interrupted: every batch committed so far is kept: run the "
+                                        "same command again to resume where it stopped"], err  # fmt: skip
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # none left running
+    assert _moved(engine, table, old) < ROWS
+    rerun = _reencrypt(db_url, keyfile, old, "--workers", "2")
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0 and json.loads(out)["remaining"] == 0, err
+    with engine.connect() as conn:
+        assert dict(conn.execute(select(table.c.id, table.c.body)).all()) == {
+            i: f"note {i}" for i in range(1, ROWS + 1)}  # fmt: skip
