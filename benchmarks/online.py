@@ -13,6 +13,11 @@ first on a quiet database, then again (shadow emptied) while a separate
 process runs ``--writers`` threads of dual-writing single-row UPDATEs, each
 its own transaction, as fast as they go. It prints rows/s of both runs,
 their ratio (the target: >= 0.5) and the load's writes/s.
+
+``--compare-workers ROUNDS`` measures instead ``sa-envelope encrypt-column``
+itself with 1 and with 2 worker processes (``--workers 2``) on a quiet
+database, interleaved, ROUNDS times, and prints the medians and their ratio
+(the target: >= 1.6 on 2 cores).
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ import argparse
 import multiprocessing
 import os
 import random
+import re
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -91,6 +99,49 @@ def _run_backfill(engine: Any, keys: KeyManager, workers: int, batch: int) -> tu
     return time.perf_counter() - started, report.written
 
 
+def _run_cli(url: str, keyfile: str, workers: int, batch: int) -> tuple[float, int, int]:
+    """``sa-envelope encrypt-column --workers N`` (N worker processes; the command's
+    start is in the time): (seconds, rows written, KMS calls)."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "sa_envelope", "encrypt-column", "--url", url, "--table", TABLE,
+                           "--column", "email", "--deterministic", "--cmk", f"local:{keyfile}", "--batch",
+                           str(batch), "--workers", str(workers), "--restart"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    elapsed = time.perf_counter() - started
+    written = re.search(r": (\d+) rows written", done.stdout)
+    calls = re.search(r"KMS calls: (\d+)", done.stdout)
+    assert written and calls, done.stdout
+    return elapsed, int(written[1]), int(calls[1])
+
+
+def bench_workers(url: str, rows: int, batch: int, keyfile: str, rounds: int) -> dict[str, Any]:
+    """The CLI with 1 and 2 worker processes on a quiet database, interleaved, ``rounds`` times."""
+    engine = create_engine(url)
+    raw = _table()
+    found: dict[int, list[float]] = {1: [], 2: []}
+    calls: dict[int, int] = {}
+    try:
+        keys = KeyManager(engine, LocalKeyProvider.from_file(keyfile))
+        keys.create_table()
+        raw.drop(engine, checkfirst=True)
+        raw.create(engine)
+        with engine.begin() as conn:
+            conn.execute(insert(raw), [{"id": i, "email": f"user{i}@example.org"} for i in range(1, rows + 1)])
+        for _ in range(rounds):
+            for workers in (1, 2):
+                with engine.begin() as conn:
+                    conn.execute(update(raw).values(email__encrypted=None))
+                seconds, written, calls[workers] = _run_cli(url, keyfile, workers, batch)
+                assert written == rows, (written, rows)
+                found[workers].append(rows / seconds)
+        raw.drop(engine)
+        Claims(engine, "").table.drop(engine, checkfirst=True)
+    finally:
+        engine.dispose()
+    median = {w: sorted(r)[len(r) // 2] for w, r in found.items()}
+    return {"rows_s": median, "rounds": found, "speedup": median[2] / median[1], "kms_calls": calls}
+
+
 def bench(url: str, rows: int, workers: int, writers: int, batch: int, keyfile: str) -> dict[str, Any]:
     engine = create_engine(url, pool_size=workers + 4)
     try:
@@ -134,6 +185,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--writers", type=int, default=2, help="application threads of the write load")
     parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--compare-workers", type=int, metavar="ROUNDS", help="instead: the CLI with 1 and 2 "
+                        "worker processes on a quiet database, interleaved, ROUNDS times (medians)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         keyfile = os.path.join(tmp, "master.key")
@@ -141,13 +194,23 @@ def main() -> None:
         targets = [("url", args.url)] if args.url else []
         for name in [] if args.url else args.backend.split(","):
             targets.append((name, f"sqlite:///{tmp}/bench.db" if name == "sqlite" else SERVERS[name]))
-        print("| backend | rows | backfill alone (rows/s) | under load (rows/s) | ratio | load (writes/s) |")
-        print("|---|---:|---:|---:|---:|---:|")
+        if args.compare_workers:
+            print("| backend | rows | 1 worker (rows/s) | 2 worker processes (rows/s) | speed-up | KMS calls (1 / 2) "
+                  "| rounds (1 / 2) |\n|---|---:|---:|---:|---:|---:|---|")
+        else:
+            print("| backend | rows | backfill alone (rows/s) | under load (rows/s) | ratio | load (writes/s) |")
+            print("|---|---:|---:|---:|---:|---:|")
         for name, url in targets:
             own = name in SERVERS
             if own:
                 _database(url, create=True)
             try:
+                if args.compare_workers:
+                    w = bench_workers(url, args.rows, args.batch, keyfile, args.compare_workers)
+                    rounds = " / ".join(", ".join(f"{x:,.0f}" for x in w["rounds"][n]) for n in (1, 2))
+                    print(f"| {name} | {args.rows:,} | {w['rows_s'][1]:,.0f} | {w['rows_s'][2]:,.0f} | "
+                          f"{w['speedup']:.2f}x | {w['kms_calls'][1]} / {w['kms_calls'][2]} | {rounds} |", flush=True)
+                    continue
                 r = bench(url, args.rows, 1 if name == "sqlite" else args.workers, args.writers, args.batch, keyfile)
             finally:
                 if own:

@@ -17,6 +17,8 @@ import argparse
 import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -30,6 +32,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, 
 
 import sa_envelope.alembic  # noqa: F401  (registers op.encrypt_column)
 from sa_envelope import AwsKmsProvider, EncryptedType, KeyManager, LivePolicy
+from sa_envelope.jobs.reencrypt import ReencryptReport
 from sa_envelope.keys import table as kt
 from sa_envelope.envelope import format as fmt
 from sa_envelope.providers.base import key_context
@@ -46,6 +49,7 @@ def _kms() -> tuple[Any, Any]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    os.environ["AWS_ENDPOINT_URL_KMS"] = f"http://{host}:{port}"  # the worker processes' KMS
     client = boto3.client("kms", endpoint_url=f"http://{host}:{port}", region_name="us-east-1")
     calls: Counter[str] = Counter()
     client.meta.events.register("before-call.kms", lambda model, **_: calls.__setitem__(model.name, calls[model.name] + 1))
@@ -114,8 +118,11 @@ def bench_encrypt_column(url: str, rows: int, client: Any) -> dict[str, Any]:
 
 
 def bench_reencrypt(url: str, rows: int, client: Any, *, workers: int = 1, deterministic: bool = False,
-                    batch_size: int = 1000) -> dict[str, Any]:
-    """Re-encrypt every value of one column off its key (rotated first), with ``workers``."""
+                    batch_size: int = 1000, processes: bool = True) -> dict[str, Any]:
+    """Re-encrypt every value of one column off its key (rotated first), with ``workers``:
+    by ``sa-envelope reencrypt --workers N`` (N worker processes, each its own engine and
+    provider; the command's start is in the time), or with ``processes=False`` by
+    ``keys.reencrypt(workers=N)`` in this process (threads)."""
     engine = create_engine(url)
     _reset(engine)
     keys = KeyManager(engine, AwsKmsProvider(client.create_key()["KeyMetadata"]["Arn"], client=client),
@@ -136,12 +143,23 @@ def bench_reencrypt(url: str, rows: int, client: Any, *, workers: int = 1, deter
     keys.clear_cache()  # a fresh job process: its KMS calls are one per key it needs
     client.calls.clear()
     started = time.perf_counter()
-    report = keys.reencrypt([table.c.email], key_id=old, batch_size=batch_size, workers=workers, progress=False)
-    elapsed = time.perf_counter() - started
-    kms = sum(client.calls.values())
+    if processes:  # the command itself, as an operator runs it: its start is in the time
+        done = subprocess.run(
+            [sys.executable, "-m", "sa_envelope", "reencrypt", "--database-url", url, "--cmk",
+             keys.provider.wrapping_key_id, "--key", fmt.format_key_id(old), "--batch-size", str(batch_size),
+             "--workers", str(workers), "--grace", "1", "--json"], capture_output=True, text=True, check=True)
+        elapsed = time.perf_counter() - started
+        out = json.loads(done.stdout)
+        report = ReencryptReport(out["key"], out["reencrypted"], out["failed"], out["remaining"])
+        kms = out["kms_calls"]
+    else:
+        report = keys.reencrypt([table.c.email], key_id=old, batch_size=batch_size, workers=workers, progress=False)
+        elapsed = time.perf_counter() - started
+        kms = sum(client.calls.values())
     engine.dispose()
     assert report.remaining == 0 and report.reencrypted == rows, report
-    return {"rows": rows, "workers": workers, "deterministic": deterministic, "seconds": round(elapsed, 3),
+    return {"rows": rows, "workers": workers, "cli_processes": processes,
+            "deterministic": deterministic, "seconds": round(elapsed, 3),
             "rows_per_second": int(rows / elapsed), "kms_calls": kms}
 
 
@@ -151,6 +169,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,100000", help="row-key counts (add 1000000 for the full run)")
     parser.add_argument("--encrypt-rows", type=int, default=20_000)
     parser.add_argument("--workers", default="1,2", help="re-encryption worker counts to measure")
+    parser.add_argument("--reencrypt-rows", type=int, help="rows of the re-encryption runs (default --encrypt-rows)")
+    parser.add_argument("--threads", action="store_true", help="workers as threads of this process (the API's "
+                        "keys.reencrypt(workers=N)), not processes (the CLI's --workers N)")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each job (the median is reported)")
     parser.add_argument("--skip-rewrap", action="store_true")
     parser.add_argument("--json", help="write the figures to this file too")
@@ -181,14 +202,17 @@ def _jobs_in_one_run(url: str, ns: Any, client: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     workers = [int(w) for w in ns.workers.split(",")]
     runs: dict[str, list[dict[str, Any]]] = {}
+    rows = ns.reencrypt_rows or ns.encrypt_rows
     for _ in range(ns.rounds):
         runs.setdefault("encrypt_column", []).append(bench_encrypt_column(url, ns.encrypt_rows, client))
         for w in workers:
-            runs.setdefault(f"reencrypt_{w}w", []).append(bench_reencrypt(url, ns.encrypt_rows, client, workers=w))
+            runs.setdefault(f"reencrypt_{w}w", []).append(
+                bench_reencrypt(url, rows, client, workers=w, processes=not ns.threads))
         runs.setdefault("reencrypt_det_1w", []).append(
-            bench_reencrypt(url, ns.encrypt_rows, client, workers=1, deterministic=True))
+            bench_reencrypt(url, rows, client, workers=1, deterministic=True))
     for name, found in runs.items():
         out[name] = _median(found)
+        out[name]["rounds_rows_per_second"] = [r["rows_per_second"] for r in found]
         print(f"{name}:", out[name])
     base = out["encrypt_column"]["rows_per_second"]
     ratios = {name: round(r["rows_per_second"] / base, 2) for name, r in out.items() if name != "encrypt_column"}

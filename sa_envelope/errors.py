@@ -26,6 +26,7 @@ __all__ = [
     "UnsupportedQueryError",
     "MigrationIncompleteError",
     "ClaimLostError",
+    "WorkerFailedError",
 ]
 
 
@@ -159,3 +160,8 @@ class MigrationIncompleteError(EnvelopeError):
 class ClaimLostError(EnvelopeError):
     """A worker's claimed range was taken over (its lease ran out): the
     batch is rolled back and the worker claims another range."""
+
+
+class WorkerFailedError(EnvelopeError):
+    """A worker process of a job failed or died before it finished: the
+    others were stopped; what was committed stays, a rerun resumes."""

@@ -19,6 +19,7 @@ from sqlalchemy import Column, Connection, Engine, MetaData, Table
 
 from .columns import flushcheck
 from .columns.rowvalue import RowKey
+from .columns.uniqueness import guard_table
 from .envelope import format as fmt
 from .jobs import warm as warming
 from .jobs.reencrypt import ReencryptReport, reencrypt_columns
@@ -194,16 +195,19 @@ class KeyManager:
     # -- the key table and the cache (engine=: see keys.engines.Engines.select) ----------
 
     def create_table(self, engine: Any = None) -> None:
-        """Create the key table and the search-token table if they do not exist (idempotent)."""
+        """Create the key table, the search-token table and the uniqueness
+        guards' table if they do not exist (idempotent)."""
         bound = self.engines.select(engine).engine
         self.table.create(bound, checkfirst=True)
         self.search_table.create(bound, checkfirst=True)
+        guard_table(self.table.metadata).create(bound, checkfirst=True)
 
     async def create_table_async(self, engine: Any = None) -> None:
         """:meth:`create_table` for a KeyManager bound to an AsyncEngine."""
         bound = self.engines.select(engine).engine
         await warming.create_table_async(bound, self.table)
         await warming.create_table_async(bound, self.search_table)
+        await warming.create_table_async(bound, guard_table(self.table.metadata))
 
     def stats(self) -> dict[str, int]:
         """Counters over every bound engine: provider calls, cache hits and
@@ -247,6 +251,8 @@ class KeyManager:
         after ``LivePolicy.grace`` (docs/rotation.md).
         """
         binding = self.engines.select(engine)
+        if scope == kt.SCOPE_DETERMINISTIC:  # UNIQUE across the live keys needs its guard rows (columns/uniqueness)
+            guard_table(binding.store.table.metadata).create(binding.store.engine, checkfirst=True)
         new_id = binding.store.rotate(table, scope)
         binding.live.invalidate(table)
         return new_id

@@ -120,6 +120,7 @@ def provider_of(ns: argparse.Namespace, engine: Engine) -> KeyProvider:
     for record in records:
         if record.parent_id is None and str(record.wrapping_key_id).startswith("arn:aws"):
             say(f"no --cmk given: trusting {escape(record.wrapping_key_id)}, the CMK of the oldest key", sys.stderr)
+            ns.cmk = record.wrapping_key_id  # what the command's worker processes are given, said once
             return provider_from_spec(record.wrapping_key_id)
     raise ConfigurationError("no KMS-wrapped key found: pass --cmk local:PATH (or set SA_ENVELOPE_CMK)")
 

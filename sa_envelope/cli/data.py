@@ -35,6 +35,7 @@ from .common import (
     pk_option,
 )
 from .output import escape, say
+from .workers import reencrypt_in_processes
 
 __all__ = ["COMMANDS"]
 
@@ -125,28 +126,32 @@ def _reencrypt(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", required=True, help="the key to move values off, as keys list shows it")
     parser.add_argument("--columns", help="only these encrypted columns of the key's table (a,b)")
     parser.add_argument("--batch-size", type=int, default=500, help="rows per transaction (default 500)")
-    parser.add_argument("--workers", type=int, default=1, help="threads sharing the rows (default 1)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes sharing the rows (default 1)")
     parser.add_argument("--rate", type=float, help="at most this many rows per second in all")
     grace_option(parser)
     cmk_option(parser)
 
     def run(ns: argparse.Namespace) -> int:
+        if ns.workers < 1 or ns.batch_size < 1:
+            raise ConfigurationError("--workers and --batch-size must be at least 1")
         engine = engine_of(ns)
         try:
             keys = manager(ns, engine)
-            report = keys.reencrypt(
-                reflected_columns(keys, _key(ns.key), _names(ns.columns)),
-                key_id=ns.key,
-                batch_size=ns.batch_size,
-                workers=ns.workers,
-                rate=ns.rate,
-            )
+            if ns.workers > 1 and engine.dialect.name != "sqlite":  # SQLite has one writer
+                options = {n: getattr(ns, n) for n in ("database_url", "cmk", "grace", "batch_size", "rate")}
+                options |= {"key": _key(ns.key), "names": _names(ns.columns)}
+                report, calls = reencrypt_in_processes(keys, options, ns.workers)
+            else:
+                columns = reflected_columns(keys, _key(ns.key), _names(ns.columns))
+                report = keys.reencrypt(columns, key_id=ns.key, batch_size=ns.batch_size, rate=ns.rate)
+                calls = keys.provider_calls
         finally:
             engine.dispose()
         lines: list[Any] = [report, *(f"  {where}: {reason}" for where, reason in report.failures)]
+        lines.append(f"KMS calls: {calls}")
         data = {n: getattr(report, n) for n in ("reencrypted", "failed", "remaining")}
         failures = [{"column": w, "reason": r} for w, r in report.failures]
-        emit(ns, {"key": report.key_id, **data, "failures": failures}, lines)
+        emit(ns, {"key": report.key_id, **data, "failures": failures, "kms_calls": calls}, lines)
         return 0 if report.remaining == 0 and report.failed == 0 else 1
 
     parser.set_defaults(run=run, interrupted=RESUMES)

@@ -2,10 +2,11 @@
 
 Between the expand and the contract of an online migration
 (docs/migrations.md), these fill the shadow column of a large table while
-the application keeps writing: ``--workers`` threads here, and as many
-processes on other hosts as you start, share the table through claimed
-primary-key ranges in ``sa_envelope_claims``; ``--rate`` caps this
-process's rows per second; a rerun resumes (or, once done, does nothing).
+the application keeps writing: ``--workers`` processes here
+(:mod:`.workers`), and as many more on other hosts as you start, share the
+table through claimed primary-key ranges in ``sa_envelope_claims``;
+``--rate`` caps this command's rows per second (shared out among its
+processes); a rerun resumes (or, once done, does nothing).
 The column's type is reflected from the plaintext column (``--type``
 overrides it where reflection cannot tell, e.g. JSON stored as text).
 """
@@ -16,32 +17,19 @@ import argparse
 import os
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Date, DateTime, Float, Integer, MetaData, Numeric, Table, Text
-from sqlalchemy import String
 
-from ..columns.encrypted import EncryptedType
 from ..errors import ConfigurationError
 from ..jobs.backfill import backfill
-from ..manager import KeyManager
-from ..providers.spec import provider_from_spec
-from .common import RESUMES, database_option, engine_of
+from .common import RESUMES, database_option, engine_of, one_line_errors
 from .output import escape, say
+from .workers import TYPES, backfill_in_processes, column_type
 
 __all__ = ["MIGRATE_COMMANDS"]
 
-TYPES: dict[str, Any] = {
-    "string": String,
-    "text": Text,
-    "int": Integer,
-    "bigint": BigInteger,
-    "float": Float,
-    "numeric": Numeric,
-    "bool": Boolean,
-    "date": Date,
-    "datetime": DateTime,
-    "json": JSON,
-}
 SUFFIX = {"encrypt": "__encrypted", "decrypt": "__plaintext"}  # as sa_envelope.alembic.online
+# what a worker process needs to rebuild the job (plain values only)
+OPTIONS = ("database_url", "table", "column", "deterministic", "context", "type", "cmk", "rate", "batch", "chunk",
+           "lease", "restart")  # fmt: skip
 
 
 def _options(parser: argparse.ArgumentParser, direction: str) -> None:
@@ -54,8 +42,8 @@ def _options(parser: argparse.ArgumentParser, direction: str) -> None:
     add("--context", help="the column's pinned context=, if the model pins one (default TABLE.COLUMN)")
     add("--type", choices=sorted(TYPES), help="the column's inner type (default: reflected)")
     add("--cmk", default=os.environ.get("SA_ENVELOPE_CMK"), help="KMS key or local:PATH (default $SA_ENVELOPE_CMK)")
-    add("--workers", type=int, default=1, help="threads in this process (default 1)")
-    add("--rate", type=float, help="at most this many rows per second in this process")
+    add("--workers", type=int, default=1, help="worker processes of this command (default 1)")
+    add("--rate", type=float, help="at most this many rows per second for this command")
     add("--batch", "--batch-size", dest="batch", type=int, default=500, help="rows per transaction (default 500)")
     add("--chunk", type=int, help="primary-key span of one claimed range (default 20 batches)")
     add("--lease", type=float, default=60.0, help="seconds a dead worker's range stays claimed (default 60)")
@@ -67,31 +55,22 @@ def _run(ns: argparse.Namespace, direction: str) -> int:
     if ns.workers < 1 or ns.batch < 1:
         raise ConfigurationError("--workers and --batch must be at least 1")
     engine = engine_of(ns, pool_size=max(5, ns.workers + 2))
+    options = {name: getattr(ns, name) for name in OPTIONS}
+    options |= {"direction": direction, "shadow": ns.shadow or ns.column + SUFFIX[direction]}
+    workers = 1 if engine.dialect.name == "sqlite" else ns.workers  # SQLite has one writer
     try:
-        shadow = ns.shadow or ns.column + SUFFIX[direction]
-        plaintext = ns.column if direction == "encrypt" else shadow
-        inner = TYPES[ns.type]() if ns.type else Table(ns.table, MetaData(), autoload_with=engine).c[plaintext].type
-        keys = KeyManager(engine, provider_from_spec(ns.cmk or ""))
+        keys, enc = column_type(options, engine)
         keys.create_table()  # normally there already (the application made it)
-        enc = EncryptedType(
-            inner, keys, deterministic=ns.deterministic, context=ns.context or f"{ns.table}.{ns.column}"
-        )
-        report = backfill(
-            keys.store,
-            enc,
-            ns.table,
-            ns.column,
-            shadow,
-            direction=direction,
-            batch_size=ns.batch,
-            workers=ns.workers,
-            rate=ns.rate,
-            lease=ns.lease,
-            chunk=ns.chunk,
-            restart=ns.restart,
-        )
+        if workers > 1:
+            report, calls = backfill_in_processes(keys, enc, options, workers)
+        else:
+            report = backfill(
+                keys.store, enc, ns.table, ns.column, options["shadow"], direction=direction, batch_size=ns.batch,
+                rate=ns.rate, lease=ns.lease, chunk=ns.chunk, restart=ns.restart,
+            )  # fmt: skip
+            calls = keys.provider_calls
         say(escape(str(report)))
-        say(f"KMS calls: {keys.provider_calls}")
+        say(f"KMS calls: {calls}")
     finally:
         engine.dispose()
     return 0

@@ -42,7 +42,7 @@ from .progress import progress_bar
 from .threads import run_workers
 from .throttle import Throttle
 
-__all__ = ["BackfillReport", "backfill", "disagreeing", "job_name"]
+__all__ = ["BackfillReport", "backfill", "disagreeing", "job_name", "plan_backfill"]
 
 DIRECTIONS = ("encrypt", "decrypt")
 
@@ -174,6 +174,45 @@ def disagreeing(
             cursor = rows[-1][0]
 
 
+def _claims(
+    job: _Backfill, table_name: str, column: str, direction: str, *, lease: float, restart: bool, span: int
+) -> Claims:
+    """The job's claims, planned (once: a rerun or a concurrent worker finds them)."""
+    engine = job.store.engine
+    claims = Claims(engine, job_name(table_name, column, direction), lease=lease)
+    claims.create()
+    if restart:
+        claims.reset()
+    with engine.connect() as conn:
+        planned = claims.planned(conn)
+        lo, hi = (None, None) if planned else conn.execute(select(func.min(job.pk), func.max(job.pk))).one()
+    if not planned:
+        claims.plan(int(lo or 0), int(hi if hi is not None else -1) + 1, span)
+    return claims
+
+
+def plan_backfill(
+    store: KeyStore,
+    enc: EncryptedType,
+    table_name: str,
+    column: str,
+    shadow: str,
+    *,
+    direction: str = "encrypt",
+    batch_size: int = 500,
+    lease: float = 60.0,
+    chunk: int | None = None,
+    restart: bool = False,
+) -> int:
+    """Plan the job's ranges (what several worker processes' parent does once,
+    before they start, so none of them restarts another's work); returns the
+    primary-key span left, the progress bar's total."""
+    job = _Backfill(store, enc, Table(table_name, MetaData(), autoload_with=store.engine), column, shadow,
+                    direction == "encrypt")  # fmt: skip
+    claims = _claims(job, table_name, column, direction, lease=lease, restart=restart, span=chunk or batch_size * 20)
+    return claims.span_left()
+
+
 def backfill(
     store: KeyStore,
     enc: EncryptedType,
@@ -189,6 +228,7 @@ def backfill(
     chunk: int | None = None,
     restart: bool = False,
     progress: bool | None = None,
+    bar: Any = None,
 ) -> BackfillReport:
     """Fill ``shadow`` from ``column`` of ``table_name`` (see the module).
 
@@ -196,27 +236,21 @@ def backfill(
     ``workers`` threads share the job through the claims table with any
     other process running it; ``rate`` caps this process's rows per second;
     ``chunk`` is the primary-key span of one claimed range (default 20
-    batches); ``restart`` forgets earlier progress and checks every row again.
+    batches); ``restart`` forgets earlier progress and checks every row
+    again; ``bar``: a progress bar to update instead of drawing one.
     """
     if direction not in DIRECTIONS:
         raise ConfigurationError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    engine = store.engine
-    table = Table(table_name, MetaData(), autoload_with=engine)
+    table = Table(table_name, MetaData(), autoload_with=store.engine)
     job = _Backfill(store, enc, table, column, shadow, direction == "encrypt")
-    claims = Claims(engine, job_name(table_name, column, direction), lease=lease)
-    claims.create()
-    if restart:
-        claims.reset()
-    with engine.connect() as conn:
-        planned = claims.planned(conn)
-        lo, hi = (None, None) if planned else conn.execute(select(func.min(job.pk), func.max(job.pk))).one()
-    if not planned:
-        claims.plan(int(lo or 0), int(hi if hi is not None else -1) + 1, chunk or batch_size * 20)
+    claims = _claims(job, table_name, column, direction, lease=lease, restart=restart, span=chunk or batch_size * 20)
     report = BackfillReport(table_name, column, direction)
     pacer = Throttle(rate) if rate else None
     lock = threading.Lock()
     # the bar counts primary-key span left in the job's ranges: rows where keys are dense, and an honest ETA
-    with progress_bar(claims.span_left(), f"{direction}-column {table_name}.{column}", progress) as bar:
+    total = claims.span_left() if bar is None else None
+    with progress_bar(total, f"{direction}-column {table_name}.{column}", progress if bar is None else False) as own:
+        shown = own if bar is None else bar
 
         def work(_: int) -> None:
             owner = worker_name()
@@ -224,7 +258,7 @@ def backfill(
             def one(conn: Connection, claim: Claim) -> int:
                 start = claim.cursor
                 n = job.batch(conn, claims, claim, batch_size, pacer)
-                bar.update(claim.cursor - start)
+                shown.update(claim.cursor - start)
                 return n
 
             written, ranges = claims.run(owner, one)

@@ -16,7 +16,10 @@ share a column through the database: value batches are claimed with
 ``FOR UPDATE SKIP LOCKED`` (a skipped row still names the old key, so the
 next pass finds it); index batches, which cannot be found again without
 recomputing every digest, take disjoint primary-key partitions
-(``pk % workers``) and wait for locks. Re-running the job finds what is
+(``pk % workers``) and wait for locks. The same holds for workers that are
+processes (the CLI's ``--workers``, :mod:`.processes`): each runs this job
+for its ``partition``; one of them, or their parent, prepares the move
+before they start and concludes it after they all end. Re-running the job finds what is
 left: it is resumable after a crash at any point. When nothing is left of a
 deterministic or blind-index key and every column (and search index) of
 its table that uses it was moved, the key is marked ``retired`` and queries match one key again.
@@ -48,7 +51,7 @@ from .runner import read_committed, run_batches
 from .threads import SharedBar, run_workers
 from .throttle import Throttle
 
-__all__ = ["ReencryptReport", "reencrypt_columns", "under_key"]
+__all__ = ["ReencryptReport", "conclude", "count_left", "prepare_move", "reencrypt_columns", "under_key"]
 
 SKIP_LOCKED_DIALECTS = ("postgresql", "mysql", "mariadb")
 
@@ -125,7 +128,7 @@ class _Batches:
         pk, job = self.pk, self.job
         if self.after is not None:
             stmt = stmt.where(tuple_(*pk) > tuple_(*self.after))
-        if job.partitioned:
+        if job.partitioned and not skip_locked:  # value batches share the rows by skipping locked ones
             stmt = stmt.where(pk[0] % job.workers == self.worker)
         stmt = stmt.order_by(*pk).limit(job.batch_size)
         if conn.dialect.name in SKIP_LOCKED_DIALECTS:
@@ -216,6 +219,7 @@ class _Job:
     throttle: Throttle | None
     max_batches: int | None
     report: ReencryptReport
+    mine: Sequence[int]  # the partitions this process works (all of them, or one per process)
     failed_rows: set[tuple[str, Any]] = field(default_factory=set)  # reported once, whatever the passes
 
 
@@ -241,7 +245,8 @@ def _prepare(store: KeyStore, live: LiveKeys, key_id: int, owner: str) -> kt.Key
     return record
 
 
-def _count(conn: Any, column: Column[Any], key_id: int) -> int:
+def count_left(conn: Any, column: Column[Any], key_id: int) -> int:
+    """Values of ``column`` still under ``key_id`` (a blind index: every digest)."""
     if isinstance(column.type, BlindIndexType):  # no header: every digest is a candidate
         stmt = select(func.count()).select_from(column.table).where(column.is_not(None))
     else:
@@ -249,13 +254,13 @@ def _count(conn: Any, column: Column[Any], key_id: int) -> int:
     return int(conn.execute(stmt).scalar_one())
 
 
-def _move(job: _Job, column: Column[Any], progress: bool | None) -> None:
+def _move(job: _Job, column: Column[Any], progress: bool | None, bar: Any) -> None:
     """Every worker over one column; value columns pass again while a pass
     moved something (rows skipped as locked, or written meanwhile by a process
     that had not yet switched keys)."""
     kind = _IndexBatches if isinstance(column.type, BlindIndexType) else _ValueBatches
     with job.store.engine.connect() as conn:
-        total = _count(conn, column, job.key_id)
+        total = count_left(conn, column, job.key_id)
     desc = f"re-encrypt {column.table.name}.{column.name}"
 
     def work(worker: int) -> None:
@@ -272,11 +277,12 @@ def _move(job: _Job, column: Column[Any], progress: bool | None) -> None:
             if kind is _IndexBatches or not batches.written:
                 return
 
-    if total:
+    if total and job.mine:
         _warm(job, column)
-    with progress_bar(total, desc, progress) as bar:  # tqdm: rows done, rows/s, time left
-        shared = SharedBar(bar)
-        run_workers(job.workers, work)
+    with progress_bar(total, desc, progress if bar is None else False) as own:  # tqdm: rows done, rows/s, time left
+        shared = SharedBar(own if bar is None else bar)
+        if job.mine:
+            run_workers(len(job.mine), lambda k: work(job.mine[k]))
 
 
 def _warm(job: _Job, column: Column[Any]) -> None:
@@ -343,8 +349,18 @@ def reencrypt_columns(
     rate: float | None = None,
     max_batches: int | None = None,
     progress: bool | None = None,
+    partition: tuple[int, int] | None = None,
+    bar: Any = None,
 ) -> ReencryptReport:
-    """Re-encrypt every value of ``columns`` stored under ``key_id`` (see module doc)."""
+    """Re-encrypt every value of ``columns`` stored under ``key_id`` (see module doc).
+
+    ``workers`` threads share the work in this process. ``partition=(i,
+    n)``: this call is worker ``i`` of ``n`` processes running the same job
+    (:mod:`.processes`; one thread here, partition ``i`` where the job
+    partitions); the caller prepares the move first and concludes it after
+    (:func:`prepare_move`, :func:`conclude`). ``bar``: a progress bar to
+    update instead of drawing one.
+    """
     kid = fmt.parse_key_id(key_id) if isinstance(key_id, str) else key_id
     if batch_size < 1 or workers < 1:
         raise ValueError("batch_size and workers must be at least 1")
@@ -361,18 +377,38 @@ def reencrypt_columns(
     sqlite = store.engine.dialect.name == "sqlite"
     for column in moved:
         pk = list(column.table.primary_key.columns)
-        count = 1 if sqlite else workers  # one writer: more would only wait
+        count = 1 if sqlite else (partition[1] if partition else workers)  # SQLite: one writer, more would wait
         partitioned = count > 1 and len(pk) == 1 and isinstance(pk[0].type, Integer)
         if blind and count > 1 and not partitioned:
             count = 1  # partitions need a single integer primary key
-        job = _Job(
-            store, live, kid, batch_size, count, partitioned, Throttle(rate) if rate else None, max_batches, report
-        )
-        _move(job, column, progress)
-    if blind:
+        mine = list(range(count)) if partition is None else [i for i in [partition[0]] if i < count]
+        job = _Job(store, live, kid, batch_size, count, partitioned, Throttle(rate) if rate else None, max_batches,
+                   report, mine)  # fmt: skip
+        _move(job, column, progress, bar)
+    if blind and partition is None:
         _reindex(store, record, columns, report, batch_size, max_batches)
+    return conclude(store, live, columns, record, report) if partition is None else report
+
+
+def prepare_move(store: KeyStore, live: LiveKeys, columns: Sequence[Column[Any]], key_id: int | str) -> kt.KeyRecord:
+    """What a job run by several processes does once, before they start:
+    rotate the key if it is still the write key, wait for the switch."""
+    kid = fmt.parse_key_id(key_id) if isinstance(key_id, str) else key_id
+    return _prepare(store, live, kid, _checked(columns[0]).table.name)
+
+
+def conclude(
+    store: KeyStore, live: LiveKeys, columns: Sequence[Column[Any]], record: kt.KeyRecord, report: ReencryptReport
+) -> ReencryptReport:
+    """Count what is left under the key and retire it if nothing is (after
+    every worker ended: one of several processes cannot tell on its own)."""
+    blind = record.scope == kt.SCOPE_BLIND_INDEX
+    if blind and record.status == kt.RETIRED:
+        report.retired = True
+        return report
+    moved = [c for c in columns if isinstance(c.type, BlindIndexType) == blind]
     with store.engine.connect() as conn:
-        report.remaining = report.failed if blind else sum(_count(conn, c, kid) for c in moved)
+        report.remaining = report.failed if blind else sum(count_left(conn, c, record.id) for c in moved)
     _retire(store, live, record, columns, report)
     return report
 

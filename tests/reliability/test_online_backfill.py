@@ -1,7 +1,8 @@
-"""Encrypting a column online under load: the backfill (two CLI worker
-processes) runs while application threads insert, update, delete and read
-the same rows; one variant SIGKILLs a worker half way and finishes with the
-other and a rerun.
+"""Encrypting a column online under load: the backfill (``encrypt-column
+--workers 2``: two worker processes) runs while application threads insert,
+update, delete and read the same rows; one variant SIGKILLs one worker
+process half way (the command fails in one line, its other worker stopped)
+and finishes with a rerun.
 
 Promises: every row ends with the value of its last logged write, in both
 halves, encrypted; no row is missing or duplicated; no read made during the
@@ -12,8 +13,10 @@ completion writes nothing and calls no KMS.
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -28,7 +31,7 @@ from sqlalchemy.orm import Session
 from sa_envelope import KeyManager, LocalKeyProvider
 from sa_envelope.jobs.claims import Claims, claims_table
 from support.online import migrating_users, raw_users, stored
-from support.rotation import PYTHON, ROOT, subprocess_env
+from support.rotation import PYTHON, ROOT, subprocess_env, worker_processes
 
 pytestmark = pytest.mark.reliability
 
@@ -44,21 +47,44 @@ def original(i: int) -> str | None:
 
 
 def worker(db_url: str, key_file: Path, *extra: str) -> subprocess.Popen[str]:
-    args = ["encrypt-column", "--url", db_url, "--table", "users", "--column", "email", "--deterministic",
-            "--cmk", f"local:{key_file}", "--batch", "200", "--chunk", "400", "--lease", "2", *extra]
-    return subprocess.Popen([PYTHON, "-m", "sa_envelope", *args], env=subprocess_env(), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [
+        "encrypt-column",
+        "--url",
+        db_url,
+        "--table",
+        "users",
+        "--column",
+        "email",
+        "--deterministic",
+        "--cmk",
+        f"local:{key_file}",
+        "--batch",
+        "200",
+        "--chunk",
+        "400",
+        "--lease",
+        "2",
+        *extra,
+    ]
+    return subprocess.Popen(
+        [PYTHON, "-m", "sa_envelope", *args],
+        env=subprocess_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
-def finished(proc: subprocess.Popen[str]) -> tuple[int, int, int, int]:
-    """(rows written, conceded, ranges finished, KMS calls) a worker printed."""
+def finished(proc: subprocess.Popen[str]) -> tuple[int, int, int, int, str]:
+    """(rows written, conceded, ranges finished, KMS calls, the report) a command printed."""
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     found = re.search(r": (\d+) rows written, (\d+) conceded to concurrent writes, (\d+) ranges finished", out)
     calls = re.search(r"KMS calls: (\d+)", out)
     assert found and calls, out
     print(out)
-    return int(found[1]), int(found[2]), int(found[3]), int(calls[1])
+    return int(found[1]), int(found[2]), int(found[3]), int(calls[1]), out
 
 
 class App:
@@ -104,8 +130,11 @@ class App:
                         session.delete(session.get(self.User, i))
                         value = DELETED
                     elif kind < 0.6 and self.log[i] is not DELETED:  # Core, one half given
-                        session.execute(update(self.User.__table__).where(self.User.__table__.c.id == i)
-                                        .values(email__encrypted=value))
+                        session.execute(
+                            update(self.User.__table__)
+                            .where(self.User.__table__.c.id == i)
+                            .values(email__encrypted=value)
+                        )
                     elif self.log[i] is not DELETED:
                         session.get(self.User, i).email = value
                     else:
@@ -151,15 +180,20 @@ def test_online_encrypt_under_load(db_url: str, tmp_path: Path, kill: bool, reli
             session.get(app.User, 1).email = app.log[1] = "first@example.org"
             session.commit()
         Claims(engine, JOB).create()  # watched below before a worker makes it
-        workers = [worker(db_url, key_file, "--rate", "500") for _ in range(2)]
+        command = worker(db_url, key_file, "--rate", "1000", "--workers", "2")  # two worker processes
         _wait_for(engine, lambda done: len(done) > 0)  # the backfill has begun
         threads = app.start()
         if kill:
             _wait_for(engine, lambda done: sum(done) * 3 >= len(done))
-            assert workers[0].poll() is None, "the worker ended before it could be killed"
-            workers[0].kill()  # SIGKILL, mid-job: in a batch, or between two
-            workers[0].wait(timeout=30)
-        reports = [finished(w) for w in workers[1 if kill else 0:]]
+            victims = worker_processes(command.pid)
+            assert len(victims) == 2, "the workers ended before one could be killed"
+            os.kill(victims[0], signal.SIGKILL)  # mid-job: in a batch, or between two
+            out, err = command.communicate(timeout=120)
+            assert command.returncode == 1, (out, err)  # the other worker was stopped, in one line:
+            assert re.fullmatch(rf"sa-envelope: error: worker [12] of 2 \(pid {victims[0]}\) was killed by "
+                                r"signal 9 before it finished", err.strip()), err  # fmt: skip
+            command = worker(db_url, key_file, "--rate", "1000", "--workers", "2")  # the rerun, still under load
+        reports = [finished(command)]
         during = app.writes
         app.stop.set()
         for thread in threads:
@@ -178,8 +212,9 @@ def test_online_encrypt_under_load(db_url: str, tmp_path: Path, kill: bool, reli
         assert Claims(engine, JOB).pending() == (0, 0)
         if not kill:
             assert sum(r[2] for r in reports) == ranges  # each range finished once, by one worker
-        rerun = finished(worker(db_url, key_file))
-        assert rerun == (0, 0, 0, 0)
+            assert re.search(r"ranges finished by 2 workers", reports[0][4])  # both processes took some
+        rerun = finished(worker(db_url, key_file, "--workers", "2"))
+        assert rerun[:4] == (0, 0, 0, 0)  # nothing written, no KMS call
         reliability.rows(len(final))
         if kill:
             reliability.crash("SIGKILL of a backfill worker under load")

@@ -1,5 +1,8 @@
-"""A second process with a stale cache keeps matching while the parent rotates
-the deterministic key of a column and re-encrypts it.
+"""Re-encryption across processes: a second process with a stale cache keeps
+matching while the parent rotates the deterministic key of a column and
+re-encrypts it; and ``sa-envelope reencrypt --workers 2`` runs two worker
+processes that never write a row twice, fail together when one is killed,
+and leave a rerun to finish.
 
 The child (reliability/stale_reader.py, a real subprocess with its own
 KeyManager) warms its caches on the old key, then keeps reading and writing
@@ -10,20 +13,26 @@ it both write under the new one and match both until the old key is retired.
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import LargeBinary, func, select, type_coerce
+import pytest
+from sqlalchemy import Column, Integer, LargeBinary, MetaData, String, Table, func, select, text, type_coerce
 from sqlalchemy.engine import Engine
 
 from reliability.crash import worker_env
 from reliability.stale_reader import POLICY, people
-from sa_envelope import KeyManager, LocalKeyProvider
+from sa_envelope import EncryptedType, KeyManager, LocalKeyProvider
 from sa_envelope.envelope import format as fmt
 from sa_envelope.keys import table as kt
+from support.rotation import PYTHON, ROOT, stored_hash, subprocess_env, worker_processes
 
 
 class Child:
@@ -112,3 +121,139 @@ def test_stale_process_keeps_matching_through_a_rotation(db_url: str, engine: En
         assert _count(engine, table, "c4") == 11
     finally:
         child.close()
+
+
+# -- the CLI's worker processes -------------------------------------------------------------------
+
+ROWS = 4000
+AUDIT = {  # every UPDATE of a row, with the database session that made it (in the writer's transaction)
+    "postgresql": [
+        "CREATE TABLE audit (id INTEGER NOT NULL, who INTEGER NOT NULL)",
+        "CREATE OR REPLACE FUNCTION audit_notes() RETURNS trigger AS $$ BEGIN "
+        "INSERT INTO audit VALUES (NEW.id, pg_backend_pid()); RETURN NEW; END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER notes_audit AFTER UPDATE ON notes FOR EACH ROW EXECUTE FUNCTION audit_notes()",
+    ],
+    "mysql": [
+        "CREATE TABLE audit (id INTEGER NOT NULL, who INTEGER NOT NULL)",
+        "CREATE TRIGGER notes_audit AFTER UPDATE ON notes FOR EACH ROW INSERT INTO audit VALUES (NEW.id, CONNECTION_ID())",
+    ],
+}
+
+
+def _reencrypt(db_url: str, keyfile: Path, key_id: int, *extra: str) -> subprocess.Popen[str]:
+    args = ["reencrypt", "--database-url", db_url, "--cmk", f"local:{keyfile}", "--key", fmt.format_key_id(key_id),
+            "--batch-size", "50", "--json", *extra]  # fmt: skip
+    return subprocess.Popen([PYTHON, "-m", "sa_envelope", *args], env=subprocess_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _moved(engine: Engine, table: Any, key_id: int) -> int:
+    with engine.connect() as conn:
+        raw = conn.execute(select(type_coerce(table.c.body, LargeBinary))).scalars().all()
+    return sum(1 for r in raw if fmt.read_header(bytes(r))[1] != key_id)
+
+
+@pytest.mark.backends("postgresql", "mysql")
+@pytest.mark.parametrize("kill", [False, True], ids=["two-processes", "sigkill-one"])
+def test_reencrypt_by_two_worker_processes(db_url: str, engine: Engine, tmp_path: Path, kill: bool) -> None:
+    """``reencrypt --workers 2``: two processes, each row written once (a trigger
+    logs every UPDATE with its session); SIGKILL of one fails the command in
+    one line, and a rerun finishes; a rerun after completion changes nothing
+    and calls no KMS."""
+    keyfile = tmp_path / "master.key"
+    keys = KeyManager(engine, LocalKeyProvider.from_file(keyfile))
+    keys.create_table()
+    table = Table("notes", MetaData(), Column("id", Integer, primary_key=True, autoincrement=False),
+                  Column("body", EncryptedType(String(50), keys)))  # fmt: skip
+    table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": i, "body": f"note {i}"} for i in range(1, ROWS + 1)])
+        for statement in AUDIT[engine.dialect.name]:
+            conn.execute(text(statement))
+    old = _key_of_body(engine, table, 1)
+
+    proc = _reencrypt(db_url, keyfile, old, "--workers", "2", "--rate", "2500")
+    if kill:
+        deadline = time.monotonic() + 120
+        while not (0 < _moved(engine, table, old) < ROWS // 2) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        victims = worker_processes(proc.pid)
+        assert len(victims) == 2, victims
+        os.kill(victims[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    if kill:
+        assert proc.returncode == 1, (out, err)
+        assert re.fullmatch(rf"sa-envelope: error: worker [12] of 2 \(pid {victims[0]}\) was killed by signal 9 "
+                            r"before it finished", err.strip()), err  # fmt: skip
+        assert _moved(engine, table, old) < ROWS  # the other worker was stopped too
+        proc = _reencrypt(db_url, keyfile, old, "--workers", "2")
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    report = json.loads(out)
+    assert (report["remaining"], report["failed"]) == (0, 0)
+    assert report["kms_calls"] <= 1 + 2 * 2  # the new key made, two keys per worker process: not per row
+    with engine.connect() as conn:
+        writes = conn.execute(text("SELECT id, COUNT(*) FROM audit GROUP BY id")).all()
+        sessions = conn.execute(text("SELECT COUNT(DISTINCT who) FROM audit")).scalar_one()
+        bodies = dict(conn.execute(select(table.c.id, table.c.body)).all())
+    assert {i: n for i, n in writes if n != 1} == {}  # no row written twice, even across the kill
+    assert len(writes) == ROWS and _moved(engine, table, old) == ROWS
+    assert bodies == {i: f"note {i}" for i in range(1, ROWS + 1)}
+    if not kill:
+        assert report["reencrypted"] == ROWS
+        assert sessions == 2  # both processes wrote
+
+    before = stored_hash(engine)
+    again = _reencrypt(db_url, keyfile, old, "--workers", "2")
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0, err
+    assert (json.loads(out)["reencrypted"], json.loads(out)["kms_calls"]) == (0, 0)
+    assert stored_hash(engine) == before
+
+
+def _key_of_body(engine: Engine, table: Any, row_id: int) -> int:
+    with engine.connect() as conn:
+        raw = conn.execute(select(type_coerce(table.c.body, LargeBinary)).where(table.c.id == row_id)).scalar_one()
+    return fmt.read_header(bytes(raw))[1]
+
+
+@pytest.mark.backends("postgresql", "mysql")
+@pytest.mark.parametrize("to", ["group", "command"], ids=["ctrl-c", "sigint-to-the-command"])
+def test_ctrl_c_stops_every_worker_process(db_url: str, engine: Engine, tmp_path: Path, to: str) -> None:
+    """Ctrl-C (SIGINT to the terminal's process group, or to the command
+    alone, which passes it on): every worker stops, one line, exit 130; a
+    rerun finishes the job."""
+    keyfile = tmp_path / "master.key"
+    keys = KeyManager(engine, LocalKeyProvider.from_file(keyfile))
+    keys.create_table()
+    table = Table("notes", MetaData(), Column("id", Integer, primary_key=True, autoincrement=False),
+                  Column("body", EncryptedType(String(50), keys)))  # fmt: skip
+    table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": i, "body": f"note {i}"} for i in range(1, ROWS + 1)])
+    old = _key_of_body(engine, table, 1)
+    args = ["reencrypt", "--database-url", db_url, "--cmk", f"local:{keyfile}", "--key", fmt.format_key_id(old),
+            "--batch-size", "50", "--workers", "2", "--rate", "1000"]  # fmt: skip
+    proc = subprocess.Popen([PYTHON, "-m", "sa_envelope", *args], env=subprocess_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (_moved(engine, table, old) and len(worker_processes(proc.pid)) == 2) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    workers = worker_processes(proc.pid)
+    assert len(workers) == 2 and proc.poll() is None
+    if to == "group":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert err.strip().splitlines() == ["sa-envelope: interrupted: every batch committed so far is kept: run the "
+                                        "same command again to resume where it stopped"], err  # fmt: skip
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # none left running
+    assert _moved(engine, table, old) < ROWS
+    rerun = _reencrypt(db_url, keyfile, old, "--workers", "2")
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0 and json.loads(out)["remaining"] == 0, err
+    with engine.connect() as conn:
+        assert dict(conn.execute(select(table.c.id, table.c.body)).all()) == {
+            i: f"note {i}" for i in range(1, ROWS + 1)}  # fmt: skip

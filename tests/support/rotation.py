@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import MetaData, Table, inspect, select
@@ -15,7 +16,6 @@ from sa_envelope.keys import table as kt
 
 from . import ROOT
 from .models import data_tables
-
 
 
 def fill(engine: Engine, keys: KeyManager, tables: int = 3, rows: int = 100) -> list[Table]:
@@ -90,3 +90,21 @@ PYTHON = sys.executable
 
 def table_names(engine: Engine) -> set[str]:
     return set(inspect(engine).get_table_names())
+
+
+def worker_processes(pid: int) -> list[int]:
+    """The worker processes a CLI command (process ``pid``) spawned for ``--workers``
+    (multiprocessing's other children, such as its resource tracker, left out)."""
+    try:
+        children = (Path("/proc") / str(pid) / "task" / str(pid) / "children").read_text().split()
+    except OSError:  # the command ended
+        return []
+    found = []
+    for child in children:
+        try:
+            command = (Path("/proc") / child / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in command:
+            found.append(int(child))
+    return found

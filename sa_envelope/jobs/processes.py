@@ -1,0 +1,153 @@
+"""Workers of one job as separate processes, coordinated by the database.
+
+Threads of one process share the GIL: the Python share of each batch
+(opening, sealing, building parameters) runs on one core whatever the
+number of workers, which held two workers to 1.1-1.3x one. A command that
+can rebuild its job from plain arguments (the CLI: a database URL, a CMK
+spec, names) runs ``workers=N`` as N processes instead, each with its own
+engine, KeyManager and provider. They share nothing but the database, which
+decides who does which rows (claimed ranges in ``sa_envelope_claims``,
+``FOR UPDATE SKIP LOCKED``, or a primary-key partition given to each
+worker), exactly as processes started by hand on several hosts would.
+
+The parent only starts them, draws one progress bar from what they report,
+and waits. Each child has a pipe of its own (a dead child can corrupt no
+one else's channel) over which it sends ``("progress", n)`` after each
+batch and, at the end, its result or its error as one line. Then:
+
+* a child that fails or dies (a signal, an exit without a result) makes
+  the job fail with :class:`~sa_envelope.errors.WorkerFailedError`, one
+  line naming it; the others are interrupted (SIGINT: they roll back their
+  batch in flight and free their claims) so the command ends at once, and a
+  rerun resumes from what was committed;
+* Ctrl-C in the parent interrupts every child the same way, waits for them,
+  and re-raises ``KeyboardInterrupt``.
+
+Children are *spawned* (a fresh interpreter, not a fork of a process that
+holds connections and threads): ``target`` must be a module-level function,
+its arguments picklable. POSIX signals are used to stop children.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable
+
+from ..errors import WorkerFailedError
+
+__all__ = ["ChildBar", "run_processes"]
+
+STOP_TIMEOUT = 30.0  # seconds an interrupted child has to roll back before it is killed
+
+
+class ChildBar:
+    """The bar a child updates: each update goes to the parent's bar."""
+
+    def __init__(self, pipe: Connection) -> None:
+        self.pipe = pipe
+
+    def update(self, n: int = 1) -> None:
+        if n:
+            self.pipe.send(("progress", int(n)))
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    """SIGINT in a child: stop quietly. The pool's rollback of a query the
+    interrupt cut short fails and would log a traceback: expected here."""
+    logging.getLogger("sqlalchemy.pool").addHandler(logging.NullHandler())
+    raise KeyboardInterrupt
+
+
+def _child(target: Callable[..., Any], args: tuple[Any, ...], index: int, count: int, pipe: Connection) -> None:
+    """A child's whole life: run the target, send its result or one line of error."""
+    signal.signal(signal.SIGINT, _interrupted)
+    try:
+        result = target(*args, index=index, count=count, bar=ChildBar(pipe))
+    except KeyboardInterrupt:
+        sys.exit(130)  # stopped by the parent or the terminal: it says so itself
+    except BaseException as exc:  # one line to the parent, which fails the job with it
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        pipe.send(("error", f"{type(exc).__name__}: {first}" if not _ours(exc) else first))
+        sys.exit(1)
+    pipe.send(("result", result))
+    pipe.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # done and disposed of: the interpreter's teardown would only delay the parent
+
+
+def _ours(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith("sa_envelope")
+
+
+def run_processes(target: Callable[..., Any], args: tuple[Any, ...], count: int, bar: Any) -> list[Any]:
+    """Run ``target(*args, index=i, count=count, bar=...)`` in ``count``
+    spawned processes; return their results in worker order (see module doc)."""
+    if count < 1:
+        raise ValueError("workers must be at least 1")
+    ctx = multiprocessing.get_context("spawn")
+    children, pipes = [], []
+    try:
+        for i in range(count):
+            reader, writer = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_child, args=(target, args, i, count, writer), name=f"sa-envelope-worker-{i}")
+            proc.start()
+            writer.close()  # the child's end: EOF here once the child is gone
+            children.append(proc)
+            pipes.append(reader)
+        return _collect(children, pipes, bar)
+    except BaseException:
+        _stop(children)
+        raise
+
+
+def _collect(children: list[Any], pipes: list[Connection], bar: Any) -> list[Any]:
+    """Read every child's messages until all have ended; fail on the first failure."""
+    results: dict[int, Any] = {}
+    open_pipes = dict(enumerate(pipes))
+    while open_pipes:
+        for ready in wait(list(open_pipes.values())):
+            i = pipes.index(ready)  # type: ignore[arg-type]
+            try:
+                kind, payload = pipes[i].recv()
+            except (EOFError, OSError):  # the child is gone (or died mid-message)
+                del open_pipes[i]
+                children[i].join()
+                if i not in results:
+                    raise WorkerFailedError(_died(children[i], i, len(children))) from None
+                continue
+            if kind == "progress":
+                bar.update(payload)
+            elif kind == "result":
+                results[i] = payload
+            else:
+                raise WorkerFailedError(f"worker {i + 1} of {len(children)} (pid {children[i].pid}) failed: {payload}")
+    for proc in children:
+        proc.join()
+    return [results[i] for i in range(len(children))]
+
+
+def _died(proc: Any, i: int, count: int) -> str:
+    code = proc.exitcode
+    how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with status {code}"
+    return f"worker {i + 1} of {count} (pid {proc.pid}) {how} before it finished"
+
+
+def _stop(children: list[Any]) -> None:
+    """Interrupt every child still running, wait for it, kill it if it hangs."""
+    for proc in children:
+        if proc.is_alive() and proc.pid is not None:
+            try:
+                os.kill(proc.pid, signal.SIGINT)
+            except OSError:  # ended meanwhile
+                pass
+    for proc in children:
+        proc.join(STOP_TIMEOUT)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
