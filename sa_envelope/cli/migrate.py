@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import ConfigurationError
 from ..jobs.backfill import backfill
-from .common import RESUMES, database_option, engine_of, one_line_errors
+from .common import RESUMES, database_option, engine_of
 from .output import escape, say
 from .workers import TYPES, backfill_in_processes, column_type
 
