@@ -35,7 +35,7 @@ from sqlalchemy.sql.elements import ClauseElement, Null
 
 from ..errors import UnsupportedQueryError
 
-__all__ = ["EXPANDED", "Sealed", "check_one_key", "expand", "expanding", "one_key", "over_live_keys"]
+__all__ = ["EXPANDED", "Sealed", "check_one_key", "expand", "expanding", "is_expanded", "one_key", "over_live_keys"]
 
 EXPANDED = frozenset({ops.eq, ops.ne, ops.in_op, ops.not_in_op, ops.is_distinct_from, ops.is_not_distinct_from})
 
@@ -127,11 +127,16 @@ def one_key(expr_type: Any, what: str) -> Any:
     return bindparam(None, callable_=value, type_=Integer) == literal_column("1")
 
 
+def is_expanded(operand: Any) -> bool:
+    """``operand`` is one of this module's lists (already over every live key)."""
+    return bool(getattr(getattr(operand, "callable", None), _LIVE, False))
+
+
 def _unexpanded(operand: Any) -> bool:
     """An operand this module could not expand and that is not NULL."""
     if isinstance(operand, (list, tuple, set, frozenset)):
         return any(_unexpanded(v) for v in operand)
-    if getattr(getattr(operand, "callable", None), _LIVE, False):
+    if is_expanded(operand):
         return False
     return not (_plain(operand) or operand is None or isinstance(operand, Null))
 

@@ -29,7 +29,7 @@ from sqlalchemy.types import NullType, TypeDecorator
 
 from ..errors import UnsupportedQueryError
 from . import migrating
-from .livematch import over_live_keys
+from .livematch import is_expanded, over_live_keys
 from .searchable import index_for
 
 __all__ = ["EncryptedComparator", "check_comparison", "unsupported"]
@@ -189,8 +189,8 @@ class EncryptedComparator(TypeDecorator.Comparator[Any]):
 
     def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
         check_comparison(self.expr, op, other)
-        if len(other) == 1 and _is_itself(self.expr, other[0]):
-            return super().operate(op, *other, **kwargs)
+        if len(other) == 1 and (_is_itself(self.expr, other[0]) or is_expanded(other[0])):
+            return super().operate(op, *other, **kwargs)  # itself, or a list expand() made: as it is
 
         def encrypted() -> Any:  # one ciphertext per live key (livematch), or refused while two are live
             return over_live_keys(
