@@ -88,7 +88,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
 
     def _validate(self) -> None:
         if self.migrating_from is not None or self.migrating_to is not None:
-            migrating.check_declaration(self.scope, self.migrating_from, self.migrating_to)
+            migrating.check_declaration(self.migrating_from, self.migrating_to)
         if self.scope not in SCOPES:
             raise ConfigurationError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if self.scope == "row" and self.deterministic:

@@ -8,7 +8,8 @@ shadow, NULL in every row not yet backfilled. So the column's type gives
 SQLAlchemy a ``column_expression`` (applied to the columns a SELECT or a
 RETURNING returns, never to WHERE clauses) that sends one value::
 
-    CASE WHEN new IS NULL AND old IS NOT NULL THEN <old as JSON> ELSE <the new half> END
+    COALESCE(email__encrypted, <email as JSON>)      -- encrypting
+    COALESCE(<code__plaintext as JSON>, code)        -- decrypting
 
 and a result type (:class:`MergedRead`) that opens an envelope as the column
 always does and reads the other form back into the twin's Python type. The
@@ -29,11 +30,9 @@ import uuid
 from decimal import Decimal
 from typing import Any, Callable
 
-from sqlalchemy import JSON, LargeBinary, and_, case, null, type_coerce
+from sqlalchemy import JSON, LargeBinary, func, type_coerce
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql import operators as ops
-from sqlalchemy.sql.elements import BinaryExpression
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
@@ -43,7 +42,8 @@ _JSON_FORM = 0x5B  # "[": the first byte of the old half's form; an envelope's i
 
 
 class _JsonBytes(FunctionElement[bytes]):
-    """``[value]`` as a JSON array in bytes, as the database quotes it."""
+    """``[value]`` as a JSON array in bytes, as the database quotes it; NULL
+    where the value is NULL (so that ``COALESCE`` picks the other half)."""
 
     type = LargeBinary()
     inherit_cache = True
@@ -51,13 +51,16 @@ class _JsonBytes(FunctionElement[bytes]):
 
 @compiles(_JsonBytes)
 def _json_bytes(element: Any, compiler: Any, **kw: Any) -> str:  # SQLite, MySQL, MariaDB
-    binary = "BLOB" if compiler.dialect.name == "sqlite" else "BINARY"
-    return f"CAST(JSON_ARRAY({compiler.process(element.clauses, **kw)}) AS {binary})"
+    value = compiler.process(element.clauses, **kw)
+    if compiler.dialect.name == "sqlite":
+        return f"CAST(NULLIF(JSON_ARRAY({value}), '[null]') AS BLOB)"
+    return f"CAST(NULLIF(CAST(JSON_ARRAY({value}) AS CHAR), '[null]') AS BINARY)"
 
 
 @compiles(_JsonBytes, "postgresql")
 def _json_bytes_pg(element: Any, compiler: Any, **kw: Any) -> str:
-    return f"convert_to(CAST(json_build_array({compiler.process(element.clauses, **kw)}) AS TEXT), 'UTF8')"
+    value = compiler.process(element.clauses, **kw)
+    return f"convert_to(NULLIF(CAST(json_build_array({value}) AS TEXT), '[null]'), 'UTF8')"
 
 
 def _twin_of(colexpr: Any, name: str) -> Any:
@@ -125,6 +128,6 @@ def merged_expression(encrypted_type: Any, colexpr: Any, twin_name: str, encrypt
     twin = _twin_of(colexpr, twin_name)
     if twin is None or _converter(twin.type) is None:
         return colexpr
-    encrypted_null = BinaryExpression(colexpr, null(), ops.is_)  # built directly: ``is_`` would expand
-    when = and_(encrypted_null, twin.is_not(None)) if encrypting else twin.is_not(None)  # the new half wins
-    return type_coerce(case((when, _JsonBytes(twin)), else_=colexpr), MergedRead(encrypted_type, twin.type))
+    # COALESCE, not CASE ... IS NULL: SQLite 3.40 answers IS NULL wrongly in some UPDATE ... RETURNING
+    halves = (colexpr, _JsonBytes(twin)) if encrypting else (_JsonBytes(twin), colexpr)  # the new half first
+    return type_coerce(func.coalesce(*halves), MergedRead(encrypted_type, twin.type))

@@ -69,15 +69,11 @@ class Pair:
         return self.plaintext if self.direction == ENCRYPTING else self.encrypted
 
 
-def check_declaration(scope: str, migrating_from: str | None, migrating_to: str | None) -> None:
-    """Refuse declarations the online migration cannot serve."""
+def check_declaration(migrating_from: str | None, migrating_to: str | None) -> None:
+    """Refuse declarations the online migration cannot serve (any scope can:
+    row keys are made by the dual writes' hooks and by the backfill)."""
     if migrating_from is not None and migrating_to is not None:
         raise ConfigurationError("give migrating_from (encrypting) or migrating_to (decrypting), not both")
-    if scope != "table":
-        raise ConfigurationError(
-            "a migrating column must be scope='table': row keys are made by the ORM hooks, "
-            "which the backfill does not run; migrate it as table-scoped, or use op.encrypt_column offline"
-        )
 
 
 def register(table: Any, encrypted: str, plaintext: str, direction: str) -> None:
