@@ -52,6 +52,7 @@ def _options(parser: argparse.ArgumentParser, direction: str) -> None:
     add("--column", required=True, help="the column's name (the plaintext one while encrypting)")
     add("--shadow", help=f"the shadow column (default COLUMN{SUFFIX[direction]})")
     add("--deterministic", action="store_true", help="the column is EncryptedType(..., deterministic=True)")
+    add("--scope", choices=("table", "row"), default="table", help="the column's scope= (default table)")
     add("--context", help="the column's pinned context=, if the model pins one (default TABLE.COLUMN)")
     add("--type", choices=sorted(TYPES), help="the column's inner type (default: reflected)")
     add("--cmk", default=os.environ.get("SA_ENVELOPE_CMK"), help="KMS key or local:PATH (default $SA_ENVELOPE_CMK)")
@@ -77,7 +78,7 @@ def _run(ns: argparse.Namespace, direction: str) -> int:
         keys = KeyManager(engine, provider_from_spec(ns.cmk or ""))
         keys.create_table()  # normally there already (the application made it)
         enc = EncryptedType(
-            inner, keys, deterministic=ns.deterministic, context=ns.context or f"{ns.table}.{ns.column}"
+            inner, keys, scope=ns.scope, deterministic=ns.deterministic, context=ns.context or f"{ns.table}.{ns.column}"
         )
         report = backfill(
             keys.store,

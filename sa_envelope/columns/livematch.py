@@ -156,5 +156,8 @@ def over_live_keys(expr: Any, op: Any, other: tuple[Any, ...], direct: Callable[
         and getattr(expr_type, "deterministic", False)
         and any(_unexpanded(v) for v in other)
     ):
-        return and_(direct(), one_key(expr_type, f"a comparison ({getattr(op, '__name__', op)}) with a bind parameter or another column"))
+        return and_(
+            direct(),
+            one_key(expr_type, f"a comparison ({getattr(op, '__name__', op)}) with a bind parameter or another column"),
+        )
     return direct()
