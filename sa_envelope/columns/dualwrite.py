@@ -17,8 +17,12 @@ statement. Two hooks do it:
   stays true), and a loaded instance shows the new half where it is set and
   the old one otherwise, on the attribute of the encrypted column.
 
-Core SELECTs return each half as stored: select both and prefer the new one
-(docs/migrations.md).
+Core SELECTs (and RETURNING) get the merged value from the type's
+``column_expression`` (:mod:`.merged`); the ORM's load hook merges what it
+could not (a twin of a type the SQL merge does not read back).
+A row-scoped half keeps its row key: the ORM pairs the value with it, and a
+copy made here is a bare value that the Core row-key hook pairs next
+(this hook runs first: it is installed with the engine, the row keys later).
 """
 
 from __future__ import annotations

@@ -9,11 +9,13 @@ three rules read it:
 
 * reads prefer the *new* half (the encrypted shadow while encrypting, the
   plaintext shadow while decrypting) and fall back to the old one where the
-  new one is still NULL (:mod:`.dualwrite`, ORM loads);
+  new one is still NULL (:mod:`.merged` in SQL, :mod:`.dualwrite` for ORM loads);
 * every write sets both halves in the same statement (:mod:`.dualwrite`);
 * equality on the attribute compares both halves (:func:`expand`):
   ``new == x OR (new IS NULL AND old == x)``, which is exact because no
-  writer ever leaves the new half set to another value than the old one.
+  writer ever leaves the new half set to another value than the old one;
+  the encrypted half's comparison is expanded over its live keys
+  (:mod:`.livematch`), so it keeps matching during a rotation.
 
 Why the expansion lives in the comparator: it is built with the
 expression, like every other decision of :mod:`.operators`, so the SQL a
