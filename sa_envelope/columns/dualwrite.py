@@ -39,6 +39,7 @@ from sqlalchemy.sql.elements import BindParameter, ClauseElement, Null
 from ..errors import UnsupportedQueryError
 from .migrating import ENCRYPTING, Pair, column_named, pairs_of
 from .rowvalue import RowValue
+from .writeguard import upsert_assignments
 
 __all__ = ["install", "rewrite"]
 
@@ -78,15 +79,23 @@ def _python_value(value: Any) -> Any:
         return None
     if not isinstance(value, ClauseElement):
         return _bare(value)
-    if isinstance(value, BindParameter) and value.callable is None and not value.required:
-        return _bare(value.value)
+    if isinstance(value, BindParameter) and value.callable is None:
+        return _Named(value.key) if value.required else _bare(value.value)
     return _UNSET
 
 
-def _sync_values(stmt: Any, table: Any, pair: Pair, enc: Any, plain: Any) -> Any:
+class _Named(str):
+    """A ``values()`` entry that is a bind parameter valued per parameter set
+    (``values(body=bindparam("b"))``): its name."""
+
+
+def _sync_values(stmt: Any, table: Any, pair: Pair, enc: Any, plain: Any) -> tuple[Any, tuple[str, str] | None]:
     """``values()`` that set one half set the other: only the missing half is
     added, under the column's key, so that a later hook's entry for it (the
-    Core row-key hook pairs a row-scoped value) replaces it, never doubles it."""
+    Core row-key hook pairs a row-scoped value) replaces it, never doubles it.
+    A half set from a named parameter returns (that name, the other half's
+    key): the parameter sets carry the copy, as SQLAlchemy sets a column from
+    a parameter named by its key."""
     if stmt._multi_values:
         raise _refuse(table, pair, "a multi-row VALUES cannot be copied; pass a list of parameter dicts to execute()")
     found: dict[str, tuple[Any, Any]] = {}  # column name -> (the values() key, its Python value)
@@ -95,10 +104,16 @@ def _sync_values(stmt: Any, table: Any, pair: Pair, enc: Any, plain: Any) -> Any
         if name in (pair.encrypted, pair.plaintext):
             found[name] = (key, _python_value(value))
     if not found:
-        return stmt
+        return stmt, None
     values = {name: value for name, (_, value) in found.items()}
     if _UNSET in values.values():
         raise _refuse(table, pair, "a SQL expression cannot be written to both halves")
+    named = [v for v in values.values() if type(v) is _Named]
+    if named:  # the other half takes the same parameter, set by name in each parameter set
+        if len(values) == 2 and values[pair.encrypted] != values[pair.plaintext]:
+            raise _refuse(table, pair, "this statement sets the two halves from different parameters")
+        target = plain if pair.encrypted in values else enc
+        return stmt, (None if len(values) == 2 else (str(named[0]), target.key))
     set_values = [v for v in values.values() if v is not None]
     if len(set_values) == 2 and set_values[0] != set_values[1]:
         raise _refuse(table, pair, "this statement sets the two halves to different values")
@@ -108,7 +123,7 @@ def _sync_values(stmt: Any, table: Any, pair: Pair, enc: Any, plain: Any) -> Any
         for column in (enc, plain)
         if values.get(column.name) is None and (value is not None or column.name not in found)
     }
-    return stmt.values(missing) if missing else stmt
+    return (stmt.values(missing) if missing else stmt), None
 
 
 def _sync_params(params: Any, table: Any, pair: Pair, enc_key: str, plain_key: str) -> Any:
@@ -129,6 +144,24 @@ def _sync_params(params: Any, table: Any, pair: Pair, enc_key: str, plain_key: s
     return {**params, enc_key: value_p, plain_key: value_p}
 
 
+def _check_upsert(stmt: Any, table: Any, pair: Pair) -> None:
+    """An upsert's SET (``on_conflict_do_update``, ``on_duplicate_key_update``)
+    must write both halves or neither: the row it updates would keep the other
+    half's old value. Refused rather than rewritten: a value given in the SET
+    is the user's expression, ``excluded.<half>`` names the proposed row."""
+    written = {getattr(_resolve(stmt, table, key), "name", None) for key, _ in upsert_assignments(stmt)}
+    halves = written & {pair.encrypted, pair.plaintext}
+    if len(halves) == 1:
+        (name,) = halves
+        other = pair.plaintext if name == pair.encrypted else pair.encrypted
+        raise _refuse(
+            table,
+            pair,
+            f"this upsert's SET writes {name} without {other}: set both "
+            f"(set_={{{name!r}: stmt.excluded.{name}, {other!r}: stmt.excluded.{other}}})",
+        )
+
+
 def rewrite(conn: Any, stmt: Any, multiparams: Any, params: Any, execution_options: Any) -> Any:
     """``before_execute`` (retval): an INSERT/UPDATE writes both halves."""
     if not (getattr(stmt, "is_insert", False) or getattr(stmt, "is_update", False)):
@@ -137,7 +170,14 @@ def rewrite(conn: Any, stmt: Any, multiparams: Any, params: Any, execution_optio
     pairs = pairs_of(table) if table is not None else {}
     for pair in pairs.values():
         enc, plain = column_named(table, pair.encrypted), column_named(table, pair.plaintext)
-        stmt = _sync_values(stmt, table, pair, enc, plain)
+        if stmt.is_insert:
+            _check_upsert(stmt, table, pair)
+        stmt, copy = _sync_values(stmt, table, pair, enc, plain)
+        if copy is not None:
+            source, target = copy
+            multiparams = [{**p, target: _bare(p.get(source))} for p in multiparams]
+            params = {**params, target: _bare(params.get(source))} if params else params
+            continue
         multiparams = [_sync_params(p, table, pair, enc.key, plain.key) for p in multiparams]
         if params:
             params = _sync_params(params, table, pair, enc.key, plain.key)

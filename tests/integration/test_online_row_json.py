@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import JSON, Column, bindparam, Integer, LargeBinary, MetaData, String, Table, select, text, update
+from sqlalchemy import JSON, Column, Integer, LargeBinary, MetaData, String, Table, bindparam, insert, select, text, update
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -136,3 +137,83 @@ def test_deterministic_migration_matches_both_halves_during_a_rotation(engine: E
         assert {1, 11, 13} <= set(both)  # a row under each key, and a plaintext-only one
         with pytest.raises(UnsupportedQueryError, match="being rotated"):  # not expandable: refused, not half answered
             session.execute(select(User.id).where(User.email == bindparam("e")), {"e": "u1@x"}).all()
+
+
+def _notes_model(keys: KeyManager) -> Any:
+    class Note(new_base()):
+        __tablename__ = "notes"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        body: Mapped[str | None] = mapped_column(
+            "body__encrypted", EncryptedType(String(50), keys, scope="row", migrating_from="body")
+        )
+        body_plain: Mapped[str | None] = mapped_column("body", String(50))
+
+    return Note
+
+
+def test_row_scoped_dual_writes_get_row_keys_on_every_write_path(engine: Engine, tmp_path: Path) -> None:
+    keys = KeyManager(engine, LocalKeyProvider.from_file(tmp_path / "k.key"))
+    keys.create_table()
+    Note = _notes_model(keys)
+    Note.metadata.create_all(engine)
+    t = Note.__table__
+    expected: dict[int, str] = {}
+    with Session(engine) as session:
+        session.add(Note(id=1, body="orm add"))
+        session.add(Note(id=2, body_plain="orm add, plaintext attribute"))
+        session.merge(Note(id=3, body="orm merge"))
+        session.bulk_insert_mappings(Note, [{"id": 4, "body": "bulk insert mappings"}])
+        session.execute(insert(Note), [{"id": 5, "body": "orm bulk insert"}, {"id": 6, "body_plain": "orm bulk 2"}])
+        session.commit()
+        session.get(Note, 1).body = "orm update"
+        session.bulk_update_mappings(Note, [{"id": 4, "body": "bulk update mappings"}])
+        session.commit()
+    expected |= {1: "orm update", 2: "orm add, plaintext attribute", 3: "orm merge", 4: "bulk update mappings",
+                 5: "orm bulk insert", 6: "orm bulk 2"}  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(insert(t), [{"id": 7, "body": "core executemany"}, {"id": 8, "body__encrypted": "core 8"}])
+        conn.execute(insert(t).values(id=9, body="core values"))
+        conn.execute(update(t).where(t.c.id == 9).values(body__encrypted="core update"))
+        conn.execute(update(t).where(t.c.id == bindparam("pid")).values(body=bindparam("b")),
+                     [{"pid": 7, "b": "core update many 7"}, {"pid": 8, "b": "core update many 8"}])  # fmt: skip
+    expected |= {7: "core update many 7", 8: "core update many 8", 9: "core update"}
+    with engine.begin() as conn:  # an upsert whose SET writes both halves from the proposed row
+        proposed = [{"id": 9, "body": "upsert update"}, {"id": 10, "body": "upsert insert"}]
+        for row in proposed:
+            conn.execute(_upsert(engine, t, row, both=True))
+        expected |= {9: "upsert update", 10: "upsert insert"}
+        with pytest.raises(UnsupportedQueryError, match="upsert's SET writes body without body__encrypted"):
+            conn.execute(_upsert(engine, t, {"id": 9, "body": "one half"}, both=False))
+    with engine.connect() as conn:
+        rows = conn.execute(select(t.c.id, t.c.body, t.c.body__encrypted)).all()
+        assert {r.id: (r.body, r.body__encrypted) for r in rows} == {i: (v, v) for i, v in expected.items()}
+        raw = _raw_notes()
+        assert conn.execute(select(raw.c.id).where(raw.c.body__encrypted.is_(None))).all() == []
+    with Session(engine) as session:
+        assert {n.id: n.body for n in session.scalars(select(Note))} == expected
+    for i in expected:  # each value is under its own row's key: shredding the row erases it
+        keys.shred_row("notes", i)
+    with engine.connect() as conn:
+        assert set(conn.execute(select(t.c.body__encrypted)).scalars()) == {None}
+
+
+def _raw_notes() -> Table:
+    return Table(
+        "notes", MetaData(),
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("body", String(50)),
+        Column("body__encrypted", LargeBinary),
+    )  # fmt: skip
+
+
+def _upsert(engine: Engine, t: Table, row: dict[str, Any], both: bool) -> Any:
+    """INSERT ... ON CONFLICT (id) DO UPDATE / ON DUPLICATE KEY UPDATE of ``body`` (and its shadow)."""
+    if engine.dialect.name == "mysql":
+        stmt = mysql.insert(t).values(row)
+        proposed = stmt.inserted
+        halves = {"body": proposed.body, **({"body__encrypted": proposed.body__encrypted} if both else {})}
+        return stmt.on_duplicate_key_update(halves)
+    pg_or_sqlite = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[engine.dialect.name](t).values(row)
+    excluded = pg_or_sqlite.excluded
+    halves = {"body": excluded.body, **({"body__encrypted": excluded.body__encrypted} if both else {})}
+    return pg_or_sqlite.on_conflict_do_update(index_elements=[t.c.id], set_=halves)
