@@ -14,7 +14,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from sa_envelope import EncryptedType, KeyManager, LivePolicy, LocalKeyProvider, UnsupportedQueryError, faults
+from sa_envelope import DecryptionError, EncryptedType, KeyManager, LivePolicy, LocalKeyProvider, UnsupportedQueryError, faults
 from sa_envelope.cli import main as cli_main
 from sa_envelope.jobs.backfill import backfill, disagreeing
 from sa_envelope.keys import table as kt
@@ -191,6 +191,13 @@ def test_row_scoped_dual_writes_get_row_keys_on_every_write_path(engine: Engine,
         assert conn.execute(select(raw.c.id).where(raw.c.body__encrypted.is_(None))).all() == []
     with Session(engine) as session:
         assert {n.id: n.body for n in session.scalars(select(Note))} == expected
+    with engine.begin() as conn:  # a value copied from another row: its key is bound to that row
+        conn.execute(update(raw).where(raw.c.id == 2).values(body__encrypted=select(raw.c.body__encrypted)
+                                                                .where(raw.c.id == 1).scalar_subquery()))  # fmt: skip
+    with engine.connect() as conn, pytest.raises(DecryptionError, match="bound to another row"):
+        conn.execute(select(t.c.id, t.c.body__encrypted)).all()
+    with engine.begin() as conn:
+        conn.execute(update(t).where(t.c.id == 2).values(body=expected[2]))  # rewritten: both halves, row 2's key
     for i in expected:  # each value is under its own row's key: shredding the row erases it
         keys.shred_row("notes", i)
     with engine.connect() as conn:
