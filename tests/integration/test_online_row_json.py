@@ -224,3 +224,32 @@ def _upsert(engine: Engine, t: Table, row: dict[str, Any], both: bool) -> Any:
     excluded = pg_or_sqlite.excluded
     halves = {"body": excluded.body, **({"body__encrypted": excluded.body__encrypted} if both else {})}
     return pg_or_sqlite.on_conflict_do_update(index_elements=[t.c.id], set_=halves)
+
+
+def test_row_scoped_column_decrypts_online(engine: Engine, tmp_path: Path) -> None:
+    key_file = tmp_path / "k.key"
+    keys = KeyManager(engine, LocalKeyProvider.from_file(key_file))
+    keys.create_table()
+
+    class Doc(new_base()):
+        __tablename__ = "docs"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        code: Mapped[str | None] = mapped_column(
+            EncryptedType(String(20), keys, scope="row", migrating_to="code__plaintext")
+        )
+        code_plain: Mapped[str | None] = mapped_column("code__plaintext", String(20))
+
+    Doc.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add_all([Doc(id=i, code=f"code {i}" if i % 4 else None) for i in range(1, 21)])
+        session.commit()
+    with engine.begin() as conn:  # as rows written before the release: ciphertext only
+        conn.execute(text("UPDATE docs SET code__plaintext = NULL WHERE id > 10"))
+    expected = {i: f"code {i}" if i % 4 else None for i in range(1, 21)}
+    with engine.connect() as conn:  # merged: the plaintext shadow where set, else the row's own ciphertext
+        assert dict(conn.execute(select(Doc.__table__.c.id, Doc.__table__.c.code)).all()) == expected
+    url = engine.url.render_as_string(hide_password=False)
+    assert cli_main(["decrypt-column", "--url", url, "--table", "docs", "--column", "code", "--scope", "row",
+                     "--cmk", f"local:{key_file}", "--batch", "4"]) == 0  # fmt: skip
+    with engine.connect() as conn:
+        assert dict(conn.execute(text("SELECT id, code__plaintext FROM docs")).all()) == expected

@@ -59,3 +59,22 @@ def test_declarations_that_cannot_migrate() -> None:
     EncryptedType(String(5), scope="row", migrating_from="a")  # row scope migrates too (the backfill makes row keys)
     with pytest.raises(ConfigurationError, match="another column"):
         Table("t", MetaData(), Column("a", EncryptedType(String(5), migrating_from="a")))
+
+
+def test_selects_merge_the_halves_where_the_twin_reads_back_exactly(users: Table) -> None:
+    from sqlalchemy import LargeBinary
+    from sqlalchemy.dialects import postgresql
+
+    sql = str(select(users.c.email__encrypted).compile(dialect=postgresql.dialect()))
+    assert "coalesce(users.email__encrypted, convert_to(NULLIF(CAST(json_build_array(users.email)" in sql
+    assert "coalesce(convert_to(NULLIF(CAST(json_build_array(users.code__plaintext)" in str(
+        select(users.c.code).compile(dialect=postgresql.dialect())
+    )  # decrypting: the plaintext shadow first
+    assert "WHERE users.id" in str(select(users.c.id).where(users.c.id == 1))  # WHERE is left alone
+    blobs = Table(
+        "blobs", MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("b__encrypted", EncryptedType(LargeBinary, migrating_from="b")),
+        Column("b", LargeBinary),
+    )  # fmt: skip
+    assert str(select(blobs.c.b__encrypted)).startswith("SELECT blobs.b__encrypted")  # bytes: merged by the ORM only
