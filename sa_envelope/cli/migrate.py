@@ -28,8 +28,8 @@ __all__ = ["MIGRATE_COMMANDS"]
 
 SUFFIX = {"encrypt": "__encrypted", "decrypt": "__plaintext"}  # as sa_envelope.alembic.online
 # what a worker process needs to rebuild the job (plain values only)
-OPTIONS = ("database_url", "table", "column", "deterministic", "context", "type", "cmk", "rate", "batch", "chunk",
-           "lease", "restart")  # fmt: skip
+OPTIONS = ("database_url", "table", "column", "scope", "deterministic", "context", "type", "cmk", "rate", "batch",
+           "chunk", "lease", "restart")  # fmt: skip
 
 
 def _options(parser: argparse.ArgumentParser, direction: str) -> None:
@@ -39,6 +39,7 @@ def _options(parser: argparse.ArgumentParser, direction: str) -> None:
     add("--column", required=True, help="the column's name (the plaintext one while encrypting)")
     add("--shadow", help=f"the shadow column (default COLUMN{SUFFIX[direction]})")
     add("--deterministic", action="store_true", help="the column is EncryptedType(..., deterministic=True)")
+    add("--scope", choices=("table", "row"), default="table", help="the column's scope= (default table)")
     add("--context", help="the column's pinned context=, if the model pins one (default TABLE.COLUMN)")
     add("--type", choices=sorted(TYPES), help="the column's inner type (default: reflected)")
     add("--cmk", default=os.environ.get("SA_ENVELOPE_CMK"), help="KMS key or local:PATH (default $SA_ENVELOPE_CMK)")

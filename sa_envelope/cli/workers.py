@@ -100,7 +100,7 @@ def column_type(options: dict[str, Any], engine: Any) -> tuple[KeyManager, Encry
         else Table(table, MetaData(), autoload_with=engine).c[plaintext].type
     )
     keys = KeyManager(engine, provider_from_spec(options["cmk"] or ""))
-    enc = EncryptedType(inner, keys, deterministic=options["deterministic"],
+    enc = EncryptedType(inner, keys, scope=options["scope"], deterministic=options["deterministic"],
                         context=options["context"] or f"{table}.{options['column']}")  # fmt: skip
     return keys, enc
 

@@ -17,8 +17,12 @@ statement. Two hooks do it:
   stays true), and a loaded instance shows the new half where it is set and
   the old one otherwise, on the attribute of the encrypted column.
 
-Core SELECTs return each half as stored: select both and prefer the new one
-(docs/migrations.md).
+Core SELECTs (and RETURNING) get the merged value from the type's
+``column_expression`` (:mod:`.merged`); the ORM's load hook merges what it
+could not (a twin of a type the SQL merge does not read back).
+A row-scoped half keeps its row key: the ORM pairs the value with it, and a
+copy made here is a bare value that the Core row-key hook pairs next
+(this hook runs first: it is installed with the engine, the row keys later).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from sqlalchemy.sql.elements import BindParameter, ClauseElement, Null
 from ..errors import UnsupportedQueryError
 from ..keys.listeners import Listeners
 from .migrating import ENCRYPTING, Pair, column_named, pairs_of
+from .rowvalue import RowValue
+from .writeguard import upsert_assignments
 
 __all__ = ["install", "rewrite"]
 
@@ -62,44 +68,70 @@ def _resolve(stmt: Any, table: Any, key: Any) -> Any:
     return table.c.get(key)
 
 
+def _bare(value: Any) -> Any:
+    """A row-scoped half's value without its row key (the ORM pairs them):
+    the twin gets the value; the Core row-key hook pairs the copy."""
+    return value.value if type(value) is RowValue else value
+
+
 def _python_value(value: Any) -> Any:
     """The Python value a ``values()`` entry writes, or ``_UNSET`` if it is SQL."""
     if value is None or isinstance(value, Null):
         return None
     if not isinstance(value, ClauseElement):
-        return value
-    if isinstance(value, BindParameter) and value.callable is None and not value.required:
-        return value.value
+        return _bare(value)
+    if isinstance(value, BindParameter) and value.callable is None:
+        return _Named(value.key) if value.required else _bare(value.value)
     return _UNSET
 
 
-def _sync_values(stmt: Any, table: Any, pair: Pair, enc: Any, plain: Any) -> Any:
+class _Named(str):
+    """A ``values()`` entry that is a bind parameter valued per parameter set
+    (``values(body=bindparam("b"))``): its name."""
+
+
+def _sync_values(stmt: Any, table: Any, pair: Pair, enc: Any, plain: Any) -> tuple[Any, tuple[str, str] | None]:
+    """``values()`` that set one half set the other: only the missing half is
+    added, under the column's key, so that a later hook's entry for it (the
+    Core row-key hook pairs a row-scoped value) replaces it, never doubles it.
+    A half set from a named parameter returns (that name, the other half's
+    key): the parameter sets carry the copy, as SQLAlchemy sets a column from
+    a parameter named by its key."""
     if stmt._multi_values:
         raise _refuse(table, pair, "a multi-row VALUES cannot be copied; pass a list of parameter dicts to execute()")
-    found: dict[str, Any] = {}
+    found: dict[str, tuple[Any, Any]] = {}  # column name -> (the values() key, its Python value)
     for key, value in (stmt._values or {}).items():
         name = getattr(_resolve(stmt, table, key), "name", None)
         if name in (pair.encrypted, pair.plaintext):
-            found[name] = _python_value(value)
+            found[name] = (key, _python_value(value))
     if not found:
-        return stmt
-    if _UNSET in found.values():
+        return stmt, None
+    values = {name: value for name, (_, value) in found.items()}
+    if _UNSET in values.values():
         raise _refuse(table, pair, "a SQL expression cannot be written to both halves")
-    value_e, value_p = found.get(pair.encrypted, _UNSET), found.get(pair.plaintext, _UNSET)
-    if value_e is not _UNSET and value_p is not _UNSET and value_e is not None and value_p is not None:
-        if value_e != value_p:
-            raise _refuse(table, pair, "this statement sets the two halves to different values")
-        return stmt
-    value = value_e if value_e not in (_UNSET, None) else value_p
-    value = None if value is _UNSET else value
-    return stmt.values({enc: value, plain: value})
+    named = [v for v in values.values() if type(v) is _Named]
+    if named:  # the other half takes the same parameter, set by name in each parameter set
+        if len(values) == 2 and values[pair.encrypted] != values[pair.plaintext]:
+            raise _refuse(table, pair, "this statement sets the two halves from different parameters")
+        target = plain if pair.encrypted in values else enc
+        return stmt, (None if len(values) == 2 else (str(named[0]), target.key))
+    set_values = [v for v in values.values() if v is not None]
+    if len(set_values) == 2 and set_values[0] != set_values[1]:
+        raise _refuse(table, pair, "this statement sets the two halves to different values")
+    value = set_values[0] if set_values else None
+    missing = {
+        found[column.name][0] if column.name in found else column.key: value
+        for column in (enc, plain)
+        if values.get(column.name) is None and (value is not None or column.name not in found)
+    }
+    return (stmt.values(missing) if missing else stmt), None
 
 
 def _sync_params(params: Any, table: Any, pair: Pair, enc_key: str, plain_key: str) -> Any:
     has_e, has_p = enc_key in params, plain_key in params
     if not (has_e or has_p):
         return params
-    value_e, value_p = params.get(enc_key), params.get(plain_key)
+    value_e, value_p = _bare(params.get(enc_key)), params.get(plain_key)
     if has_e and has_p:
         if value_e is None or value_p is None:
             if value_e is value_p:
@@ -108,8 +140,27 @@ def _sync_params(params: Any, table: Any, pair: Pair, enc_key: str, plain_key: s
             return params
         else:
             raise _refuse(table, pair, "this statement sets the two halves to different values")
-    value = value_e if value_e is not None else value_p
-    return {**params, enc_key: value, plain_key: value}
+    if value_e is not None:  # the encrypted half keeps its row key, if it has one
+        return {**params, plain_key: value_e}
+    return {**params, enc_key: value_p, plain_key: value_p}
+
+
+def _check_upsert(stmt: Any, table: Any, pair: Pair) -> None:
+    """An upsert's SET (``on_conflict_do_update``, ``on_duplicate_key_update``)
+    must write both halves or neither: the row it updates would keep the other
+    half's old value. Refused rather than rewritten: a value given in the SET
+    is the user's expression, ``excluded.<half>`` names the proposed row."""
+    written = {getattr(_resolve(stmt, table, key), "name", None) for key, _ in upsert_assignments(stmt)}
+    halves = written & {pair.encrypted, pair.plaintext}
+    if len(halves) == 1:
+        (name,) = halves
+        other = pair.plaintext if name == pair.encrypted else pair.encrypted
+        raise _refuse(
+            table,
+            pair,
+            f"this upsert's SET writes {name} without {other}: set both "
+            f"(set_={{{name!r}: stmt.excluded.{name}, {other!r}: stmt.excluded.{other}}})",
+        )
 
 
 def rewrite(conn: Any, stmt: Any, multiparams: Any, params: Any, execution_options: Any) -> Any:
@@ -120,7 +171,14 @@ def rewrite(conn: Any, stmt: Any, multiparams: Any, params: Any, execution_optio
     pairs = pairs_of(table) if table is not None else {}
     for pair in pairs.values():
         enc, plain = column_named(table, pair.encrypted), column_named(table, pair.plaintext)
-        stmt = _sync_values(stmt, table, pair, enc, plain)
+        if stmt.is_insert:
+            _check_upsert(stmt, table, pair)
+        stmt, copy = _sync_values(stmt, table, pair, enc, plain)
+        if copy is not None:
+            source, target = copy
+            multiparams = [{**p, target: _bare(p.get(source))} for p in multiparams]
+            params = {**params, target: _bare(params.get(source))} if params else params
+            continue
         multiparams = [_sync_params(p, table, pair, enc.key, plain.key) for p in multiparams]
         if params:
             params = _sync_params(params, table, pair, enc.key, plain.key)
@@ -155,7 +213,7 @@ def _copy_changes(session: Session, flush_context: Any, instances: Any) -> None:
         for enc_attr, plain_attr, _ in _attr_pairs(state.mapper):
             if (enc_attr in changed) != (plain_attr in changed):
                 source, target = (enc_attr, plain_attr) if enc_attr in changed else (plain_attr, enc_attr)
-                setattr(obj, target, state.dict.get(source))
+                setattr(obj, target, _bare(state.dict.get(source)))
 
 
 def _merge_loaded(state: Any, *_: Any) -> None:
@@ -174,7 +232,7 @@ def install(listeners: Listeners) -> None:
     listeners.share("before_execute", rewrite, retval=True)
     global _installed
     if not _installed:
-        event.listen(Session, "before_flush", _copy_changes)
+        event.listen(Session, "before_flush", _copy_changes, insert=True)  # before the row keys pair values
         event.listen(Mapper, "load", _merge_loaded, raw=True)
         event.listen(Mapper, "refresh", _merge_loaded, raw=True)
         _installed = True

@@ -27,6 +27,7 @@ from ..keys import table as kt
 from ..keys.clock import CLOCK
 from ..keys.store import KeyStore
 from . import binds, fastpath, migrating, storage
+from .merged import merged_expression
 from .livematch import Sealed
 from .naming import ColumnNames
 from .operators import EncryptedComparator
@@ -87,7 +88,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
 
     def _validate(self) -> None:
         if self.migrating_from is not None or self.migrating_to is not None:
-            migrating.check_declaration(self.scope, self.migrating_from, self.migrating_to)
+            migrating.check_declaration(self.migrating_from, self.migrating_to)
         if self.scope not in SCOPES:
             raise ConfigurationError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if self.scope == "row" and self.deterministic:
@@ -139,6 +140,15 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
     @property
     def python_type(self) -> type:
         return self.inner.python_type
+
+    def column_expression(self, colexpr: Any) -> Any:
+        """A migrating column is read merged with its twin (:mod:`.merged`):
+        the value the ORM shows, in Core SELECTs and RETURNING too."""
+        if self.migrating_from is not None:
+            return merged_expression(colexpr.type, colexpr, self.migrating_from, encrypting=True)
+        if self.migrating_to is not None:
+            return merged_expression(colexpr.type, colexpr, self.migrating_to, encrypting=False)
+        return colexpr
 
     def coerce_compared_value(self, op: Any, value: Any) -> TypeEngine[Any]:
         """Compare with values of this same type, so they get encrypted."""

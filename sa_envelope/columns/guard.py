@@ -3,7 +3,9 @@
 :class:`~.operators.EncryptedComparator` refuses wrong *expressions* when
 they are built. Some wrong answers are built from clauses no operator
 touches: ``ORDER BY`` an encrypted column, ``GROUP BY`` a randomised one,
-``min()``/``max()``/``sum()``/``avg()`` of one, INSERT/UPDATE statements
+``min()``/``max()``/``sum()``/``avg()`` of one, ``GROUP BY``/``DISTINCT``
+on a deterministic one while its key is being rotated (equal values under
+two keys would be two groups: :func:`.livematch.check_one_key`), INSERT/UPDATE statements
 that would write past the encryption (:mod:`.writeguard`: a literal, a SQL
 function, a cast, another column) and those that would leave a blind index
 stale. :func:`check_statement` runs before
@@ -15,12 +17,14 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from sqlalchemy.sql import operators as ops
 from sqlalchemy.sql.elements import Label, UnaryExpression
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import CompoundSelect, Select
 
 from .blindindex import check_index_writes
 from .encrypted import EncryptedType
+from .livematch import check_one_key
 from .operators import unsupported
 from .writeguard import check_writes
 
@@ -59,8 +63,39 @@ def _check_select(stmt: Select[Any] | CompoundSelect[Any]) -> None:
                 "A randomised column puts every row in a group of its own; group by "
                 "a deterministic=True column or in Python.",
             )
+        if found is not None:
+            check_one_key(found, "GROUP BY")
+    _check_distinct(stmt)
     for raw in stmt._raw_columns:
         _check_function(raw)
+
+
+def _distinct_of(element: Any) -> Any:
+    """The EncryptedType under ``col.distinct()`` (maybe labelled), or None."""
+    while isinstance(element, Label):
+        element = element.element
+    if isinstance(element, UnaryExpression) and element.operator is ops.distinct_op:
+        return _encrypted_type(element.element)
+    return None
+
+
+def _check_distinct(stmt: Select[Any]) -> None:
+    """``SELECT DISTINCT``, ``DISTINCT ON`` and ``col.distinct()`` (also in a
+    function: ``count(col.distinct())``) during a rotation of the column."""
+    distinct: list[Any] = list(getattr(stmt, "_distinct_on", ()))
+    if stmt._distinct and not distinct:
+        distinct = list(stmt.selected_columns)
+    for column in distinct:
+        found = _encrypted_type(column)
+        if found is not None:
+            check_one_key(found, "DISTINCT")
+    for raw in stmt._raw_columns:
+        while isinstance(raw, Label):
+            raw = raw.element
+        for element in [raw, *(raw.clauses if isinstance(raw, FunctionElement) else ())]:
+            found = _distinct_of(element)
+            if found is not None:
+                check_one_key(found, "DISTINCT")
 
 
 def _check_function(element: Any) -> None:

@@ -9,11 +9,13 @@ three rules read it:
 
 * reads prefer the *new* half (the encrypted shadow while encrypting, the
   plaintext shadow while decrypting) and fall back to the old one where the
-  new one is still NULL (:mod:`.dualwrite`, ORM loads);
+  new one is still NULL (:mod:`.merged` in SQL, :mod:`.dualwrite` for ORM loads);
 * every write sets both halves in the same statement (:mod:`.dualwrite`);
 * equality on the attribute compares both halves (:func:`expand`):
   ``new == x OR (new IS NULL AND old == x)``, which is exact because no
-  writer ever leaves the new half set to another value than the old one.
+  writer ever leaves the new half set to another value than the old one;
+  the encrypted half's comparison is expanded over its live keys
+  (:mod:`.livematch`), so it keeps matching during a rotation.
 
 Why the expansion lives in the comparator: it is built with the
 expression, like every other decision of :mod:`.operators`, so the SQL a
@@ -69,15 +71,11 @@ class Pair:
         return self.plaintext if self.direction == ENCRYPTING else self.encrypted
 
 
-def check_declaration(scope: str, migrating_from: str | None, migrating_to: str | None) -> None:
-    """Refuse declarations the online migration cannot serve."""
+def check_declaration(migrating_from: str | None, migrating_to: str | None) -> None:
+    """Refuse declarations the online migration cannot serve (any scope can:
+    row keys are made by the dual writes' hooks and by the backfill)."""
     if migrating_from is not None and migrating_to is not None:
         raise ConfigurationError("give migrating_from (encrypting) or migrating_to (decrypting), not both")
-    if scope != "table":
-        raise ConfigurationError(
-            "a migrating column must be scope='table': row keys are made by the ORM hooks, "
-            "which the backfill does not run; migrate it as table-scoped, or use op.encrypt_column offline"
-        )
 
 
 def register(table: Any, encrypted: str, plaintext: str, direction: str) -> None:

@@ -29,7 +29,7 @@ from sqlalchemy.types import NullType, TypeDecorator
 
 from ..errors import UnsupportedQueryError
 from . import migrating
-from .livematch import expand
+from .livematch import is_expanded, over_live_keys
 from .searchable import index_for
 
 __all__ = ["EncryptedComparator", "check_comparison", "unsupported"]
@@ -189,16 +189,16 @@ class EncryptedComparator(TypeDecorator.Comparator[Any]):
 
     def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
         check_comparison(self.expr, op, other)
-        if not (len(other) == 1 and _is_itself(self.expr, other[0])):
-            expanded = migrating.expand(
+        if len(other) == 1 and (_is_itself(self.expr, other[0]) or is_expanded(other[0])):
+            return super().operate(op, *other, **kwargs)  # itself, or a list expand() made: as it is
+
+        def encrypted() -> Any:  # one ciphertext per live key (livematch), or refused while two are live
+            return over_live_keys(
                 self.expr, op, other, lambda: super(EncryptedComparator, self).operate(op, *other, **kwargs)
             )
-            if expanded is not None:  # a column in an online migration: both halves
-                return expanded
-        expanded = expand(self.expr, op, other)  # one ciphertext per live key (livematch)
-        if expanded is not None:
-            return expanded
-        return super().operate(op, *other, **kwargs)
+
+        expanded = migrating.expand(self.expr, op, other, encrypted)  # an online migration: both halves
+        return expanded if expanded is not None else encrypted()
 
     def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:
         check_comparison(self.expr, op, (other,))

@@ -14,7 +14,13 @@ writes them with one executemany compare-and-set::
 
 so an application write that lands in between (it changes ``old``, or
 ``new``, or deletes the row) always wins: the row is left to the
-application. Rows whose new half is set already are opened and compared, and
+application. The comparison is exact: byte for byte on MariaDB (whose
+collations fold case), and on the text of a PostgreSQL ``JSON`` value,
+which has no equality operator, and of any JSON half (the batch reads
+``CAST(old AS TEXT)`` for it: a dict bound back would be serialised anew).
+A row-scoped column's values are sealed under each row's key: the key bound
+to the row, or one made and bound in the batch's transaction
+(:func:`sa_envelope.rows.orm.keys_for`), before the compare-and-set. Rows whose new half is set already are opened and compared, and
 re-done if they disagree (an application instance that still wrote one half
 during the roll-out of the dual-writing release). The cursor of the range
 moves in the same transaction (:meth:`.claims.Claims.advance`), so a crash
@@ -31,12 +37,30 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, LargeBinary, MetaData, String, Table, bindparam, cast, func, select, update
+from sqlalchemy import (
+    JSON,
+    Connection,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    bindparam,
+    cast,
+    func,
+    select,
+    type_coerce,
+    update,
+)
 
 from ..columns.encrypted import EncryptedType
+from ..columns.rowvalue import RowValue
 from ..errors import ConfigurationError, EnvelopeError
 from ..faults import fault_point
+from ..keys import table as kt
 from ..keys.store import KeyStore
+from ..rows.orm import keys_for
+from ..rows.specs import TableSpec
 from .claims import Claim, Claims, worker_name
 from .progress import progress_bar
 from .threads import run_workers
@@ -79,9 +103,34 @@ def _exact(column: Any, dialect: str) -> Any:
     return column
 
 
+def _textual(column: Any, json: bool) -> bool:
+    """A JSON half is compared on its text, as stored (PostgreSQL's ``json``
+    has no ``=``; a bound dict is serialised anew, with other spacing than
+    the stored text): ``json`` keeps the text as written, ``jsonb`` prints it
+    canonically, MariaDB and SQLite store text. ``json``: the column's
+    values are JSON (its type, or the EncryptedType's inner type)."""
+    return json and not isinstance(column.type, LargeBinary)
+
+
+def _unchanged(column: Any, name: str, dialect: str, textual: bool) -> Any:
+    """``column`` still holds what the batch read (bound as ``name``)."""
+    if textual:
+        column, param = cast(column, Text), bindparam(name, type_=Text())
+    else:
+        param = bindparam(name, type_=column.type)
+    return _exact(column, dialect).is_not_distinct_from(_exact(param, dialect))
+
+
 def _plain(value: Any) -> Any:
     """A value as read, ready to bind back (psycopg reads BYTEA as memoryview)."""
     return bytes(value) if isinstance(value, memoryview) else value
+
+
+def _row_spec(enc: EncryptedType, table: Table, pk: Any) -> TableSpec | None:
+    """What the row keys need of the table, for a row-scoped column."""
+    if enc.scope != kt.SCOPE_ROW:
+        return None
+    return TableSpec(enc.keys, table, enc._table or table.name, (), (), (pk.key,), (pk,), (0,))
 
 
 class _Backfill:
@@ -96,20 +145,34 @@ class _Backfill:
                 f"table {table.name} needs a single integer primary key for an online backfill", table=table.name
             )
         self.pk, self.old, self.new = pk[0], table.c[column], table.c[shadow]
+        self.spec = _row_spec(enc, table, self.pk)
         dialect = store.engine.dialect.name
-        self.pick = select(self.pk, self.old, self.new).order_by(self.pk)
+        json = isinstance(enc.inner, JSON) or isinstance((self.old if encrypt else self.new).type, JSON)
+        # the plaintext half read and written as JSON even where it is reflected as text (MariaDB)
+        plain_type = enc.inner if isinstance(enc.inner, JSON) else None
+        halves = [type_coerce(c, plain_type) if plain_type is not None and _textual(c, json) else c
+                  for c in (self.old, self.new)]  # fmt: skip
+        self.texts = [c for c in (self.old, self.new) if _textual(c, json)]  # read with the row, compared as text
+        self.pick = select(self.pk, *halves, *(cast(c, Text) for c in self.texts)).order_by(self.pk)
         self.cas = (
             update(table)
             .where(
                 self.pk == bindparam("_pk"),
-                _exact(self.old, dialect).is_not_distinct_from(_exact(bindparam("_old", type_=self.old.type), dialect)),
-                _exact(self.new, dialect).is_not_distinct_from(_exact(bindparam("_new", type_=self.new.type), dialect)),
+                _unchanged(self.old, "_old", dialect, self.old in self.texts),
+                _unchanged(self.new, "_new", dialect, self.new in self.texts),
             )
-            .values({self.new.name: bindparam("_value", type_=self.new.type)})
+            .values(
+                {
+                    self.new.name: bindparam(
+                        "_value", type_=plain_type if not encrypt and plain_type is not None else self.new.type
+                    )
+                }
+            )
         )
 
     def target(self, old: Any, new: Any) -> tuple[bool, Any]:
-        """(whether the row needs a write, the new half it must hold)."""
+        """(whether the row needs a write, the value its new half must hold:
+        the plaintext to seal when encrypting)."""
         if old is None:
             return new is not None, None
         if self.encrypt:
@@ -119,21 +182,43 @@ class _Backfill:
                         return False, None
                 except EnvelopeError:  # a damaged shadow: the plaintext is the truth
                     pass
-            return True, self.enc.encrypt(old)
+            return True, old
         value = self.enc.decrypt(bytes(old))
         return new is None or new != value, value
+
+    def read(self, row: Any) -> dict[str, Any]:
+        """The compare-and-set's parameters for what ``row`` held."""
+        held = {"_pk": row[0], "_old": _plain(row[1]), "_new": _plain(row[2])}
+        for i, column in enumerate(self.texts, start=3):
+            held["_old" if column is self.old else "_new"] = row[i]
+        return held
+
+    def seal(self, conn: Connection, params: list[dict[str, Any]]) -> None:
+        """Encrypting: seal each ``_value`` (row scope: under its row's key,
+        made and bound on ``conn`` where the row has none yet)."""
+        if not self.encrypt:
+            return
+        keys: list[Any] = [None] * len(params)
+        if self.spec is not None:
+            todo = [i for i, p in enumerate(params) if p["_value"] is not None]
+            for i, key in zip(todo, keys_for(conn, self.spec, [(params[i]["_pk"],) for i in todo], True)[0]):
+                keys[i] = key
+        for p, key in zip(params, keys):
+            if p["_value"] is not None:
+                p["_value"] = self.enc.encrypt(p["_value"] if key is None else RowValue(p["_value"], key))
 
     def batch(self, conn: Connection, claims: Claims, claim: Claim, size: int, pacer: Throttle | None) -> int:
         with self.store.tracker.use_connection(conn):
             rows = conn.execute(self.pick.where(self.pk >= claim.cursor, self.pk < claim.hi).limit(size)).all()
             params = []
-            for pk, old, new in rows:
-                needed, value = self.target(old, new)
+            for row in rows:
+                needed, value = self.target(row[1], row[2])
                 if needed:
-                    params.append({"_pk": pk, "_old": _plain(old), "_new": _plain(new), "_value": value})
+                    params.append({**self.read(row), "_value": value})
             cursor = rows[-1][0] + 1 if len(rows) == size else claim.hi
             if pacer is not None:  # between the read and the compare-and-set: no lock is held yet
                 pacer.wait(len(rows))
+            self.seal(conn, params)  # row keys: made in this transaction, rolled back with it
             claims.advance(conn, claim, cursor, len(params))  # first: holds the range until commit
             fault_point("backfill.batch.before_update")
             written = 0
@@ -170,7 +255,7 @@ def disagreeing(
             rows = conn.execute(pick.limit(batch_size)).all()
             if not rows:
                 return count
-            count += sum(1 for _, old, new in rows if job.target(old, new)[0])
+            count += sum(1 for row in rows if job.target(row[1], row[2])[0])
             cursor = rows[-1][0]
 
 

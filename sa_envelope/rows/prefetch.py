@@ -38,6 +38,7 @@ from sqlalchemy import Connection, Table
 from sqlalchemy.engine import cursor as sa_cursor
 
 from ..columns.encrypted import EncryptedType
+from ..columns.merged import MergedRead
 from sqlalchemy.sql.elements import ColumnElement
 
 from ..envelope import format as fmt
@@ -50,11 +51,18 @@ from .stream import PartitionKeys, StreamingPrefetch
 __all__ = ["check_binding", "install_prefetch", "pk_positions", "row_positions"]
 
 
+def _stored_type(t: Any) -> Any:
+    """The column type a result column's values are stored with: a migrating
+    column read merged (columns.merged) holds its own envelopes, and JSON forms
+    of its twin that name no key (their would-be ids are never found)."""
+    return t.encrypted if isinstance(t, MergedRead) else t
+
+
 def row_positions(compiled: Any, manager: Any) -> tuple[list[int], str | None]:
     """Result-column positions holding row-scoped values of ``manager``."""
     positions, owner = [], None
     for i, entry in enumerate(getattr(compiled, "_result_columns", None) or ()):
-        t = entry.type
+        t = _stored_type(entry.type)
         if isinstance(t, EncryptedType) and t.scope == kt.SCOPE_ROW and t.keys is manager:
             positions.append(i)
             owner = owner or t._table
@@ -69,7 +77,7 @@ def _by_source(compiled: Any, positions: list[int]) -> list[tuple[str | None, li
     for i in positions:
         entry = compiled._result_columns[i]
         source = next((getattr(o, "table", None) for o in entry.objects if isinstance(o, ColumnElement)), None)
-        groups.setdefault(id(source), (entry.type._table, []))[1].append(i)
+        groups.setdefault(id(source), (_stored_type(entry.type)._table, []))[1].append(i)
     return list(groups.values())
 
 

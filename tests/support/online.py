@@ -26,23 +26,28 @@ def raw_users(name: str = "users") -> Table:
     )
 
 
-def migrating_users(keys: KeyManager, name: str = "users") -> Any:
+def _options(scope: str) -> dict[str, Any]:
+    """A table-scoped email is deterministic (queried by ==); a row-scoped one cannot be."""
+    return {"deterministic": True} if scope == "table" else {"scope": "row"}
+
+
+def migrating_users(keys: KeyManager, name: str = "users", scope: str = "table") -> Any:
     """The release deployed between expand and contract (``migrating_from``)."""
 
     class User(new_base()):
         __tablename__ = name
         id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
         email: Mapped[str | None] = mapped_column(
-            "email__encrypted", EncryptedType(String(200), keys, deterministic=True, migrating_from="email")
+            "email__encrypted", EncryptedType(String(200), keys, migrating_from="email", **_options(scope))
         )
         email_plain: Mapped[str | None] = mapped_column("email", String(200))
 
     return User
 
 
-def stored(engine: Engine, keys: KeyManager, name: str = "users") -> dict[int, tuple[Any, Any]]:
+def stored(engine: Engine, keys: KeyManager, name: str = "users", scope: str = "table") -> dict[int, tuple[Any, Any]]:
     """id -> (plaintext half, decrypted encrypted half) as stored."""
-    enc = EncryptedType(String(200), keys, deterministic=True, context=f"{name}.email")
+    enc = EncryptedType(String(200), keys, context=f"{name}.email", **_options(scope))
     table = raw_users(name)
     with engine.connect() as conn:
         rows = conn.execute(select(table)).all()
