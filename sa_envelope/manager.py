@@ -198,16 +198,18 @@ class KeyManager:
         """Create the key table, the search-token table and the uniqueness
         guards' table if they do not exist (idempotent)."""
         bound = self.engines.select(engine).engine
-        self.table.create(bound, checkfirst=True)
-        self.search_table.create(bound, checkfirst=True)
-        guard_table(self.table.metadata).create(bound, checkfirst=True)
+        for table in self._own_tables():
+            table.create(bound, checkfirst=True)
 
     async def create_table_async(self, engine: Any = None) -> None:
         """:meth:`create_table` for a KeyManager bound to an AsyncEngine."""
         bound = self.engines.select(engine).engine
-        await warming.create_table_async(bound, self.table)
-        await warming.create_table_async(bound, self.search_table)
-        await warming.create_table_async(bound, guard_table(self.table.metadata))
+        for table in self._own_tables():
+            await warming.create_table_async(bound, table)
+
+    def _own_tables(self) -> list[Table]:
+        """The library's tables: keys, search-index tokens, uniqueness guards."""
+        return [self.table, self.search_table, guard_table(self.table.metadata)]
 
     def stats(self) -> dict[str, int]:
         """Counters over every bound engine: provider calls, cache hits and
@@ -257,15 +259,8 @@ class KeyManager:
         binding.live.invalidate(table)
         return new_id
 
-    def rewrap(
-        self,
-        to: KeyProvider | None = None,
-        *,
-        source: KeyProvider | None = None,
-        batch_size: int = 100,
-        progress: bool | None = None,
-        engine: Any = None,
-    ) -> RewrapReport:
+    def rewrap(self, to: KeyProvider | None = None, *, source: KeyProvider | None = None, batch_size: int = 100,
+               progress: bool | None = None, engine: Any = None) -> RewrapReport:  # fmt: skip
         """Re-wrap every provider-wrapped key of one database under ``to``
         (default: ``self.provider``).
 
@@ -309,27 +304,11 @@ class KeyManager:
         or blind-index key is retired: queries match one key again.
         """
         binding = self.engines.select(engine)
-        return reencrypt_columns(
-            binding.store,
-            binding.live,
-            list(columns),
-            key_id=key_id,
-            batch_size=batch_size,
-            workers=workers,
-            rate=rate,
-            max_batches=max_batches,
-            progress=progress,
-        )
+        return reencrypt_columns(binding.store, binding.live, list(columns), key_id=key_id, batch_size=batch_size,
+                                 workers=workers, rate=rate, max_batches=max_batches, progress=progress)  # fmt: skip
 
-    def verify_index(
-        self,
-        table: Table,
-        *,
-        fix: bool = False,
-        batch_size: int = 500,
-        max_batches: int | None = None,
-        engine: Any = None,
-    ) -> list[IndexReport]:
+    def verify_index(self, table: Table, *, fix: bool = False, batch_size: int = 500,
+                     max_batches: int | None = None, engine: Any = None) -> list[IndexReport]:  # fmt: skip
         """Check that every search-index token of ``table`` matches its row's value
         under a live blind-index key; ``fix=True`` rebuilds the rows that differ or
         are under an older key, and backfills a new index (docs/querying.md)."""
