@@ -1,0 +1,89 @@
+"""An executemany run one row per statement, atomically, when rows must not be folded.
+
+Two Core writes of row-scoped columns cannot go through the driver's own
+executemany:
+
+* an upsert whose SET takes a parameter per row (:mod:`.upserts`): MySQL's
+  drivers (PyMySQL, mysqlclient) rewrite an executemany ``INSERT ... VALUES``
+  into one multi-row statement and send its ``ON DUPLICATE KEY UPDATE``
+  unformatted; SQLAlchemy's "insertmanyvalues" renders one SET for a batch;
+* an INSERT of several rows whose primary keys the database makes, on a
+  backend or table without sorted RETURNING (MySQL, ``implicit_returning=
+  False``): only ``cursor.lastrowid``, one row at a time, tells each row's key.
+
+:func:`one_by_one` marks such a statement (the statement object the
+``before_execute`` hook hands SQLAlchemy: execution options set there are
+not read any more); the ``do_executemany`` listener (:func:`install_perrow`) then runs
+``cursor.execute`` once per parameter set inside a savepoint, so that the
+statement stays all-or-nothing as the folded one was (on MySQL and SQLite a
+failed statement leaves the transaction open), sums the rows' counts into the
+result's ``rowcount`` (as SQLAlchemy's MySQL dialect does for its own
+executemany) and records each row's ``lastrowid`` for :mod:`.core`, which
+binds the rows' keys once the statement succeeded.
+
+SQLAlchemy's own "insertmanyvalues" (an executemany with RETURNING, or
+psycopg2's batches) never reaches ``do_executemany``. From the releases
+that know a SET parameter per row (:func:`folds_set_parameters` is false)
+it runs such an upsert one row per statement itself; before them it would
+fold the rows, and :mod:`.core` refuses the statement instead.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from sqlalchemy import Engine, event
+from sqlalchemy.sql import compiler
+
+__all__ = ["LASTROWIDS", "folds_set_parameters", "install_perrow", "one_by_one"]
+
+_MARKED: weakref.WeakSet[Any] = weakref.WeakSet()
+LASTROWIDS = "sa_envelope_lastrowids"  # Connection.info: the last such statement's lastrowid per row
+_SAVEPOINT = "sa_envelope_rows"
+
+
+def one_by_one(stmt: Any) -> Any:
+    """A copy of ``stmt`` marked to run one row per statement when executed with many parameter sets."""
+    new = stmt._generate()
+    _MARKED.add(new)
+    return new
+
+
+def folds_set_parameters(dialect: Any, stmt: Any) -> bool:
+    """An executemany of the upsert ``stmt`` would reach SQLAlchemy's
+    insertmanyvalues, and this SQLAlchemy folds its rows under one SET
+    (before it knew ``has_upsert_bound_parameters``)."""
+    known = "has_upsert_bound_parameters" in getattr(compiler, "_InsertManyValues")._fields
+    batched = bool(stmt._returning or stmt._return_defaults) or getattr(
+        dialect, "use_insertmanyvalues_wo_returning", False
+    )
+    return batched and not known
+
+
+def install_perrow(engine: Engine) -> None:
+    """Listen on ``engine``'s dialect (once per engine)."""
+    if not event.contains(engine, "do_executemany", _do_executemany):
+        event.listen(engine, "do_executemany", _do_executemany)
+
+
+def _do_executemany(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+    if context.invoked_statement not in _MARKED:
+        return False  # SQLAlchemy runs it as usual
+    cursor.execute(f"SAVEPOINT {_SAVEPOINT}")
+    total, ids = 0, []
+    try:
+        for params in parameters:
+            cursor.execute(statement, params)
+            total += max(cursor.rowcount, 0)
+            ids.append(getattr(cursor, "lastrowid", None))
+    except BaseException:
+        try:
+            cursor.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+        except Exception:  # the connection is gone: the statement's own error says more
+            pass
+        raise
+    cursor.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+    context._rowcount = total  # what CursorResult.rowcount reports (SQLAlchemy's MySQL dialect sets it too)
+    context.root_connection.info[LASTROWIDS] = ids
+    return True
