@@ -71,7 +71,7 @@ SET = "_sa_env_set_"  # + column key: the per-row parameter standing for an upse
 # rowcount to report when the statement's shape was changed (None: SQLAlchemy's)
 _IPK, _RETURNED, _LASTROWID = "inserted_primary_key_rows", "returning", "lastrowid"
 _Source = tuple[str, Any, "int | None"]
-_FOLDED = "an executemany upsert with RETURNING (or psycopg2's batches) whose SET writes a row-scoped value per row"
+_FOLDED = "an executemany upsert that SQLAlchemy batches (RETURNING, psycopg2) whose SET writes a row-scoped value"
 
 
 def install_core_hook(rows: RowKeys, manager: Any) -> None:
@@ -131,8 +131,12 @@ class _CoreWrites:
         if stmt.is_update:
             keys = _update_keys(conn, plan, need)
             return _rewrite(stmt, plan, plist, keys, multiparams)
-        if sets and len(plist) > 1 and folds_set_parameters(conn.dialect, stmt):
-            raise refused(spec, _FOLDED, "upgrade SQLAlchemy, or run the upserts one row per statement")
+        if sets:  # one SET clause per statement: a parameter per row, one row per statement (.perrow)
+            stmt = with_set(stmt, {k: bindparam(SET + k, type_=spec.table.c[k].type) for k in sets})
+            if len(plist) > 1:
+                if folds_set_parameters(conn.dialect, stmt, sorted(plist[0])):
+                    raise refused(spec, _FOLDED, "run the upserts one row per statement")
+                stmt = one_by_one(stmt)
         source: _Source = (_IPK, None, None)
         if any(plan.pks[i] is None for i in need) and not is_upsert(stmt):  # upserts: refused by _insert_keys
             stmt, source = _fetch_pks(conn, stmt, plan, len(plist), from_values)  # refused here, before any key
@@ -325,15 +329,11 @@ def _rewrite(
     stmt: Any, plan: Plan, plist: list[Mapping[str, Any]], keys: list[CachedKey | None], multiparams: Any
 ) -> Any:
     """The statement and parameters with each row's row-scoped values paired
-    with its key; ``values()`` entries and SET values become per-row parameters."""
+    with its key; ``values()`` entries become per-row parameters, as the SET's did (:meth:`_CoreWrites.before`)."""
     keys = [key or _existing(plan, i) for i, key in enumerate(keys)]
     types = {c.key: c.type for c in plan.spec.columns}
     if plan.fixed:
         stmt = replace_values(stmt, {k: bindparam(plan.names[k], type_=types[k]) for k in plan.fixed})
-    if plan.sets:
-        stmt = with_set(stmt, {k: bindparam(SET + k, type_=types[k]) for k in plan.sets})
-        if len(plist) > 1:
-            stmt = one_by_one(stmt)  # one SET clause per statement (.perrow)
     out: list[dict[str, Any]] = []
     for i, params in enumerate(plist):
         new, key = dict(params), keys[i]

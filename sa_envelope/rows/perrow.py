@@ -22,10 +22,10 @@ executemany) and records each row's ``lastrowid`` for :mod:`.core`, which
 binds the rows' keys once the statement succeeded.
 
 SQLAlchemy's own "insertmanyvalues" (an executemany with RETURNING, or
-psycopg2's batches) never reaches ``do_executemany``. From the releases
-that know a SET parameter per row (:func:`folds_set_parameters` is false)
-it runs such an upsert one row per statement itself; before them it would
-fold the rows, and :mod:`.core` refuses the statement instead.
+psycopg2's batches) never reaches ``do_executemany``. Where it knows a SET
+parameter per row (SQLAlchemy 2.1 on PostgreSQL and SQLite) it runs such an
+upsert one row per statement itself; elsewhere it would fold the rows
+(:func:`folds_set_parameters`), and :mod:`.core` refuses the statement.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import weakref
 from typing import Any
 
 from sqlalchemy import Engine, event
-from sqlalchemy.sql import compiler
 
 __all__ = ["LASTROWIDS", "folds_set_parameters", "install_perrow", "one_by_one"]
 
@@ -50,15 +49,19 @@ def one_by_one(stmt: Any) -> Any:
     return new
 
 
-def folds_set_parameters(dialect: Any, stmt: Any) -> bool:
-    """An executemany of the upsert ``stmt`` would reach SQLAlchemy's
-    insertmanyvalues, and this SQLAlchemy folds its rows under one SET
-    (before it knew ``has_upsert_bound_parameters``)."""
-    known = "has_upsert_bound_parameters" in getattr(compiler, "_InsertManyValues")._fields
-    batched = bool(stmt._returning or stmt._return_defaults) or getattr(
-        dialect, "use_insertmanyvalues_wo_returning", False
-    )
-    return batched and not known
+def folds_set_parameters(dialect: Any, stmt: Any, column_keys: list[str]) -> bool:
+    """An executemany of the upsert ``stmt`` (its SET taking a parameter per
+    row) would go to SQLAlchemy's insertmanyvalues, which would fold its rows
+    under one SET: it runs such a statement one row at a time only where its
+    compiler marks the SET's parameters (``has_upsert_bound_parameters``:
+    SQLAlchemy 2.1's PostgreSQL and SQLite compilers, not MySQL's)."""
+    if not (stmt._returning or stmt._return_defaults or getattr(dialect, "use_insertmanyvalues_wo_returning", False)):
+        return False  # a plain executemany: do_executemany, run one row per statement here
+    compiled: Any = stmt.compile(dialect=dialect, column_keys=column_keys, for_executemany=True)
+    imv = getattr(compiled, "_insertmanyvalues", None)
+    if imv is None:
+        return False
+    return not (getattr(imv, "has_upsert_bound_parameters", False) and not imv.embed_values_counter)
 
 
 def install_perrow(engine: Engine) -> None:

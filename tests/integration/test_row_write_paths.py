@@ -302,3 +302,30 @@ def test_refusals_that_stay(engine: Engine) -> None:
             conn.execute(insert(t).values([{"code": "a", "row": {"a": 1}}, {"row": {"b": 1}}]))
         assert conn.execute(select(func.count()).select_from(t)).scalar() == 0
         assert conn.execute(select(func.count()).where(keys.table.c.scope.in_(["row", "row-digest"]))).scalar() == 0
+
+
+def test_upsert_executemany_with_returning_and_a_python_value_in_the_set(engine: Engine) -> None:
+    """SQLAlchemy 2.1 runs it one row per statement on PostgreSQL and SQLite;
+    where it would fold the rows under one SET (MariaDB, SQLAlchemy 2.0) it is
+    refused before anything is written."""
+    import sqlalchemy
+
+    keys, Item = setup(engine)
+    orm_add(engine, keys, Item, rows_as_dicts())
+    old = assert_bound(engine, keys)
+    t = Item.__table__
+    stmt = set_python_value(engine, t, row={"same": 1}).returning(t.c.id, t.c.row)
+    params = [{"id": 1, "row": {"p": 1}}, {"id": 4, "row": {"p": 4}}, {"id": 3, "row": {"p": 3}}]
+    with engine.connect() as conn:
+        before = (sorted(raw_rows(conn).items()), key_table_rows(conn, keys))
+        folds = conn.dialect.name in ("mysql", "mariadb") or sqlalchemy.__version__.startswith("2.0.")
+        if folds:
+            with pytest.raises(UnsupportedQueryError, match="SET writes a row-scoped value"):
+                conn.execute(stmt, params)
+            assert (sorted(raw_rows(conn).items()), key_table_rows(conn, keys)) == before
+            return
+        assert [tuple(r) for r in conn.execute(stmt, params)] == [(1, {"same": 1}), (4, {"p": 4}), (3, {"same": 1})]
+        conn.commit()
+    assert {r[0]: r[3] for r in read_back(engine, Item)} == {1: {"same": 1}, 2: ROWS[1][3], 3: {"same": 1}, 4: {"p": 4}}
+    bound = assert_bound(engine, keys)
+    assert {pk: bound[pk] for pk in old} == old
