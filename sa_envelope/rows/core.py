@@ -125,9 +125,9 @@ class _CoreWrites:
             return stmt, multiparams, params  # the ORM's flush: every value already paired
         plan = plan_for(spec, stmt, plist)
         plan.sets, plan.set_values = sets, per_row_sets(sets, plist)
-        need = _rows_needing_keys(plan)
-        if not need:
+        if not any(plan.values) and not any(bare(v) for row in plan.set_values for v in row.values()):
             return stmt, multiparams, params
+        need = _rows_needing_keys(plan)  # rows the ORM paired have their keys: their defaults still get them
         if stmt.is_update:
             keys = _update_keys(conn, plan, need)
             return _rewrite(stmt, plan, plist, keys, multiparams)
