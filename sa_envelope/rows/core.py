@@ -262,7 +262,7 @@ def _fetch_pks(conn: Connection, stmt: Any, plan: Plan, count: int, from_values:
     where they will be. ``from_values``: the executemany a multi-row VALUES
     became, which must stay all-or-nothing (:mod:`.multivalues`)."""
     spec, dialect = plan.spec, conn.dialect
-    if stmt._returning:
+    if stmt._returning and not stmt._return_defaults:  # the ORM's RETURNING is return_defaults(supplemental_cols=)
         stmt, returned = returning.extend(conn, stmt, spec, count > 1)
         return stmt, (_RETURNED, returned, None)
     if count <= 1:

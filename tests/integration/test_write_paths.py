@@ -63,6 +63,13 @@ def orm_bulk_insert(engine: Engine, keys: KeyManager, Item: Any, rows: list[dict
         s.commit()
 
 
+def orm_bulk_insert_returning(engine: Engine, keys: KeyManager, Item: Any, rows: list[dict[str, Any]]) -> None:
+    with Session(engine) as s:
+        got = s.execute(insert(Item).returning(Item.id, Item.row, sort_by_parameter_order=True), rows).all()
+        s.commit()
+    assert [g.row for g in got] == [r["row"] for r in rows]
+
+
 def bulk_insert_mappings(engine: Engine, keys: KeyManager, Item: Any, rows: list[dict[str, Any]]) -> None:
     with Session(engine) as s:
         s.bulk_insert_mappings(Item, rows)
@@ -145,6 +152,7 @@ def test_insert_paths_encrypt(engine: Engine, write: Writer) -> None:
 AUTOINCREMENT_INSERTS = [
     orm_add,
     orm_bulk_insert,
+    orm_bulk_insert_returning,
     bulk_insert_mappings,
     core_insert_one_by_one,
     core_executemany,
