@@ -131,19 +131,21 @@ class _CoreWrites:
         if stmt.is_update:
             keys = _update_keys(conn, plan, need)
             return _rewrite(stmt, plan, plist, keys, multiparams)
-        if sets:  # one SET clause per statement: a parameter per row, one row per statement (.perrow)
+        per_row = False  # run one row per statement (.perrow)
+        if sets:  # one SET clause per statement: a parameter per row
             stmt = with_set(stmt, {k: bindparam(SET + k, type_=spec.table.c[k].type) for k in sets})
-            if len(plist) > 1:
-                if folds_set_parameters(conn.dialect, stmt, sorted(plist[0])):
-                    raise refused(spec, _FOLDED, "run the upserts one row per statement")
-                stmt = one_by_one(stmt)
+            if len(plist) > 1 and folds_set_parameters(conn.dialect, stmt, sorted(plist[0])):
+                raise refused(spec, _FOLDED, "run the upserts one row per statement")
+            per_row = len(plist) > 1
         source: _Source = (_IPK, None, None)
         if any(plan.pks[i] is None for i in need) and not is_upsert(stmt):  # upserts: refused by _insert_keys
             stmt, source = _fetch_pks(conn, stmt, plan, len(plist), from_values)  # refused here, before any key
+            per_row = per_row or source[0] == _LASTROWID
         keys, unbound, digests = _insert_keys(conn, plan, stmt, need)
-        rewritten = _rewrite(stmt, plan, plist, keys, multiparams)
-        self._after_insert(conn, rewritten[0], spec, keys, unbound, digests, source)
-        return rewritten
+        new, *parameters = _rewrite(stmt, plan, plist, keys, multiparams)
+        new = one_by_one(new) if per_row else new  # the statement as executed is the one marked
+        self._after_insert(conn, new, spec, keys, unbound, digests, source)
+        return (new, *parameters)
 
     def _after_insert(
         self,
@@ -276,7 +278,7 @@ def _fetch_pks(conn: Connection, stmt: Any, plan: Plan, count: int, from_values:
         return stmt, (_IPK, None, count)
     if lastrowid is None:
         raise refused(spec, f"an executemany INSERT on {dialect.name} without the primary keys", PASS_PK)
-    return one_by_one(stmt), (_LASTROWID, (plan.raw_pks, lastrowid), None)
+    return stmt, (_LASTROWID, (plan.raw_pks, lastrowid), None)
 
 
 def _lastrowid_at(dialect: Any, plan: Plan) -> int | None:

@@ -203,8 +203,11 @@ def test_multi_values_without_sorted_returning_runs_one_row_per_statement(engine
         result = conn.execute(insert(t).values(NOTES))
         assert result.rowcount == 3
         conn.execute(insert(t), [{"code": "c4", "tbl": "table value 4", "row": {"n": 4}}, {"code": "c5", "tbl": "table value 5", "row": {"n": 5}}])
+        conn.execute(insert(t).values(row={"same": 6}), [{"code": "c6", "tbl": "table value 6"}, {"code": "c7", "tbl": "table value 7"}])
         conn.commit()
-    check_notes(engine, keys, t, [*NOTES, {"code": "c4", "tbl": "table value 4", "row": {"n": 4}}, {"code": "c5", "tbl": "table value 5", "row": {"n": 5}}])
+    more = [{"code": "c4", "tbl": "table value 4", "row": {"n": 4}}, {"code": "c5", "tbl": "table value 5", "row": {"n": 5}}]
+    same = [{"code": f"c{i}", "tbl": f"table value {i}", "row": {"same": 6}} for i in (6, 7)]
+    check_notes(engine, keys, t, [*NOTES, *more, *same])
 
 
 @pytest.mark.parametrize("implicit_returning", [True, False], ids=["returning", "lastrowid"])
