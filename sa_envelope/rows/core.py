@@ -20,11 +20,14 @@ row's primary key digest):
   live keys an earlier row with that primary key left are shredded once the
   INSERT succeeded (``after_execute``; as :func:`.shred.retire` does for the ORM).
 * INSERT whose primary key the database makes (autoincrement): a new key,
-  bound after the INSERT ran (``after_execute``) from
-  ``inserted_primary_key_rows``; an executemany gets ``return_defaults()``
-  for that (RETURNING, on every backend the suite runs). Refused where the
-  primary keys cannot be known: ``returning()`` or multi-row ``values([...])``
-  without them.
+  bound after the INSERT ran (``after_execute``), in the same transaction,
+  to the primary key the database made: from ``inserted_primary_key_rows``
+  (an executemany gets ``return_defaults(..., sort_by_parameter_order=True)``
+  for that), from the statement's own RETURNING (:mod:`.returning`, which
+  adds the primary key and hides it from the caller again), or, where there
+  is no sorted RETURNING (MySQL, ``implicit_returning=False``), from each
+  row's ``lastrowid``, one row per statement (:mod:`.perrow`). A multi-row
+  ``values([...])`` becomes that executemany (:mod:`.multivalues`).
 * UPDATE identified by its primary key (``where(t.c.id == 5)``, or
   ``== bindparam("pid")`` with one parameter set per row): the key bound to
   the row, or a new bound key if it has none. An UPDATE of row-scoped columns
@@ -33,7 +36,10 @@ row's primary key digest):
 * Upserts (``on_conflict_do_update``, ``on_duplicate_key_update``): the key
   bound to the row if there is one, else a new bound key, so the key is right
   whether the row is inserted or updated; the conflict must be on the primary
-  key (:func:`.upserts.check_upsert`).
+  key (:func:`.upserts.check_upsert`). A Python value in the SET becomes a
+  parameter sealed for each row under that key (:func:`.upserts.with_set`).
+* A Python value in ``values()`` of an executemany: a parameter per row too
+  (:func:`.writeplan.replace_values`), each row's ciphertext under its key.
 
 Refusals are :class:`~sa_envelope.UnsupportedQueryError`, raised before any
 key or row is written.
@@ -44,21 +50,28 @@ from __future__ import annotations
 import weakref
 from typing import Any, Mapping, Sequence
 
-from sqlalchemy import Connection, Table
+from sqlalchemy import Connection, Table, bindparam
 
 from ..columns.rowvalue import RowValue
 from ..keys.cache import CachedKey
-from . import binding
+from . import binding, multivalues, returning
 from .keys import RowKeys
 from .orm import keys_for
+from .perrow import LASTROWIDS, folds_set_parameters, install_perrow, one_by_one
 from .shred import retire
 from .specs import TableSpec, core_spec
-from .upserts import check_upsert, is_upsert
-from .writeplan import PASS_PK, Plan, any_bare, as_dict, bare, known, literal, plan_for, python_defaults, refused
+from .upserts import check_upsert, is_upsert, per_row_sets, set_writes, with_set
+from .writeplan import PASS_PK, Plan, any_bare, bare, known, plan_for, python_defaults, refused, replace_values
 
 __all__ = ["install_core_hook"]
 
 _NO_SPEC: Any = object()
+SET = "_sa_env_set_"  # + column key: the per-row parameter standing for an upsert's SET entry
+# where the primary keys the INSERT made come from, for after_execute; and the
+# rowcount to report when the statement's shape was changed (None: SQLAlchemy's)
+_IPK, _RETURNED, _LASTROWID = "inserted_primary_key_rows", "returning", "lastrowid"
+_Source = tuple[str, Any, "int | None"]
+_FOLDED = "an executemany upsert that SQLAlchemy batches (RETURNING, psycopg2) whose SET writes a row-scoped value"
 
 
 def install_core_hook(rows: RowKeys, manager: Any) -> None:
@@ -68,6 +81,7 @@ def install_core_hook(rows: RowKeys, manager: Any) -> None:
     listeners = rows.tracker.listeners
     listeners.listen("before_execute", hook.before, retval=True)
     listeners.listen("after_execute", hook.after)
+    install_perrow(listeners)
 
 
 class _CoreWrites:
@@ -91,31 +105,58 @@ class _CoreWrites:
         spec = self.spec(stmt.table)
         if spec is None:
             return stmt, multiparams, params
+        from_values = stmt.is_insert and bool(stmt._multi_values)
+        if from_values:
+            kept = self._multi_values(conn, spec, stmt, multiparams, params)
+            if kept is not None:
+                return kept
+            stmt, multiparams = multivalues.as_executemany(
+                spec, stmt, multivalues.rows_of(spec, stmt), multiparams, params
+            )
+            params = {}
         plist: list[Mapping[str, Any]] = list(multiparams) if multiparams else [params]
-        if stmt.is_insert and stmt._multi_values:
-            return self._multi_values(conn, spec, stmt, multiparams, params)
+        sets = set_writes(spec, stmt) if stmt.is_insert and is_upsert(stmt) else {}
         if not (
             stmt._values
             or getattr(stmt, "_ordered_values", None)
+            or sets
             or any_bare(spec, plist)
             or python_defaults(spec, stmt.is_update)
         ):
             return stmt, multiparams, params  # the ORM's flush: every value already paired
         plan = plan_for(spec, stmt, plist)
-        if not any(plan.values):
+        plan.sets, plan.set_values = sets, per_row_sets(sets, plist)
+        if not any(plan.values) and not any(bare(v) for row in plan.set_values for v in row.values()):
             return stmt, multiparams, params
+        need = _rows_needing_keys(plan)  # rows the ORM paired have their keys: their defaults still get them
         if stmt.is_update:
-            keys = _update_keys(conn, plan)
+            keys = _update_keys(conn, plan, need)
             return _rewrite(stmt, plan, plist, keys, multiparams)
-        if any(plan.pks[i] is None for i in _rows_needing_keys(plan)):
-            stmt = _fetch_pks(conn, stmt, plan, len(plist))  # refused here, before any key is made
-        keys, unbound, digests = _insert_keys(conn, plan, stmt)
-        rewritten = _rewrite(stmt, plan, plist, keys, multiparams)
-        self._after_insert(conn, rewritten[0], spec, keys, unbound, digests)
-        return rewritten
+        per_row = False  # run one row per statement (.perrow)
+        if sets:  # one SET clause per statement: a parameter per row
+            stmt = with_set(stmt, {k: bindparam(SET + k, type_=spec.table.c[k].type) for k in sets})
+            if len(plist) > 1 and folds_set_parameters(conn.dialect, stmt, sorted(plist[0])):
+                raise refused(spec, _FOLDED, "run the upserts one row per statement")
+            per_row = len(plist) > 1
+        source: _Source = (_IPK, None, None)
+        if any(plan.pks[i] is None for i in need) and not is_upsert(stmt):  # upserts: refused by _insert_keys
+            stmt, source = _fetch_pks(conn, stmt, plan, len(plist), from_values)  # refused here, before any key
+            per_row = per_row or source[0] == _LASTROWID
+        keys, unbound, digests = _insert_keys(conn, plan, stmt, need)
+        new, *parameters = _rewrite(stmt, plan, plist, keys, multiparams)
+        new = one_by_one(new) if per_row else new  # the statement as executed is the one marked
+        self._after_insert(conn, new, spec, keys, unbound, digests, source)
+        return (new, *parameters)
 
     def _after_insert(
-        self, conn: Connection, stmt: Any, spec: TableSpec, keys: list[Any], unbound: list[int], digests: list[bytes]
+        self,
+        conn: Connection,
+        stmt: Any,
+        spec: TableSpec,
+        keys: list[Any],
+        unbound: list[int],
+        digests: list[bytes],
+        source: _Source,
     ) -> None:
         """What :meth:`after` does once the INSERT succeeded: bind the keys of
         rows whose primary key it made, and shred the live keys an earlier row
@@ -124,28 +165,27 @@ class _CoreWrites:
         existing row's keys)."""
         if unbound or digests:
             made = {k.key_id for k in keys if k is not None}
-            conn.info[self.pending_key] = (stmt, spec, [(i, keys[i]) for i in unbound], digests, made)
+            conn.info[self.pending_key] = (stmt, spec, [(i, keys[i]) for i in unbound], digests, made, source)
 
     def _multi_values(self, conn: Connection, spec: TableSpec, stmt: Any, multiparams: Any, params: Any) -> Any:
-        """``insert().values([{...}, {...}])``: one key per row of the VALUES list."""
-        rows = [as_dict(spec.table, row) for row in stmt._multi_values[0]]
-        plan = Plan(
-            spec,
-            [{k: literal(r.get(k)) for k in spec.attrs if bare(literal(r.get(k)))} for r in rows],
-            [known([literal(r.get(c.key)) for c in spec.pk_cols]) for r in rows],
-        )
-        if not any(plan.values):
+        """``insert().values([{...}, {...}])``: one key per row of the VALUES
+        list, or ``None`` when the statement must become an executemany
+        (:mod:`.multivalues`)."""
+        rows = multivalues.rows_of(spec, stmt)
+        plan = multivalues.plan_of(spec, rows)
+        need = _rows_needing_keys(plan)
+        if not need:
             return stmt, multiparams, params
-        if any(plan.pks[i] is None for i in _rows_needing_keys(plan)):
-            raise refused(spec, "a multi-row INSERT ... VALUES whose primary keys the database makes", PASS_PK)
-        keys, _, digests = _insert_keys(conn, plan, stmt)
+        if any(plan.pks[i] is None for i in need) or (is_upsert(stmt) and set_writes(spec, stmt)):
+            return None
+        keys, _, digests = _insert_keys(conn, plan, stmt, need)
         new_rows = []
         for row, values, key in zip(rows, plan.values, keys):
             wrapped = {k: RowValue(v, key) for k, v in values.items()} if key is not None else {}
             new_rows.append({**row, **wrapped})
         new = stmt._generate()
         new._multi_values = (tuple(new_rows),)
-        self._after_insert(conn, new, spec, keys, [], digests)
+        self._after_insert(conn, new, spec, keys, [], digests, (_IPK, None, None))
         return new, multiparams, params
 
     def after(self, conn: Connection, stmt: Any, multiparams: Any, params: Any, options: Any, result: Any) -> None:
@@ -153,10 +193,12 @@ class _CoreWrites:
         if pending is None or pending[0] is not stmt:
             return
         del conn.info[self.pending_key]
-        _, spec, items, digests, made = pending
+        _, spec, items, digests, made, source = pending
         _retire_others(conn, spec, digests, made)
+        if source[2] is not None:
+            result.context._rowcount = source[2]  # what CursorResult.rowcount reports
         if items:
-            pk_rows = result.inserted_primary_key_rows
+            pk_rows = _made_pks(conn, result, source)
             pairs = [(key, tuple(pk_rows[i])) for i, key in items if i < len(pk_rows) and known(pk_rows[i])]
             _bind_after(conn, spec, pairs)
 
@@ -169,12 +211,16 @@ def _existing(plan: Plan, i: int) -> CachedKey | None:
 
 
 def _rows_needing_keys(plan: Plan) -> list[int]:
-    """Rows with bare values and no key yet (a row the ORM paired has one)."""
-    return [i for i, values in enumerate(plan.values) if values and _existing(plan, i) is None]
+    """Rows with bare values (or an upsert SET value) and no key yet (a row the ORM paired has one)."""
+    sets = plan.set_values or [{}] * len(plan.values)
+    return [
+        i
+        for i, (values, set_values) in enumerate(zip(plan.values, sets))
+        if (values or any(bare(v) for v in set_values.values())) and _existing(plan, i) is None
+    ]
 
 
-def _update_keys(conn: Connection, plan: Plan) -> list[CachedKey | None]:
-    need = _rows_needing_keys(plan)
+def _update_keys(conn: Connection, plan: Plan, need: list[int]) -> list[CachedKey | None]:
     if any(plan.pks[i] is None for i in need):
         raise refused(
             plan.spec,
@@ -185,17 +231,20 @@ def _update_keys(conn: Connection, plan: Plan) -> list[CachedKey | None]:
     return _spread(plan, need, keys_for(conn, plan.spec, [plan.pks[i] for i in need], True)[0])
 
 
-def _insert_keys(conn: Connection, plan: Plan, stmt: Any) -> tuple[list[CachedKey | None], list[int], list[bytes]]:
+def _insert_keys(
+    conn: Connection, plan: Plan, stmt: Any, need: list[int]
+) -> tuple[list[CachedKey | None], list[int], list[bytes]]:
     """One key per row with row-scoped values; the rows whose keys are bound
     only after the INSERT (primary key made by the database); the digests of
     the rows whose earlier keys go once the INSERT succeeded."""
-    need = _rows_needing_keys(plan)
     pks = [plan.pks[i] for i in need]
-    if is_upsert(stmt):  # the row may exist: its bound key, never a shred
+    if is_upsert(stmt):  # the row may exist: its bound key, never a shred; one key per primary key
         check_upsert(plan.spec, stmt)
         if any(pk is None for pk in pks):
             raise refused(plan.spec, "an upsert without the primary key of every row", PASS_PK)
-        return _spread(plan, need, keys_for(conn, plan.spec, pks, True)[0]), [], []
+        unique = list(dict.fromkeys(pks))
+        found = dict(zip(unique, keys_for(conn, plan.spec, unique, True)[0]))
+        return _spread(plan, need, [found[pk] for pk in pks]), [], []
     rows, owner = plan.spec.manager.rows_for(conn), plan.spec.owner
     dkey = binding.digest_key(rows, conn, owner, create=True) if any(pk is not None for pk in pks) else None
     digests = [binding.row_digest(dkey, pk) if pk is not None else None for pk in pks]
@@ -211,15 +260,49 @@ def _spread(plan: Plan, need: list[int], keys: Sequence[CachedKey]) -> list[Cach
     return out
 
 
-def _fetch_pks(conn: Connection, stmt: Any, plan: Plan, count: int) -> Any:
-    """The statement that tells the rows' new primary keys after it ran."""
-    if stmt._returning and not is_upsert(stmt):
-        raise refused(plan.spec, "an INSERT ... RETURNING whose primary keys the database makes", PASS_PK)
-    if count <= 1 or stmt._return_defaults or is_upsert(stmt):  # upserts: refused by _insert_keys
-        return stmt
-    if not conn.dialect.insert_executemany_returning_sort_by_parameter_order:
-        raise refused(plan.spec, f"an executemany INSERT on {conn.dialect.name} without the primary keys", PASS_PK)
-    return stmt.return_defaults(*plan.spec.pk_cols, sort_by_parameter_order=True)
+def _fetch_pks(conn: Connection, stmt: Any, plan: Plan, count: int, from_values: bool) -> tuple[Any, _Source]:
+    """The statement that tells the rows' new primary keys after it ran, and
+    where they will be. ``from_values``: the executemany a multi-row VALUES
+    became, which must stay all-or-nothing (:mod:`.multivalues`)."""
+    spec, dialect = plan.spec, conn.dialect
+    if stmt._returning and not stmt._return_defaults:  # the ORM's RETURNING is return_defaults(supplemental_cols=)
+        stmt, returned = returning.extend(conn, stmt, spec, count > 1)
+        return stmt, (_RETURNED, returned, None)
+    if count <= 1:
+        return stmt, (_IPK, None, None)
+    lastrowid = _lastrowid_at(dialect, plan)
+    sorted_returning = dialect.insert_executemany_returning_sort_by_parameter_order and spec.table.implicit_returning
+    # a multi-row VALUES was one statement: where a failed statement leaves the transaction
+    # open (MySQL, SQLite: there is a lastrowid), it stays all-or-nothing one row at a time
+    if sorted_returning and not (from_values and lastrowid is not None):
+        stmt = stmt.return_defaults(*spec.pk_cols, sort_by_parameter_order=True)
+        return stmt, (_IPK, None, count)
+    if lastrowid is None:
+        raise refused(spec, f"an executemany INSERT on {dialect.name} without the primary keys", PASS_PK)
+    return stmt, (_LASTROWID, (plan.raw_pks, lastrowid), None)
+
+
+def _lastrowid_at(dialect: Any, plan: Plan) -> int | None:
+    """Where in the primary key ``cursor.lastrowid`` goes, if it tells the
+    one primary-key column the database makes (MySQL, SQLite)."""
+    made = {j for pk in plan.raw_pks for j, v in enumerate(pk) if v is None}
+    auto = plan.spec.table.autoincrement_column
+    if not getattr(dialect, "postfetch_lastrowid", False) or auto is None:
+        return None
+    at = plan.spec.pk_cols.index(auto) if auto in plan.spec.pk_cols else None
+    return at if made == {at} else None
+
+
+def _made_pks(conn: Connection, result: Any, source: _Source) -> list[Any]:
+    """Each parameter set's primary key, once the INSERT ran."""
+    kind, detail, _ = source
+    if kind == _RETURNED:
+        return returning.take_pks(result, detail)
+    if kind == _LASTROWID:
+        raw_pks, at = detail
+        ids = conn.info.pop(LASTROWIDS, None) or []
+        return [(*pk[:at], made, *pk[at + 1 :]) for pk, made in zip(raw_pks, ids)]
+    return list(result.inserted_primary_key_rows)
 
 
 def _retire_others(conn: Connection, spec: TableSpec, digests: list[bytes], keep: set[int]) -> None:
@@ -248,17 +331,19 @@ def _bind_after(conn: Connection, spec: TableSpec, pairs: list[tuple[CachedKey, 
 def _rewrite(
     stmt: Any, plan: Plan, plist: list[Mapping[str, Any]], keys: list[CachedKey | None], multiparams: Any
 ) -> Any:
+    """The statement and parameters with each row's row-scoped values paired
+    with its key; ``values()`` entries become per-row parameters, as the SET's did (:meth:`_CoreWrites.before`)."""
     keys = [key or _existing(plan, i) for i, key in enumerate(keys)]
-    fixed_key = next((k for k in keys if k is not None), None)
-    if plan.fixed and fixed_key is not None:
-        stmt = stmt.values({k: RowValue(v, fixed_key) for k, v in plan.fixed.items()})
+    types = {c.key: c.type for c in plan.spec.columns}
+    if plan.fixed:
+        stmt = replace_values(stmt, {k: bindparam(plan.names[k], type_=types[k]) for k in plan.fixed})
     out: list[dict[str, Any]] = []
-    for params, values, key in zip(plist, plan.values, keys):
-        new = dict(params)
-        if key is not None:
-            for k, v in values.items():
-                if k not in plan.fixed:
-                    new[plan.names.get(k, k)] = RowValue(v, key)
+    for i, params in enumerate(plist):
+        new, key = dict(params), keys[i]
+        for k, v in plan.values[i].items():
+            new[plan.names.get(k, k)] = RowValue(v, key) if key is not None else v
+        for k, v in plan.set_values[i].items() if plan.sets else ():
+            new[SET + k] = RowValue(v, key) if key is not None and bare(v) else v
         out.append(new)
     if multiparams:
         return stmt, out, {}

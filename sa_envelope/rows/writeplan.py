@@ -7,6 +7,11 @@ the parameters), from a multi-row ``values([...])``, or from a column's
 Python-side default; the primary key from the same places (INSERT) or from
 the WHERE clause's ``pk == value`` terms (UPDATE). SQL expressions are not
 read: :mod:`sa_envelope.columns.writeguard` refused them already.
+
+A Python value given in ``values()`` is one value for every parameter set,
+but each row needs its own ciphertext, under its own key: the plan names a
+parameter for it (:data:`FIXED`, filled per row by :mod:`.core`), and
+:func:`replace_values` puts that parameter in the statement in its place.
 """
 
 from __future__ import annotations
@@ -17,14 +22,15 @@ from typing import Any, Mapping, Sequence
 from sqlalchemy import Table
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList, ColumnElement
+from sqlalchemy.util import immutabledict
 
 from ..columns.rowvalue import RowValue
 from ..errors import UnsupportedQueryError
 from .specs import TableSpec
 
 __all__ = [
+    "FIXED",
     "PASS_PK",
-    "PER_ROW",
     "Plan",
     "any_bare",
     "as_dict",
@@ -34,7 +40,10 @@ __all__ = [
     "plan_for",
     "python_defaults",
     "refused",
+    "replace_values",
 ]
+
+FIXED = "_sa_env_value_"  # + column key: the per-row parameter standing for a values() entry
 
 
 @dataclass
@@ -47,6 +56,9 @@ class Plan:
     fixed: dict[str, Any] = field(default_factory=dict)  # values() entries: column key -> BindParameter
     names: dict[str, str] = field(default_factory=dict)  # column key -> the parameter holding its value
     existing: list[Any] = field(default_factory=list)  # per row: the key a paired value already has (ORM)
+    raw_pks: list[tuple[Any, ...]] = field(default_factory=list)  # INSERT: per row, None where the database makes it
+    sets: dict[str, tuple[str, Any]] = field(default_factory=dict)  # upsert SET entries (:func:`.upserts.set_writes`)
+    set_values: list[dict[str, Any]] = field(default_factory=list)  # per row: column key -> the value the SET writes
 
 
 # -- reading a statement's row-scoped values -----------------------------------------------
@@ -130,9 +142,8 @@ def plan_for(spec: TableSpec, stmt: Any, plist: list[Mapping[str, Any]]) -> Plan
         if isinstance(entry, BindParameter) and entry.value is None and not entry.callable:
             plan.names[key] = entry.key
         elif entry is not None and bare(literal(entry)):
-            if len(plist) > 1:
-                raise refused(spec, "an executemany whose values() sets a row-scoped column", PER_ROW)
             plan.fixed[key] = literal(entry)
+            plan.names[key] = FIXED + key
     where = _where_pk(spec, stmt) if stmt.is_update else None
     defaults = python_defaults(spec, stmt.is_update)
     for params in plist:
@@ -146,8 +157,22 @@ def plan_for(spec: TableSpec, stmt: Any, plist: list[Mapping[str, Any]]) -> Plan
         if stmt.is_update:
             plan.pks.append(None if where is None else known([_pk_value(w, params) for w in where]))
         else:
-            plan.pks.append(known([_insert_pk(c, clause, params) for c in spec.pk_cols]))
+            plan.raw_pks.append(tuple(_insert_pk(c, clause, params) for c in spec.pk_cols))
+            plan.pks.append(known(plan.raw_pks[-1]))
     return plan
+
+
+def replace_values(stmt: Any, replacements: Mapping[str, Any]) -> Any:
+    """``stmt`` with these ``values()`` entries (by column key) replaced, each
+    under the key the caller gave it (a column or its name)."""
+    new = stmt._generate()
+    table = stmt.table
+    if new._values:
+        new._values = immutabledict({k: replacements.get(_key_of(table, k) or "", v) for k, v in new._values.items()})
+    ordered = getattr(new, "_ordered_values", None)  # SQLAlchemy 2.0's ordered_values()
+    if ordered:
+        new._ordered_values = [(k, replacements.get(_key_of(table, k) or "", v)) for k, v in ordered]
+    return new
 
 
 def _insert_pk(column: Any, clause: dict[str, Any], params: Mapping[str, Any]) -> Any:
@@ -188,7 +213,6 @@ def _pk_value(bind: BindParameter[Any], params: Mapping[str, Any]) -> Any:
 
 
 PASS_PK = "pass the primary key values in the statement's parameters, or insert through the ORM"
-PER_ROW = "put the value in each parameter dict instead"
 
 
 def refused(spec: TableSpec, what: str, instead: str) -> UnsupportedQueryError:

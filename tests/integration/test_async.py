@@ -164,3 +164,77 @@ def test_warm_async_preloads_keys_from_kms(aengine: AsyncEngine, kms_client: Any
         await aengine.dispose()
 
     asyncio.run(main())
+
+
+def make_notes(keys: KeyManager) -> type:
+    """Autoincrement primary key, a table-scoped and a row-scoped column."""
+    from sqlalchemy import JSON
+
+    class Note(new_base()):
+        __tablename__ = "items"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        tbl: Mapped[str | None] = mapped_column(EncryptedType(String(100), keys))
+        row: Mapped[dict[str, Any] | None] = mapped_column(EncryptedType(JSON, keys, scope="row"))
+
+    return Note
+
+
+@pytest.mark.parametrize("path", ["orm", "executemany", "return_defaults", "return_defaults_many", "multi_values", "returning"])
+def test_async_autoincrement_writes_bind_row_keys(aengine: AsyncEngine, engine: Engine, path: str) -> None:
+    """The database makes the primary key, through asyncpg and aiosqlite: table-scoped
+    values under the table key, each row-scoped value under a key bound to its row."""
+    from sqlalchemy import insert
+
+    from sqlalchemy import LargeBinary, column, table
+
+    from support.paths import assert_bound
+
+    rows = [{"tbl": f"table value {i}", "row": {"i": i, "text": "ünï ✓"}} for i in range(1, 4)]
+
+    async def main() -> Any:
+        keys = KeyManager(aengine, LocalKeyProvider(os.urandom(32)))
+        Note = make_notes(keys)
+        await keys.create_table_async()
+        async with aengine.begin() as conn:
+            await conn.run_sync(Note.metadata.create_all)
+        t = Note.__table__
+        if path == "orm":
+            async with AsyncSession(aengine) as session:
+                session.add_all(Note(**r) for r in rows)
+                await session.commit()
+        else:
+            async with aengine.begin() as conn:
+                if path == "executemany":
+                    await conn.execute(insert(t), rows)
+                elif path == "return_defaults":
+                    for r in rows:
+                        result = await conn.execute(insert(t).return_defaults(), r)
+                        assert result.inserted_primary_key[0] is not None
+                elif path == "return_defaults_many":
+                    result = await conn.execute(insert(t).return_defaults(t.c.id), rows)
+                    assert [tuple(pk) for pk in result.inserted_primary_key_rows] == [(1,), (2,), (3,)]
+                elif path == "multi_values":
+                    result = await conn.execute(insert(t).values(rows))
+                    assert result.rowcount == 3
+                else:
+                    result = await conn.execute(insert(t).returning(t.c.row, t.c.tbl), rows)
+                    assert [tuple(r) for r in result] == [(r["row"], r["tbl"]) for r in rows]
+        async with AsyncSession(aengine) as session:
+            got = [(n.id, n.tbl, n.row) for n in (await session.scalars(select(Note).order_by(Note.id))).all()]
+        await aengine.dispose()
+        return keys, got
+
+    keys, got = asyncio.run(main())
+    assert got == [(i, r["tbl"], r["row"]) for i, r in enumerate(rows, 1)]
+    from sa_envelope.envelope import format as fmt
+
+    raw = table("items", column("tbl", LargeBinary), column("row", LargeBinary))
+    with engine.connect() as conn:
+        stored = [(bytes(tbl), bytes(row)) for tbl, row in conn.execute(select(raw))]
+        scopes = dict(conn.execute(select(keys.table.c.id, keys.table.c.scope)).all())
+    assert len(stored) == 3
+    for tbl, row in stored:
+        assert scopes[fmt.read_header(tbl)[1]] == "table" and b"table value" not in tbl
+        assert scopes[fmt.read_header(row)[1]] == "row"
+    keys.bind(engine)
+    assert sorted(assert_bound(engine, keys)) == [1, 2, 3]

@@ -18,10 +18,11 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from sa_envelope import EncryptedType, KeyManager, LocalKeyProvider
 from sa_envelope.envelope import format as fmt
+from sa_envelope.rows import binding
 
 from .models import new_base
 
-__all__ = ["ROWS", "assert_stored", "make_item", "raw_rows", "read_back", "rows_as_dicts", "setup"]
+__all__ = ["ROWS", "assert_bound", "assert_stored", "make_item", "raw_rows", "read_back", "rows_as_dicts", "row_keys_of", "setup"]
 
 ROWS = [
     (1, "Ada Lovelace", "123-45-6789", {"notes": "first", "n": 1}),
@@ -105,3 +106,29 @@ def read_back(engine: Engine, Item: Any) -> list[tuple[Any, ...]]:
         core = [tuple(r) for r in conn.execute(select(t.c.id, t.c.tbl, t.c.det, t.c.row).order_by(t.c.id))]
     assert orm == core
     return orm
+
+
+def row_keys_of(conn: Connection, name: str = "items", name_of: str = "row") -> dict[Any, int]:
+    """primary key ``id`` -> the key id the stored row-scoped value names (rows with a value)."""
+    raw = table(name, column("id"), column(name_of, LargeBinary))
+    return {r[0]: fmt.read_header(bytes(r[1]))[1] for r in conn.execute(select(raw)) if r[1] is not None}
+
+
+def assert_bound(engine: Engine, keys: KeyManager, name: str = "items", name_of: str = "row") -> dict[Any, int]:
+    """Every stored row-scoped value is under a live row key stored in the key
+    table and bound to that very row (its digest of the row's primary key),
+    one key per row; returns primary key -> key id."""
+    kt = keys.table
+    with engine.connect() as conn:
+        named = row_keys_of(conn, name, name_of)
+        stored = {r.id: r for r in conn.execute(select(kt.c.id, kt.c.scope, kt.c.status, kt.c.row_digest))}
+        rows = keys.rows_for(conn)
+        dkey = binding.digest_key(rows, conn, name, create=False)
+    assert len(set(named.values())) == len(named)
+    for pk, key_id in named.items():
+        record = stored.get(key_id)
+        assert record is not None, f"row {pk}: its key is not in the key table"
+        assert (record.scope, record.status) == ("row", "active")
+        digest = None if record.row_digest is None else bytes(record.row_digest)
+        assert dkey is not None and digest == binding.row_digest(dkey, (pk,)), f"row {pk}: its key is not bound to it"
+    return named
