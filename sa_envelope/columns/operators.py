@@ -150,6 +150,14 @@ def _operand_ok(expr_type: Any, value: Any) -> bool:
     return _same_column(expr_type, value)
 
 
+def _column_pair(expr: Any, op: Any, other: tuple[Any, ...]) -> bool:
+    """``==`` / ``!=`` between this column and another table column (not this one)."""
+    if op not in (ops.eq, ops.ne) or len(other) != 1 or not isinstance(expr, ColumnClause):
+        return False
+    value = other[0]
+    return isinstance(value, ColumnClause) and not _is_itself(expr, value) and value.table is not None
+
+
 def check_comparison(expr: Any, op: Any, other: tuple[Any, ...]) -> None:
     """Raise unless ``expr`` (an expression of an encrypted type) may be
     compared by ``op`` with ``other``: the one rule, for expressions built
@@ -188,6 +196,11 @@ class EncryptedComparator(TypeDecorator.Comparator[Any]):
     __slots__ = ()
 
     def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
+        if _column_pair(self.expr, op, other):
+            # column == column: SQLAlchemy's own ``column in [columns]`` tests build
+            # these and take their truth; the rule is applied at execution
+            # (comparisons.check_compiled), never silently skipped
+            return super().operate(op, *other, **kwargs)
         check_comparison(self.expr, op, other)
         if len(other) == 1 and (_is_itself(self.expr, other[0]) or is_expanded(other[0])):
             return super().operate(op, *other, **kwargs)  # itself, or a list expand() made: as it is

@@ -39,7 +39,7 @@ def extend(conn: Connection, stmt: Any, spec: TableSpec, executemany: bool) -> t
         raise refused(
             spec, f"an executemany INSERT ... RETURNING on {conn.dialect.name} without the primary keys", PASS_PK
         )
-    asked = list(stmt._returning)
+    asked = list(stmt._all_selected_columns)  # returning(t) / returning(Model): each of their columns
     positions: list[int] = []
     extra: list[Any] = []
     for column in spec.pk_cols:

@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import JSON, Column, Integer, LargeBinary, MetaData, String, Table, bindparam, event, func, insert, select, type_coerce, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Session
 
 from sa_envelope import EncryptedType, KeyManager, LocalKeyProvider, UnsupportedQueryError, faults
 from sa_envelope.envelope import format as fmt
@@ -272,6 +273,36 @@ def test_insert_returning_whose_primary_keys_the_database_makes(engine: Engine, 
         assert mapped == [{"code": "m"}]
     expected = [*rows, *({**r, "code": f"x{i}"} for i, r in enumerate(rows)), {"code": "m", "tbl": "table value m", "row": {"m": 1}}]
     check_notes(engine, keys, t, expected)
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["single", "executemany"])
+def test_insert_returning_the_whole_table_or_the_mapped_class(engine: Engine, many: bool) -> None:
+    """``returning(t)`` and the ORM's ``insert(Model).returning(Model)``: the
+    table expands to its columns, the primary key among them is the one the
+    keys are bound to (not a column at the same position of the clause list),
+    and SQLAlchemy's own ``column in [columns]`` tests on the encrypted columns work."""
+    keys, t = notes(engine)
+    rows = NOTES if many else NOTES[:1]
+    with engine.begin() as conn:
+        got = conn.execute(insert(t).returning(t), rows if many else rows[0]).mappings().all()
+    assert [{k: r[k] for k in ("code", "tbl", "row")} for r in got] == rows
+    assert [r["id"] for r in got] == list(range(1, len(rows) + 1))
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Note(Base):
+        __table__ = t
+
+    more = [{**r, "code": f"o{i}"} for i, r in enumerate(rows)]
+    with Session(engine) as session:
+        stmt = insert(Note).returning(Note)
+        objs = session.scalars(stmt, more).all() if many else session.scalars(stmt.values(**more[0])).all()
+        assert [(o.id, o.code, o.tbl, o.row) for o in objs] == [
+            (len(rows) + i + 1, r["code"], r["tbl"], r["row"]) for i, r in enumerate(more)
+        ]
+        session.commit()
+    check_notes(engine, keys, t, [*rows, *more])
 
 
 # -- one Python value in values(), many rows ------------------------------------------------
