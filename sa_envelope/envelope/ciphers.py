@@ -107,10 +107,17 @@ def wrap_row_key(
 
 
 def wrap_row_keys(
-    parent: AESGCM, parent_id: int, owner: str, key_ids: list[int], digests: list[bytes | None] | None = None
-) -> list[tuple[bytes, AESGCM]]:
-    """Fresh row keys for ``key_ids``: ``(wrapped bytes, cipher)`` for each;
-    bound (version 2) where ``digests`` gives the row's digest.
+    parent: AESGCM,
+    parent_id: int,
+    owner: str,
+    key_ids: list[int],
+    digests: list[bytes | None] | None = None,
+    wrap: list[bool] | None = None,
+) -> list[tuple[bytes | None, AESGCM, bytes]]:
+    """Fresh row keys for ``key_ids``: ``(wrapped bytes, cipher, material)``
+    for each; bound (version 2) where ``digests`` gives the row's digest; not
+    wrapped yet (``None``) where ``wrap`` says so (the caller wraps it once the
+    row is known: ``RowKeys.bind``).
 
     Runs once per new row (20,000 times for 20,000 rows): one ``os.urandom``
     call for all the material and all the nonces, the associated data's tail
@@ -121,16 +128,19 @@ def wrap_row_keys(
     nonces = os.urandom(fmt.NONCE_LEN * count)
     tail = fmt.key_id_bytes(parent_id) + owner.encode("utf-8")
     seal = parent.encrypt
-    out = []
+    out: list[tuple[bytes | None, AESGCM, bytes]] = []
     for i, key_id in enumerate(key_ids):
         plain = material[i * ROW_KEY_BYTES : (i + 1) * ROW_KEY_BYTES]
-        nonce = nonces[i * fmt.NONCE_LEN : (i + 1) * fmt.NONCE_LEN]
         digest = digests[i] if digests is not None else None
-        if digest is None:
+        wrapped: bytes | None = None
+        if wrap is not None and not wrap[i]:
+            pass
+        elif digest is None:
+            nonce = nonces[i * fmt.NONCE_LEN : (i + 1) * fmt.NONCE_LEN]
             wrapped = _WRAP_BYTE + nonce + seal(nonce, plain, _AD_LABEL + fmt.key_id_bytes(key_id) + tail)
         else:
             wrapped = wrap_row_key(parent, parent_id, owner, key_id, plain, digest)
-        out.append((wrapped, AESGCM(plain)))
+        out.append((wrapped, AESGCM(plain), plain))
     return out
 
 

@@ -51,7 +51,7 @@ from ..faults import fault_point
 from ..keys import table as kt
 from ..keys.cache import CacheLimits, CachedKey, KeyCache
 from ..keys.store import KeyStore
-from . import binding
+from . import binding, keyrows
 
 __all__ = ["ROW_CACHE_SIZE", "RowKeys"]
 
@@ -59,7 +59,6 @@ T = TypeVar("T")
 ROW_CACHE_SIZE = 65_536
 IN_CHUNK = 1_000  # ids per IN (...) query
 PG_CHUNK = 10_000  # ids per = ANY(:array) query on PostgreSQL
-COPY_MIN_ROWS = 100  # below this, a plain executemany is as fast as COPY
 
 
 class RowKeys:
@@ -83,129 +82,120 @@ class RowKeys:
     # -- creation -----------------------------------------------------------------
 
     def create(
-        self, conn: Connection, owner: str, count: int, digests: Sequence[bytes | None] | None = None
+        self,
+        conn: Connection,
+        owner: str,
+        count: int,
+        digests: Sequence[bytes | None] | None = None,
+        *,
+        defer: bool = False,
     ) -> list[CachedKey]:
         """Make ``count`` row keys for ``owner`` and insert them on ``conn``
         in one executemany, in the caller's transaction. ``digests`` binds
         each key to its row where the row is known (:mod:`.binding`); a key
-        made without one is bound later with :meth:`bind`."""
+        made without one is bound later with :meth:`bind`.
+
+        ``defer``: the caller will call :meth:`bind` for every key made without
+        a digest once its row's primary key is known (after the INSERT the key
+        protects, in the same transaction): those keys are then wrapped once,
+        bound, and inserted by :meth:`bind`, instead of being inserted unbound
+        here and re-wrapped and UPDATEd there. Only inside a transaction (not
+        with AUTOCOMMIT, where the row would commit before its key)."""
         if count <= 0:
             return []
+        defer = defer and not conn._is_autocommit_isolation()
         now = kt.utcnow()
         ids = fmt.new_key_ids(count)
         bound: list[bytes | None] = list(digests) if digests is not None else [None] * count
         rows: list[dict[str, Any]] = []
         opened: list[tuple[int, Any, bytes]] = []
-        parents: list[CachedKey] = []  # the table key each row key is wrapped under
+        pending: list[tuple[int, Any]] = []  # (position, what bind() needs)
         # each wrap is an AES-GCM encryption under the table key, and a key bound
-        # later (bind(): autoincrement rows) is wrapped once more: both are counted
+        # later without defer (bind(): autoincrement rows) is wrapped once more
         step = max(1, self.store.budget.batch(2 * count) // 2)
         for start in range(0, count, step):
             chunk, chunk_bound = ids[start : start + step], bound[start : start + step]
-            uses = len(chunk) + chunk_bound.count(None)
+            uses = sum(1 for d in chunk_bound if d is not None or not defer) + (0 if defer else chunk_bound.count(None))
             with self.tracker.use_connection(conn):  # at most one provider call per table key
-                parent = self.store.encryption_key(owner, kt.SCOPE_TABLE, uses=uses)
-            wrapped_keys = ciphers.wrap_row_keys(parent.cipher, parent.key_id, owner, chunk, chunk_bound)
-            for key_id, digest, (wrapped, cipher) in zip(chunk, chunk_bound, wrapped_keys):
-                rows.append(
-                    {
-                        "id": key_id,
-                        "scope": kt.SCOPE_ROW,
-                        "owner_table": owner,
-                        "parent_id": parent.key_id,
-                        "wrapping_key_id": kt.PARENT,
-                        "wrapped_key": wrapped,
-                        "algorithm": ciphers.ROW_KEY_ALGORITHM,
-                        "status": kt.ACTIVE,
-                        "created_at": now,
-                        "updated_at": now,
-                        "row_digest": digest,
-                    }
-                )
+                parent = self.store.encryption_key(owner, kt.SCOPE_TABLE, uses=max(uses, 1))
+            wrap = [d is not None or not defer for d in chunk_bound]
+            made = ciphers.wrap_row_keys(parent.cipher, parent.key_id, owner, chunk, chunk_bound, wrap)
+            for offset, (key_id, digest, (wrapped, cipher, plain)) in enumerate(zip(chunk, chunk_bound, made)):
+                if wrapped is not None:
+                    rows.append(self._key_row(key_id, parent.key_id, owner, wrapped, digest, now))
+                if digest is None:
+                    pending.append((start + offset, (parent, wrapped, plain)))
                 opened.append((key_id, cipher, fmt.header(fmt.VERSION_GCM, key_id)))
-                parents.append(parent)
         self.tracker.state(conn).rows.update(ids)
-        fault_point("rowkey.create.before_insert")
-        self.query(lambda: self._insert_rows(conn, rows), owner)
-        fault_point("rowkey.create.after_insert")
+        if rows:
+            self.query(lambda: keyrows.insert_key_rows(conn, self.table, rows), owner)
         self.keys_created += count
         entries = self.cache.put_many(opened)
-        for entry, row, parent in zip(entries, rows, parents):
-            entry.bound = row["row_digest"]
-            entry.wrapped = (parent, row["wrapped_key"]) if row["row_digest"] is None else None  # see bind()
+        for entry, digest in zip(entries, bound):
+            entry.bound = digest
+        for i, wrapped in pending:
+            entries[i].wrapped = wrapped  # see bind()
         return entries
 
-    def bind(self, conn: Connection, owner: str, pairs: Sequence[tuple[CachedKey, bytes]]) -> None:
+    @staticmethod
+    def _key_row(
+        key_id: int, parent_id: int, owner: str, wrapped: bytes, digest: bytes | None, now: Any
+    ) -> dict[str, Any]:
+        """A row key's key row (the same key order for every row: COPY relies on it)."""
+        return {
+            "id": key_id,
+            "scope": kt.SCOPE_ROW,
+            "owner_table": owner,
+            "parent_id": parent_id,
+            "wrapping_key_id": kt.PARENT,
+            "wrapped_key": wrapped,
+            "algorithm": ciphers.ROW_KEY_ALGORITHM,
+            "status": kt.ACTIVE,
+            "created_at": now,
+            "updated_at": now,
+            "row_digest": digest,
+        }
+
+    def bind(
+        self, conn: Connection, owner: str, pairs: Sequence[tuple[CachedKey, bytes]], unknown: Sequence[CachedKey] = ()
+    ) -> None:
         """Bind keys made by :meth:`create` without a digest to their rows,
         once the rows' primary keys are known (after the INSERT: autoincrement),
-        on ``conn``, in the same transaction: re-wrap as version 2, record the digest."""
-        params = []
-        for entry, digest in pairs:
-            parent, wrapped = entry.wrapped
-            plain = ciphers.open_row_key(parent.cipher, parent.head[0], entry.key_id, parent.key_id, owner, wrapped)
-            params.append(
-                {
-                    "_id": entry.key_id,
-                    "row_digest": digest,
-                    "updated_at": kt.utcnow(),
-                    "wrapped_key": ciphers.wrap_row_key(
-                        parent.cipher, parent.key_id, owner, entry.key_id, plain, digest
-                    ),
-                }
+        on ``conn``, in the same transaction. A key whose insert was deferred is
+        wrapped once, bound (version 2), and inserted now; one inserted unbound
+        (AUTOCOMMIT) is re-wrapped as version 2 and its digest recorded by an
+        UPDATE. ``unknown``: deferred keys whose row's primary key could not be
+        learnt: inserted unbound (version 1), so their values still open."""
+        now = kt.utcnow()
+        rows: list[dict[str, Any]] = []
+        params: list[dict[str, Any]] = []
+        done: list[tuple[CachedKey, bytes | None]] = []
+        for entry, digest in [*pairs, *((e, None) for e in unknown)]:
+            if entry.wrapped is None:
+                continue
+            parent, wrapped, plain = entry.wrapped
+            rewrapped = ciphers.wrap_row_key(parent.cipher, parent.key_id, owner, entry.key_id, plain, digest)
+            if wrapped is None:
+                rows.append(self._key_row(entry.key_id, parent.key_id, owner, rewrapped, digest, now))
+            elif digest is not None:
+                params.append({"_id": entry.key_id, "row_digest": digest, "updated_at": now, "wrapped_key": rewrapped})
+            done.append((entry, digest))
+        if rows:
+            self.query(lambda: keyrows.insert_key_rows(conn, self.table, rows), owner)
+        if params:
+            t = self.table
+            stmt = (
+                update(t)
+                .where(t.c.id == bindparam("_id"))
+                .values(
+                    row_digest=bindparam("row_digest"),
+                    wrapped_key=bindparam("wrapped_key"),
+                    updated_at=bindparam("updated_at"),
+                )
             )
-        if not params:
-            return
-        t = self.table
-        stmt = (
-            update(t)
-            .where(t.c.id == bindparam("_id"))
-            .values(
-                row_digest=bindparam("row_digest"),
-                wrapped_key=bindparam("wrapped_key"),
-                updated_at=bindparam("updated_at"),
-            )
-        )
-        self.query(lambda: conn.execute(stmt, params), owner)
-        for entry, digest in pairs:
+            self.query(lambda: conn.execute(stmt, params), owner)
+        for entry, digest in done:
             entry.bound, entry.wrapped = digest, None
-
-    def _insert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        """One executemany on ``conn`` (the caller's transaction). With psycopg 3,
-        a COPY on the same DBAPI connection; elsewhere, from 100 rows, the DBAPI's
-        executemany with the values converted as SQLAlchemy converts them, each
-        value shared by the rows (timestamps, scope, owner) once per batch instead
-        of once per row: the key rows cost a third of SQLAlchemy's own executemany."""
-        if len(rows) < COPY_MIN_ROWS:
-            conn.execute(self.table.insert(), rows)
-        elif conn.dialect.driver == "psycopg":
-            self._copy_rows(conn, rows)
-        else:
-            self._driver_rows(conn, rows)
-
-    def _copy_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        names = list(rows[0])
-        quote = conn.dialect.identifier_preparer
-        sql = f"COPY {quote.format_table(self.table)} ({', '.join(quote.quote(n) for n in names)}) FROM STDIN"
-        with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
-            with cursor.copy(sql) as copy:
-                for row in rows:
-                    copy.write_row([row[n] for n in names])
-
-    def _driver_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        names = list(rows[0])
-        compiled = self.table.insert().compile(dialect=conn.dialect, column_keys=names)
-        order = list(compiled.positiontup or ()) if compiled.positional else names
-        columns = []
-        for name in order:
-            process = self.table.c[name].type._cached_bind_processor(conn.dialect)
-            first = rows[0][name]
-            columns.append((name, process, first, process(first) if process is not None else first))
-        converted = [
-            tuple(row[n] if p is None else (pf if row[n] is f else p(row[n])) for n, p, f, pf in columns)
-            for row in rows
-        ]
-        params: Any = converted if compiled.positional else [dict(zip(order, values)) for values in converted]
-        conn.exec_driver_sql(compiled.string, params)
 
     # -- loading --------------------------------------------------------------------
 
@@ -300,6 +290,17 @@ class RowKeys:
         self.store.cache.evict(key_id)
         if result.rowcount == 0:
             self._refuse_shred(conn, key_id, owner)
+
+    def shred_keys(self, conn: Connection, key_ids: Sequence[int], owner: str) -> None:
+        """Destroy many row keys of ``owner`` on ``conn``: one UPDATE per 1,000
+        ids (:func:`.keyrows.shred_many`); the key rows stay as tombstones."""
+        if not key_ids:
+            return
+        self.query(lambda: keyrows.shred_many(conn, self.table, key_ids, owner), owner)
+        self.tracker.state(conn).rows.update(key_ids)  # tombstones cached before a rollback go with it
+        for key_id in key_ids:
+            self.cache.evict(key_id)
+            self.store.cache.evict(key_id)
 
     def _refuse_shred(self, conn: Connection, key_id: int, owner: str | None) -> None:
         record = kt.get_record(conn, self.table, key_id)
