@@ -12,54 +12,81 @@ from typing import Any, Sequence
 
 from sqlalchemy import Connection, Table, update
 
+from ..envelope.ciphers import ROW_KEY_ALGORITHM
 from ..faults import fault_point
 from ..keys import table as kt
 
-__all__ = ["COPY_MIN_ROWS", "insert_key_rows", "shred_many"]
+__all__ = ["COPY_MIN_ROWS", "VARYING", "insert_key_rows", "shared_values", "shred_many"]
 
 COPY_MIN_ROWS = 100  # below this, a plain executemany is as fast as COPY
 IN_CHUNK = 1_000
 
 
-def insert_key_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-    """One executemany on ``conn`` (the caller's transaction). With psycopg 3,
-    a COPY on the same DBAPI connection; elsewhere, from 100 rows, the DBAPI's
-    executemany with the values converted as SQLAlchemy converts them, each
-    value shared by the rows (timestamps, scope, owner) once per batch instead
-    of once per row: the key rows cost a third of SQLAlchemy's own executemany."""
+VARYING = ("id", "parent_id", "wrapped_key", "row_digest")  # what differs from one key row to the next
+
+
+def shared_values(owner: str, now: Any) -> dict[str, Any]:
+    """What every new row key of ``owner`` made at ``now`` has in common."""
+    return {
+        "scope": kt.SCOPE_ROW,
+        "owner_table": owner,
+        "wrapping_key_id": kt.PARENT,
+        "algorithm": ROW_KEY_ALGORITHM,
+        "status": kt.ACTIVE,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def insert_key_rows(conn: Connection, table: Table, shared: dict[str, Any], rows: Sequence[tuple[Any, ...]]) -> None:
+    """Insert key rows (``VARYING`` tuples, plus ``shared``) on ``conn``, in
+    the caller's transaction. With psycopg 3, a COPY on the same DBAPI
+    connection; elsewhere, from 100 rows, one DBAPI executemany whose shared
+    values are converted once per batch, not once per row (SQLAlchemy's own
+    executemany converts all eleven columns of every row: three times the cost)."""
     fault_point("rowkey.create.before_insert")
     if len(rows) < COPY_MIN_ROWS:
-        conn.execute(table.insert(), rows)
+        conn.execute(table.insert(), [{**dict(zip(VARYING, row)), **shared} for row in rows])
     elif conn.dialect.driver == "psycopg":
-        _copy_rows(conn, table, rows)
+        _copy_rows(conn, table, shared, rows)
     else:
-        _driver_rows(conn, table, rows)
+        _driver_rows(conn, table, shared, rows)
     fault_point("rowkey.create.after_insert")
 
 
-def _copy_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-    names = list(rows[0])
+def _copy_rows(conn: Connection, table: Table, shared: dict[str, Any], rows: Sequence[tuple[Any, ...]]) -> None:
+    names = [*VARYING, *shared]
+    tail = tuple(shared.values())
     quote = conn.dialect.identifier_preparer
     sql = f"COPY {quote.format_table(table)} ({', '.join(quote.quote(n) for n in names)}) FROM STDIN"
     with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
         with cursor.copy(sql) as copy:
             write = copy.write_row
             for row in rows:
-                write(list(row.values()))  # every row dict is built with the same key order
+                write(row + tail)
 
 
-def _driver_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-    names = list(rows[0])
+def _driver_rows(conn: Connection, table: Table, shared: dict[str, Any], rows: Sequence[tuple[Any, ...]]) -> None:
+    names = [*VARYING, *shared]
     compiled = table.insert().compile(dialect=conn.dialect, column_keys=names)
     order = list(compiled.positiontup or ()) if compiled.positional else names
-    columns = []
-    for name in order:
+    template: list[Any] = []
+    slots: list[tuple[int, int, Any]] = []  # (position in the statement, position in the row, processor)
+    for pos, name in enumerate(order):
         process = table.c[name].type._cached_bind_processor(conn.dialect)
-        first = rows[0][name]
-        columns.append((name, process, first, process(first) if process is not None else first))
-    converted = [
-        tuple(row[n] if p is None else (pf if row[n] is f else p(row[n])) for n, p, f, pf in columns) for row in rows
-    ]
+        if name in shared:
+            value = shared[name]
+            template.append(value if process is None or value is None else process(value))
+        else:
+            template.append(None)
+            slots.append((pos, VARYING.index(name), process))
+    converted = []
+    for row in rows:
+        values = template.copy()
+        for pos, index, process in slots:
+            value = row[index]
+            values[pos] = value if process is None or value is None else process(value)
+        converted.append(tuple(values))
     params: Any = converted if compiled.positional else [dict(zip(order, values)) for values in converted]
     conn.exec_driver_sql(compiled.string, params)
 

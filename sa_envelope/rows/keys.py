@@ -107,7 +107,7 @@ class RowKeys:
         now = kt.utcnow()
         ids = fmt.new_key_ids(count)
         bound: list[bytes | None] = list(digests) if digests is not None else [None] * count
-        rows: list[dict[str, Any]] = []
+        rows: list[tuple[Any, ...]] = []  # keyrows.VARYING
         opened: list[tuple[int, Any, bytes]] = []
         pending: list[tuple[int, Any]] = []  # (position, what bind() needs)
         # each wrap is an AES-GCM encryption under the table key, and a key bound
@@ -122,13 +122,14 @@ class RowKeys:
             made = ciphers.wrap_row_keys(parent.cipher, parent.key_id, owner, chunk, chunk_bound, wrap)
             for offset, (key_id, digest, (wrapped, cipher, plain)) in enumerate(zip(chunk, chunk_bound, made)):
                 if wrapped is not None:
-                    rows.append(self._key_row(key_id, parent.key_id, owner, wrapped, digest, now))
+                    rows.append((key_id, parent.key_id, wrapped, digest))
                 if digest is None:
                     pending.append((start + offset, (parent, wrapped, plain)))
                 opened.append((key_id, cipher, fmt.header(fmt.VERSION_GCM, key_id)))
         self.tracker.state(conn).rows.update(ids)
         if rows:
-            self.query(lambda: keyrows.insert_key_rows(conn, self.table, rows), owner)
+            shared = keyrows.shared_values(owner, now)
+            self.query(lambda: keyrows.insert_key_rows(conn, self.table, shared, rows), owner)
         self.keys_created += count
         entries = self.cache.put_many(opened)
         for entry, digest in zip(entries, bound):
@@ -136,25 +137,6 @@ class RowKeys:
         for i, wrapped in pending:
             entries[i].wrapped = wrapped  # see bind()
         return entries
-
-    @staticmethod
-    def _key_row(
-        key_id: int, parent_id: int, owner: str, wrapped: bytes, digest: bytes | None, now: Any
-    ) -> dict[str, Any]:
-        """A row key's key row (the same key order for every row: COPY relies on it)."""
-        return {
-            "id": key_id,
-            "scope": kt.SCOPE_ROW,
-            "owner_table": owner,
-            "parent_id": parent_id,
-            "wrapping_key_id": kt.PARENT,
-            "wrapped_key": wrapped,
-            "algorithm": ciphers.ROW_KEY_ALGORITHM,
-            "status": kt.ACTIVE,
-            "created_at": now,
-            "updated_at": now,
-            "row_digest": digest,
-        }
 
     def bind(
         self, conn: Connection, owner: str, pairs: Sequence[tuple[CachedKey, bytes]], unknown: Sequence[CachedKey] = ()
@@ -167,7 +149,7 @@ class RowKeys:
         UPDATE. ``unknown``: deferred keys whose row's primary key could not be
         learnt: inserted unbound (version 1), so their values still open."""
         now = kt.utcnow()
-        rows: list[dict[str, Any]] = []
+        rows: list[tuple[Any, ...]] = []  # keyrows.VARYING
         params: list[dict[str, Any]] = []
         done: list[tuple[CachedKey, bytes | None]] = []
         for entry, digest in [*pairs, *((e, None) for e in unknown)]:
@@ -176,12 +158,13 @@ class RowKeys:
             parent, wrapped, plain = entry.wrapped
             rewrapped = ciphers.wrap_row_key(parent.cipher, parent.key_id, owner, entry.key_id, plain, digest)
             if wrapped is None:
-                rows.append(self._key_row(entry.key_id, parent.key_id, owner, rewrapped, digest, now))
+                rows.append((entry.key_id, parent.key_id, rewrapped, digest))
             elif digest is not None:
                 params.append({"_id": entry.key_id, "row_digest": digest, "updated_at": now, "wrapped_key": rewrapped})
             done.append((entry, digest))
         if rows:
-            self.query(lambda: keyrows.insert_key_rows(conn, self.table, rows), owner)
+            shared = keyrows.shared_values(owner, now)
+            self.query(lambda: keyrows.insert_key_rows(conn, self.table, shared, rows), owner)
         if params:
             t = self.table
             stmt = (
