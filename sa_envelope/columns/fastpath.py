@@ -35,6 +35,7 @@ from ..keys.clock import CLOCK
 from ..keys.lease import WriteLease, live_lease, write_lease
 from .binds import Via
 from .livematch import Sealed
+from .rowvalue import RowValue
 
 __all__ = ["bind_closure", "result_closure"]
 
@@ -57,12 +58,40 @@ def _plain_bind(encrypt: Callable[[Any, Any], bytes], store: Any, impl: Any) -> 
     return process
 
 
+def _row_bind(coltype: Any, encrypt: Callable[[Any, Any], bytes], store: Any, impl: Any) -> Callable[[Any], Any]:
+    """Row scope: each value sealed under the row key paired with it
+    (:class:`RowValue`), in one call layer; anything else (a bare value, a
+    failure) takes ``encrypt``, which refuses or says why."""
+    encode = coltype._codec.fast_encode or coltype._codec.encode
+    seal, gcm = fmt.encrypt_gcm, fmt.VERSION_GCM
+
+    def process(value: Any) -> Any:
+        if value is None:
+            return None
+        if type(value) is RowValue:
+            key = value.key
+            if key.cipher is not None and key.head[0] == gcm:
+                try:
+                    sealed = seal(key.cipher, key.head, encode(value.value), coltype._ctx)
+                    return sealed if impl is None else impl(sealed)
+                except Exception:
+                    pass  # the full path below says why, from a frame without the value
+        try:
+            sealed = encrypt(value, store)
+        except BaseException:
+            value = None
+            raise
+        return sealed if impl is None else impl(sealed)
+
+    return process
+
+
 def bind_closure(coltype: Any, impl: Any, via: Via) -> Callable[[Any], Any]:
     """The bind processor of ``coltype`` on ``via``'s engine; ``impl``: the
     storage type's own, or ``None``."""
     encrypt, store = coltype.encrypt, via.store
     if coltype.scope == kt.SCOPE_ROW:  # the key travels with the value
-        return _plain_bind(encrypt, store, impl)
+        return _row_bind(coltype, encrypt, store, impl)
     encode = coltype._codec.fast_encode or coltype._codec.encode
     scope, clock = coltype._key_scope, CLOCK
     max_uses = store.cache.limits.max_uses

@@ -198,7 +198,7 @@ def _insert_keys(conn: Connection, plan: Plan, stmt: Any) -> tuple[list[CachedKe
         return _spread(plan, need, keys_for(conn, plan.spec, pks, True)[0]), [], []
     rows, owner = plan.spec.manager.rows_for(conn), plan.spec.owner
     dkey = binding.digest_key(rows, conn, owner, create=True) if any(pk is not None for pk in pks) else None
-    digests = [binding.row_digest(dkey, pk) if pk is not None else None for pk in pks]
+    digests = binding.row_digests(dkey, pks) if dkey is not None else [None] * len(pks)
     made = rows.create(conn, owner, len(pks), digests, defer=True)  # bound and inserted by after()
     unbound = [need[j] for j, d in enumerate(digests) if d is None]
     return _spread(plan, need, made), unbound, [d for d in digests if d is not None]
@@ -239,7 +239,8 @@ def _bind_after(
     bound: list[tuple[CachedKey, bytes]] = []
     if pairs:
         dkey = binding.digest_key(rows, conn, spec.owner, create=True)
-        bound = [(key, binding.row_digest(dkey, pk)) for key, pk in pairs]
+        digests = binding.row_digests(dkey, [pk for _, pk in pairs])
+        bound = [(key, d) for (key, _), d in zip(pairs, digests) if d is not None]
         retire(conn, spec, [d for _, d in bound])
     rows.bind(conn, spec.owner, bound, unknown)
 

@@ -93,7 +93,12 @@ def literal(value: Any) -> Any:
 
 
 def known(pk: Sequence[Any]) -> tuple[Any, ...] | None:
-    return None if any(v is None for v in pk) else tuple(pk)
+    """The primary key as a tuple, or ``None`` if any of its values is unknown
+    (runs once per row of an executemany: no generator)."""
+    for v in pk:
+        if v is None:
+            return None
+    return tuple(pk)
 
 
 def _key_of(table: Table, key: Any) -> str | None:
