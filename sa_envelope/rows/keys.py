@@ -46,7 +46,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 
 from ..envelope import ciphers
 from ..envelope import format as fmt
-from ..errors import ConfigurationError, KeyNotFoundError
+from ..errors import ConfigurationError, DecryptionError, KeyNotFoundError
 from ..faults import fault_point
 from ..keys import table as kt
 from ..keys.cache import CacheLimits, CachedKey, KeyCache
@@ -213,14 +213,14 @@ class RowKeys:
         # PostgreSQL would refuse the query (the caller reports it not found)
         ids = [k for k in key_ids if fmt.is_key_id(k)]
         chunk_size = PG_CHUNK if conn.dialect.name == "postgresql" else IN_CHUNK
-        parents: dict[int, CachedKey] = {}
+        openers: dict[tuple[int, str], Any] = {}  # per (table key, owner): its part of the wrap's AD, once
         for start in range(0, len(ids), chunk_size):
             chunk = ids[start : start + chunk_size]
             self.key_queries += 1
             rows = self.query(lambda: conn.execute(self._select_keys(conn, chunk)).all(), table)
             # parent_id None: a table key, which the manager's own cache serves
             opened = [
-                self._opened(r, parents, table, column) for r in rows if r[1] is not None and r[5] == kt.SCOPE_ROW
+                self._opened(r, openers, table, column) for r in rows if r[1] is not None and r[5] == kt.SCOPE_ROW
             ]
             for entry, digest in zip(self.cache.put_many(o[:3] for o in opened), (o[3] for o in opened)):
                 entry.bound = digest
@@ -233,7 +233,7 @@ class RowKeys:
         return select(*cols).where(t.c.id.in_(ids))
 
     def _opened(
-        self, row: Any, parents: dict[int, CachedKey], table: str, column: str | None
+        self, row: Any, openers: dict[tuple[int, str], Any], table: str, column: str | None
     ) -> tuple[int, Any, bytes, bytes | None]:
         """``(key id, cipher, head, row digest)`` of a key row; cipher ``None`` for a tombstone.
 
@@ -245,10 +245,16 @@ class RowKeys:
         digest = bytes(digest) if digest is not None else None
         if wrapped is None or status == kt.SHREDDED:
             return key_id, None, head, digest
-        parent = parents.get(parent_id)
-        if parent is None:
-            parent = parents[parent_id] = self.store.decryption_key(parent_id, table=table, column=column or "")
-        plaintext = self.store.open_child(parent, key_id, parent_id, owner, wrapped, table, column, digest)
+        opener = openers.get((parent_id, owner))
+        if opener is None:
+            parent = self.store.decryption_key(parent_id, table=table, column=column or "")
+            opener = openers[(parent_id, owner)] = ciphers.row_key_opener(
+                parent.cipher, parent.head[0], parent_id, owner
+            )
+        try:
+            plaintext = opener(key_id, wrapped, digest)
+        except fmt.InvalidEnvelope as exc:
+            raise DecryptionError(str(exc), table=table, column=column, key_id=fmt.format_key_id(key_id)) from None
         return key_id, ciphers.ROW_KEY_CIPHER(plaintext), head, digest
 
     def missing(self, key_ids: Iterable[int]) -> set[int]:
