@@ -45,7 +45,7 @@ from ..errors import DecryptionError
 from ..keys import table as kt
 from . import binding
 from .keys import RowKeys
-from .stream import PartitionKeys, StreamingPrefetch
+from .stream import PartitionKeys, StreamingPrefetch, key_ids
 
 __all__ = ["check_binding", "install_prefetch", "pk_positions", "row_positions"]
 
@@ -167,7 +167,7 @@ def install_prefetch(rows: RowKeys, manager: Any) -> None:
             return
         fetched = cursor.fetchall()
         context.cursor_fetch_strategy = sa_cursor.FullyBufferedCursorFetchStrategy(cursor, initial_buffer=fetched)
-        ids = _key_ids(fetched, positions)
+        ids = key_ids(fetched, positions)
         wanted = rows.missing(ids)
         if wanted:
             rows.load(conn, wanted, table=owner or "", column=None)
@@ -177,15 +177,3 @@ def install_prefetch(rows: RowKeys, manager: Any) -> None:
                 check_binding(rows, conn, source, fetched, group, pk)
 
     event.listen(rows.store.engine, "after_cursor_execute", after_cursor_execute)
-
-
-def _key_ids(fetched: Any, positions: Any) -> set[int]:
-    """The key ids the fetched values name: their 8 id bytes collected first
-    (a row's values share a key: one int conversion per key, not per value)."""
-    cut = fmt.KEY_ID_SLICE
-    try:
-        heads = {v[cut] for row in fetched for i in positions if (v := row[i])}
-    except TypeError:  # memoryview values (unhashable slices)
-        key_id_of = fmt.key_id_of
-        return {key_id_of(v) for row in fetched for i in positions if (v := row[i])}
-    return {int.from_bytes(h, "big") for h in heads}
