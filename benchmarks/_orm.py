@@ -65,6 +65,9 @@ class OrmTable:
         self.metadata.drop_all(self.engine)
         self.metadata.create_all(self.engine)
         self._pending = [self.model(*row) for row in self.rows]
+        if self.variant.ids_given:  # the application assigns the primary keys
+            for i, obj in enumerate(self._pending, 1):
+                obj.id = i
 
     def insert(self) -> None:
         with Session(self.engine) as session:
