@@ -110,14 +110,14 @@ class RowKeys:
         rows: list[tuple[Any, ...]] = []  # keyrows.VARYING
         opened: list[tuple[int, Any, bytes]] = []
         pending: list[tuple[int, Any]] = []  # (position, what bind() needs)
-        # each wrap is an AES-GCM encryption under the table key, and a key bound
-        # later without defer (bind(): autoincrement rows) is wrapped once more
+        # each wrap is an AES-GCM encryption under the table key: all are counted
         step = max(1, self.store.budget.batch(2 * count) // 2)
         for start in range(0, count, step):
             chunk, chunk_bound = ids[start : start + step], bound[start : start + step]
-            uses = sum(1 for d in chunk_bound if d is not None or not defer) + (0 if defer else chunk_bound.count(None))
+            # one wrap per key (a deferred key's is made by bind()), two for a key bound later without defer
+            uses = len(chunk) + (0 if defer else chunk_bound.count(None))
             with self.tracker.use_connection(conn):  # at most one provider call per table key
-                parent = self.store.encryption_key(owner, kt.SCOPE_TABLE, uses=max(uses, 1))
+                parent = self.store.encryption_key(owner, kt.SCOPE_TABLE, uses=uses)
             wrap = [d is not None or not defer for d in chunk_bound]
             made = ciphers.wrap_row_keys(parent.cipher, parent.key_id, owner, chunk, chunk_bound, wrap)
             for offset, (key_id, digest, (wrapped, cipher, plain)) in enumerate(zip(chunk, chunk_bound, made)):
