@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from sqlalchemy import Column, Integer, MetaData, Table, insert, select
 
-from ._backend import BackendEnv
+from ._backend import BackendEnv, forget_row_keys
 from ._data import dataset
 from ._kms import KmsClient
 from ._orm import table_name
@@ -80,6 +80,7 @@ class CoreTable:
         """Untimed: an empty table and the parameter dicts of the insert."""
         self.metadata.drop_all(self.engine)
         self.metadata.create_all(self.engine)
+        forget_row_keys(self.keys, self.table)
         self._params = [dict(zip(COLUMNS, row)) for row in self.rows]
         if self.variant.ids_given:  # the application assigns the primary keys: no RETURNING
             for i, params in enumerate(self._params, 1):
