@@ -11,7 +11,11 @@ decided there, not here (profile in benchmarks/README.md):
   key and a sealer with the associated data precomputed; it is checked again
   when a statement starts (:mod:`sa_envelope.keys.clock`). Per value: two
   use counters (exact: ``max_uses``, ``max_encryptions``), the codec, a fresh
-  ``os.urandom`` nonce and one AEAD call.
+  ``os.urandom`` nonce and one AEAD call. A deterministic column's lease
+  holds its live write key (:mod:`sa_envelope.keys.live`, which follows a
+  rotation's two-phase switch), found once per statement the same way.
+* **write, row scope**: the row key travels with the value (``RowValue``),
+  sealed in one call layer.
 * **read, table scope**: the column's read memo maps a value's 9 header
   bytes to an opener with the associated data precomputed; an entry is
   checked again (alive, younger than ``max_age``) when a statement starts.
