@@ -4,10 +4,13 @@ The ORM section measures ``add_all`` + ``commit``, where SQLAlchemy's unit
 of work (~70 us a row) hides the per-value cost of encryption. Here nothing
 sits between the statement and the column types:
 
-- insert: ``conn.execute(insert(t), rows)`` (one executemany; the parameter
-  dicts are built untimed, except for row scope, whose keys come from
-  ``keys.new_row_keys(conn, table, n)`` inside the timed transaction: the
-  key creation is part of what a row-scoped insert costs);
+- insert: ``conn.execute(insert(t), rows)`` (one executemany of parameter
+  dicts built untimed; the database makes the primary keys). Row scope gets
+  its keys automatically (``rows.core``: made, bound to the new rows and
+  inserted in the statement's transaction), inside the timed insert: the
+  key creation is part of what a row-scoped insert costs ("sa-envelope row,
+  ids given": the parameters carry the primary keys, so each key is bound as
+  it is made and the INSERT needs no RETURNING);
 - select: ``conn.execute(select(...)).all()``, every value touched;
 - lookup: ``select(...).where(t.c.ssn.in_(values))`` of 1,000 existing
   values (fewer if the table is smaller), for the variants whose stored bytes
@@ -28,7 +31,7 @@ from typing import Any, Callable
 
 from sqlalchemy import Column, Integer, MetaData, Table, insert, select
 
-from ._backend import BackendEnv
+from ._backend import BackendEnv, forget_row_keys
 from ._data import dataset
 from ._kms import KmsClient
 from ._orm import table_name
@@ -77,17 +80,15 @@ class CoreTable:
         """Untimed: an empty table and the parameter dicts of the insert."""
         self.metadata.drop_all(self.engine)
         self.metadata.create_all(self.engine)
-        if self.variant.scope != "row":
-            self._params = [dict(zip(COLUMNS, row)) for row in self.rows]
+        forget_row_keys(self.keys, self.table)
+        self._params = [dict(zip(COLUMNS, row)) for row in self.rows]
+        if self.variant.ids_given:  # the application assigns the primary keys: no RETURNING
+            for i, params in enumerate(self._params, 1):
+                params["id"] = i
 
     def insert(self) -> None:
         with self.engine.begin() as conn:
-            if self.variant.scope == "row":
-                keys = self.keys.new_row_keys(conn, self.table.name, len(self.rows))
-                params = [{name: key.value(v) for name, v in zip(COLUMNS, row)} for key, row in zip(keys, self.rows)]
-            else:
-                params = self._params
-            conn.execute(insert(self.table), params)
+            conn.execute(insert(self.table), self._params)  # row scope: keys made by the Core hook
         self._params = []
 
     def select(self) -> int:

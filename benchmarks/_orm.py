@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Column, Integer, MetaData, Table, select
 from sqlalchemy.orm import Session, registry
 
-from ._backend import PREFIX, BackendEnv
+from ._backend import PREFIX, BackendEnv, forget_row_keys
 from ._data import dataset
 from ._profile import profile_steps
 from ._rounds import Contender, run_interleaved
@@ -64,7 +64,11 @@ class OrmTable:
         """Untimed: an empty table and the objects the insert step will add."""
         self.metadata.drop_all(self.engine)
         self.metadata.create_all(self.engine)
+        forget_row_keys(self.keys, self.table)
         self._pending = [self.model(*row) for row in self.rows]
+        if self.variant.ids_given:  # the application assigns the primary keys
+            for i, obj in enumerate(self._pending, 1):
+                obj.id = i
 
     def insert(self) -> None:
         with Session(self.engine) as session:

@@ -38,8 +38,9 @@ def core(name: str, backend: dict[str, Any], unavailable: dict[str, str]) -> lis
              for variant, reason in unavailable.items()]
     title = f"### Core insert, select and lookup: {name} ({backend['server']}), {section['rows']:,} rows x 3 columns"
     note = ("`conn.execute(insert(t), rows)` (executemany) and `conn.execute(select(...)).all()`, every value "
-            f"touched; medians over {t.rounds} rounds of within-round ratios. Row scope takes its keys from "
-            "`keys.new_row_keys(conn, table, n)` inside the timed insert. The cold select follows an emptied key "
+            f"touched; medians over {t.rounds} rounds of within-round ratios. Row scope gets its keys from the Core "
+            "hook inside the timed insert (made, bound, inserted); `row` lets the database make the primary keys "
+            "(RETURNING), `row, ids given` passes them. The cold select follows an emptied key "
             "cache (a fresh process: every key unwrapped); the KMS column lists the distinct per-round counts.")
     return [title, "", note, "", *_table(header, rows), ""]
 

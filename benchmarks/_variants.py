@@ -78,6 +78,9 @@ class Variant:
     # nonce makes equal plaintexts differ, so only plaintext and deterministic
     # columns take part in the Core lookup.
     no_equality: str = "random nonce: equal plaintexts give different bytes (needs a blind-index column)"
+    # The inserts give the primary keys (1..N) instead of letting the database
+    # make them: row keys are then bound as they are made, with no RETURNING.
+    ids_given: bool = False
 
     def unavailable(self) -> str | None:
         try:
@@ -230,6 +233,11 @@ register(Variant("sa-envelope table", "sa-envelope", _envelope_type(), uses_keys
 register(Variant(
     "sa-envelope row", "sa-envelope", _envelope_type(scope="row"), uses_keys=True,
     probe=_row_scope_missing, scope="row",
+    no_equality="row scope: every row has its own key, so equal plaintexts differ",
+))
+register(Variant(
+    "sa-envelope row, ids given", "sa-envelope", _envelope_type(scope="row"), uses_keys=True,
+    probe=_row_scope_missing, scope="row", ids_given=True,
     no_equality="row scope: every row has its own key, so equal plaintexts differ",
 ))
 register(Variant(

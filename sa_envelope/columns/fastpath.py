@@ -11,7 +11,11 @@ decided there, not here (profile in benchmarks/README.md):
   key and a sealer with the associated data precomputed; it is checked again
   when a statement starts (:mod:`sa_envelope.keys.clock`). Per value: two
   use counters (exact: ``max_uses``, ``max_encryptions``), the codec, a fresh
-  ``os.urandom`` nonce and one AEAD call.
+  ``os.urandom`` nonce and one AEAD call. A deterministic column's lease
+  holds its live write key (:mod:`sa_envelope.keys.live`, which follows a
+  rotation's two-phase switch), found once per statement the same way.
+* **write, row scope**: the row key travels with the value (``RowValue``),
+  sealed in one call layer.
 * **read, table scope**: the column's read memo maps a value's 9 header
   bytes to an opener with the associated data precomputed; an entry is
   checked again (alive, younger than ``max_age``) when a statement starts.
@@ -32,8 +36,10 @@ from typing import Any, Callable
 from ..envelope import format as fmt
 from ..keys import table as kt
 from ..keys.clock import CLOCK
-from ..keys.lease import WriteLease, write_lease
+from ..keys.lease import WriteLease, live_lease, write_lease
 from .binds import Via
+from .livematch import Sealed
+from .rowvalue import RowValue
 
 __all__ = ["bind_closure", "result_closure"]
 
@@ -56,18 +62,54 @@ def _plain_bind(encrypt: Callable[[Any, Any], bytes], store: Any, impl: Any) -> 
     return process
 
 
+def _row_bind(coltype: Any, encrypt: Callable[[Any, Any], bytes], store: Any, impl: Any) -> Callable[[Any], Any]:
+    """Row scope: each value sealed under the row key paired with it
+    (:class:`RowValue`), in one call layer; anything else (a bare value, a
+    failure) takes ``encrypt``, which refuses or says why."""
+    encode = coltype._codec.fast_encode or coltype._codec.encode
+    seal, gcm = fmt.encrypt_gcm, fmt.VERSION_GCM
+
+    def process(value: Any) -> Any:
+        if value is None:
+            return None
+        if type(value) is RowValue:
+            key = value.key
+            if key.cipher is not None and key.head[0] == gcm:
+                try:
+                    sealed = seal(key.cipher, key.head, encode(value.value), coltype._ctx)
+                    return sealed if impl is None else impl(sealed)
+                except Exception:
+                    pass  # the full path below says why, from a frame without the value
+        try:
+            sealed = encrypt(value, store)
+        except BaseException:
+            value = None
+            raise
+        return sealed if impl is None else impl(sealed)
+
+    return process
+
+
 def bind_closure(coltype: Any, impl: Any, via: Via) -> Callable[[Any], Any]:
     """The bind processor of ``coltype`` on ``via``'s engine; ``impl``: the
     storage type's own, or ``None``."""
     encrypt, store = coltype.encrypt, via.store
-    if coltype.scope == kt.SCOPE_ROW or coltype.deterministic:
-        # row scope: the key travels with the value; deterministic: the write
-        # key follows a rotation's two-phase switch (keys.live), not the store's newest
-        return _plain_bind(encrypt, store, impl)
+    if coltype.scope == kt.SCOPE_ROW:  # the key travels with the value
+        return _row_bind(coltype, encrypt, store, impl)
     encode = coltype._codec.fast_encode or coltype._codec.encode
     scope, clock = coltype._key_scope, CLOCK
     max_uses = store.cache.limits.max_uses
     current: list[WriteLease | None] = [None]
+    if coltype.deterministic:  # the write key follows a rotation's two-phase switch (keys.live)
+        live = coltype.keys.live_for(store)
+
+        def lease_of(table: str, old: WriteLease | None) -> WriteLease | None:
+            return live_lease(live, table, scope, coltype._ctx, encode, old)
+
+    else:
+
+        def lease_of(table: str, old: WriteLease | None) -> WriteLease | None:
+            return write_lease(store, table, scope, coltype._ctx, encode, old)
 
     def process(value: Any) -> Any:
         if value is None:
@@ -75,9 +117,9 @@ def bind_closure(coltype: Any, impl: Any, via: Via) -> Callable[[Any], Any]:
         lease = current[0]
         if lease is None or lease.epoch != clock.epoch:  # once per statement
             table = coltype._table
-            lease = current[0] = (
-                None if table is None else write_lease(store, table, scope, coltype._ctx, encode, lease)
-            )
+            lease = current[0] = None if table is None else lease_of(table, lease)
+        if type(value) is Sealed:  # a query value under one live key of its own (livematch)
+            lease = None
         if (
             lease is not None
             and lease.entry.alive
@@ -147,9 +189,13 @@ def _renew(hit: list[Any]) -> bool:
 
 
 def _row_result(coltype: Any, decrypt: Any, decode: Any, impl: Any, via: Via) -> Callable[[Any], Any]:
-    """Row scope: one key per row, read from the row-key cache as it stands."""
-    entries, clock = via.binding.rows.cache._entries, CLOCK
-    open_value, key_id_of, gcm = fmt.open_value, fmt.key_id_of, fmt.VERSION_GCM
+    """Row scope: one key per row, read from the row-key cache as it stands.
+    The AES-GCM open is inlined (:func:`fmt.decrypt_gcm`'s bytes, no call
+    layers): a value too short or altered raises in the cipher, and the full
+    path below says why."""
+    entries, clock, gcm = via.binding.rows.cache._entries, CLOCK, fmt.VERSION_GCM
+    id_slice, head_slice, nonce_slice, body = fmt.KEY_ID_SLICE, _HEADER, fmt.NONCE_SLICE, fmt.GCM_BODY_START
+    from_bytes = int.from_bytes
 
     def process(value: Any) -> Any:
         if impl is not None:
@@ -157,9 +203,9 @@ def _row_result(coltype: Any, decrypt: Any, decode: Any, impl: Any, via: Via) ->
         if value is None:
             return None
         try:
-            entry = entries.get(key_id_of(value))
+            entry = entries.get(from_bytes(value[id_slice], "big"))
             if entry is not None and entry.cipher is not None and entry.expires > clock.now and value[0] == gcm:
-                return decode(open_value(entry.cipher, gcm, value, coltype._ctx))
+                return decode(entry.cipher.decrypt(value[nonce_slice], value[body:], value[head_slice] + coltype._ctx))
         except Exception:
             pass
         return decrypt(value, via)

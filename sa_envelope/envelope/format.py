@@ -28,7 +28,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 __all__ = [
     "GCM_OVERHEAD",
     "HEADER_LEN",
+    "GCM_BODY_START",
     "HEADER_SLICE",
+    "KEY_ID_SLICE",
+    "NONCE_SLICE",
     "InvalidEnvelope",
     "KEY_ID_LEN",
     "KEY_ID_START",
@@ -69,6 +72,9 @@ TAG_LEN = 16
 HEADER_LEN = KEY_ID_START + KEY_ID_LEN
 _BODY = HEADER_LEN + NONCE_LEN  # value[HEADER_LEN:_BODY] is the GCM nonce
 HEADER_SLICE = slice(0, HEADER_LEN)  # value[HEADER_SLICE]: the header (read memos key on it)
+KEY_ID_SLICE = slice(KEY_ID_START, HEADER_LEN)  # value[KEY_ID_SLICE]: the key id's 8 bytes
+NONCE_SLICE = slice(HEADER_LEN, _BODY)  # value[NONCE_SLICE]: the GCM nonce
+GCM_BODY_START = _BODY  # value[GCM_BODY_START:]: GCM ciphertext and tag
 KEY_ID_SUBSTR = (KEY_ID_START + 1, KEY_ID_LEN)  # SQL substr(value, start, length): counts from 1
 GCM_OVERHEAD = HEADER_LEN + NONCE_LEN + TAG_LEN  # 37 bytes
 SIV_OVERHEAD = HEADER_LEN + TAG_LEN  # 25 bytes

@@ -72,7 +72,9 @@ class CachedKey:
             holder.pop(slot, None)
 
     bound: bytes | None = None  # row keys: the authenticated digest of their row (rows.binding)
-    wrapped: Any = None  # row keys made this flush, not yet bound: (parent key, version-1 wrap)
+    wrapped: Any = (
+        None  # row keys made unbound, until bound: (parent key, version-1 wrap or None if deferred, material)
+    )
 
     def __repr__(self) -> str:
         return f"CachedKey({self.key_id:016x})"

@@ -27,9 +27,10 @@ from ..envelope import format as fmt
 from . import table as kt
 from .cache import CachedKey
 from .clock import CLOCK
+from .live import LiveKeys
 from .store import KeyStore
 
-__all__ = ["WriteLease", "write_lease"]
+__all__ = ["WriteLease", "live_lease", "write_lease"]
 
 
 class WriteLease:
@@ -83,4 +84,21 @@ def write_lease(
     budget = store.budget
     if scope == kt.SCOPE_TABLE and budget.limit:
         return WriteLease(entry, owner, scope, context, encode, budget.counts[key_id], budget.limit)
+    return WriteLease(entry, owner, scope, context, encode, None, 0)
+
+
+def live_lease(
+    live: LiveKeys, owner: str, scope: str, context: bytes, encode: Any, old: WriteLease | None
+) -> WriteLease | None:
+    """The lease of a deterministic column for the statement now running:
+    the write key of its live set (:mod:`.live`: it follows a rotation's
+    two-phase switch, not the store's newest key), found once per statement
+    instead of once per value; ``None`` when the set is not cached and
+    committed (the caller takes :meth:`LiveKeys.write_key`, which reads it)."""
+    entry = live.leasable_write_key(owner, scope)
+    if entry is None:
+        return None
+    if old is not None and old.entry is entry and old.context is context:
+        old.epoch = CLOCK.epoch
+        return old
     return WriteLease(entry, owner, scope, context, encode, None, 0)

@@ -107,6 +107,19 @@ class LiveKeys:
                 return entry
         return self._refresh(owner, scope).write
 
+    def leasable_write_key(self, owner: str, scope: str) -> CachedKey | None:
+        """The write key of a live set read back committed and still fresh,
+        without counting a use, or ``None`` (the caller takes :meth:`write_key`):
+        what a column's write lease (:mod:`.lease`) holds for one statement."""
+        live = self._sets.get((owner, scope))
+        if live is None:
+            return None
+        now = time.monotonic()
+        write = live.write
+        if live.expires > now and write.alive and write.expires > now:
+            return write
+        return None
+
     def keys(self, owner: str, scope: str, *, create: bool = True) -> tuple[CachedKey, ...]:
         """Every key a query on ``owner`` in ``scope`` matches, write key first.
         ``create=False``: none while the table has no such key (a search

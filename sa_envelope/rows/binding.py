@@ -33,7 +33,8 @@ import os
 import uuid
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import Connection, and_, select, update
+from sqlalchemy import Connection, LargeBinary, and_, any_, bindparam, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from ..envelope import ciphers
 from ..envelope import format as fmt
@@ -48,6 +49,7 @@ __all__ = [
     "follow_table_key",
     "pk_bytes",
     "row_digest",
+    "row_digests",
     "unbound_live",
 ]
 
@@ -55,6 +57,7 @@ DIGEST_SCOPE = "row-digest"
 DIGEST_ALGORITHM = "HMAC-SHA256"
 _CONTEXT = b"sa-envelope row digest\x00"
 IN_CHUNK = 1_000
+PG_CHUNK = 10_000  # digests per = ANY(:array) query on PostgreSQL
 
 
 def pk_bytes(pk: Sequence[Any]) -> bytes:
@@ -77,6 +80,20 @@ def row_digest(key: Any, pk: Sequence[Any]) -> bytes:
     mac = key.copy()
     mac.update(pk_bytes(pk))
     return bytes(mac.digest())
+
+
+def row_digests(key: Any, pks: Sequence[Sequence[Any] | None]) -> list[bytes | None]:
+    """:func:`row_digest` of many rows (``None`` stays ``None``): one call for an executemany."""
+    copy = key.copy
+    out: list[bytes | None] = []
+    for pk in pks:
+        if pk is None:
+            out.append(None)
+            continue
+        mac = copy()
+        mac.update(pk_bytes(pk))
+        out.append(bytes(mac.digest()))
+    return out
 
 
 def digest_key(rows: Any, conn: Connection, owner: str, *, create: bool) -> Any | None:
@@ -168,9 +185,16 @@ def find_bound(
     t = rows.table
     wanted = list(dict.fromkeys(digests))
     found: list[tuple[int, bytes]] = []
-    for start in range(0, len(wanted), IN_CHUNK):
-        chunk = wanted[start : start + IN_CHUNK]
-        where = [t.c.owner_table == owner, t.c.scope == kt.SCOPE_ROW, t.c.row_digest.in_(chunk)]
+    pg = conn.dialect.name == "postgresql"
+    step = PG_CHUNK if pg else IN_CHUNK
+    for start in range(0, len(wanted), step):
+        chunk = wanted[start : start + step]
+        # PostgreSQL: one array parameter, not thousands (the driver parses every placeholder)
+        if pg:
+            match = t.c.row_digest == any_(bindparam("digests", chunk, type_=ARRAY(LargeBinary)))
+        else:
+            match = t.c.row_digest.in_(chunk)
+        where = [t.c.owner_table == owner, t.c.scope == kt.SCOPE_ROW, match]
         if live_only:
             where.append(t.c.status == kt.ACTIVE)
         stmt = select(t.c.id, t.c.row_digest).where(and_(*where)).order_by(t.c.id)

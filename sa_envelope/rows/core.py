@@ -200,7 +200,8 @@ class _CoreWrites:
         if items:
             pk_rows = _made_pks(conn, result, source)
             pairs = [(key, tuple(pk_rows[i])) for i, key in items if i < len(pk_rows) and known(pk_rows[i])]
-            _bind_after(conn, spec, pairs)
+            paired = {id(key) for key, _ in pairs}
+            _bind_after(conn, spec, pairs, [key for _, key in items if id(key) not in paired])
 
 
 # -- keys ------------------------------------------------------------------------------------
@@ -247,8 +248,8 @@ def _insert_keys(
         return _spread(plan, need, [found[pk] for pk in pks]), [], []
     rows, owner = plan.spec.manager.rows_for(conn), plan.spec.owner
     dkey = binding.digest_key(rows, conn, owner, create=True) if any(pk is not None for pk in pks) else None
-    digests = [binding.row_digest(dkey, pk) if pk is not None else None for pk in pks]
-    made = rows.create(conn, owner, len(pks), digests)
+    digests = binding.row_digests(dkey, pks) if dkey is not None else [None] * len(pks)
+    made = rows.create(conn, owner, len(pks), digests, defer=True)  # bound and inserted by after()
     unbound = [need[j] for j, d in enumerate(digests) if d is None]
     return _spread(plan, need, made), unbound, [d for d in digests if d is not None]
 
@@ -309,20 +310,23 @@ def _retire_others(conn: Connection, spec: TableSpec, digests: list[bytes], keep
     """Shred the live keys bound to these rows but the ones just made (see :func:`.shred.retire`)."""
     if digests:
         rows = spec.manager.rows_for(conn)
-        for key_id, _ in binding.find_bound(rows, conn, spec.owner, digests):
-            if key_id not in keep:
-                rows.shred_key(conn, key_id, owner=spec.owner)
+        found = binding.find_bound(rows, conn, spec.owner, digests)
+        rows.shred_keys(conn, [key_id for key_id, _ in found if key_id not in keep], spec.owner)
 
 
-def _bind_after(conn: Connection, spec: TableSpec, pairs: list[tuple[CachedKey, tuple[Any, ...]]]) -> None:
-    """Bind the keys of rows whose primary key the INSERT just made."""
-    if not pairs:
-        return
+def _bind_after(
+    conn: Connection, spec: TableSpec, pairs: list[tuple[CachedKey, tuple[Any, ...]]], unknown: list[CachedKey]
+) -> None:
+    """Bind (and, deferred, insert) the keys of rows whose primary key the
+    INSERT just made; ``unknown``: keys of rows whose primary key it did not tell."""
     rows = spec.manager.rows_for(conn)
-    dkey = binding.digest_key(rows, conn, spec.owner, create=True)
-    bound = [(key, binding.row_digest(dkey, pk)) for key, pk in pairs]
-    retire(conn, spec, [d for _, d in bound])
-    rows.bind(conn, spec.owner, bound)
+    bound: list[tuple[CachedKey, bytes]] = []
+    if pairs:
+        dkey = binding.digest_key(rows, conn, spec.owner, create=True)
+        digests = binding.row_digests(dkey, [pk for _, pk in pairs])
+        bound = [(key, d) for (key, _), d in zip(pairs, digests) if d is not None]
+        retire(conn, spec, [d for _, d in bound])
+    rows.bind(conn, spec.owner, bound, unknown)
 
 
 # -- the rewritten statement -----------------------------------------------------------------

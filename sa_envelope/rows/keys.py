@@ -46,12 +46,12 @@ from sqlalchemy.dialects.postgresql import ARRAY
 
 from ..envelope import ciphers
 from ..envelope import format as fmt
-from ..errors import ConfigurationError, KeyNotFoundError
+from ..errors import ConfigurationError, DecryptionError, KeyNotFoundError
 from ..faults import fault_point
 from ..keys import table as kt
 from ..keys.cache import CacheLimits, CachedKey, KeyCache
 from ..keys.store import KeyStore
-from . import binding
+from . import binding, keyrows
 
 __all__ = ["ROW_CACHE_SIZE", "RowKeys"]
 
@@ -59,7 +59,6 @@ T = TypeVar("T")
 ROW_CACHE_SIZE = 65_536
 IN_CHUNK = 1_000  # ids per IN (...) query
 PG_CHUNK = 10_000  # ids per = ANY(:array) query on PostgreSQL
-COPY_MIN_ROWS = 100  # below this, a plain executemany is as fast as COPY
 
 
 class RowKeys:
@@ -83,129 +82,103 @@ class RowKeys:
     # -- creation -----------------------------------------------------------------
 
     def create(
-        self, conn: Connection, owner: str, count: int, digests: Sequence[bytes | None] | None = None
+        self,
+        conn: Connection,
+        owner: str,
+        count: int,
+        digests: Sequence[bytes | None] | None = None,
+        *,
+        defer: bool = False,
     ) -> list[CachedKey]:
         """Make ``count`` row keys for ``owner`` and insert them on ``conn``
         in one executemany, in the caller's transaction. ``digests`` binds
         each key to its row where the row is known (:mod:`.binding`); a key
-        made without one is bound later with :meth:`bind`."""
+        made without one is bound later with :meth:`bind`.
+
+        ``defer``: the caller will call :meth:`bind` for every key made without
+        a digest once its row's primary key is known (after the INSERT the key
+        protects, in the same transaction): those keys are then wrapped once,
+        bound, and inserted by :meth:`bind`, instead of being inserted unbound
+        here and re-wrapped and UPDATEd there. Only inside a transaction (not
+        with AUTOCOMMIT, where the row would commit before its key)."""
         if count <= 0:
             return []
+        defer = defer and not conn._is_autocommit_isolation()
         now = kt.utcnow()
         ids = fmt.new_key_ids(count)
         bound: list[bytes | None] = list(digests) if digests is not None else [None] * count
-        rows: list[dict[str, Any]] = []
+        rows: list[tuple[Any, ...]] = []  # keyrows.VARYING
         opened: list[tuple[int, Any, bytes]] = []
-        parents: list[CachedKey] = []  # the table key each row key is wrapped under
-        # each wrap is an AES-GCM encryption under the table key, and a key bound
-        # later (bind(): autoincrement rows) is wrapped once more: both are counted
+        pending: list[tuple[int, Any]] = []  # (position, what bind() needs)
+        # each wrap is an AES-GCM encryption under the table key: all are counted
         step = max(1, self.store.budget.batch(2 * count) // 2)
         for start in range(0, count, step):
             chunk, chunk_bound = ids[start : start + step], bound[start : start + step]
-            uses = len(chunk) + chunk_bound.count(None)
+            # one wrap per key (a deferred key's is made by bind()), two for a key bound later without defer
+            uses = len(chunk) + (0 if defer else chunk_bound.count(None))
             with self.tracker.use_connection(conn):  # at most one provider call per table key
                 parent = self.store.encryption_key(owner, kt.SCOPE_TABLE, uses=uses)
-            wrapped_keys = ciphers.wrap_row_keys(parent.cipher, parent.key_id, owner, chunk, chunk_bound)
-            for key_id, digest, (wrapped, cipher) in zip(chunk, chunk_bound, wrapped_keys):
-                rows.append(
-                    {
-                        "id": key_id,
-                        "scope": kt.SCOPE_ROW,
-                        "owner_table": owner,
-                        "parent_id": parent.key_id,
-                        "wrapping_key_id": kt.PARENT,
-                        "wrapped_key": wrapped,
-                        "algorithm": ciphers.ROW_KEY_ALGORITHM,
-                        "status": kt.ACTIVE,
-                        "created_at": now,
-                        "updated_at": now,
-                        "row_digest": digest,
-                    }
-                )
+            wrap = [d is not None or not defer for d in chunk_bound]
+            made = ciphers.wrap_row_keys(parent.cipher, parent.key_id, owner, chunk, chunk_bound, wrap)
+            for offset, (key_id, digest, (wrapped, cipher, plain)) in enumerate(zip(chunk, chunk_bound, made)):
+                if wrapped is not None:
+                    rows.append((key_id, parent.key_id, wrapped, digest))
+                if digest is None:
+                    pending.append((start + offset, (parent, wrapped, plain)))
                 opened.append((key_id, cipher, fmt.header(fmt.VERSION_GCM, key_id)))
-                parents.append(parent)
         self.tracker.state(conn).rows.update(ids)
-        fault_point("rowkey.create.before_insert")
-        self.query(lambda: self._insert_rows(conn, rows), owner)
-        fault_point("rowkey.create.after_insert")
+        if rows:
+            shared = keyrows.shared_values(owner, now)
+            self.query(lambda: keyrows.insert_key_rows(conn, self.table, shared, rows), owner)
         self.keys_created += count
         entries = self.cache.put_many(opened)
-        for entry, row, parent in zip(entries, rows, parents):
-            entry.bound = row["row_digest"]
-            entry.wrapped = (parent, row["wrapped_key"]) if row["row_digest"] is None else None  # see bind()
+        for entry, digest in zip(entries, bound):
+            entry.bound = digest
+        for i, wrapped in pending:
+            entries[i].wrapped = wrapped  # see bind()
         return entries
 
-    def bind(self, conn: Connection, owner: str, pairs: Sequence[tuple[CachedKey, bytes]]) -> None:
+    def bind(
+        self, conn: Connection, owner: str, pairs: Sequence[tuple[CachedKey, bytes]], unknown: Sequence[CachedKey] = ()
+    ) -> None:
         """Bind keys made by :meth:`create` without a digest to their rows,
         once the rows' primary keys are known (after the INSERT: autoincrement),
-        on ``conn``, in the same transaction: re-wrap as version 2, record the digest."""
-        params = []
-        for entry, digest in pairs:
-            parent, wrapped = entry.wrapped
-            plain = ciphers.open_row_key(parent.cipher, parent.head[0], entry.key_id, parent.key_id, owner, wrapped)
-            params.append(
-                {
-                    "_id": entry.key_id,
-                    "row_digest": digest,
-                    "updated_at": kt.utcnow(),
-                    "wrapped_key": ciphers.wrap_row_key(
-                        parent.cipher, parent.key_id, owner, entry.key_id, plain, digest
-                    ),
-                }
+        on ``conn``, in the same transaction. A key whose insert was deferred is
+        wrapped once, bound (version 2), and inserted now; one inserted unbound
+        (AUTOCOMMIT) is re-wrapped as version 2 and its digest recorded by an
+        UPDATE. ``unknown``: deferred keys whose row's primary key could not be
+        learnt: inserted unbound (version 1), so their values still open."""
+        now = kt.utcnow()
+        rows: list[tuple[Any, ...]] = []  # keyrows.VARYING
+        params: list[dict[str, Any]] = []
+        done: list[tuple[CachedKey, bytes | None]] = []
+        for entry, digest in [*pairs, *((e, None) for e in unknown)]:
+            if entry.wrapped is None:
+                continue
+            parent, wrapped, plain = entry.wrapped
+            rewrapped = ciphers.wrap_row_key(parent.cipher, parent.key_id, owner, entry.key_id, plain, digest)
+            if wrapped is None:
+                rows.append((entry.key_id, parent.key_id, rewrapped, digest))
+            elif digest is not None:
+                params.append({"_id": entry.key_id, "row_digest": digest, "updated_at": now, "wrapped_key": rewrapped})
+            done.append((entry, digest))
+        if rows:
+            shared = keyrows.shared_values(owner, now)
+            self.query(lambda: keyrows.insert_key_rows(conn, self.table, shared, rows), owner)
+        if params:
+            t = self.table
+            stmt = (
+                update(t)
+                .where(t.c.id == bindparam("_id"))
+                .values(
+                    row_digest=bindparam("row_digest"),
+                    wrapped_key=bindparam("wrapped_key"),
+                    updated_at=bindparam("updated_at"),
+                )
             )
-        if not params:
-            return
-        t = self.table
-        stmt = (
-            update(t)
-            .where(t.c.id == bindparam("_id"))
-            .values(
-                row_digest=bindparam("row_digest"),
-                wrapped_key=bindparam("wrapped_key"),
-                updated_at=bindparam("updated_at"),
-            )
-        )
-        self.query(lambda: conn.execute(stmt, params), owner)
-        for entry, digest in pairs:
+            self.query(lambda: conn.execute(stmt, params), owner)
+        for entry, digest in done:
             entry.bound, entry.wrapped = digest, None
-
-    def _insert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        """One executemany on ``conn`` (the caller's transaction). With psycopg 3,
-        a COPY on the same DBAPI connection; elsewhere, from 100 rows, the DBAPI's
-        executemany with the values converted as SQLAlchemy converts them, each
-        value shared by the rows (timestamps, scope, owner) once per batch instead
-        of once per row: the key rows cost a third of SQLAlchemy's own executemany."""
-        if len(rows) < COPY_MIN_ROWS:
-            conn.execute(self.table.insert(), rows)
-        elif conn.dialect.driver == "psycopg":
-            self._copy_rows(conn, rows)
-        else:
-            self._driver_rows(conn, rows)
-
-    def _copy_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        names = list(rows[0])
-        quote = conn.dialect.identifier_preparer
-        sql = f"COPY {quote.format_table(self.table)} ({', '.join(quote.quote(n) for n in names)}) FROM STDIN"
-        with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
-            with cursor.copy(sql) as copy:
-                for row in rows:
-                    copy.write_row([row[n] for n in names])
-
-    def _driver_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        names = list(rows[0])
-        compiled = self.table.insert().compile(dialect=conn.dialect, column_keys=names)
-        order = list(compiled.positiontup or ()) if compiled.positional else names
-        columns = []
-        for name in order:
-            process = self.table.c[name].type._cached_bind_processor(conn.dialect)
-            first = rows[0][name]
-            columns.append((name, process, first, process(first) if process is not None else first))
-        converted = [
-            tuple(row[n] if p is None else (pf if row[n] is f else p(row[n])) for n, p, f, pf in columns)
-            for row in rows
-        ]
-        params: Any = converted if compiled.positional else [dict(zip(order, values)) for values in converted]
-        conn.exec_driver_sql(compiled.string, params)
 
     # -- loading --------------------------------------------------------------------
 
@@ -240,14 +213,14 @@ class RowKeys:
         # PostgreSQL would refuse the query (the caller reports it not found)
         ids = [k for k in key_ids if fmt.is_key_id(k)]
         chunk_size = PG_CHUNK if conn.dialect.name == "postgresql" else IN_CHUNK
-        parents: dict[int, CachedKey] = {}
+        openers: dict[tuple[int, str], Any] = {}  # per (table key, owner): its part of the wrap's AD, once
         for start in range(0, len(ids), chunk_size):
             chunk = ids[start : start + chunk_size]
             self.key_queries += 1
             rows = self.query(lambda: conn.execute(self._select_keys(conn, chunk)).all(), table)
             # parent_id None: a table key, which the manager's own cache serves
             opened = [
-                self._opened(r, parents, table, column) for r in rows if r[1] is not None and r[5] == kt.SCOPE_ROW
+                self._opened(r, openers, table, column) for r in rows if r[1] is not None and r[5] == kt.SCOPE_ROW
             ]
             for entry, digest in zip(self.cache.put_many(o[:3] for o in opened), (o[3] for o in opened)):
                 entry.bound = digest
@@ -260,7 +233,7 @@ class RowKeys:
         return select(*cols).where(t.c.id.in_(ids))
 
     def _opened(
-        self, row: Any, parents: dict[int, CachedKey], table: str, column: str | None
+        self, row: Any, openers: dict[tuple[int, str], Any], table: str, column: str | None
     ) -> tuple[int, Any, bytes, bytes | None]:
         """``(key id, cipher, head, row digest)`` of a key row; cipher ``None`` for a tombstone.
 
@@ -272,10 +245,16 @@ class RowKeys:
         digest = bytes(digest) if digest is not None else None
         if wrapped is None or status == kt.SHREDDED:
             return key_id, None, head, digest
-        parent = parents.get(parent_id)
-        if parent is None:
-            parent = parents[parent_id] = self.store.decryption_key(parent_id, table=table, column=column or "")
-        plaintext = self.store.open_child(parent, key_id, parent_id, owner, wrapped, table, column, digest)
+        opener = openers.get((parent_id, owner))
+        if opener is None:
+            parent = self.store.decryption_key(parent_id, table=table, column=column or "")
+            opener = openers[(parent_id, owner)] = ciphers.row_key_opener(
+                parent.cipher, parent.head[0], parent_id, owner
+            )
+        try:
+            plaintext = opener(key_id, wrapped, digest)
+        except fmt.InvalidEnvelope as exc:
+            raise DecryptionError(str(exc), table=table, column=column, key_id=fmt.format_key_id(key_id)) from None
         return key_id, ciphers.ROW_KEY_CIPHER(plaintext), head, digest
 
     def missing(self, key_ids: Iterable[int]) -> set[int]:
@@ -300,6 +279,17 @@ class RowKeys:
         self.store.cache.evict(key_id)
         if result.rowcount == 0:
             self._refuse_shred(conn, key_id, owner)
+
+    def shred_keys(self, conn: Connection, key_ids: Sequence[int], owner: str) -> None:
+        """Destroy many row keys of ``owner`` on ``conn``: one UPDATE per 1,000
+        ids (:func:`.keyrows.shred_many`); the key rows stay as tombstones."""
+        if not key_ids:
+            return
+        self.query(lambda: keyrows.shred_many(conn, self.table, key_ids, owner), owner)
+        self.tracker.state(conn).rows.update(key_ids)  # tombstones cached before a rollback go with it
+        for key_id in key_ids:
+            self.cache.evict(key_id)
+            self.store.cache.evict(key_id)
 
     def _refuse_shred(self, conn: Connection, key_id: int, owner: str | None) -> None:
         record = kt.get_record(conn, self.table, key_id)

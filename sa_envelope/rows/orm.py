@@ -103,7 +103,8 @@ def keys_for(
     else:
         retire(conn, spec, [d for d in digests if d is not None])
     gaps = [i for i, k in enumerate(keys) if k is None]
-    for i, key in zip(gaps, rows.create(conn, spec.owner, len(gaps), [digests[i] for i in gaps])):
+    made = rows.create(conn, spec.owner, len(gaps), [digests[i] for i in gaps], defer=not is_update)
+    for i, key in zip(gaps, made):  # a key made without its digest is inserted by _bind_pending
         keys[i] = key
     return keys, [i for i in gaps if digests[i] is None]  # type: ignore[return-value]
 

@@ -46,7 +46,7 @@ from ..errors import DecryptionError
 from ..keys import table as kt
 from . import binding
 from .keys import RowKeys
-from .stream import PartitionKeys, StreamingPrefetch
+from .stream import PartitionKeys, StreamingPrefetch, key_ids
 
 __all__ = ["check_binding", "install_prefetch", "pk_positions", "row_positions"]
 
@@ -175,8 +175,7 @@ def install_prefetch(rows: RowKeys, manager: Any) -> None:
             return
         fetched = cursor.fetchall()
         context.cursor_fetch_strategy = sa_cursor.FullyBufferedCursorFetchStrategy(cursor, initial_buffer=fetched)
-        key_id_of = fmt.key_id_of
-        ids = {key_id_of(v) for row in fetched for v in (row[i] for i in positions) if v}
+        ids = key_ids(fetched, positions)
         wanted = rows.missing(ids)
         if wanted:
             rows.load(conn, wanted, table=owner or "", column=None)

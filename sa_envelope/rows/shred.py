@@ -32,8 +32,7 @@ def retire(conn: Connection, spec: TableSpec, digests: Sequence[bytes]) -> None:
     then stays unreadable."""
     if digests:
         rows = spec.manager.rows_for(conn)
-        for key_id, _ in binding.find_bound(rows, conn, spec.owner, digests):
-            rows.shred_key(conn, key_id, owner=spec.owner)
+        rows.shred_keys(conn, [key_id for key_id, _ in binding.find_bound(rows, conn, spec.owner, digests)], spec.owner)
 
 
 def shred_instance(manager: Any, instance: Any) -> list[int]:

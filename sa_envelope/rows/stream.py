@@ -35,9 +35,22 @@ from sqlalchemy.engine.cursor import BufferedRowCursorFetchStrategy
 from ..envelope import format as fmt
 from .keys import RowKeys
 
-__all__ = ["PartitionKeys", "StreamingPrefetch"]
+__all__ = ["PartitionKeys", "StreamingPrefetch", "key_ids"]
 
 Check = Callable[[RowKeys, Connection, str, list[Any], list[int], Any], None]
+
+
+def key_ids(fetched: Any, positions: Any) -> set[int]:
+    """The key ids the row-scoped values of ``fetched`` rows name: their 8 id
+    bytes collected first (a row's values share a key: one int conversion
+    per key, not per value)."""
+    cut = fmt.KEY_ID_SLICE
+    try:
+        heads = {v[cut] for row in fetched for i in positions if (v := row[i])}
+    except TypeError:  # memoryview values (unhashable slices)
+        key_id_of = fmt.key_id_of
+        return {key_id_of(v) for row in fetched for i in positions if (v := row[i])}
+    return {int.from_bytes(h, "big") for h in heads}
 
 
 class PartitionKeys:
@@ -63,8 +76,7 @@ class PartitionKeys:
 
     def ids(self, batch: Any) -> set[int]:
         """The key ids the row-scoped values of ``batch`` name."""
-        key_id_of, positions = fmt.key_id_of, self.positions
-        return {key_id_of(v) for row in batch for v in (row[i] for i in positions) if v}
+        return key_ids(batch, self.positions)
 
     def __call__(self, batch: Any, buffered: Any = ()) -> Any:
         """Prepare the keys of ``batch`` (rows just fetched; ``buffered``: rows

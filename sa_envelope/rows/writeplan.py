@@ -105,7 +105,12 @@ def literal(value: Any) -> Any:
 
 
 def known(pk: Sequence[Any]) -> tuple[Any, ...] | None:
-    return None if any(v is None for v in pk) else tuple(pk)
+    """The primary key as a tuple, or ``None`` if any of its values is unknown
+    (runs once per row of an executemany: no generator)."""
+    for v in pk:
+        if v is None:
+            return None
+    return tuple(pk)
 
 
 def _key_of(table: Table, key: Any) -> str | None:
@@ -146,14 +151,26 @@ def plan_for(spec: TableSpec, stmt: Any, plist: list[Mapping[str, Any]]) -> Plan
             plan.names[key] = FIXED + key
     where = _where_pk(spec, stmt) if stmt.is_update else None
     defaults = python_defaults(spec, stmt.is_update)
-    for params in plist:
-        row = {k: params.get(plan.names.get(k, k)) for k in spec.attrs}
-        row.update(plan.fixed)
+    names = [(k, plan.names.get(k, k)) for k in spec.attrs]
+    for params in plist:  # once per row of an executemany: plain loops, no generators
+        get = params.get
+        row = {k: get(n) for k, n in names}
+        if plan.fixed:
+            row.update(plan.fixed)
         for key, default in defaults:
             if plan.names.get(key, key) not in params and key not in clause:
                 row[key] = _default_value(default, params)
-        plan.values.append({k: v for k, v in row.items() if bare(v)})
-        plan.existing.append(next((v.key for v in row.values() if type(v) is RowValue), None))
+        values: dict[str, Any] = {}
+        existing = None
+        for k, v in row.items():
+            if v is None:
+                continue
+            if type(v) is not RowValue:
+                values[k] = v
+            elif existing is None:
+                existing = v.key
+        plan.values.append(values)
+        plan.existing.append(existing)
         if stmt.is_update:
             plan.pks.append(None if where is None else known([_pk_value(w, params) for w in where]))
         else:
