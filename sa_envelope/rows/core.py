@@ -201,7 +201,14 @@ class _CoreWrites:
             pk_rows = _made_pks(conn, result, source)
             pairs = [(key, tuple(pk_rows[i])) for i, key in items if i < len(pk_rows) and known(pk_rows[i])]
             paired = {id(key) for key, _ in pairs}
-            _bind_after(conn, spec, pairs, [key for _, key in items if id(key) not in paired])
+            try:
+                _bind_after(conn, spec, pairs, [key for _, key in items if id(key) not in paired])
+            except BaseException:
+                # the rows are in, their keys are not: a caller who caught the error must
+                # not be able to commit them (MySQL and SQLite keep a transaction open
+                # after a failed statement), so the transaction goes with the connection
+                conn.invalidate()
+                raise
 
 
 # -- keys ------------------------------------------------------------------------------------
