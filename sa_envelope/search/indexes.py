@@ -26,7 +26,7 @@ a subkey per index kind, column and settings; it never rolls over by itself.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from sqlalchemy import Column, Table
 from sqlalchemy.sql.schema import SchemaItem
@@ -34,7 +34,8 @@ from sqlalchemy.sql.schema import SchemaItem
 from ..errors import ConfigurationError, EncryptionError, UnsupportedQueryError
 from ..keys import table as kt
 from . import tokens as tk
-from . import query
+from . import arrays, query
+from .prf import Prf
 from ..columns.searchable import INFO_KEY
 
 __all__ = ["PrefixIndex", "SearchIndex", "SubstringIndex"]
@@ -48,7 +49,10 @@ class SearchIndex(SchemaItem):
     (default: the value as is); ``bits`` (8 to 64) is the size of a token:
     fewer bits, more candidates to re-check and less for a database reader
     to learn. ``context="table.column"`` pins the names (as for
-    EncryptedType), so a rename keeps the tokens valid.
+    EncryptedType), so a rename keeps the tokens valid. ``storage`` is
+    ``"array"`` (a ``BIGINT[]`` column with a GIN index beside the value:
+    PostgreSQL, :mod:`.arrays`) or ``"table"`` (the token table, :mod:`.tokens`);
+    by default ``"array"`` when every engine the KeyManager serves is PostgreSQL.
     """
 
     __visit_name__ = "sa_envelope_search_index"
@@ -62,11 +66,14 @@ class SearchIndex(SchemaItem):
         normalizer: Callable[[Any], Any] | None = None,
         bits: int = 32,
         context: str | None = None,
+        storage: str | None = None,
     ) -> None:
         if not 8 <= bits <= 64:
             raise ConfigurationError(f"bits must be from 8 to 64, got {bits}")
         self.source, self.keys, self.normalizer, self.bits = source, keys, normalizer, bits
-        self.context = context
+        self.context, self._storage = context, storage
+        self.storage = "table"
+        self.tokens_column: Column[Any] | None = None
         self.table: Table | None = None
         self.owner = ""
         self.column = ""
@@ -87,6 +94,9 @@ class SearchIndex(SchemaItem):
         if any(i.kind == self.kind and i.source == self.source for i in known):
             raise ConfigurationError(f"{parent.fullname}.{self.source} has two {self.kind} indexes")
         known.append(self)
+        self.storage = arrays.choose(self.keys, self._storage)
+        if self.storage == "array":
+            self.tokens_column = arrays.add_column(parent, self)
 
     @property
     def name(self) -> str:
@@ -120,18 +130,20 @@ class SearchIndex(SchemaItem):
     # -- tokens ------------------------------------------------------------------------
 
     def subkey(self) -> Any:
-        """The HMAC of this index, keyed from the table's blind-index key."""
+        """The token function (:class:`.prf.Prf`) of this index, keyed from
+        the table's blind-index key."""
         if self.table is None or self.keys is None:
             raise EncryptionError("this search index is not attached to a table", column=self.source)
         entry = self.keys.store.encryption_key(self.owner, kt.SCOPE_BLIND_INDEX)
         cached_entry, base = self._subkey.get(0, (None, None))
         if cached_entry is not entry:  # a new or re-loaded key: derive once
-            base = entry.cipher.subkey(tk.derive_context(self.kind, self.owner, self.column, self.settings()))
+            base = Prf(entry.cipher.subkey(tk.derive_context(self.kind, self.owner, self.column, self.settings())))
             entry.remember(self._subkey, 0, (entry, base))
         return base
 
-    def token(self, subkey: Any, label: bytes, data: bytes) -> int:
-        return tk.token_of(subkey, label, data, self.bits)
+    def digests(self, key: Any, messages: Collection[bytes]) -> set[int]:
+        """The tokens of distinct token inputs (docs/format.md), in one pass."""
+        return set(key.tokens(messages, self.bits))
 
     def query_subkey(self) -> Any:
         """The subkey for a query, or ``None`` when the table has no
@@ -147,12 +159,12 @@ class SearchIndex(SchemaItem):
                 found = self.keys.store.current(own, self.owner, kt.SCOPE_BLIND_INDEX)
         return self.subkey() if found is not None else None
 
-    def query_of(self, inputs: list[tuple[bytes, bytes]], all_required: bool) -> tuple[list[int], bool]:
-        """The tokens of a query's (label, data) inputs; none without a key."""
+    def query_of(self, inputs: list[bytes], all_required: bool) -> tuple[list[int], bool]:
+        """The tokens of a query's token inputs; none without a key."""
         key = self.query_subkey()
         if key is None:
             return [], all_required
-        return sorted({self.token(key, label, data) for label, data in inputs}), all_required
+        return sorted(self.digests(key, set(inputs))), all_required
 
     def normalise(self, value: Any) -> str:
         text = self.normalizer(value) if self.normalizer is not None else value
@@ -212,12 +224,13 @@ class PrefixIndex(SearchIndex):
         return f"bits={self.bits};max_length={self.max_length}"
 
     def tokens(self, value: Any) -> set[int]:
-        text, key = self.normalise(value), self.subkey()
-        return {self.token(key, b"p", text[:i].encode("utf-8")) for i in range(1, min(len(text), self.max_length) + 1)}
+        text = self.normalise(value)
+        inputs = {text[:i].encode("utf-8") for i in range(1, min(len(text), self.max_length) + 1)}
+        return self.digests(self.subkey(), inputs)
 
     def query_tokens(self, needle: Any) -> tuple[list[int], bool]:
         text = self._text_needle(needle)
-        return self.query_of([(b"p", text[: self.max_length].encode("utf-8"))], True)
+        return self.query_of([text[: self.max_length].encode("utf-8")], True)
 
     def accepts(self, value: Any, needle: Any) -> bool:
         return value is not None and self.normalise(value).startswith(self.normalise(needle))
@@ -247,8 +260,8 @@ class SubstringIndex(SearchIndex):
         return [text[i : i + self.n] for i in range(len(text) - self.n + 1)]
 
     def tokens(self, value: Any) -> set[int]:
-        key = self.subkey()
-        return {self.token(key, b"g", g.encode("utf-8")) for g in set(self.grams(self.normalise(value)))}
+        grams = set(self.grams(self.normalise(value)))  # deduped before the PRF
+        return self.digests(self.subkey(), [g.encode("utf-8") for g in grams])
 
     def query_tokens(self, needle: Any) -> tuple[list[int], bool]:
         text = self._text_needle(needle)
@@ -262,7 +275,7 @@ class SubstringIndex(SearchIndex):
         picked = sorted({*grams[:: self.n], grams[-1]})
         step = max(1, len(picked) // self.max_query_tokens + (len(picked) % self.max_query_tokens > 0))
         chosen = picked[::step][: self.max_query_tokens]
-        return self.query_of([(b"g", g.encode("utf-8")) for g in chosen], True)
+        return self.query_of([g.encode("utf-8") for g in chosen], True)
 
     def accepts(self, value: Any, needle: Any) -> bool:
         return value is not None and self.normalise(needle) in self.normalise(value)

@@ -15,12 +15,16 @@ from typing import Any, Sequence
 from sqlalchemy import String, cast, false, func, select
 from sqlalchemy.orm import Session
 
+from . import arrays
+
 __all__ = ["candidates", "find"]
 
 
 def candidates(index: Any, table: Any, needle: Any) -> Any:
     """Rows of ``table`` (the indexed table or an alias of it) that may match."""
     tokens_found, all_required = index.query_tokens(needle)
+    if index.storage == "array":  # tokens @> / && ARRAY[...] on the row itself
+        return arrays.criterion(index, table, tokens_found, all_required)
     if not tokens_found:
         return false()
     tokens = index.tokens_table

@@ -36,6 +36,7 @@ from sqlalchemy.sql.elements import BindParameter, BinaryExpression, BooleanClau
 from ..columns.rowvalue import RowValue
 from ..columns.searchable import indexes_of
 from ..errors import UnsupportedQueryError
+from . import arrays
 from . import tokens as tk
 
 __all__ = ["install", "row_key_of", "token_rows"]
@@ -112,6 +113,13 @@ def _before(conn: Connection, stmt: Any, multiparams: Any, params: Any, executio
     if not indexes:
         return stmt, multiparams, params
     paramsets = list(multiparams) if multiparams else [params or {}]
+    in_arrays = [i for i in indexes if i.storage == "array"]
+    if in_arrays and not stmt.is_delete:  # the tokens travel in the statement itself
+        stmt, paramsets = arrays.rewrite(conn, stmt, paramsets, in_arrays)
+        multiparams, params = (paramsets, {}) if len(paramsets) > 1 else ([], paramsets[0])
+    indexes = [i for i in indexes if i.storage != "array"]
+    if not indexes:
+        return stmt, multiparams, params
     pk = indexes[0].pk_column()
     plan: tuple[Any, ...]
     if stmt.is_insert:

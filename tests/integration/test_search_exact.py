@@ -10,12 +10,12 @@ import datetime as dt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from sa_envelope import KeyManager, UnsupportedQueryError, lookup
-from support.search import FIRST, WORDS, case_sensitive_like, fill, search_models, twin_ids
+from support.search import FIRST, WORDS, case_sensitive_like, fill, search_models, stored_tokens, twin_ids
 
 ROWS = 2000
 CHECKS = settings(
@@ -48,7 +48,7 @@ def test_every_lookup_kind_returns_exactly_the_twins_rows(engine: Engine, local_
     notes = [r["notes"] for r in data if r["notes"]] + WORDS + FIRST
     with Session(engine) as session, engine.connect() as plain:
         case_sensitive_like(plain)
-        assert plain.execute(select(func.count()).select_from(local_keys.search_table)).scalar()
+        assert stored_tokens(plain, local_keys, Patient)
 
         @CHECKS
         @given(needle=_texts(names, 1))

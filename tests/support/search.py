@@ -13,7 +13,7 @@ import datetime as dt
 import random
 from typing import Any
 
-from sqlalchemy import Column, Date, Integer, String, Table, insert, select
+from sqlalchemy import Column, Date, Integer, String, Table, func, insert, select
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Mapped, mapped_column
@@ -21,7 +21,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from sa_envelope import EncryptedType, KeyManager, PrefixIndex, RangeIndex, SubstringIndex
 from support.models import new_base
 
-__all__ = ["FIRST", "WORDS", "fill", "search_models", "twin_ids"]
+__all__ = ["FIRST", "WORDS", "fill", "search_models", "stored_tokens", "twin_ids"]
 
 FIRST = ["Ada", "Adam", "Alan", "Alba", "Émile", "Emil", "Zoë", "Zoe", "李娜", "O'Neil", "Ana_Li", "50%Off", "ßtraße", "a"]
 LAST = ["Lovelace", "Turing", "Hopper", "Noether", "Curie", "de la Cruz", "Ñúñez", "Smith"]
@@ -101,3 +101,14 @@ def case_sensitive_like(conn: Connection) -> None:
     does; the twin's MariaDB collation is binary)."""
     if conn.dialect.name == "sqlite":
         conn.exec_driver_sql("PRAGMA case_sensitive_like = ON")
+
+
+def stored_tokens(conn: Connection, keys: KeyManager, patient: Any) -> int:
+    """How many tokens the indexes of ``patient`` store: rows of the token
+    table, or elements of the token arrays (PostgreSQL)."""
+    table = patient.__table__
+    arrays = [c for c in table.c if c.name.endswith("_tokens")]
+    if not arrays:
+        return int(conn.execute(select(func.count()).select_from(keys.search_table)).scalar() or 0)
+    total = sum(func.coalesce(func.cardinality(c), 0) for c in arrays)
+    return int(conn.execute(select(func.sum(total))).scalar() or 0)
