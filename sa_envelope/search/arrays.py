@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Sequence
 
-from sqlalchemy import BigInteger, Column, Index, Table, event, false, literal
+from sqlalchemy import BigInteger, Column, Index, Table, TypeDecorator, event, false, literal
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapper
 from sqlalchemy.sql.elements import BindParameter, ColumnElement, Null
@@ -29,7 +29,7 @@ from sqlalchemy.sql.elements import BindParameter, ColumnElement, Null
 from ..columns.rowvalue import RowValue
 from ..errors import ConfigurationError, UnsupportedQueryError
 
-__all__ = ["ARRAY_DIALECTS", "add_column", "choose", "criterion", "rewrite", "tokens_value"]
+__all__ = ["ARRAY_DIALECTS", "TokenArray", "add_column", "choose", "criterion", "rewrite", "tokens_value"]
 
 ARRAY_DIALECTS = ("postgresql",)
 _INFO = "sa_envelope_search_tokens"  # Column.info flag of a token column
@@ -47,13 +47,37 @@ def choose(keys: Any, storage: str | None) -> str:
     return storage
 
 
+class TokenArray(TypeDecorator[list[int]]):
+    """``BIGINT[]``, bound as its text form ``{t1,t2,...}`` (cast to
+    ``BIGINT[]`` in the statement): one ``join`` per row, where the driver's
+    list adapter inspects every element."""
+
+    impl = ARRAY(BigInteger)
+    cache_ok = True
+
+    def bind_processor(self, dialect: Any) -> Any:
+        return _as_text  # instead of the list adapter's, not before it
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:  # pragma: no cover - bind_processor
+        return _as_text(value)
+
+    def process_result_value(self, value: Any, dialect: Any) -> Any:
+        return value
+
+
+def _as_text(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    return "{" + ",".join(map(str, value)) + "}"
+
+
 def add_column(table: Table, index: Any) -> Column[Any]:
     """Add the index's token column and its GIN index to ``table``."""
     _hook_mappers()
     name = f"{index.column}_{index.kind}_tokens"
     if name in table.c:
         raise ConfigurationError(f"{table.fullname} already has a column {name!r}", table=index.owner)
-    column: Column[Any] = Column(name, ARRAY(BigInteger), nullable=True, info={_INFO: True})
+    column: Column[Any] = Column(name, TokenArray(), nullable=True, info={_INFO: True})
     table.append_column(column)
     Index(f"ix_{table.name}_{name}"[:63], column, postgresql_using="gin")
     return column

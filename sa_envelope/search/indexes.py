@@ -260,8 +260,13 @@ class SubstringIndex(SearchIndex):
         return [text[i : i + self.n] for i in range(len(text) - self.n + 1)]
 
     def tokens(self, value: Any) -> set[int]:
-        grams = set(self.grams(self.normalise(value)))  # deduped before the PRF
-        return self.digests(self.subkey(), [g.encode("utf-8") for g in grams])
+        text = self.normalise(value)
+        data, n = text.encode("utf-8"), self.n
+        if len(data) == len(text):  # ASCII: the n-grams are byte slices
+            grams = {data[i : i + n] for i in range(len(data) - n + 1)}  # deduped before the PRF
+        else:
+            grams = {g.encode("utf-8") for g in self.grams(text)}
+        return self.digests(self.subkey(), grams)
 
     def query_tokens(self, needle: Any) -> tuple[list[int], bool]:
         text = self._text_needle(needle)

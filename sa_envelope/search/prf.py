@@ -65,18 +65,19 @@ class Prf:
             for m in inputs:
                 by_length.setdefault(len(m), []).append(m)
         out: list[int] = []
+        wide: list[int] = []  # 64-bit digests, to shift
         encrypt = self._ecb.encryptor().update
         for length, group in by_length.items():
             if length <= BLOCK_INPUT_MAX:
                 tail = _TAILS[length]  # zero padding, then the length byte
-                out.extend(_reader(bits, len(group))(encrypt(tail.join(group) + tail)))
+                found = _reader(bits, len(group))(encrypt(tail.join(group) + tail))
+                (out if bits in _DIRECT else wide).extend(found)
             else:
                 for m in group:
                     digest = hashlib.blake2b(m, key=self._b2, digest_size=8).digest()
-                    out.append(int.from_bytes(digest, "big", signed=True) >> (64 - bits))
-        if bits not in _DIRECT:
-            shift = 64 - bits
-            return [t >> shift for t in out]
+                    wide.append(int.from_bytes(digest, "big", signed=True))
+        shift = 64 - bits
+        out.extend([t >> shift for t in wide])
         return out
 
     def __repr__(self) -> str:

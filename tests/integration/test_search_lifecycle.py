@@ -54,7 +54,11 @@ def test_the_index_key_does_not_roll_over_with_the_table_key(engine: Engine, tmp
     assert scopes.count("table") > 1 and scopes.count("blind-index") == 1
     with Session(engine) as session:
         assert {n.id for n in lookup(session, Note.body, contains="penicillin")} == set(range(12))
-        assert {n.id for n in lookup(session, Note.day, between=(dt.date(2000, 1, 3), dt.date(2000, 1, 5)))} == {2, 3, 4}
+        assert {n.id for n in lookup(session, Note.day, between=(dt.date(2000, 1, 3), dt.date(2000, 1, 5)))} == {
+            2,
+            3,
+            4,
+        }
 
 
 def test_a_row_scoped_column_can_be_indexed(engine: Engine, local_keys: KeyManager) -> None:

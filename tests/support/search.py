@@ -23,7 +23,22 @@ from support.models import new_base
 
 __all__ = ["FIRST", "WORDS", "fill", "search_models", "stored_tokens", "twin_ids"]
 
-FIRST = ["Ada", "Adam", "Alan", "Alba", "Émile", "Emil", "Zoë", "Zoe", "李娜", "O'Neil", "Ana_Li", "50%Off", "ßtraße", "a"]
+FIRST = [
+    "Ada",
+    "Adam",
+    "Alan",
+    "Alba",
+    "Émile",
+    "Emil",
+    "Zoë",
+    "Zoe",
+    "李娜",
+    "O'Neil",
+    "Ana_Li",
+    "50%Off",
+    "ßtraße",
+    "a",
+]
 LAST = ["Lovelace", "Turing", "Hopper", "Noether", "Curie", "de la Cruz", "Ñúñez", "Smith"]
 WORDS = ["penicillin", "allergy", "aspirin", "asthma", "none", "mild", "severe", "pen", "cillin", "lin", "ß", "日本"]
 TEXT = String(300).with_variant(mysql.VARCHAR(300, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb")
