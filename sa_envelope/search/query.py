@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from sqlalchemy import String, cast, false, func, select
 from sqlalchemy.orm import Session
 
-from . import arrays
+from . import arrays, rowkeys
 
 __all__ = ["candidates", "find"]
 
@@ -28,8 +28,9 @@ def candidates(index: Any, table: Any, needle: Any) -> Any:
     if not tokens_found:
         return false()
     tokens = index.tokens_table
-    pk = index.pk_column()
-    row_key: Any = tokens.c.row_key if isinstance(pk.type, String) else cast(tokens.c.row_key, pk.type)
+    pks = rowkeys.columns_of(index)
+    pk = pks[0]
+    row_key: Any = tokens.c.row_key if isinstance(pk.type, String) or len(pks) > 1 else cast(tokens.c.row_key, pk.type)
     token = tokens.c.token
     query = select(row_key).where(
         tokens.c.owner == index.owner,
@@ -41,7 +42,10 @@ def candidates(index: Any, table: Any, needle: Any) -> Any:
         # only adds a candidate, which the re-check discards
         query = query.group_by(tokens.c.row_key).having(func.count() >= len(tokens_found))
     target = getattr(table, "c", None)
-    return (target[pk.key] if target is not None else pk).in_(query)
+    columns = [target[c.key] for c in pks] if target is not None else pks
+    if len(columns) > 1:  # a composite key: the row's row_key, computed (rowkeys)
+        return rowkeys.sql(columns).in_(query)
+    return columns[0].in_(query)
 
 
 def find(index: Any, session: Session, attribute: Any, needle: Any, where: Sequence[Any]) -> list[Any]:

@@ -15,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import String, Table, and_, bindparam, cast, delete, select, update
+from sqlalchemy import Table, and_, bindparam, delete, select, tuple_, update
 
 from ..columns.searchable import indexes_of
-from . import arrays
+from . import arrays, rowkeys
 from . import tokens as tk
 from .writes import row_key_of, token_rows
 
@@ -61,16 +61,20 @@ def verify_index(engine: Any, table: Table, *, fix: bool = False, batch_size: in
 
 def _verify_one(engine: Any, index: Any, fix: bool, batch_size: int) -> IndexReport:
     report = IndexReport(index.owner, index.name, fixed=fix)
-    pk, source, tokens = index.pk_column(), index.source_column(), index.tokens_table
+    pks, source, tokens = rowkeys.columns_of(index), index.source_column(), index.tokens_table
     stored = [index.tokens_column] if index.storage == "array" else []
+    k = len(pks)
+    pk = pks[0] if k == 1 else tuple_(*pks)
     last: Any = None
     while True:
         with engine.begin() as conn, index.keys.use_connection(conn):
-            query = select(pk, source, *stored).order_by(pk).limit(batch_size)
-            batch = conn.execute(query if last is None else query.where(pk > last)).all()
-            if not batch:
+            query = select(*pks, source, *stored).order_by(*pks).limit(batch_size)
+            found = conn.execute(query if last is None else query.where(pk > last)).all()
+            if not found:
                 break
-            last = batch[-1][0]
+            # (key, value[, stored]): a composite key as a tuple
+            batch = [(r[0] if k == 1 else tuple(r[:k]), *r[k:]) for r in found]
+            last = batch[-1][0] if k == 1 else tuple_(*batch[-1][0])
             if stored:
                 _check_arrays(conn, index, batch, report, fix)
             else:
@@ -78,7 +82,7 @@ def _verify_one(engine: Any, index: Any, fix: bool, batch_size: int) -> IndexRep
     if stored:
         return report  # a row's tokens are in the row: none can outlive it
     with engine.begin() as conn:
-        alive = select(cast(pk, String))
+        alive = select(rowkeys.sql(pks))
         orphans = and_(tokens.c.owner == index.owner, tokens.c.name == index.name, tokens.c.row_key.not_in(alive))
         report.orphan_tokens = len(conn.execute(select(tokens.c.row_key).where(orphans)).all())
         if fix and report.orphan_tokens:
@@ -115,7 +119,7 @@ def _check_batch(conn: Any, index: Any, tokens: Table, batch: list[Any], report:
 
 
 def _check_arrays(conn: Any, index: Any, batch: list[Any], report: IndexReport, fix: bool) -> None:
-    pk, column = index.pk_column(), index.tokens_column
+    pks, column = rowkeys.columns_of(index), index.tokens_column
     to_fix: list[dict[str, Any]] = []
     for key, value, stored in batch:
         report.rows += 1
@@ -127,8 +131,9 @@ def _check_arrays(conn: Any, index: Any, batch: list[Any], report: IndexReport, 
             report.extra_tokens += len(have - want)
             if len(report.examples) < _SHOWN:
                 report.examples.append(row_key_of(key))
-            to_fix.append({"sae_pk": key, "sae_tokens": expected})
+            keys = key if len(pks) > 1 else (key,)
+            to_fix.append({**{f"sae_pk{i}": k for i, k in enumerate(keys)}, "sae_tokens": expected})
     if fix and to_fix:
-        table = index.table
-        fixing = update(table).where(pk == bindparam("sae_pk")).values({column: bindparam("sae_tokens")})
+        by_key = [c == bindparam(f"sae_pk{i}") for i, c in enumerate(pks)]
+        fixing = update(index.table).where(*by_key).values({column: bindparam("sae_tokens")})
         conn.execute(fixing, to_fix)
