@@ -79,7 +79,8 @@ def add_column(table: Table, index: Any) -> Column[Any]:
         raise ConfigurationError(f"{table.fullname} already has a column {name!r}", table=index.owner)
     column: Column[Any] = Column(name, TokenArray(), nullable=True, info={_INFO: True})
     table.append_column(column)
-    Index(f"ix_{table.name}_{name}"[:63], column, postgresql_using="gin")
+    options = {"postgresql_with": index.gin_with} if index.gin_with else {}
+    Index(f"ix_{table.name}_{name}"[:63], column, postgresql_using="gin", **options)
     return column
 
 

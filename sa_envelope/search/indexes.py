@@ -53,6 +53,9 @@ class SearchIndex(SchemaItem):
     ``"array"`` (a ``BIGINT[]`` column with a GIN index beside the value:
     PostgreSQL, :mod:`.arrays`) or ``"table"`` (the token table, :mod:`.tokens`);
     by default ``"array"`` when every engine the KeyManager serves is PostgreSQL.
+    ``gin_with`` are the GIN index's storage parameters (``{"fastupdate":
+    "off"}``, ``{"gin_pending_list_limit": 32768}``): how writes trade against
+    lookups (docs/querying.md).
     """
 
     __visit_name__ = "sa_envelope_search_index"
@@ -67,11 +70,12 @@ class SearchIndex(SchemaItem):
         bits: int = 32,
         context: str | None = None,
         storage: str | None = None,
+        gin_with: dict[str, Any] | None = None,
     ) -> None:
         if not 8 <= bits <= 64:
             raise ConfigurationError(f"bits must be from 8 to 64, got {bits}")
         self.source, self.keys, self.normalizer, self.bits = source, keys, normalizer, bits
-        self.context, self._storage = context, storage
+        self.context, self._storage, self.gin_with = context, storage, dict(gin_with or {})
         self.storage = "table"
         self.tokens_column: Column[Any] | None = None
         self.table: Table | None = None
