@@ -279,12 +279,14 @@ class SubstringIndex(SearchIndex):
                 f"a contains needle needs at least {self.n} characters (n={self.n}); "
                 f"got {len(text)}: filter a bounded result in Python instead"
             )
-        grams = self.grams(text)
-        # non-overlapping n-grams and the last one cover the needle; a few suffice
-        picked = sorted({*grams[:: self.n], grams[-1]})
-        step = max(1, len(picked) // self.max_query_tokens + (len(picked) % self.max_query_tokens > 0))
-        chosen = picked[::step][: self.max_query_tokens]
-        return self.query_of([g.encode("utf-8") for g in chosen], True)
+        grams = list(dict.fromkeys(self.grams(text)))  # distinct, in needle order
+        # every n-gram when they fit: overlapping n-grams must sit side by side in a
+        # row, which rows holding them scattered rarely do (fewer candidates to decrypt);
+        # else max_query_tokens of them, evenly spread from the first to the last
+        most = self.max_query_tokens
+        if len(grams) > most:
+            grams = [grams[round(i * (len(grams) - 1) / max(1, most - 1))] for i in range(most)]
+        return self.query_of([g.encode("utf-8") for g in grams], True)
 
     def accepts(self, value: Any, needle: Any) -> bool:
         return value is not None and self.normalise(needle) in self.normalise(value)
