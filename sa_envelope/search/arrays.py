@@ -132,15 +132,24 @@ def _key(k: Any) -> str:
 
 
 def _fixed(index: Any, stmt: Any) -> Any:
-    """The value a statement's ``.values()`` gives the indexed column, if any."""
+    """What a statement's ``.values()`` gives the indexed column: its bind
+    (valued by the parameters when named there), None for NULL, or _ABSENT."""
     for k, v in (stmt._values or {}).items():
         if _key(k) == index.source_column().key:
             if isinstance(v, Null):
                 return None
             if isinstance(v, BindParameter) and v.callable is None:
-                return v.value
+                return v
             raise _refuse(index, "a statement that sets an indexed column from a SQL expression")
     return _ABSENT
+
+
+def _value_in(p: dict[str, Any], source: str, fallback: Any) -> Any:
+    if source in p:
+        return p[source]
+    if isinstance(fallback, BindParameter):
+        return p.get(fallback.key, fallback.value)
+    return fallback
 
 
 def _default(index: Any) -> Any:
@@ -172,7 +181,7 @@ def rewrite(conn: Any, stmt: Any, paramsets: Sequence[Any], indexes: list[Any]) 
             continue  # an UPDATE that leaves the value (and its tokens) as they are
         fallback = fixed if fixed is not _ABSENT else (_default(index) if stmt.is_insert else None)
         for p in out:
-            p[target] = tokens_value(index, p.get(source, fallback))
+            p[target] = tokens_value(index, _value_in(p, source, fallback))
     if stmt.is_insert and stmt._post_values_clause is not None:
         stmt = _upsert(stmt, indexes)
     return stmt, out

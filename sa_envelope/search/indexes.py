@@ -36,7 +36,7 @@ from ..keys import table as kt
 from . import tokens as tk
 from . import arrays, query
 from .prf import Prf
-from ..columns.searchable import INFO_KEY
+from ..columns.searchable import indexes_of, register
 
 __all__ = ["PrefixIndex", "SearchIndex", "SubstringIndex"]
 
@@ -94,10 +94,9 @@ class SearchIndex(SchemaItem):
         self.owner, self.column = parent.fullname, parent.c[self.source].name
         if self.context is not None:
             self.owner, _, self.column = self.context.rpartition(".")
-        known = parent.info.setdefault(INFO_KEY, [])
-        if any(i.kind == self.kind and i.source == self.source for i in known):
+        if any(i.kind == self.kind and i.source == self.source for i in indexes_of(parent)):
             raise ConfigurationError(f"{parent.fullname}.{self.source} has two {self.kind} indexes")
-        known.append(self)
+        register(parent, self)
         self.storage = arrays.choose(self.keys, self._storage)
         if self.storage == "array":
             self.tokens_column = arrays.add_column(parent, self)
