@@ -4,7 +4,7 @@ One row per (indexed table, index, row, token)::
 
     owner    the indexed table (schema-qualified, as key owners are)
     name     the index: "<column>/<kind>" (``name/prefix``, ``notes/substring``)
-    row_key  the indexed row's primary key, as text
+    row_key  the indexed row's primary key, as text (:mod:`.rowkeys`: composite keys too)
     token    a keyed digest truncated to the index's bits, as a signed BIGINT
 
 The composite index ``(owner, name, token, row_key)`` answers a lookup from

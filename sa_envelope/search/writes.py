@@ -3,12 +3,16 @@
 Every write reaches the database as a Core statement, whether it comes from
 ``conn.execute(insert(t), rows)``, an ORM flush, an ORM bulk statement or an
 upsert. Two listeners on every Engine (``before_execute``, ``after_execute``)
-see each one, and for a table with search indexes:
+see each one. Indexes in array storage (PostgreSQL) get their tokens added
+to the statement's own parameters before it runs (:func:`.arrays.rewrite`):
+nothing to do afterwards, and a DELETE needs nothing. For indexes in the
+token table:
 
 * **INSERT** (one row, many rows, ORM flush, ORM bulk): the primary keys are
   asked back (``return_defaults()``) when not given; afterwards the tokens
   of each row's values are inserted on the same connection.
-* **UPDATE** of an indexed column: only by primary key (``WHERE pk = :value``,
+* **UPDATE** of an indexed column: only by primary key (``WHERE pk = :value``
+  for every key column,
   as the ORM flush and ORM bulk updates do, optionally ``AND`` more criteria
   for one row at a time); afterwards the row's tokens are replaced.
 * **DELETE** (any criteria): the rows' keys are selected first; afterwards
