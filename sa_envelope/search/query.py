@@ -41,10 +41,6 @@ def candidates(index: Any, table: Any, needle: Any) -> Any:
         # count(*), not count(DISTINCT): hashable, and a duplicated (forged) token
         # only adds a candidate, which the re-check discards
         query = query.group_by(tokens.c.row_key).having(func.count() >= len(tokens_found))
-        # a derived table: MariaDB runs an IN (... GROUP BY ... HAVING) once per outer
-        # row, but materialises a plain IN over a derived table (one pass)
-        grouped = query.subquery()
-        query = select(grouped.c[0])
     target = getattr(table, "c", None)
     columns = [target[c.key] for c in pks] if target is not None else pks
     if len(columns) > 1:  # a composite key: the row's row_key, computed (rowkeys)
