@@ -8,7 +8,11 @@ engine is PostgreSQL) an index adds to the indexed table::
 
 A lookup is ``tokens @> ARRAY[needle tokens]`` (every token of a prefix or
 substring needle) or ``tokens && ARRAY[buckets]`` (any bucket of a range's
-cover): one GIN probe, no join, no second table. The tokens travel in the
+cover): one GIN probe, no join, no second table. The needle's tokens are
+made when the statement executes, under each live blind-index key
+(:mod:`.keyring`): a row's array holds one key's tokens, so during a
+rotation "every token" is one ``@>`` per live key, ORed (:func:`criterion`).
+The tokens travel in the
 writing statement itself: :func:`rewrite` adds them to the parameters of
 every INSERT, UPDATE and upsert that writes an indexed column (ORM flush,
 ORM bulk, Core one row or many), so a row and its tokens are one write. A

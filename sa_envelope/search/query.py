@@ -6,6 +6,9 @@ that only rows holding *every* needle token remain. Truncated digests
 collide, and a database writer may add tokens, so these are candidates:
 :func:`find` re-checks each against its decrypted value, which makes the
 result exactly the rows a plaintext ``LIKE`` / ``BETWEEN`` would return.
+In array storage the criterion is on the row's own token array instead
+(:func:`.arrays.criterion`). A composite primary key meets the token table
+through its SQL ``row_key`` (:mod:`.rowkeys`).
 """
 
 from __future__ import annotations
