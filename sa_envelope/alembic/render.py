@@ -1,4 +1,6 @@
-"""Autogenerate: ``EncryptedType`` and ``BlindIndexType`` rendered with their import."""
+"""Autogenerate: ``EncryptedType`` and ``BlindIndexType`` rendered with their
+import; a search index's token array (``TokenArray``) as the plain
+``postgresql.ARRAY(sa.BigInteger())`` it is in the database."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from alembic.autogenerate.api import AutogenContext
 
 from ..columns.blindindex import BlindIndexType
 from ..columns.encrypted import EncryptedType
+from ..search.arrays import TokenArray
 
 __all__ = ["render_item"]
 
@@ -44,6 +47,9 @@ def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | 
 
     The rendered type has no KeyManager: DDL does not need one.
     """
+    if type_ == "type" and isinstance(obj, TokenArray):  # DDL only: the column is BIGINT[]
+        autogen_context.imports.add("from sqlalchemy.dialects import postgresql")
+        return "postgresql.ARRAY(sa.BigInteger())"
     if type_ != "type" or not isinstance(obj, (EncryptedType, BlindIndexType)):
         return False
     autogen_context.imports.add("import sa_envelope")

@@ -15,7 +15,9 @@ Options: ``bits``, ``context`` (the model's pinned ``context=``),
 ``granularities`` (range: calendar names or bucket widths, coarsest first,
 separated by ``/``), ``type`` (the column's inner type, default ``string``,
 or ``date`` for a range) and ``deterministic=yes``. The table is reflected
-and each described index checked by :func:`sa_envelope.search.verify.verify_index`.
+and each described index checked by :func:`sa_envelope.search.verify.verify_index`,
+in the row's own token array where the table has the index's array column
+(PostgreSQL, :mod:`sa_envelope.search.arrays`), else in the token table.
 The indexes the token table holds that no ``--index`` describes are listed
 as not checked.
 """
@@ -32,6 +34,7 @@ from ..columns import normalizers
 from ..columns.encrypted import EncryptedType
 from ..errors import ConfigurationError
 from ..manager import KeyManager
+from ..search import arrays
 from ..search.indexes import PrefixIndex, SearchIndex, SubstringIndex
 from ..search.ranges import RangeIndex
 from ..search.verify import IndexReport, verify_index
@@ -75,7 +78,13 @@ class _Spec:
                 raise ConfigurationError(f"--index {text!r}: option {pair!r} is not OPTION=VALUE")
             self.options[name.strip()] = value.strip()
 
-    def index(self, keys: KeyManager | None) -> SearchIndex:
+    @property
+    def tokens_column(self) -> str:
+        """Its token column's name, were its storage an array (:mod:`..search.arrays`)."""
+        pinned = self.options.get("context", "").rpartition(".")[2]
+        return arrays.column_name(pinned or self.column, self.kind)
+
+    def index(self, keys: KeyManager | None, storage: str = "table") -> SearchIndex:
         where = f"--index {self.table}.{self.column}"
         try:
             args: dict[str, Any] = {k: int(v) for k, v in self.options.items() if k in _INTS}
@@ -91,7 +100,7 @@ class _Spec:
         if unknown:
             raise ConfigurationError(f"{where}: no option {', '.join(sorted(unknown))}")
         try:
-            return KINDS[self.kind](self.column, keys, **args)
+            return KINDS[self.kind](self.column, keys, storage=storage, **args)
         except TypeError:  # an option of another kind
             raise ConfigurationError(f"{where}: a {self.kind} index takes no {', '.join(sorted(args))}") from None
 
@@ -115,14 +124,22 @@ def _level(text: str) -> Any:
 
 
 def _declared(engine: Engine, keys: KeyManager, name: str, specs: list[_Spec]) -> Table:
-    """The reflected table, its indexed columns encrypted, its indexes attached."""
+    """The reflected table, its indexed columns encrypted, its indexes
+    attached: in array storage where the table has the index's token column
+    (which the index then declares), else in the token table."""
     reflected = Table(name, MetaData(), autoload_with=engine)
     typed = {s.column: s.column_type(keys) for s in specs}
     for spec in specs:
         if spec.column not in reflected.c:
             raise ConfigurationError(f"--index: table {name} has no column {spec.column}")
-    columns = [Column(c.name, typed.get(c.name, c.type), primary_key=c.primary_key) for c in reflected.columns]
-    return Table(name, MetaData(), *columns, *(s.index(keys) for s in specs))
+    in_arrays = {s.tokens_column for s in specs if s.tokens_column in reflected.c}
+    columns = [
+        Column(c.name, typed.get(c.name, c.type), primary_key=c.primary_key)
+        for c in reflected.columns
+        if c.name not in in_arrays
+    ]
+    indexes = [s.index(keys, "array" if s.tokens_column in in_arrays else "table") for s in specs]
+    return Table(name, MetaData(), *columns, *indexes)
 
 
 def parse_specs(texts: list[str]) -> list[_Spec]:

@@ -1,7 +1,9 @@
 """Which search indexes a table declares, for the column's own API.
 
 The indexes themselves live above this layer (:mod:`sa_envelope.search`);
-they register in ``Table.info`` when given to a table. The comparator's
+they register here (:func:`register`) when given to a table: not in
+``Table.info``, which Alembic autogenerate renders into migrations with
+``repr``. The comparator's
 ``matches_prefix()`` / ``matches_substring()`` / ``matches_range()`` and
 ``lookup(..., startswith= | contains= | between=)`` find them here, by the
 column and the kind asked for, without importing them.
@@ -9,13 +11,21 @@ column and the kind asked for, without importing them.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from ..errors import ConfigurationError
 
-__all__ = ["INFO_KEY", "index_for", "indexes_of"]
+__all__ = ["index_for", "indexes_of", "register"]
 
-INFO_KEY = "sa_envelope_search"  # Table.info[INFO_KEY]: the table's search indexes
+_declared: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()  # Table -> its search indexes
+
+
+def register(table: Any, index: Any) -> None:
+    """Add ``index`` to ``table``'s search indexes."""
+    _declared.setdefault(table, []).append(index)
+
+
 KIND_OF_QUERY = {"prefix": "startswith", "substring": "contains", "range": "between"}
 
 
@@ -23,8 +33,10 @@ def indexes_of(table: Any) -> list[Any]:
     """The search indexes declared on ``table`` (an alias's or annotated table's too)."""
     base = getattr(table, "element", table)  # an Alias names its table as .element
     base = base._deannotate() if hasattr(base, "_deannotate") else base
-    info = getattr(base, "info", None)
-    return list(info.get(INFO_KEY, ())) if isinstance(info, dict) else []
+    try:
+        return list(_declared.get(base, ()))
+    except TypeError:  # not weakly referenceable: not a table
+        return []
 
 
 def index_for(expr: Any, kind: str) -> Any:

@@ -27,16 +27,16 @@ and which key and which database's key table is :mod:`.keyring`'s rule.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from sqlalchemy import Column, Table
 from sqlalchemy.sql.schema import SchemaItem
 
 from ..errors import ConfigurationError, EncryptionError, UnsupportedQueryError
-from . import keyring, query
+from . import arrays, keyring, query
 from . import tokens as tk
 from .keyring import Inputs
-from ..columns.searchable import INFO_KEY
+from ..columns.searchable import indexes_of, register
 
 __all__ = ["PrefixIndex", "SearchIndex", "SubstringIndex"]
 
@@ -49,7 +49,13 @@ class SearchIndex(SchemaItem):
     (default: the value as is); ``bits`` (8 to 64) is the size of a token:
     fewer bits, more candidates to re-check and less for a database reader
     to learn. ``context="table.column"`` pins the names (as for
-    EncryptedType), so a rename keeps the tokens valid.
+    EncryptedType), so a rename keeps the tokens valid. ``storage`` is
+    ``"array"`` (a ``BIGINT[]`` column with a GIN index beside the value:
+    PostgreSQL, :mod:`.arrays`) or ``"table"`` (the token table, :mod:`.tokens`);
+    by default ``"array"`` when every engine the KeyManager serves is PostgreSQL.
+    ``gin_with`` are the GIN index's storage parameters (``{"fastupdate":
+    "off"}``, ``{"gin_pending_list_limit": 32768}``): how writes trade against
+    lookups (docs/querying.md).
     """
 
     __visit_name__ = "sa_envelope_search_index"
@@ -63,11 +69,15 @@ class SearchIndex(SchemaItem):
         normalizer: Callable[[Any], Any] | None = None,
         bits: int = 32,
         context: str | None = None,
+        storage: str | None = None,
+        gin_with: dict[str, Any] | None = None,
     ) -> None:
         if not 8 <= bits <= 64:
             raise ConfigurationError(f"bits must be from 8 to 64, got {bits}")
         self.source, self.keys, self.normalizer, self.bits = source, keys, normalizer, bits
-        self.context = context
+        self.context, self._storage, self.gin_with = context, storage, dict(gin_with or {})
+        self.storage = "table"
+        self.tokens_column: Column[Any] | None = None
         self.table: Table | None = None
         self.owner = ""
         self.column = ""
@@ -84,10 +94,12 @@ class SearchIndex(SchemaItem):
         self.owner, self.column = parent.fullname, parent.c[self.source].name
         if self.context is not None:
             self.owner, _, self.column = self.context.rpartition(".")
-        known = parent.info.setdefault(INFO_KEY, [])
-        if any(i.kind == self.kind and i.source == self.source for i in known):
+        if any(i.kind == self.kind and i.source == self.source for i in indexes_of(parent)):
             raise ConfigurationError(f"{parent.fullname}.{self.source} has two {self.kind} indexes")
-        known.append(self)
+        register(parent, self)
+        self.storage = arrays.choose(self.keys, self._storage)
+        if self.storage == "array":
+            self.tokens_column = arrays.add_column(parent, self)
 
     @property
     def name(self) -> str:
@@ -102,18 +114,6 @@ class SearchIndex(SchemaItem):
         assert self.table is not None
         return self.table.c[self.source]
 
-    def pk_column(self) -> Column[Any]:
-        """The one primary-key column whose value keys a row's tokens."""
-        assert self.table is not None
-        columns = list(self.table.primary_key.columns)
-        if len(columns) != 1:
-            raise ConfigurationError(
-                f"a search index needs a one-column primary key; {self.owner} has {len(columns)}",
-                table=self.owner,
-                column=self.column,
-            )
-        return columns[0]
-
     def settings(self) -> str:
         """What besides the key changes the tokens (bound into the subkey)."""
         return f"bits={self.bits}"
@@ -121,18 +121,20 @@ class SearchIndex(SchemaItem):
     # -- tokens ------------------------------------------------------------------------
 
     def subkey(self) -> Any:
-        """The HMAC new tokens are made with: from the write key of the table's
-        blind-index key, in the statement's database (:mod:`.keyring`)."""
+        """The token function (:class:`.prf.Prf`) new tokens are made with:
+        the write key of the table's blind-index key, in the statement's
+        database (:func:`.keyring.write_subkey`)."""
         if self.table is None or self.keys is None:
             raise EncryptionError("this search index is not attached to a table", column=self.source)
         return keyring.write_subkey(self)
 
-    def token(self, subkey: Any, label: bytes, data: bytes) -> int:
-        return tk.token_of(subkey, label, data, self.bits)
+    def digests(self, key: Any, messages: Collection[bytes]) -> set[int]:
+        """The tokens of distinct token inputs (docs/format.md), in one pass."""
+        return set(key.tokens(messages, self.bits))
 
-    def query_of(self, inputs: list[tuple[bytes, bytes]], all_required: bool) -> tuple[Inputs, bool]:
-        """A query's (label, data) inputs, made tokens under each live key
-        when the statement executes (:func:`.keyring.tokens_param`)."""
+    def query_of(self, inputs: list[bytes], all_required: bool) -> tuple[Inputs, bool]:
+        """A query's token inputs, made tokens under each live key when the
+        statement executes (:func:`.keyring.tokens_param`)."""
         return sorted(set(inputs)), all_required
 
     def normalise(self, value: Any) -> str:
@@ -193,12 +195,13 @@ class PrefixIndex(SearchIndex):
         return f"bits={self.bits};max_length={self.max_length}"
 
     def tokens(self, value: Any) -> set[int]:
-        text, key = self.normalise(value), self.subkey()
-        return {self.token(key, b"p", text[:i].encode("utf-8")) for i in range(1, min(len(text), self.max_length) + 1)}
+        text = self.normalise(value)
+        inputs = {text[:i].encode("utf-8") for i in range(1, min(len(text), self.max_length) + 1)}
+        return self.digests(self.subkey(), inputs)
 
     def query_tokens(self, needle: Any) -> tuple[Inputs, bool]:
         text = self._text_needle(needle)
-        return self.query_of([(b"p", text[: self.max_length].encode("utf-8"))], True)
+        return self.query_of([text[: self.max_length].encode("utf-8")], True)
 
     def accepts(self, value: Any, needle: Any) -> bool:
         return value is not None and self.normalise(value).startswith(self.normalise(needle))
@@ -228,8 +231,13 @@ class SubstringIndex(SearchIndex):
         return [text[i : i + self.n] for i in range(len(text) - self.n + 1)]
 
     def tokens(self, value: Any) -> set[int]:
-        key = self.subkey()
-        return {self.token(key, b"g", g.encode("utf-8")) for g in set(self.grams(self.normalise(value)))}
+        text = self.normalise(value)
+        data, n = text.encode("utf-8"), self.n
+        if len(data) == len(text):  # ASCII: the n-grams are byte slices
+            grams = {data[i : i + n] for i in range(len(data) - n + 1)}  # deduped before the PRF
+        else:
+            grams = {g.encode("utf-8") for g in self.grams(text)}
+        return self.digests(self.subkey(), grams)
 
     def query_tokens(self, needle: Any) -> tuple[Inputs, bool]:
         text = self._text_needle(needle)
@@ -238,12 +246,14 @@ class SubstringIndex(SearchIndex):
                 f"a contains needle needs at least {self.n} characters (n={self.n}); "
                 f"got {len(text)}: filter a bounded result in Python instead"
             )
-        grams = self.grams(text)
-        # non-overlapping n-grams and the last one cover the needle; a few suffice
-        picked = sorted({*grams[:: self.n], grams[-1]})
-        step = max(1, len(picked) // self.max_query_tokens + (len(picked) % self.max_query_tokens > 0))
-        chosen = picked[::step][: self.max_query_tokens]
-        return self.query_of([(b"g", g.encode("utf-8")) for g in chosen], True)
+        grams = list(dict.fromkeys(self.grams(text)))  # distinct, in needle order
+        # every n-gram when they fit: overlapping n-grams must sit side by side in a
+        # row, which rows holding them scattered rarely do (fewer candidates to decrypt);
+        # else max_query_tokens of them, evenly spread from the first to the last
+        most = self.max_query_tokens
+        if len(grams) > most:
+            grams = [grams[round(i * (len(grams) - 1) / max(1, most - 1))] for i in range(most)]
+        return self.query_of([g.encode("utf-8") for g in grams], True)
 
     def accepts(self, value: Any, needle: Any) -> bool:
         return value is not None and self.normalise(needle) in self.normalise(value)

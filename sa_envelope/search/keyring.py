@@ -33,13 +33,18 @@ from typing import Any, ContextManager, Iterator, Sequence
 from sqlalchemy import BigInteger, Connection, Integer, bindparam
 from sqlalchemy.sql.elements import BindParameter
 
+from ..errors import UnsupportedQueryError
 from ..keys import table as kt
 from ..keys.cache import CachedKey
 from ..keys.engines import Binding, executing_on
 from . import tokens as tk
+from .prf import Prf
 
 __all__ = [
+    "ARRAY_SLOTS",
     "Inputs",
+    "array_slot_param",
+    "array_union_param",
     "binding_of",
     "live_keys",
     "subkey_of",
@@ -52,7 +57,9 @@ __all__ = [
 
 _forced: ContextVar[CachedKey | None] = ContextVar("sa_envelope_search_key", default=None)
 
-Inputs = Sequence[tuple[bytes, bytes]]  # a needle's (label, data) pairs, before any key
+ARRAY_SLOTS = 3  # live keys an array lookup serves (a rotation has two)
+
+Inputs = Sequence[bytes]  # a needle's token inputs (docs/format.md), before any key
 
 
 def using(conn: Connection) -> ContextManager[Connection]:
@@ -75,21 +82,21 @@ def binding_of(index: Any) -> Binding:
     return index.keys.engines.current()  # type: ignore[no-any-return]
 
 
-def subkey_of(index: Any, entry: CachedKey) -> Any:
-    """The index's HMAC under ``entry``, derived once per key (dropped with it).
+def subkey_of(index: Any, entry: CachedKey) -> Prf:
+    """The index's token function under ``entry``, derived once per key (dropped with it).
 
     Held by the entry's identity: two databases may hold a blind-index key
     of one id (the first key's id is fixed), never the same material."""
     slot = id(entry)
     cached = index._subkey.get(slot)
     if cached is not None and cached[0] is entry:
-        return cached[1]
-    base = entry.cipher.subkey(tk.derive_context(index.kind, index.owner, index.column, index.settings()))
+        return cached[1]  # type: ignore[no-any-return]
+    base = Prf(entry.cipher.subkey(tk.derive_context(index.kind, index.owner, index.column, index.settings())))
     entry.remember(index._subkey, slot, (entry, base))
     return base
 
 
-def write_subkey(index: Any) -> Any:
+def write_subkey(index: Any) -> Prf:
     """The subkey new tokens are made under: the write key of the statement's database."""
     entry = _forced.get()
     if entry is None:
@@ -105,7 +112,7 @@ def live_keys(index: Any) -> tuple[CachedKey, ...]:
 
 def _token_sets(index: Any, inputs: Inputs) -> list[set[int]]:
     """The needle's tokens under each live key."""
-    return [{index.token(subkey_of(index, k), label, data) for label, data in inputs} for k in live_keys(index)]
+    return [index.digests(subkey_of(index, k), inputs) for k in live_keys(index)]
 
 
 def tokens_param(index: Any, inputs: Inputs) -> BindParameter[Any]:
@@ -128,3 +135,38 @@ def threshold_param(index: Any, inputs: Inputs) -> BindParameter[Any]:
         return min((len(s) for s in _token_sets(index, frozen)), default=1)
 
     return bindparam(None, callable_=least, type_=Integer())
+
+
+def array_union_param(index: Any, inputs: Inputs, type_: Any) -> BindParameter[Any]:
+    """One array bind: the needle's tokens under every live key, at execution
+    (``tokens && ...``: a row holding any of them is a candidate)."""
+    frozen = list(inputs)
+
+    def tokens() -> list[int]:
+        return sorted(set().union(*_token_sets(index, frozen)))
+
+    return bindparam(None, callable_=tokens, type_=type_)
+
+
+def array_slot_param(index: Any, inputs: Inputs, slot: int, type_: Any) -> BindParameter[Any]:
+    """One array bind: the needle's tokens under live key ``min(slot, n - 1)``
+    of the ``n`` live at execution (none without a key).
+
+    A row's array holds the tokens of one key, so "all tokens" is an ``OR``
+    over live keys of ``tokens @> slot``; the statement has
+    :data:`ARRAY_SLOTS` of them (a repeated key is harmless) and refuses to
+    run while more keys are live than it has slots."""
+    frozen = list(inputs)
+
+    def tokens() -> list[int]:
+        sets = _token_sets(index, frozen)
+        if len(sets) > ARRAY_SLOTS:
+            raise UnsupportedQueryError(
+                f"{index.owner}.{index.column}: {len(sets)} live blind-index keys; an array lookup "
+                f"serves up to {ARRAY_SLOTS} (finish the rotation: rebuild, then retire the old keys)",
+                table=index.owner,
+                column=index.column,
+            )
+        return sorted(sets[min(slot, len(sets) - 1)]) if sets else []
+
+    return bindparam(None, callable_=tokens, type_=type_)

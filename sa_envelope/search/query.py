@@ -6,6 +6,9 @@ that only rows holding *every* needle token remain. Truncated digests
 collide, and a database writer may add tokens, so these are candidates:
 :func:`find` re-checks each against its decrypted value, which makes the
 result exactly the rows a plaintext ``LIKE`` / ``BETWEEN`` would return.
+In array storage the criterion is on the row's own token array instead
+(:func:`.arrays.criterion`). A composite primary key meets the token table
+through its SQL ``row_key`` (:mod:`.rowkeys`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any, Sequence
 from sqlalchemy import String, cast, false, func, select
 from sqlalchemy.orm import Session
 
-from . import keyring
+from . import arrays, keyring, rowkeys
 
 __all__ = ["candidates", "find"]
 
@@ -28,11 +31,14 @@ def candidates(index: Any, table: Any, needle: Any) -> Any:
     database it runs on (:mod:`.keyring`), so one statement serves every
     bound engine and matches across a rotation."""
     inputs, all_required = index.query_tokens(needle)
+    if index.storage == "array":  # tokens @> / && ARRAY[...] on the row itself
+        return arrays.criterion(index, table, inputs, all_required)
     if not inputs:
         return false()
     tokens = index.tokens_table
-    pk = index.pk_column()
-    row_key: Any = tokens.c.row_key if isinstance(pk.type, String) else cast(tokens.c.row_key, pk.type)
+    pks = rowkeys.columns_of(index)
+    pk = pks[0]
+    row_key: Any = tokens.c.row_key if isinstance(pk.type, String) or len(pks) > 1 else cast(tokens.c.row_key, pk.type)
     query = select(row_key).where(
         tokens.c.owner == index.owner,
         tokens.c.name == index.name,
@@ -43,7 +49,10 @@ def candidates(index: Any, table: Any, needle: Any) -> Any:
         # only adds a candidate, which the re-check discards
         query = query.group_by(tokens.c.row_key).having(func.count() >= keyring.threshold_param(index, inputs))
     target = getattr(table, "c", None)
-    return (target[pk.key] if target is not None else pk).in_(query)
+    columns = [target[c.key] for c in pks] if target is not None else pks
+    if len(columns) > 1:  # a composite key: the row's row_key, computed (rowkeys)
+        return rowkeys.sql(columns).in_(query)
+    return columns[0].in_(query)
 
 
 def find(index: Any, session: Session, attribute: Any, needle: Any, where: Sequence[Any]) -> list[Any]:

@@ -173,8 +173,13 @@ class RangeIndex(SearchIndex):
             ) from None
 
     def tokens(self, value: Any) -> set[int]:
-        f, key = self._finest(value, "value"), self.subkey()
-        return {self.token(key, n.encode(), str(self.levels.ancestor(n, f)).encode()) for n in self.levels.names}
+        f = self._finest(value, "value")
+        return self.digests(self.subkey(), [self._input(n, self.levels.ancestor(n, f)) for n in self.levels.names])
+
+    def _input(self, level: str, bucket: int) -> bytes:
+        """A bucket's token input: the level's position (0 = coarsest) and the
+        bucket number in decimal ASCII (docs/format.md)."""
+        return bytes((self.levels.names.index(level),)) + str(bucket).encode("ascii")
 
     def cover(self, f_lo: int, f_hi: int) -> list[tuple[str, int]]:
         """The fewest buckets whose union is the finest buckets f_lo .. f_hi."""
@@ -210,7 +215,7 @@ class RangeIndex(SearchIndex):
         f_lo, f_hi = self._finest(lo, "bound"), self._finest(hi, "bound")
         if f_lo > f_hi:
             return [], False
-        return self.query_of([(n.encode(), str(b).encode()) for n, b in self.cover(f_lo, f_hi)], False)
+        return self.query_of([self._input(n, b) for n, b in self.cover(f_lo, f_hi)], False)
 
     def accepts(self, value: Any, needle: Any) -> bool:
         lo, hi = _bounds(needle, self.refuse)

@@ -4,7 +4,7 @@ One row per (indexed table, index, row, token)::
 
     owner    the indexed table (schema-qualified, as key owners are)
     name     the index: "<column>/<kind>" (``name/prefix``, ``notes/substring``)
-    row_key  the indexed row's primary key, as text
+    row_key  the indexed row's primary key, as text (:mod:`.rowkeys`: composite keys too)
     token    a keyed digest truncated to the index's bits, as a signed BIGINT
 
 The composite index ``(owner, name, token, row_key)`` answers a lookup from
@@ -12,10 +12,12 @@ the index alone; ``(owner, row_key)`` finds a row's tokens when it changes.
 The table is plain metadata beside the key table: ``keys.create_table()``
 and the Alembic ``create_key_table`` operation create both.
 
-A token is ``HMAC-SHA256(subkey, u16 length | label | data)``, its first
-eight bytes read as a signed big-endian integer and shifted right to keep
-``bits`` bits. The subkey is derived from the table's blind-index key with a
-context that names the index kind, table, column and settings (docs/format.md).
+A token is the keyed digest (:mod:`.prf`: AES-256 on one block, or BLAKE2b
+for a longer input) of one token input, its first eight bytes read as a
+signed big-endian integer and shifted right to keep ``bits`` bits. The
+subkey is derived from the table's blind-index key with a context that names
+the index kind, table, column and settings (docs/format.md). On PostgreSQL
+the tokens of a row live in its own table instead (:mod:`.arrays`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ __all__ = [
     "delete_row_tokens",
     "derive_context",
     "insert_tokens",
-    "token_of",
     "token_table",
     "token_table_name",
 ]
@@ -38,7 +39,7 @@ __all__ = [
 TOKEN_TABLE_NAME = "sa_envelope_search"
 _U16 = struct.Struct(">H")
 # 0xffff first: never the u16 table-name length a BlindIndexType's context starts with
-_CONTEXT_LABEL = b"\xff\xffsa-envelope search v1\x00"
+_CONTEXT_LABEL = b"\xff\xffsa-envelope search v2\x00"  # v1: one HMAC per token
 _CHUNK = 500
 
 
@@ -73,13 +74,6 @@ def derive_context(kind: str, table: str, column: str, settings: str) -> bytes:
     each length-prefixed, so no two indexes share a subkey."""
     parts = (kind, table, column, settings)
     return _CONTEXT_LABEL + b"".join(_field(p.encode("utf-8")) for p in parts)
-
-
-def token_of(subkey: Any, label: bytes, data: bytes, bits: int) -> int:
-    """One token: the keyed digest of (label, data), truncated to ``bits``."""
-    mac = subkey.copy()
-    mac.update(_field(label) + data)
-    return int.from_bytes(mac.digest()[:8], "big", signed=True) >> (64 - bits)
 
 
 def insert_tokens(conn: Connection, tokens: Table, rows: Sequence[dict[str, Any]]) -> None:

@@ -12,7 +12,8 @@ does to lookups:
 * **tampered**: a row holds tokens its value does not give (its value was
   changed past the hooks, or a token was forged or altered): extra
   candidates, which the re-check discards, and maybe missing ones;
-* **stale**: tokens of rows that no longer exist (``orphan_tokens``).
+* **stale**: tokens of rows that no longer exist (``orphan_tokens``; token
+  table only: an array's tokens are in their row, :mod:`.arrays`).
 
 With ``fix=True`` each row that is not under the write key gets its tokens
 rebuilt (rows locked while they are, so a concurrent write is not undone)
@@ -26,14 +27,14 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from sqlalchemy import String, Table, and_, cast, delete, select
+from sqlalchemy import Table, and_, bindparam, delete, select, tuple_, update
 
 from ..columns.searchable import indexes_of
 from ..envelope import format as fmt
 from ..keys import table as kt
-from . import keyring
+from . import arrays, keyring, rowkeys
 from . import tokens as tk
 from .writes import row_key_of, token_rows
 
@@ -105,29 +106,40 @@ def rebuild(engine: Any, table: Table, *, batch_size: int = 500, max_batches: in
 
 def _verify_one(engine: Any, index: Any, fix: bool, batch_size: int, max_batches: int | None) -> IndexReport:
     report = IndexReport(index.owner, index.name, column=index.column, fixed=fix)
-    pk, source, tokens = index.pk_column(), index.source_column(), index.tokens_table
+    pks, source = rowkeys.columns_of(index), index.source_column()
+    stored = [index.tokens_column] if index.storage == "array" else []
+    k = len(pks)
+    pk = pks[0] if k == 1 else tuple_(*pks)
     last: Any = None
     batches = 0
     while max_batches is None or batches < max_batches:
         with engine.begin() as conn, index.keys.use_connection(conn), keyring.using(conn):
-            query = select(pk, source).order_by(pk).limit(batch_size)
+            query = select(*pks, source, *stored).order_by(*pks).limit(batch_size)
             if fix and conn.dialect.name != "sqlite":
                 query = query.with_for_update()  # a concurrent write waits: its tokens come after ours
-            batch = conn.execute(query if last is None else query.where(pk > last)).all()
-            if not batch:
+            found = conn.execute(query if last is None else query.where(pk > last)).all()
+            if not found:
                 break
-            last, batches = batch[-1][0], batches + 1
-            _check_batch(conn, index, tokens, batch, report, fix)
+            # (key, value[, stored]): a composite key as a tuple
+            batch = [(r[0] if k == 1 else tuple(r[:k]), *r[k:]) for r in found]
+            last, batches = (batch[-1][0] if k == 1 else tuple_(*batch[-1][0])), batches + 1
+            (_check_arrays if stored else _check_batch)(conn, index, batch, report, fix)
     else:
         report.stopped = True
         return report
+    if not stored:  # a row's array is in the row: none can outlive it
+        _check_orphans(engine, index, pks, report, fix)
+    return report
+
+
+def _check_orphans(engine: Any, index: Any, pks: list[Any], report: IndexReport, fix: bool) -> None:
+    tokens = index.tokens_table
     with engine.begin() as conn:
-        alive = select(cast(pk, String))
+        alive = select(rowkeys.sql(pks))
         orphans = and_(tokens.c.owner == index.owner, tokens.c.name == index.name, tokens.c.row_key.not_in(alive))
         report.orphan_tokens = len(conn.execute(select(tokens.c.row_key).where(orphans)).all())
         if fix and report.orphan_tokens:
             conn.execute(delete(tokens).where(orphans))
-    return report
 
 
 def _live(index: Any) -> list[Any]:
@@ -137,12 +149,28 @@ def _live(index: Any) -> list[Any]:
     return keys or [keyring.binding_of(index).live.write_key(index.owner, kt.SCOPE_BLIND_INDEX)]
 
 
+def _sort_row(
+    report: IndexReport, live: list[Any], moving: Counter[str], row_key: str, have: Any, expect: Callable[[Any], Any]
+) -> bool:
+    """Count one row whose stored tokens are ``have`` (``expect(key)``: what
+    they are under one live key); True when it is not under the write key."""
+    if have == expect(live[0]):
+        return False
+    older = next((e for e in live[1:] if have == expect(e)), None)
+    if older is not None:
+        moving[fmt.format_key_id(older.key_id)] += 1
+    else:
+        _count_problem(report, row_key, set(have or ()), set(expect(live[0]) or ()))
+    return True
+
+
 def _expected(index: Any, entry: Any, row_key: str, value: Any) -> set[int]:
     with keyring.under(entry):
         return {r["token"] for r in token_rows(index, row_key, value)}
 
 
-def _check_batch(conn: Any, index: Any, tokens: Table, batch: list[Any], report: IndexReport, fix: bool) -> None:
+def _check_batch(conn: Any, index: Any, batch: list[Any], report: IndexReport, fix: bool) -> None:
+    tokens = index.tokens_table
     keys = [row_key_of(row[0]) for row in batch]
     stored: dict[str, set[int]] = {k: set() for k in keys}
     found = conn.execute(
@@ -159,21 +187,40 @@ def _check_batch(conn: Any, index: Any, tokens: Table, batch: list[Any], report:
     rebuilt: list[dict[str, Any]] = []
     for row_key, (_, value) in zip(keys, batch):
         report.rows += 1
-        have, expected = stored[row_key], _expected(index, live[0], row_key, value)
-        if have == expected:
-            continue
-        older = next((e for e in live[1:] if have == _expected(index, e, row_key, value)), None)
-        if older is not None:
-            moving[fmt.format_key_id(older.key_id)] += 1
-        else:
-            _count_problem(report, row_key, have, expected)
-        to_fix.append(row_key)
-        if fix:
-            rebuilt.extend(token_rows(index, row_key, value))  # under the write key
+        if _sort_row(report, live, moving, row_key, stored[row_key], lambda e: _expected(index, e, row_key, value)):
+            to_fix.append(row_key)
+            if fix:
+                rebuilt.extend(token_rows(index, row_key, value))  # under the write key
     report.moving = dict(moving)
     if fix and to_fix:
         tk.delete_row_tokens(conn, tokens, index.owner, [index.name], to_fix)
         tk.insert_tokens(conn, tokens, rebuilt)
+
+
+def _array_of(index: Any, entry: Any, value: Any) -> list[int] | None:
+    with keyring.under(entry):
+        return arrays.tokens_value(index, value)
+
+
+def _check_arrays(conn: Any, index: Any, batch: list[Any], report: IndexReport, fix: bool) -> None:
+    """As :func:`_check_batch`, for tokens in the row's own array (:mod:`.arrays`)."""
+    pks, column = rowkeys.columns_of(index), index.tokens_column
+    live = _live(index)
+    report.key_id = fmt.format_key_id(live[0].key_id)
+    moving: Counter[str] = Counter(report.moving)
+    to_fix: list[dict[str, Any]] = []
+    for key, value, stored in batch:
+        report.rows += 1
+        have = sorted(stored) if stored is not None else None
+        if _sort_row(report, live, moving, row_key_of(key), have, lambda e: _array_of(index, e, value)):
+            keys = key if len(pks) > 1 else (key,)
+            to_fix.append(
+                {**{f"sae_pk{i}": k for i, k in enumerate(keys)}, "sae_tokens": _array_of(index, live[0], value)}
+            )
+    report.moving = dict(moving)
+    if fix and to_fix:
+        by_key = [c == bindparam(f"sae_pk{i}") for i, c in enumerate(pks)]
+        conn.execute(update(index.table).where(*by_key).values({column: bindparam("sae_tokens")}), to_fix)
 
 
 def _count_problem(report: IndexReport, row_key: str, have: set[int], expected: set[int]) -> None:

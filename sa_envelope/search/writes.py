@@ -3,12 +3,16 @@
 Every write reaches the database as a Core statement, whether it comes from
 ``conn.execute(insert(t), rows)``, an ORM flush, an ORM bulk statement or an
 upsert. Two listeners on every Engine (``before_execute``, ``after_execute``)
-see each one, and for a table with search indexes:
+see each one. Indexes in array storage (PostgreSQL) get their tokens added
+to the statement's own parameters before it runs (:func:`.arrays.rewrite`):
+nothing to do afterwards, and a DELETE needs nothing. For indexes in the
+token table:
 
 * **INSERT** (one row, many rows, ORM flush, ORM bulk): the primary keys are
   asked back (``return_defaults()``) when not given; afterwards the tokens
   of each row's values are inserted on the same connection.
-* **UPDATE** of an indexed column: only by primary key (``WHERE pk = :value``,
+* **UPDATE** of an indexed column: only by primary key (``WHERE pk = :value``
+  for every key column,
   as the ORM flush and ORM bulk updates do, optionally ``AND`` more criteria
   for one row at a time); afterwards the row's tokens are replaced.
 * **DELETE** (any criteria): the rows' keys are selected first; afterwards
@@ -29,13 +33,14 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from sqlalchemy import Connection, Engine, String, UniqueConstraint, cast, delete, event, select
+from sqlalchemy import Connection, Engine, UniqueConstraint, delete, event, select
 from sqlalchemy.sql import operators as ops
 from sqlalchemy.sql.elements import BindParameter, BinaryExpression, BooleanClauseList
 
 from ..columns.rowvalue import RowValue
 from ..columns.searchable import indexes_of
 from ..errors import UnsupportedQueryError
+from . import arrays, rowkeys
 from . import tokens as tk
 
 __all__ = ["install", "row_key_of", "token_rows"]
@@ -55,8 +60,8 @@ def install() -> None:
 
 
 def row_key_of(value: Any) -> str:
-    """A primary-key value as the token table stores it."""
-    return str(value)
+    """A primary-key value (or a tuple of them) as the token table stores it."""
+    return rowkeys.encode(value if isinstance(value, tuple) else (value,))
 
 
 def token_rows(index: Any, row_key: str, value: Any) -> list[dict[str, Any]]:
@@ -91,15 +96,28 @@ def _written(stmt: Any, paramsets: Sequence[Any]) -> set[str]:
     return keys
 
 
-def _pk_bind(where: Any, pk: Any) -> tuple[BindParameter[Any] | None, bool]:
-    """(the bind of ``pk = :x`` in ``where``, whether other criteria are ANDed)."""
+def _pk_binds(where: Any, pks: list[Any]) -> tuple[list[BindParameter[Any]] | None, bool]:
+    """(the binds of ``pk = :x`` for every key column in ``where``, in key
+    order, or None; whether other criteria are ANDed)."""
     terms = list(where.clauses) if isinstance(where, BooleanClauseList) and where.operator is ops.and_ else [where]
+    found: dict[str, BindParameter[Any]] = {}
     for term in terms:
         if isinstance(term, BinaryExpression) and term.operator is ops.eq:
             left, right = term.left, term.right
-            if isinstance(right, BindParameter) and getattr(left, "key", None) == pk.key and left.table is pk.table:
-                return right, len(terms) > 1
-    return None, False
+            for pk in pks:
+                if isinstance(right, BindParameter) and getattr(left, "key", None) == pk.key and left.table is pk.table:
+                    found.setdefault(pk.key, right)
+    if len(found) != len(pks):
+        return None, False
+    return [found[pk.key] for pk in pks], len(terms) > len(pks)
+
+
+def _keys_of(binds: list[BindParameter[Any]], paramsets: Sequence[Any]) -> list[str]:
+    """The row keys the binds name, per parameter set."""
+    return [
+        rowkeys.encode([p.get(b.key, b.effective_value) if isinstance(p, dict) else b.effective_value for b in binds])
+        for p in paramsets
+    ]
 
 
 # -- before: refuse, or plan --------------------------------------------------------------
@@ -112,7 +130,14 @@ def _before(conn: Connection, stmt: Any, multiparams: Any, params: Any, executio
     if not indexes:
         return stmt, multiparams, params
     paramsets = list(multiparams) if multiparams else [params or {}]
-    pk = indexes[0].pk_column()
+    in_arrays = [i for i in indexes if i.storage == "array"]
+    if in_arrays and not stmt.is_delete:  # the tokens travel in the statement itself
+        stmt, paramsets = arrays.rewrite(conn, stmt, paramsets, in_arrays)
+        multiparams, params = (paramsets, {}) if len(paramsets) > 1 else ([], paramsets[0])
+    indexes = [i for i in indexes if i.storage != "array"]
+    if not indexes:
+        return stmt, multiparams, params
+    pk = rowkeys.columns_of(indexes[0])
     plan: tuple[Any, ...]
     if stmt.is_insert:
         stmt, plan = _plan_insert(stmt, indexes, pk, paramsets)
@@ -144,7 +169,7 @@ def _plan_insert(stmt: Any, indexes: list[Any], pk: Any, paramsets: Sequence[Any
 def _check_upsert(stmt: Any, indexes: list[Any], pk: Any, paramsets: Sequence[Any]) -> None:
     clause = stmt._post_values_clause
     given = {_key(k) for k in (stmt._values or ())}
-    if not all(pk.key in given or (isinstance(p, dict) and pk.key in p) for p in paramsets):
+    if not all(c.key in given or (isinstance(p, dict) and c.key in p) for p in paramsets for c in pk):
         raise _refuse(indexes, "an upsert that does not give the primary key")
     sets = getattr(clause, "update_values_to_set", None)
     if sets is None:
@@ -155,7 +180,7 @@ def _check_upsert(stmt: Any, indexes: list[Any], pk: Any, paramsets: Sequence[An
         raise _refuse(indexes, "an upsert whose update has a WHERE")
     targets = getattr(clause, "inferred_target_elements", None)
     if targets is not None:
-        if [_key(t) for t in targets] != [pk.key]:
+        if sorted(_key(t) for t in targets) != sorted(c.key for c in pk):
             raise _refuse(indexes, "an upsert whose conflict target is not the primary key")
     elif any(isinstance(c, UniqueConstraint) for c in stmt.table.constraints) or any(
         i.unique for i in stmt.table.indexes
@@ -171,25 +196,22 @@ def _check_upsert(stmt: Any, indexes: list[Any], pk: Any, paramsets: Sequence[An
 def _plan_update(stmt: Any, indexes: list[Any], pk: Any, paramsets: Sequence[Any]) -> tuple[Any, ...]:
     written = _written(stmt, paramsets)
     touched = [i for i in indexes if i.source_column().key in written]
-    if pk.key in written:
-        raise _refuse(indexes, f"an UPDATE of the primary key {pk.name}")
+    if any(c.key in written for c in pk):
+        raise _refuse(indexes, f"an UPDATE of the primary key {', '.join(c.name for c in pk)}")
     if not touched:
         return ("none",)
     where = stmt.whereclause
-    bind, more = _pk_bind(where, pk) if where is not None else (None, False)
-    if bind is None:
+    binds, more = _pk_binds(where, pk) if where is not None else (None, False)
+    if binds is None:
+        by = " AND ".join(f"{c.name} = :value" for c in pk)
         raise _refuse(
             indexes,
             f"an UPDATE of an indexed column by other criteria than the primary key "
-            f"(WHERE {pk.name} = :value); update the rows by key, or through the ORM",
+            f"(WHERE {by}); update the rows by key, or through the ORM",
         )
     if more and len(paramsets) > 1:
         raise _refuse(indexes, "a many-row UPDATE by key with further criteria")
-    keys = [
-        row_key_of(p.get(bind.key, bind.effective_value) if isinstance(p, dict) else bind.effective_value)
-        for p in paramsets
-    ]
-    return ("update", touched, keys, more)
+    return ("update", touched, _keys_of(binds, paramsets), more)
 
 
 def _rows_to_delete(conn: Connection, stmt: Any, pk: Any, paramsets: Sequence[Any]) -> list[str] | None:
@@ -197,14 +219,11 @@ def _rows_to_delete(conn: Connection, stmt: Any, pk: Any, paramsets: Sequence[An
     where = stmt.whereclause
     if where is None:
         return None
-    bind, more = _pk_bind(where, pk)
-    if bind is not None and not more:
-        return [
-            row_key_of(p.get(bind.key, bind.effective_value) if isinstance(p, dict) else bind.effective_value)
-            for p in paramsets
-        ]
+    binds, more = _pk_binds(where, pk)
+    if binds is not None and not more:
+        return _keys_of(binds, paramsets)
     found: list[str] = []
-    query = select(cast(pk, String)).where(where)
+    query = select(rowkeys.sql(pk)).where(where)
     for p in paramsets:
         found.extend(str(k) for k in conn.execute(query, p if isinstance(p, dict) else {}).scalars())
     return found
@@ -241,10 +260,10 @@ def _value(compiled: dict[str, Any], column: Any, stmt: Any) -> Any:
 
 
 def _after_insert(conn: Connection, stmt: Any, indexes: list[Any], upsert: bool, result: Any) -> None:
-    found = [row[0] for row in result.inserted_primary_key_rows]
-    if None in found:  # e.g. SQLite older than 3.35: no RETURNING for many rows
+    found = [tuple(row) for row in result.inserted_primary_key_rows]
+    if any(None in row for row in found):  # e.g. SQLite older than 3.35: no RETURNING for many rows
         raise _refuse(indexes, "an INSERT whose new primary keys the driver does not return; give them")
-    keys = [row_key_of(k) for k in found]
+    keys = [rowkeys.encode(row) for row in found]
     tokens = indexes[0].tokens_table
     if upsert:
         tk.delete_row_tokens(conn, tokens, indexes[0].owner, [i.name for i in indexes], keys)

@@ -28,7 +28,7 @@ import os
 from sqlalchemy import String, Text, create_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from sa_envelope import BlindIndexType, EncryptedType, KeyManager, LocalKeyProvider
+from sa_envelope import BlindIndexType, EncryptedType, KeyManager, LocalKeyProvider, SubstringIndex
 
 
 class Base(DeclarativeBase):
@@ -46,6 +46,7 @@ class Patient(Base):
     notes: Mapped[str | None] = mapped_column(EncryptedType(Text, keys, scope="row"))
     email: Mapped[str] = mapped_column(EncryptedType(String(200), keys))
     email_index: Mapped[bytes] = mapped_column(BlindIndexType("email", keys, bits=64), index=True)
+    __table_args__ = (SubstringIndex("name", keys),)  # PostgreSQL: a BIGINT[] column and a GIN index
 '''
 
 
@@ -87,6 +88,11 @@ def test_autogenerate_round_trip(db_url: str, engine: Engine, tmp_path: Path, va
     assert "sa_envelope.EncryptedType(sa.String(length=11), deterministic=True)" in script
     assert "sa_envelope.EncryptedType(sa.Text(), scope='row')" in script
     assert "sa_envelope.BlindIndexType('email', bits=64)" in script
+    if engine.dialect.name == "postgresql":
+        assert "sa.Column('name_substring_tokens', postgresql.ARRAY(sa.BigInteger()), nullable=True)" in script
+        assert "postgresql_using='gin'" in script
+    else:
+        assert "sa_envelope_search" in script  # the token table beside the key table
     _alembic(project, db_url, "upgrade", "head")
     assert {"ag_patients", "sa_envelope_keys"} <= set(inspect(engine).get_table_names())
     _alembic(project, db_url, "revision", "--autogenerate", "-m", "second")

@@ -3,7 +3,8 @@
 Real subprocesses, every backend: a missing, a tampered and a stale token
 are each reported with the table, the column, the index and the key id,
 never a value; an index the token table holds but no ``--index`` describes
-is listed as not checked; once repaired, verify exits 0.
+is listed as not checked; once repaired, verify exits 0. On PostgreSQL the
+same for indexes kept in the rows' own token arrays (found by their column).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+import pytest
+from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.engine import Engine
 
 from sa_envelope import KeyManager, LocalKeyProvider
@@ -42,7 +44,7 @@ def test_verify_reports_missing_tampered_and_stale_tokens(engine: Engine, db_url
     cmk = f"local:{tmp_path / 'master.key'}"
     keys = KeyManager(engine, LocalKeyProvider.from_file(tmp_path / "master.key"))
     keys.create_table()
-    Patient, twin = search_models(keys)
+    Patient, twin = search_models(keys, storage="table")
     Patient.metadata.create_all(engine)
     data = fill(engine, Patient, twin, 200)
     key_id = _blind_key(engine, keys)
@@ -82,6 +84,31 @@ def test_verify_reports_missing_tampered_and_stale_tokens(engine: Engine, db_url
     result = cli("verify", "--database-url", db_url, "--cmk", cmk, "--index", NAME, "--index", NOTES, "--index", BORN)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "not checked" not in result.stdout and result.stdout.count(", ok; 0 missing, 0 tampered") == 3
+
+
+@pytest.mark.backends("postgresql")  # array storage is PostgreSQL's
+def test_verify_checks_indexes_kept_in_token_arrays(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    cmk = f"local:{tmp_path / 'master.key'}"
+    keys = KeyManager(engine, LocalKeyProvider.from_file(tmp_path / "master.key"))
+    keys.create_table()
+    Patient, twin = search_models(keys, storage="array")
+    Patient.metadata.create_all(engine)
+    fill(engine, Patient, twin, 100)
+    key_id = _blind_key(engine, keys)
+    table = Patient.__table__
+    assert cli("verify", "--database-url", db_url, "--cmk", cmk, "--index", NAME, "--index", NOTES).returncode == 0
+    with engine.begin() as conn:
+        conn.execute(update(table).where(table.c.id == 3).values(notes_substring_tokens=None))  # missing
+        conn.execute(text("UPDATE search_patients SET name_prefix_tokens = name_prefix_tokens || 4099 WHERE id = 5"))
+    result = cli("verify", "--database-url", db_url, "--cmk", cmk, "--index", NAME, "--index", NOTES)
+    assert result.returncode == 1, result.stdout + result.stderr
+    out = result.stdout
+    assert f"search index search_patients.notes notes/substring (key {key_id}): 100 rows, DIFFERS; 1 missing" in out
+    assert f"search index search_patients.name name/prefix (key {key_id}): 100 rows, DIFFERS; 0 missing, 1 tampered" in out
+    keys.verify_index(table, fix=True)
+    result = cli("verify", "--database-url", db_url, "--cmk", cmk, "--index", NAME, "--index", NOTES, "--index", BORN)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(", ok; 0 missing, 0 tampered") == 3
 
 
 def test_a_bad_index_description_is_one_line(db_url: str, tmp_path: Path) -> None:

@@ -10,12 +10,12 @@ import datetime as dt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from sa_envelope import KeyManager, UnsupportedQueryError, lookup
-from support.search import FIRST, WORDS, case_sensitive_like, fill, search_models, twin_ids
+from support.search import FIRST, WORDS, case_sensitive_like, fill, search_models, stored_tokens, twin_ids
 
 ROWS = 2000
 CHECKS = settings(
@@ -37,7 +37,9 @@ def _texts(samples: list[str], min_size: int) -> st.SearchStrategy[str]:
 
 def _dates() -> st.SearchStrategy[dt.date]:
     edges = st.builds(lambda y, m: dt.date(y, m, 1), st.integers(1849, 2031), st.integers(1, 12))
-    return st.one_of(st.dates(dt.date(1845, 1, 1), dt.date(2035, 1, 1)), edges, edges.map(lambda d: d - dt.timedelta(1)))
+    return st.one_of(
+        st.dates(dt.date(1845, 1, 1), dt.date(2035, 1, 1)), edges, edges.map(lambda d: d - dt.timedelta(1))
+    )
 
 
 def test_every_lookup_kind_returns_exactly_the_twins_rows(engine: Engine, local_keys: KeyManager) -> None:
@@ -48,7 +50,7 @@ def test_every_lookup_kind_returns_exactly_the_twins_rows(engine: Engine, local_
     notes = [r["notes"] for r in data if r["notes"]] + WORDS + FIRST
     with Session(engine) as session, engine.connect() as plain:
         case_sensitive_like(plain)
-        assert plain.execute(select(func.count()).select_from(local_keys.search_table)).scalar()
+        assert stored_tokens(plain, local_keys, Patient)
 
         @CHECKS
         @given(needle=_texts(names, 1))
@@ -92,7 +94,11 @@ def test_needles_that_cannot_be_answered_are_refused(engine: Engine, local_keys:
     with Session(engine) as session:
         for asked in ({"contains": ""}, {"contains": "ab"}, {"startswith": ""}, {"between": (None, 1)}):
             with pytest.raises(UnsupportedQueryError, match="search_patients.(notes|name|born)"):
-                lookup(session, getattr(Patient, {"contains": "notes", "startswith": "name"}.get(next(iter(asked)), "born")), **asked)
+                lookup(
+                    session,
+                    getattr(Patient, {"contains": "notes", "startswith": "name"}.get(next(iter(asked)), "born")),
+                    **asked,
+                )
         with pytest.raises(UnsupportedQueryError, match="at least 3 characters"):
             select(Patient).where(Patient.notes.matches_substring("pe"))
         assert lookup(session, Patient.born, between=(dt.date(2000, 1, 2), dt.date(2000, 1, 1))) == []

@@ -1,14 +1,18 @@
 """The stored tokens are the ones docs/format.md describes (rebuilt here from
-that recipe with hmac and the table's blind-index key), and the token table
-is made by the same Alembic operations as the key table."""
+that recipe with hmac, AES and BLAKE2b and the table's blind-index key), in
+the token table or (PostgreSQL) the row's token arrays; the token table is
+made by the same Alembic operations as the key table, and the token arrays
+by autogenerate's add_column and create_index."""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import struct
 from typing import Any
 
 from alembic.migration import MigrationContext
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from alembic.operations import Operations
 from sqlalchemy import Date, Integer, String, inspect, select
 from sqlalchemy.engine import Engine
@@ -24,12 +28,36 @@ def _f(text: str | bytes) -> bytes:
     return struct.pack(">H", len(data)) + data
 
 
-def _documented(key: Any, kind: str, owner: str, column: str, settings: str, label: str, data: str, bits: int) -> int:
-    context = b"\xff\xff" + b"sa-envelope search v1\x00" + b"".join(_f(p) for p in (kind, owner, column, settings))
-    subkey = key.cipher.subkey(context)  # HmacKey(K).subkey(context), as the page says
-    mac = subkey.copy()
-    mac.update(_f(label) + data.encode("utf-8"))
-    return int.from_bytes(mac.digest()[:8], "big", signed=True) >> (64 - bits)
+def _documented(key: Any, kind: str, owner: str, column: str, settings: str, m: bytes, bits: int) -> int:
+    """The recipe of docs/format.md, from the table's blind-index key."""
+    context = b"\xff\xff" + b"sa-envelope search v2\x00" + b"".join(_f(p) for p in (kind, owner, column, settings))
+    subkey = key.cipher.subkey(context)  # HmacKey(K).subkey(context): HMAC-SHA256 keyed with the derived key
+
+    def derive(what: bytes) -> bytes:
+        mac = subkey.copy()
+        mac.update(b"sa-envelope search prf\x00" + what)
+        return mac.digest()
+
+    if len(m) <= 15:
+        block = m + bytes(15 - len(m)) + bytes((len(m),))
+        encryptor = Cipher(algorithms.AES(derive(b"aes-256-ecb")), modes.ECB()).encryptor()
+        digest = encryptor.update(block)[:8]
+    else:
+        digest = hashlib.blake2b(m, key=derive(b"blake2b"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True) >> (64 - bits)
+
+
+def _stored(conn: Any, keys: KeyManager, model: Any, row: int) -> set[tuple[str, int]]:
+    t = model.__table__
+    if "name_prefix_tokens" in t.c:  # PostgreSQL: the row's own BIGINT[] columns
+        found = conn.execute(select(t).where(t.c.id == row)).one()._mapping
+        return {
+            (f"{c}/{k}", tok)
+            for c, k in (("name", "prefix"), ("notes", "substring"), ("born", "range"))
+            for tok in found[f"{c}_{k}_tokens"]
+        }
+    tokens = keys.search_table
+    return {(r.name, r.token) for r in conn.execute(select(tokens).where(tokens.c.row_key == str(row)))}
 
 
 def test_tokens_are_derived_as_documented(engine: Engine, local_keys: KeyManager) -> None:
@@ -42,26 +70,37 @@ def test_tokens_are_derived_as_documented(engine: Engine, local_keys: KeyManager
         notes: Mapped[str] = mapped_column(EncryptedType(String(50), keys))
         born: Mapped[dt.date] = mapped_column(EncryptedType(Date, keys))
         __table_args__ = (
-            PrefixIndex("name", keys, max_length=3, bits=24),
+            PrefixIndex("name", keys, max_length=9, bits=24),
             SubstringIndex("notes", keys, n=3, bits=40),
-            RangeIndex("born", keys, granularities=("year", "month"), bits=64),
+            RangeIndex("born", keys, granularities=("year", "month", "second"), bits=64),
         )
 
     Patient.metadata.create_all(engine)
+    name = "Zoë Q 日本語"  # the 9-character prefix is 17 bytes: the BLAKE2b path
     with Session(engine) as session:
-        session.add(Patient(id=7, name="Zoë Q", notes="abcab", born=dt.date(1984, 3, 5)))
+        session.add(Patient(id=7, name=name, notes="abcabcab", born=dt.date(1984, 3, 5)))
         session.commit()
     key = keys.encryption_key("fmt_patients", "blind-index")
-    tokens = keys.search_table
     with engine.connect() as conn:
-        stored = {(r.name, r.token) for r in conn.execute(select(tokens).where(tokens.c.row_key == "7"))}
-    owner = "fmt_patients"
-    expected = {("name/prefix", _documented(key, "prefix", owner, "name", "bits=24;max_length=3", "p", p, 24))
-                for p in ("Z", "Zo", "Zoë")}
-    expected |= {("notes/substring", _documented(key, "substring", owner, "notes", "bits=40;n=3", "g", g, 40))
-                 for g in ("abc", "bca", "cab")}
-    expected |= {("born/range", _documented(key, "range", owner, "born", "bits=64;levels=year,month", lvl, v, 64))
-                 for lvl, v in (("year", "1984"), ("month", str(1984 * 12 + 2)))}
+        stored = _stored(conn, keys, Patient, 7)
+    owner, seconds = "fmt_patients", dt.date(1984, 3, 5).toordinal() * 86400
+    expected = {
+        ("name/prefix", _documented(key, "prefix", owner, "name", "bits=24;max_length=9", name[:i].encode(), 24))
+        for i in range(1, 10)
+    }
+    expected |= {
+        ("notes/substring", _documented(key, "substring", owner, "notes", "bits=40;n=3", g.encode(), 40))
+        for g in ("abc", "bca", "cab")
+    }  # each distinct n-gram once
+    expected |= {
+        (
+            "born/range",
+            _documented(
+                key, "range", owner, "born", "bits=64;levels=year,month,second", bytes((level,)) + str(v).encode(), 64
+            ),
+        )
+        for level, v in ((0, 1984), (1, 1984 * 12 + 2), (2, seconds))
+    }
     assert stored == expected
 
 

@@ -9,7 +9,10 @@ import asyncio
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import Date, Integer, String, select
+from alembic.autogenerate import produce_migrations
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
+from sqlalchemy import Date, Integer, String, inspect, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -54,7 +57,11 @@ def test_the_index_key_does_not_roll_over_with_the_table_key(engine: Engine, tmp
     assert scopes.count("table") > 1 and scopes.count("blind-index") == 1
     with Session(engine) as session:
         assert {n.id for n in lookup(session, Note.body, contains="penicillin")} == set(range(12))
-        assert {n.id for n in lookup(session, Note.day, between=(dt.date(2000, 1, 3), dt.date(2000, 1, 5)))} == {2, 3, 4}
+        assert {n.id for n in lookup(session, Note.day, between=(dt.date(2000, 1, 3), dt.date(2000, 1, 5)))} == {
+            2,
+            3,
+            4,
+        }
 
 
 def test_a_row_scoped_column_can_be_indexed(engine: Engine, local_keys: KeyManager) -> None:
@@ -78,6 +85,7 @@ def test_an_index_added_later_is_backfilled(engine: Engine, local_keys: KeyManag
         session.add_all([Plain(id=i, body=f"note {i}", day=dt.date(1990, 1 + i % 12, 1)) for i in range(30)])
         session.commit()
     Note = _model(local_keys)  # the same table, now with its indexes (a new deployment)
+    _autogenerate_and_upgrade(engine, Note.metadata)  # PostgreSQL: the token arrays and their GIN indexes
     with Session(engine) as session:
         assert lookup(session, Note.body, contains="note 1") == []  # no tokens yet: a miss, not an error
         reports = local_keys.verify_index(Note.__table__)
@@ -86,6 +94,24 @@ def test_an_index_added_later_is_backfilled(engine: Engine, local_keys: KeyManag
         local_keys.verify_index(Note.__table__, fix=True, batch_size=7)
         assert all(r.ok for r in local_keys.verify_index(Note.__table__))
         assert sorted(n.id for n in lookup(session, Note.body, contains="note 1")) == [1, *range(10, 20)]
+
+
+def _autogenerate_and_upgrade(engine: Engine, metadata: Any) -> None:
+    """Run what Alembic autogenerate finds between ``metadata`` and the database."""
+    with engine.begin() as conn:
+        only = {"include_name": lambda name, kind, parent: kind != "table" or name in metadata.tables}
+        context = MigrationContext.configure(conn, opts={"target_metadata": metadata, **only})
+        found = produce_migrations(context, metadata).upgrade_ops
+        assert found is not None
+        operations = Operations(context)
+        for op in found.ops:
+            for each in getattr(op, "ops", [op]):
+                operations.invoke(each)
+    if engine.dialect.name == "postgresql":
+        columns = {c["name"]: c["type"] for c in inspect(engine).get_columns("life_notes")}
+        assert repr(columns["body_substring_tokens"]) == "ARRAY(BIGINT())"
+        indexes = {i["name"]: i for i in inspect(engine).get_indexes("life_notes")}
+        assert indexes["ix_life_notes_body_substring_tokens"]["dialect_options"]["postgresql_using"] == "gin"
 
 
 @pytest.mark.backends("sqlite")

@@ -8,7 +8,9 @@ are under the old key and of others under the new one, and every lookup
 kind, and the candidate expressions, return exactly the plaintext twin's
 rows. The finished rebuild retires the old key; a rerun changes nothing.
 A writer updating rows while the rebuild runs keeps its tokens (the
-rebuild locks each batch's rows; without the lock this test fails).
+rebuild locks each batch's rows; without the lock this test fails). Both
+storages: the token table on every backend, PostgreSQL's arrays (where a
+row's array holds one key's tokens, and "every token" is asked per live key).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from sa_envelope import KeyManager, LivePolicy, LocalKeyProvider, lookup
+from sa_envelope import KeyManager, LivePolicy, LocalKeyProvider, UnsupportedQueryError, lookup
+from sa_envelope.columns.searchable import indexes_of
 from sa_envelope.keys import table as kt
 from support.rotation import key_statuses, stored_hash
 from support.search import case_sensitive_like, rows, search_models, twin_ids
@@ -101,9 +104,19 @@ def _change_some(engine: Engine, Patient: Any, twin: Any, ids: range, seed: int)
 
 
 def test_lookups_stay_exact_through_a_blind_index_rotation(engine: Engine) -> None:
+    _rotate_half_way_and_finish(engine, "table")
+
+
+@pytest.mark.backends("postgresql")  # array storage is PostgreSQL's
+def test_array_lookups_stay_exact_through_a_blind_index_rotation(engine: Engine) -> None:
+    _rotate_half_way_and_finish(engine, "array")
+
+
+def _rotate_half_way_and_finish(engine: Engine, storage: str) -> None:
     keys = KeyManager(engine, LocalKeyProvider(os.urandom(32)), live=FAST)
     keys.create_table()
-    Patient, twin = search_models(keys)
+    Patient, twin = search_models(keys, storage=storage)
+    assert {i.storage for i in indexes_of(Patient.__table__)} == {storage}
     Patient.metadata.create_all(engine)
     data = rows(900)
     _write(engine, Patient, twin, data[:600])
@@ -188,3 +201,33 @@ def test_writes_during_the_rebuild_keep_their_tokens(engine: Engine) -> None:
     reports = keys.verify_index(Patient.__table__)
     assert all(r.ok and not r.moving for r in reports), [str(r) for r in reports]
     _assert_like_twin(engine, Patient, twin, _needles(data, seed=4)[:30] + [("contains", "penicillin 1")])
+
+
+@pytest.mark.backends("postgresql")  # array storage is PostgreSQL's
+def test_array_lookups_refuse_more_live_keys_than_they_have_slots(engine: Engine) -> None:
+    """An array lookup asks "every token" once per live key, in a fixed number
+    of slots: with more live keys it refuses when it executes, rather than
+    miss the rows under a key it did not ask for. Any-bucket ranges have no slots."""
+    keys = KeyManager(engine, LocalKeyProvider(os.urandom(32)), live=LivePolicy(ttl=0.2, grace=600.0))
+    keys.create_table()
+    Patient, twin = search_models(keys, storage="array")
+    Patient.metadata.create_all(engine)
+    data = rows(60)
+    _write(engine, Patient, twin, data)
+    for _ in range(3):
+        keys.rotate_table_key(OWNER, scope="blind-index")
+    keys.live.invalidate()
+    assert len(keys.live.keys(OWNER, kt.SCOPE_BLIND_INDEX)) == 4
+    with Session(engine) as session:
+        with pytest.raises(UnsupportedQueryError, match="4 live blind-index keys"):
+            lookup(session, Patient.notes, contains="penicillin")
+        with pytest.raises(UnsupportedQueryError, match="4 live blind-index keys"):
+            lookup(session, Patient.name, startswith="Ad")
+    _assert_like_twin_ranges(engine, Patient, twin, [n for n in _needles(data, seed=6) if n[0] == "between"])
+
+
+def _assert_like_twin_ranges(engine: Engine, Patient: Any, twin: Any, needles: list[tuple[str, Any]]) -> None:
+    with Session(engine) as session, engine.connect() as plain:
+        for kind, needle in needles:
+            expected = twin_ids(plain, twin, **{kind: needle})
+            assert {p.id for p in lookup(session, Patient.born, **{kind: needle})} == expected, needle

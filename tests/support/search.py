@@ -13,7 +13,7 @@ import datetime as dt
 import random
 from typing import Any
 
-from sqlalchemy import Column, Date, Integer, String, Table, insert, select
+from sqlalchemy import Column, Date, Integer, String, Table, func, insert, select
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Mapped, mapped_column
@@ -21,16 +21,32 @@ from sqlalchemy.orm import Mapped, mapped_column
 from sa_envelope import EncryptedType, KeyManager, PrefixIndex, RangeIndex, SubstringIndex
 from support.models import new_base
 
-__all__ = ["FIRST", "WORDS", "fill", "search_models", "twin_ids"]
+__all__ = ["FIRST", "WORDS", "fill", "search_models", "stored_tokens", "twin_ids"]
 
-FIRST = ["Ada", "Adam", "Alan", "Alba", "Émile", "Emil", "Zoë", "Zoe", "李娜", "O'Neil", "Ana_Li", "50%Off", "ßtraße", "a"]
+FIRST = [
+    "Ada",
+    "Adam",
+    "Alan",
+    "Alba",
+    "Émile",
+    "Emil",
+    "Zoë",
+    "Zoe",
+    "李娜",
+    "O'Neil",
+    "Ana_Li",
+    "50%Off",
+    "ßtraße",
+    "a",
+]
 LAST = ["Lovelace", "Turing", "Hopper", "Noether", "Curie", "de la Cruz", "Ñúñez", "Smith"]
 WORDS = ["penicillin", "allergy", "aspirin", "asthma", "none", "mild", "severe", "pen", "cillin", "lin", "ß", "日本"]
 TEXT = String(300).with_variant(mysql.VARCHAR(300, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb")
 
 
-def search_models(keys: KeyManager, *, bits: int = 12) -> tuple[Any, Table]:
-    """(Patient with three search indexes, the plaintext twin table)."""
+def search_models(keys: KeyManager, *, bits: int = 12, storage: str | None = None) -> tuple[Any, Table]:
+    """(Patient with three search indexes, the plaintext twin table); ``storage``
+    as SearchIndex takes it (by default arrays on PostgreSQL)."""
     Base = new_base()
 
     class Patient(Base):
@@ -41,9 +57,9 @@ def search_models(keys: KeyManager, *, bits: int = 12) -> tuple[Any, Table]:
         born: Mapped[dt.date | None] = mapped_column(EncryptedType(Date, keys))
         # few bits: collisions are certain, so the re-check is always exercised
         __table_args__ = (
-            PrefixIndex("name", keys, max_length=4, bits=bits),
-            SubstringIndex("notes", keys, n=3, bits=bits),
-            RangeIndex("born", keys, granularities=("year", "month", "day"), bits=bits),
+            PrefixIndex("name", keys, max_length=4, bits=bits, storage=storage),
+            SubstringIndex("notes", keys, n=3, bits=bits, storage=storage),
+            RangeIndex("born", keys, granularities=("year", "month", "day"), bits=bits, storage=storage),
         )
 
     twin = Table(
@@ -101,3 +117,14 @@ def case_sensitive_like(conn: Connection) -> None:
     does; the twin's MariaDB collation is binary)."""
     if conn.dialect.name == "sqlite":
         conn.exec_driver_sql("PRAGMA case_sensitive_like = ON")
+
+
+def stored_tokens(conn: Connection, keys: KeyManager, patient: Any) -> int:
+    """How many tokens the indexes of ``patient`` store: rows of the token
+    table, or elements of the token arrays (PostgreSQL)."""
+    table = patient.__table__
+    arrays = [c for c in table.c if c.name.endswith("_tokens")]
+    if not arrays:
+        return int(conn.execute(select(func.count()).select_from(keys.search_table)).scalar() or 0)
+    total = sum(func.coalesce(func.cardinality(c), 0) for c in arrays)
+    return int(conn.execute(select(func.sum(total))).scalar() or 0)
