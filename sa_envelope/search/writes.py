@@ -159,17 +159,31 @@ def _plan_insert(stmt: Any, indexes: list[Any], pk: Any, paramsets: Sequence[Any
     upsert = stmt._post_values_clause is not None
     if upsert:
         _check_upsert(stmt, indexes, pk, paramsets)
-    if not stmt._return_defaults and not stmt._returning:
+    if stmt._returning and not stmt._return_defaults:
+        # SQLAlchemy compiles no returning() with return_defaults(): the keys come from the parameters
+        if not _pks_given(stmt, pk, paramsets):
+            raise _refuse(indexes, "an INSERT ... RETURNING whose primary keys the database makes; give them")
+    elif not stmt._return_defaults:
         stmt = stmt.return_defaults()  # the new rows' keys, also from executemany
-    elif stmt._returning and not stmt._return_defaults:
-        stmt = stmt.return_defaults()
     return stmt, ("insert", indexes, upsert)
+
+
+def _pks_given(stmt: Any, pk: Any, paramsets: Sequence[Any]) -> bool:
+    given = {_key(k) for k in (stmt._values or ())}
+    return all(c.key in given or (isinstance(p, dict) and p.get(c.key) is not None) for p in paramsets for c in pk)
+
+
+def _inserted_keys(stmt: Any, pk: Any, result: Any) -> list[tuple[Any, ...]]:
+    """The inserted rows' primary keys: from RETURNING / return_defaults, or
+    (a caller's own returning()) from the statement's parameters."""
+    if stmt._returning and not stmt._return_defaults:
+        return [tuple(compiled[c.key] for c in pk) for compiled in result.context.compiled_parameters]
+    return [tuple(row) for row in result.inserted_primary_key_rows]
 
 
 def _check_upsert(stmt: Any, indexes: list[Any], pk: Any, paramsets: Sequence[Any]) -> None:
     clause = stmt._post_values_clause
-    given = {_key(k) for k in (stmt._values or ())}
-    if not all(c.key in given or (isinstance(p, dict) and c.key in p) for p in paramsets for c in pk):
+    if not _pks_given(stmt, pk, paramsets):
         raise _refuse(indexes, "an upsert that does not give the primary key")
     sets = getattr(clause, "update_values_to_set", None)
     if sets is None:
@@ -260,7 +274,7 @@ def _value(compiled: dict[str, Any], column: Any, stmt: Any) -> Any:
 
 
 def _after_insert(conn: Connection, stmt: Any, indexes: list[Any], upsert: bool, result: Any) -> None:
-    found = [tuple(row) for row in result.inserted_primary_key_rows]
+    found = _inserted_keys(stmt, rowkeys.columns_of(indexes[0]), result)
     if any(None in row for row in found):  # e.g. SQLite older than 3.35: no RETURNING for many rows
         raise _refuse(indexes, "an INSERT whose new primary keys the driver does not return; give them")
     keys = [rowkeys.encode(row) for row in found]
