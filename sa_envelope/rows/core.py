@@ -206,8 +206,8 @@ class _CoreWrites:
             except BaseException:
                 # the rows are in, their keys are not: a caller who caught the error must
                 # not be able to commit them (MySQL and SQLite keep a transaction open
-                # after a failed statement), so the transaction goes with the connection
-                conn.invalidate()
+                # after a failed statement), so the transaction is rolled back here
+                conn.rollback()
                 raise
 
 
