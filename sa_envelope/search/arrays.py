@@ -31,6 +31,7 @@ from sqlalchemy.orm import Mapper
 from sqlalchemy.sql.elements import BindParameter, ColumnElement, Null
 
 from ..columns.rowvalue import RowValue
+from ..columns.writeguard import upsert_assignments
 from ..errors import ConfigurationError, UnsupportedQueryError
 from . import keyring
 
@@ -218,9 +219,9 @@ def rewrite(conn: Any, stmt: Any, paramsets: Sequence[Any], indexes: list[Any]) 
 def _upsert(stmt: Any, indexes: list[Any]) -> Any:
     """An ``ON CONFLICT DO UPDATE`` that sets an indexed column sets its tokens too."""
     clause = stmt._post_values_clause
-    sets = getattr(clause, "update_values_to_set", None)
-    if sets is None:
+    if getattr(clause, "update_values_to_set", None) is None:
         return stmt  # DO NOTHING: the row keeps its value and its tokens
+    sets = dict(upsert_assignments(stmt))  # a dict in SQLAlchemy 2.1, pairs in 2.0; both compile from a dict
     given = {_key(k): v for k, v in sets.items()}
     added: dict[Any, Any] = {}
     for index in indexes:
