@@ -196,12 +196,15 @@ class EncryptedComparator(TypeDecorator.Comparator[Any]):
     __slots__ = ()
 
     def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
-        if _column_pair(self.expr, op, other):
+        try:
+            check_comparison(self.expr, op, other)
+        except UnsupportedQueryError:
+            if not _column_pair(self.expr, op, other):
+                raise
             # column == column: SQLAlchemy's own ``column in [columns]`` tests build
-            # these and take their truth; the rule is applied at execution
+            # these and take their truth; the same rule refuses it at execution
             # (comparisons.check_compiled), never silently skipped
             return super().operate(op, *other, **kwargs)
-        check_comparison(self.expr, op, other)
         if len(other) == 1 and (_is_itself(self.expr, other[0]) or is_expanded(other[0])):
             return super().operate(op, *other, **kwargs)  # itself, or a list expand() made: as it is
 

@@ -34,6 +34,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import sys
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable
@@ -67,6 +68,7 @@ def _child(target: Callable[..., Any], args: tuple[Any, ...], index: int, count:
     """A child's whole life: run the target, send its result or one line of error."""
     signal.signal(signal.SIGINT, _interrupted)
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by _start: a pending one stops us here
         result = target(*args, index=index, count=count, bar=ChildBar(pipe))
     except KeyboardInterrupt:
         sys.exit(130)  # stopped by the parent or the terminal: it says so itself
@@ -96,7 +98,7 @@ def run_processes(target: Callable[..., Any], args: tuple[Any, ...], count: int,
         for i in range(count):
             reader, writer = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_child, args=(target, args, i, count, writer), name=f"sa-envelope-worker-{i}")
-            proc.start()
+            _start(proc)
             writer.close()  # the child's end: EOF here once the child is gone
             children.append(proc)
             pipes.append(reader)
@@ -104,6 +106,21 @@ def run_processes(target: Callable[..., Any], args: tuple[Any, ...], count: int,
     except BaseException:
         _stop(children)
         raise
+
+
+def _start(proc: Any) -> None:
+    """Start a child with SIGINT blocked (the mask survives its exec) until
+    :func:`_child` has its handler: a Ctrl-C, or the parent's stop, while it
+    still imports waits instead of printing a traceback, and stops it as
+    soon as it unblocks, before it touches a row."""
+    if threading.current_thread() is not threading.main_thread():
+        proc.start()
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        proc.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one that came meanwhile is raised now
 
 
 def _collect(children: list[Any], pipes: list[Connection], bar: Any) -> list[Any]:

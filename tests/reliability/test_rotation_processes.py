@@ -172,7 +172,7 @@ def test_reencrypt_by_two_worker_processes(db_url: str, engine: Engine, tmp_path
             conn.execute(text(statement))
     old = _key_of_body(engine, table, 1)
 
-    proc = _reencrypt(db_url, keyfile, old, "--workers", "2", "--rate", "2500")
+    proc = _reencrypt(db_url, keyfile, old, "--workers", "2", "--rate", "800" if kill else "2500")  # kill: time to catch it mid-job
     if kill:
         deadline = time.monotonic() + 120
         while not (0 < _moved(engine, table, old) < ROWS // 2) and time.monotonic() < deadline:
