@@ -42,6 +42,8 @@ __all__ = [
     "choose",
     "column_name",
     "criterion",
+    "key_name",
+    "refuse_write",
     "rewrite",
     "tokens_value",
 ]
@@ -148,7 +150,8 @@ def criterion(index: Any, table: Any, inputs: Sequence[bytes], all_required: boo
 # -- writes ------------------------------------------------------------------------------
 
 
-def _refuse(index: Any, why: str) -> UnsupportedQueryError:
+def refuse_write(index: Any, why: str) -> UnsupportedQueryError:
+    """The one refusal of a write whose tokens cannot follow (both storages)."""
     return UnsupportedQueryError(
         f"{index.owner}: {why}; its search index ({index.name}) would go out of step with the rows",
         table=index.owner,
@@ -156,7 +159,8 @@ def _refuse(index: Any, why: str) -> UnsupportedQueryError:
     )
 
 
-def _key(k: Any) -> str:
+def key_name(k: Any) -> str:
+    """A SET / VALUES key's column key (a Column or a string)."""
     return str(getattr(k, "key", k))
 
 
@@ -164,12 +168,12 @@ def _fixed(index: Any, stmt: Any) -> Any:
     """What a statement's ``.values()`` gives the indexed column: its bind
     (valued by the parameters when named there), None for NULL, or _ABSENT."""
     for k, v in (stmt._values or {}).items():
-        if _key(k) == index.source_column().key:
+        if key_name(k) == index.source_column().key:
             if isinstance(v, Null):
                 return None
             if isinstance(v, BindParameter) and v.callable is None:
                 return v
-            raise _refuse(index, "a statement that sets an indexed column from a SQL expression")
+            raise refuse_write(index, "a statement that sets an indexed column from a SQL expression")
     return _ABSENT
 
 
@@ -187,7 +191,7 @@ def _default(index: Any) -> Any:
         return None
     if getattr(default, "is_scalar", False):
         return default.arg
-    raise _refuse(index, "an INSERT that leaves an indexed column to a computed default")
+    raise refuse_write(index, "an INSERT that leaves an indexed column to a computed default")
 
 
 def rewrite(conn: Any, stmt: Any, paramsets: Sequence[Any], indexes: list[Any]) -> tuple[Any, list[dict[str, Any]]]:
@@ -201,7 +205,7 @@ def rewrite(conn: Any, stmt: Any, paramsets: Sequence[Any], indexes: list[Any]) 
         )
     if stmt.is_insert and (stmt._multi_values or getattr(stmt, "select", None) is not None):
         why = "a multi-row values([...]) INSERT" if stmt._multi_values else "INSERT ... FROM SELECT"
-        raise _refuse(indexes[0], why)
+        raise refuse_write(indexes[0], why)
     out = [dict(p) if isinstance(p, dict) else {} for p in paramsets]
     for index in indexes:
         source, target = index.source_column().key, index.tokens_column.key
@@ -222,7 +226,7 @@ def _upsert(stmt: Any, indexes: list[Any]) -> Any:
     if getattr(clause, "update_values_to_set", None) is None:
         return stmt  # DO NOTHING: the row keeps its value and its tokens
     sets = dict(upsert_assignments(stmt))  # a dict in SQLAlchemy 2.1, pairs in 2.0; both compile from a dict
-    given = {_key(k): v for k, v in sets.items()}
+    given = {key_name(k): v for k, v in sets.items()}
     added: dict[Any, Any] = {}
     for index in indexes:
         value = given.get(index.source_column().key, _ABSENT)
@@ -235,7 +239,7 @@ def _upsert(stmt: Any, indexes: list[Any]) -> Any:
             plain = None if isinstance(value, Null) else value.value
             added[target.key] = literal(tokens_value(index, plain), type_=target.type)
         else:
-            raise _refuse(index, "an upsert that sets an indexed column from a SQL expression")
+            raise refuse_write(index, "an upsert that sets an indexed column from a SQL expression")
     if not added:
         return stmt
     new_clause = copy.copy(clause)

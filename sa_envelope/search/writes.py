@@ -76,16 +76,10 @@ def token_rows(index: Any, row_key: str, value: Any) -> list[dict[str, Any]]:
 
 
 def _refuse(indexes: Sequence[Any], why: str) -> UnsupportedQueryError:
-    index = indexes[0]
-    return UnsupportedQueryError(
-        f"{index.owner}: {why}; its search index ({index.name}) would go out of step with the rows",
-        table=index.owner,
-        column=index.column,
-    )
+    return arrays.refuse_write(indexes[0], why)
 
 
-def _key(k: Any) -> str:
-    return str(getattr(k, "key", k))
+_key = arrays.key_name
 
 
 def _written(stmt: Any, paramsets: Sequence[Any]) -> set[str]:
