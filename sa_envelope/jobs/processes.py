@@ -67,8 +67,8 @@ def _interrupted(signum: int, frame: Any) -> None:
 def _child(target: Callable[..., Any], args: tuple[Any, ...], index: int, count: int, pipe: Connection) -> None:
     """A child's whole life: run the target, send its result or one line of error."""
     signal.signal(signal.SIGINT, _interrupted)
+    pipe.send(("ready", None))  # from now on a SIGINT stops this child cleanly
     try:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by _start: a pending one stops us here
         result = target(*args, index=index, count=count, bar=ChildBar(pipe))
     except KeyboardInterrupt:
         sys.exit(130)  # stopped by the parent or the terminal: it says so itself
@@ -93,7 +93,7 @@ def run_processes(target: Callable[..., Any], args: tuple[Any, ...], count: int,
     if count < 1:
         raise ValueError("workers must be at least 1")
     ctx = multiprocessing.get_context("spawn")
-    children, pipes = [], []
+    children, pipes, ready = [], [], set[int]()
     try:
         for i in range(count):
             reader, writer = ctx.Pipe(duplex=False)
@@ -102,34 +102,34 @@ def run_processes(target: Callable[..., Any], args: tuple[Any, ...], count: int,
             writer.close()  # the child's end: EOF here once the child is gone
             children.append(proc)
             pipes.append(reader)
-        return _collect(children, pipes, bar)
+        return _collect(children, pipes, bar, ready)
     except BaseException:
-        _stop(children)
+        _stop(children, pipes, ready)
         raise
 
 
 def _start(proc: Any) -> None:
-    """Start a child with SIGINT blocked (the mask survives its exec) until
-    :func:`_child` has its handler: a Ctrl-C, or the parent's stop, while it
-    still imports waits instead of printing a traceback, and stops it as
-    soon as it unblocks, before it touches a row."""
+    """Start a child with SIGINT ignored (an ignored signal stays ignored
+    across its exec, and Python leaves it so) until :func:`_child` has its
+    handler: a Ctrl-C while it still imports would print a traceback. A
+    child stopped before it said it is ready is killed (:func:`_stop`)."""
     if threading.current_thread() is not threading.main_thread():
         proc.start()
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         proc.start()
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one that came meanwhile is raised now
+        signal.signal(signal.SIGINT, previous)
 
 
-def _collect(children: list[Any], pipes: list[Connection], bar: Any) -> list[Any]:
+def _collect(children: list[Any], pipes: list[Connection], bar: Any, ready: set[int]) -> list[Any]:
     """Read every child's messages until all have ended; fail on the first failure."""
     results: dict[int, Any] = {}
     open_pipes = dict(enumerate(pipes))
     while open_pipes:
-        for ready in wait(list(open_pipes.values())):
-            i = pipes.index(ready)  # type: ignore[arg-type]
+        for waiting in wait(list(open_pipes.values())):
+            i = pipes.index(waiting)  # type: ignore[arg-type]
             try:
                 kind, payload = pipes[i].recv()
             except (EOFError, OSError):  # the child is gone (or died mid-message)
@@ -138,7 +138,9 @@ def _collect(children: list[Any], pipes: list[Connection], bar: Any) -> list[Any
                 if i not in results:
                     raise WorkerFailedError(_died(children[i], i, len(children))) from None
                 continue
-            if kind == "progress":
+            if kind == "ready":
+                ready.add(i)
+            elif kind == "progress":
                 bar.update(payload)
             elif kind == "result":
                 results[i] = payload
@@ -155,12 +157,15 @@ def _died(proc: Any, i: int, count: int) -> str:
     return f"worker {i + 1} of {count} (pid {proc.pid}) {how} before it finished"
 
 
-def _stop(children: list[Any]) -> None:
-    """Interrupt every child still running, wait for it, kill it if it hangs."""
-    for proc in children:
+def _stop(children: list[Any], pipes: list[Connection], ready: set[int]) -> None:
+    """Interrupt every child still running, wait for it, kill it if it hangs;
+    a child that has not said it is ready (still importing, SIGINT ignored)
+    is killed at once: it has touched no row."""
+    _note_ready(pipes, ready)
+    for i, proc in enumerate(children):
         if proc.is_alive() and proc.pid is not None:
             try:
-                os.kill(proc.pid, signal.SIGINT)
+                os.kill(proc.pid, signal.SIGINT if i in ready else signal.SIGKILL)
             except OSError:  # ended meanwhile
                 pass
     for proc in children:
@@ -168,3 +173,14 @@ def _stop(children: list[Any]) -> None:
         if proc.is_alive():
             proc.kill()
             proc.join()
+
+
+def _note_ready(pipes: list[Connection], ready: set[int]) -> None:
+    """Read the "ready" messages still waiting in the pipes (the rest no longer matters)."""
+    for i, pipe in enumerate(pipes):
+        try:
+            while pipe.poll():
+                if pipe.recv()[0] == "ready":
+                    ready.add(i)
+        except (EOFError, OSError):
+            continue

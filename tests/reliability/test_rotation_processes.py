@@ -218,7 +218,9 @@ def _key_of_body(engine: Engine, table: Any, row_id: int) -> int:
 
 
 @pytest.mark.backends("postgresql", "mysql")
-@pytest.mark.parametrize("to", ["group", "command"], ids=["ctrl-c", "sigint-to-the-command"])
+@pytest.mark.parametrize(
+    "to", ["group", "command", "early"], ids=["ctrl-c", "sigint-to-the-command", "ctrl-c-while-workers-start"]
+)
 def test_ctrl_c_stops_every_worker_process(db_url: str, engine: Engine, tmp_path: Path, to: str) -> None:
     """Ctrl-C (SIGINT to the terminal's process group, or to the command
     alone, which passes it on): every worker stops, one line, exit 130; a
@@ -237,11 +239,14 @@ def test_ctrl_c_stops_every_worker_process(db_url: str, engine: Engine, tmp_path
     proc = subprocess.Popen([PYTHON, "-m", "sa_envelope", *args], env=subprocess_env(), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 120
-    while not (_moved(engine, table, old) and len(worker_processes(proc.pid)) == 2) and time.monotonic() < deadline:
+    while to == "early" and len(worker_processes(proc.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)  # the workers exist and are still importing: nothing moved yet
+    while to != "early" and not (_moved(engine, table, old) and len(worker_processes(proc.pid)) == 2):
+        assert time.monotonic() < deadline, "the workers never started moving rows"
         time.sleep(0.02)
     workers = worker_processes(proc.pid)
     assert len(workers) == 2 and proc.poll() is None
-    if to == "group":
+    if to in ("group", "early"):
         os.killpg(proc.pid, signal.SIGINT)
     else:
         proc.send_signal(signal.SIGINT)
