@@ -218,9 +218,7 @@ def _key_of_body(engine: Engine, table: Any, row_id: int) -> int:
 
 
 @pytest.mark.backends("postgresql", "mysql")
-@pytest.mark.parametrize(
-    "to", ["group", "command", "early"], ids=["ctrl-c", "sigint-to-the-command", "ctrl-c-while-workers-start"]
-)
+@pytest.mark.parametrize("to", ["group", "command"], ids=["ctrl-c", "sigint-to-the-command"])
 def test_ctrl_c_stops_every_worker_process(db_url: str, engine: Engine, tmp_path: Path, to: str) -> None:
     """Ctrl-C (SIGINT to the terminal's process group, or to the command
     alone, which passes it on): every worker stops, one line, exit 130; a
