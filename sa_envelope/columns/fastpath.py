@@ -46,22 +46,6 @@ __all__ = ["bind_closure", "result_closure"]
 _HEADER = fmt.HEADER_SLICE
 
 
-def _plain_bind(encrypt: Callable[[Any, Any], bytes], store: Any, impl: Any) -> Callable[[Any], Any]:
-    """Every value through ``encrypt`` (row scope: the key travels with the value)."""
-
-    def process(value: Any) -> Any:
-        if value is None:
-            return None
-        try:
-            sealed = encrypt(value, store)
-        except BaseException:
-            value = None
-            raise
-        return sealed if impl is None else impl(sealed)
-
-    return process
-
-
 def _row_bind(coltype: Any, encrypt: Callable[[Any, Any], bytes], store: Any, impl: Any) -> Callable[[Any], Any]:
     """Row scope: each value sealed under the row key paired with it
     (:class:`RowValue`), in one call layer; anything else (a bare value, a
