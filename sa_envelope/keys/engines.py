@@ -196,11 +196,20 @@ def _forget_processors(engine: Engine) -> None:
     memos = getattr(dialect, "_type_memos", None)  # SQLAlchemy's per-dialect processor cache
     if memos is not None:
         memos.clear()
+    for mapper in _mappers():
+        cache: Any = mapper.__dict__.get("_compiled_cache", {})  # made on first flush (memoized)
+        for key in [k for k in list(cache) if isinstance(k, tuple) and k and k[0] is dialect]:
+            cache.pop(key, None)
+
+
+def _mappers() -> Iterator[Any]:
+    """Every mapper made so far. A class another thread is still declaring is
+    registered before its mapper exists, and ``registry.mappers`` raises
+    ``UnmappedClassError`` for it; it has flushed nothing, so it is skipped."""
     for registry in mapperlib._all_registries():
-        for mapper in registry.mappers:
-            cache: Any = mapper.__dict__.get("_compiled_cache", {})  # made on first flush (memoized)
-            for key in [k for k in list(cache) if isinstance(k, tuple) and k and k[0] is dialect]:
-                cache.pop(key, None)
+        for manager in list(registry._managers):  # SQLAlchemy copies it the same way
+            if manager.is_mapped:
+                yield manager.mapper
 
 
 class Engines:

@@ -6,10 +6,12 @@ import os
 import threading
 import time
 
+import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, select
 from sqlalchemy.engine import Engine
 
 from sa_envelope import CacheLimits, EncryptedType, KeyManager, LocalKeyProvider
+from sa_envelope.columns import encrypted
 
 
 def build(engine: Engine, limits: CacheLimits, tables: int = 1) -> tuple[KeyManager, list[Table]]:
@@ -41,13 +43,22 @@ def test_max_uses_forces_a_fresh_unwrap(engine: Engine) -> None:
     assert keys.stats()["keys_created"] == 1  # but still the same stored key
 
 
-def test_max_age_expires_keys(engine: Engine) -> None:
-    keys, (table,) = build(engine, CacheLimits(max_age=0.2))
+def test_max_age_expires_keys(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clock jumps past ``max_age`` instead of sleeping: a loaded machine
+    can take longer than a short age between two statements, never a minute."""
+    real, skipped = time.monotonic, [0.0]
+
+    def clock() -> float:
+        return real() + skipped[0]
+
+    monkeypatch.setattr(time, "monotonic", clock)
+    monkeypatch.setattr(encrypted, "_monotonic", clock)
+    keys, (table,) = build(engine, CacheLimits(max_age=60))
     write_and_read(engine, table)
     calls = keys.stats()["provider_calls"]
     write_and_read(engine, table)
     assert keys.stats()["provider_calls"] == calls  # still fresh
-    time.sleep(0.3)
+    skipped[0] = 61
     write_and_read(engine, table)
     assert keys.stats()["provider_calls"] == calls + 1
 

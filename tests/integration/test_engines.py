@@ -225,7 +225,9 @@ def test_no_engine_bound_says_to_call_bind(engine: Engine) -> None:
     Patient = make_model(keys)
     Patient.metadata.create_all(engine)
     for attempt in (keys.create_table, keys.warm, lambda: keys.rotate_table_key("patients")):
-        with pytest.raises(ConfigurationError, match=r"^this KeyManager is bound to no engine: call keys.bind\(engine\)"):
+        with pytest.raises(
+            ConfigurationError, match=r"^this KeyManager is bound to no engine: call keys.bind\(engine\)"
+        ):
             attempt()
     with Session(engine) as session:
         session.add(Patient(id=1, name="Ada"))
@@ -359,7 +361,9 @@ def test_a_migration_runs_on_its_own_connection(engine: Engine, engine_b: Engine
                 Operations(context).encrypt_column("t", "v", EncryptedType(String(40)), keys=keys, batch_size=2)
     finally:
         migration.dispose()
-    encrypted = Table("t", MetaData(), Column("id", Integer, primary_key=True), Column("v", EncryptedType(String(40), keys)))
+    encrypted = Table(
+        "t", MetaData(), Column("id", Integer, primary_key=True), Column("v", EncryptedType(String(40), keys))
+    )
     with engine_b.connect() as conn:
         assert conn.execute(select(encrypted.c.v).order_by(encrypted.c.id)).scalars().all() == [
             f"secret {i}" for i in range(1, 6)
@@ -395,3 +399,49 @@ def test_equality_while_sessions_on_both_engines_are_open(engine: Engine, engine
             assert [u.id for u in lookup(session, User.email, "u3@x.org")] == [3]
         assert [u.id for u in lookup(first, User.email, "u4@x.org")] == []
         assert [u.id for u in lookup(second, User.email, "u4@x.org")] == [4]
+
+
+def test_binding_while_another_thread_declares_a_model(engine: Engine) -> None:
+    """A class under declaration is registered before its mapper exists:
+    binding then (an application starting threads, a test suite in
+    parallel) must not fail. The declaration pauses while SQLAlchemy reads
+    its ``__tablename__`` and the other thread binds; it then completes and
+    writes through the binding."""
+    import threading
+
+    from sqlalchemy.orm import declared_attr
+
+    keys = KeyManager(None, LocalKeyProvider(os.urandom(32)))
+    declaring, bound = threading.Event(), threading.Event()
+    failures: list[BaseException] = []
+
+    def bind() -> None:
+        declaring.wait(10)
+        try:
+            keys.bind(engine)
+        except BaseException as exc:  # reported below, in the test's thread
+            failures.append(exc)
+        bound.set()
+
+    binder = threading.Thread(target=bind)
+    binder.start()
+
+    class Half(new_base()):
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        name: Mapped[str] = mapped_column(EncryptedType(String(40), keys))
+
+        @declared_attr.directive
+        def __tablename__(cls) -> str:  # read while the class is registered, unmapped
+            declaring.set()
+            assert bound.wait(10), "the binding thread never finished"
+            return "half_declared"
+
+    binder.join(10)
+    assert not failures, failures
+    keys.create_table()
+    Half.__table__.create(engine)
+    with Session(engine) as s:
+        s.add(Half(id=1, name="Ada"))
+        s.commit()
+    with Session(engine) as s:
+        assert s.get(Half, 1).name == "Ada"
