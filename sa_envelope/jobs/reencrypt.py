@@ -100,19 +100,41 @@ def count_left(conn: Any, column: Column[Any], key_id: int) -> int:
     return int(conn.execute(stmt).scalar_one())
 
 
+def _spans(job: Job, column: Column[Any]) -> list[tuple[int, int]] | None:
+    """Value batches of several workers: each worker's first pass covers a
+    slice of its own of the primary keys (``[lo, hi)``, the key range cut in
+    ``workers`` parts). Without it every worker scans from the first row and
+    they leapfrog: each page skips the rows the other holds locked, so each
+    worker reads every row and the server did nearly twice the work of one
+    worker. The slices only spread the start; the passes after them cover
+    the whole table, skipping locked rows, as before."""
+    if not job.partitioned or isinstance(column.type, BlindIndexType):
+        return None  # index batches have their own partition (pk % workers)
+    pk = column.table.primary_key.columns[0]
+    with job.store.engine.connect() as conn:
+        lo, hi = conn.execute(select(func.min(pk), func.max(pk))).one()
+    if lo is None:
+        return None
+    width = -(-(int(hi) + 1 - int(lo)) // job.workers)
+    return [(int(lo) + i * width, int(lo) + (i + 1) * width) for i in range(job.workers)]
+
+
 def _move(job: Job, column: Column[Any], progress: bool | None, bar: Any) -> None:
-    """Every worker over one column; value columns pass again while a pass
+    """Every worker over one column: value columns first over the worker's
+    slice (:func:`_spans`), then over the whole table again while a pass
     moved something (rows skipped as locked, or written meanwhile by a process
     that had not yet switched keys)."""
     kind = IndexBatches if isinstance(column.type, BlindIndexType) else ValueBatches
     with job.store.engine.connect() as conn:
         total = count_left(conn, column, job.key_id)
     desc = f"re-encrypt {column.table.name}.{column.name}"
+    spans = _spans(job, column) if total else None
 
     def work(worker: int) -> None:
         budget = job.max_batches
+        span = spans[worker] if spans else None
         while True:
-            batches = kind(job, column, worker)
+            batches = kind(job, column, worker, span)
             run_batches(job.store.engine, "reencrypt", batches, total=None, desc=desc, connect=read_committed,
                         bar=shared, throttle=job.throttle, max_batches=budget)  # fmt: skip
             if budget is not None:
@@ -120,6 +142,9 @@ def _move(job: Job, column: Column[Any], progress: bool | None, bar: Any) -> Non
                 if budget <= 0:
                     job.report.stopped = True
                     return
+            if span is not None:  # the slice is done: now the whole table, whatever it wrote
+                span = None
+                continue
             if kind is IndexBatches or not batches.written:
                 return
 

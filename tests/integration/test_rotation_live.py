@@ -286,3 +286,33 @@ def test_first_key_made_outside_a_statement_is_stored(engine: Engine, kms_client
     Table("firsts", MetaData(), Column("id", Integer, primary_key=True), Column("v_index", other_type))
     assert other_type.digest("x") == digest
     assert other.live.write_key("firsts", kt.SCOPE_BLIND_INDEX).key_id == made
+
+
+@pytest.mark.backends("postgresql", "mysql")
+def test_a_worker_process_starts_in_its_own_slice(engine: Engine, kms_client: Any, cmk: str) -> None:
+    """Worker 2 of 2 takes its first batch from the second half of the keys:
+    the workers do not all start at the first row and read each other's."""
+    from sa_envelope.jobs.reencrypt import prepare_move, reencrypt_columns
+
+    keys = _manager(engine, kms_client, cmk)
+    table = Table(
+        "notes", MetaData(),
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("body", EncryptedType(String(50), keys)),
+    )  # fmt: skip
+    table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": i, "body": f"note {i}"} for i in range(1, 101)])
+    (old,) = _header_keys(engine, table.c.body)
+    prepare_move(keys.store, keys.live, [table.c.body], old)
+    report = reencrypt_columns(keys.store, keys.live, [table.c.body], key_id=old, batch_size=10, max_batches=1,
+                               partition=(1, 2), progress=False)  # fmt: skip
+    raw = type_coerce(table.c.body, LargeBinary)
+    with engine.connect() as conn:
+        moved = [i for i, v in conn.execute(select(table.c.id, raw).order_by(table.c.id)) if fmt.read_header(bytes(v))[1] != old]
+    assert report.reencrypted == 10
+    assert moved == list(range(51, 61))
+    report = reencrypt_columns(keys.store, keys.live, [table.c.body], key_id=old, batch_size=10, partition=(1, 2),
+                               progress=False)  # fmt: skip
+    assert report.reencrypted == 90  # then the rest of the table, the other slice too
+    assert _header_keys(engine, table.c.body) == {keys.live.store.encryption_key("notes").key_id}
