@@ -59,8 +59,11 @@ class ChildBar:
 
 def _interrupted(signum: int, frame: Any) -> None:
     """SIGINT in a child: stop quietly. The pool's rollback of a query the
-    interrupt cut short fails and would log a traceback: expected here."""
-    logging.getLogger("sqlalchemy.pool").addHandler(logging.NullHandler())
+    interrupt cut short fails and would log a traceback, and psycopg warns
+    when a second SIGINT (Ctrl-C reaches the child from the terminal and
+    from the parent) interrupts its cancellation of that query: expected here."""
+    for name in ("sqlalchemy.pool", "psycopg"):
+        logging.getLogger(name).addHandler(logging.NullHandler())
     raise KeyboardInterrupt
 
 
