@@ -117,12 +117,8 @@ def bench_encrypt_column(url: str, rows: int, client: Any) -> dict[str, Any]:
     return {"rows": rows, "seconds": round(elapsed, 3), "rows_per_second": int(rows / elapsed)}
 
 
-def bench_reencrypt(url: str, rows: int, client: Any, *, workers: int = 1, deterministic: bool = False,
-                    batch_size: int = 1000, processes: bool = True) -> dict[str, Any]:
-    """Re-encrypt every value of one column off its key (rotated first), with ``workers``:
-    by ``sa-envelope reencrypt --workers N`` (N worker processes, each its own engine and
-    provider; the command's start is in the time), or with ``processes=False`` by
-    ``keys.reencrypt(workers=N)`` in this process (threads)."""
+def prepare_reencrypt(url: str, rows: int, client: Any, *, deterministic: bool = False) -> tuple[Any, Any, Any, int]:
+    """A table of ``rows`` values under one key, rotated: (engine, keys, table, the old key's id)."""
     engine = create_engine(url)
     _reset(engine)
     keys = KeyManager(engine, AwsKmsProvider(client.create_key()["KeyMetadata"]["Arn"], client=client),
@@ -142,12 +138,27 @@ def bench_reencrypt(url: str, rows: int, client: Any, *, workers: int = 1, deter
     time.sleep(3.5 if deterministic else 0)  # past the switch: the job would wait for it
     keys.clear_cache()  # a fresh job process: its KMS calls are one per key it needs
     client.calls.clear()
+    return engine, keys, table, old
+
+
+def reencrypt_argv(url: str, keys: Any, old: int, workers: int, batch_size: int) -> list[str]:
+    """``sa-envelope reencrypt`` as an operator runs it."""
+    return [sys.executable, "-m", "sa_envelope", "reencrypt", "--database-url", url, "--cmk",
+            keys.provider.wrapping_key_id, "--key", fmt.format_key_id(old), "--batch-size", str(batch_size),
+            "--workers", str(workers), "--grace", "1", "--json"]
+
+
+def bench_reencrypt(url: str, rows: int, client: Any, *, workers: int = 1, deterministic: bool = False,
+                    batch_size: int = 1000, processes: bool = True) -> dict[str, Any]:
+    """Re-encrypt every value of one column off its key (rotated first), with ``workers``:
+    by ``sa-envelope reencrypt --workers N`` (N worker processes, each its own engine and
+    provider; the command's start is in the time), or with ``processes=False`` by
+    ``keys.reencrypt(workers=N)`` in this process (threads)."""
+    engine, keys, table, old = prepare_reencrypt(url, rows, client, deterministic=deterministic)
     started = time.perf_counter()
     if processes:  # the command itself, as an operator runs it: its start is in the time
-        done = subprocess.run(
-            [sys.executable, "-m", "sa_envelope", "reencrypt", "--database-url", url, "--cmk",
-             keys.provider.wrapping_key_id, "--key", fmt.format_key_id(old), "--batch-size", str(batch_size),
-             "--workers", str(workers), "--grace", "1", "--json"], capture_output=True, text=True, check=True)
+        done = subprocess.run(reencrypt_argv(url, keys, old, workers, batch_size), capture_output=True, text=True,
+                              check=True)
         elapsed = time.perf_counter() - started
         out = json.loads(done.stdout)
         report = ReencryptReport(out["key"], out["reencrypted"], out["failed"], out["remaining"])
