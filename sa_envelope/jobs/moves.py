@@ -27,11 +27,11 @@ __all__ = ["SKIP_LOCKED_DIALECTS", "IndexBatches", "Job", "ReencryptReport", "Va
 SKIP_LOCKED_DIALECTS = ("postgresql", "mysql", "mariadb")
 
 # A page is "the next N rows in key order whose header names the key". PostgreSQL has no
-# statistics on that expression (it guesses 0.5 % of the rows match), so it plans a bitmap
-# scan of every row after the cursor and a sort of all of them: 66 ms a batch at the start
-# of a 100,000-row table against 0.5 ms for the key-order index scan that stops at N rows,
-# and the whole job quadratic in the table's size. The batch's own transaction disables both
-# (one statement: one round trip).
+# statistics on that expression (it guesses 0.5 % of the rows match), so it plans a scan
+# of every row after the cursor (bitmap or sequential) and a sort of all of them: 66 ms a
+# batch at the start of a 100,000-row table against 0.5 ms for the key-order index scan that
+# stops at N rows, each batch costing what is left of the table. The batch's own transaction
+# disables both (one statement: one round trip).
 PG_PAGE_PLAN = "SELECT set_config('enable_sort', 'off', true), set_config('enable_bitmapscan', 'off', true)"
 
 

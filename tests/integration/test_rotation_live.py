@@ -316,3 +316,37 @@ def test_a_worker_process_starts_in_its_own_slice(engine: Engine, kms_client: An
                                progress=False)  # fmt: skip
     assert report.reencrypted == 90  # then the rest of the table, the other slice too
     assert _header_keys(engine, table.c.body) == {keys.live.store.encryption_key("notes").key_id}
+
+
+@pytest.mark.backends("postgresql")
+def test_a_page_is_read_in_key_order_on_postgresql(engine: Engine, kms_client: Any, cmk: str) -> None:
+    """The page query of a batch, explained in the batch's own transaction,
+    is an index scan in key order that stops at the page: no sort of every
+    row after the cursor (the planner has no statistics on the header
+    expression and would pick that)."""
+    keys = _manager(engine, kms_client, cmk)
+    table = Table(
+        "notes", MetaData(),
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("body", EncryptedType(String(50), keys)),
+    )  # fmt: skip
+    table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": i, "body": f"note {i}"} for i in range(1, 20_001)])
+        conn.exec_driver_sql("ANALYZE notes")
+    (old,) = _header_keys(engine, table.c.body)
+    plans: list[str] = []
+
+    def explain(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        if "SKIP LOCKED" in statement and not plans:
+            with cursor.connection.cursor() as explaining:  # the same transaction, its settings
+                explaining.execute("EXPLAIN " + statement, parameters)
+                plans.append("\n".join(row[0] for row in explaining.fetchall()))
+
+    event.listen(engine, "after_cursor_execute", explain)
+    try:
+        report = keys.reencrypt([table.c.body], key_id=old, batch_size=100)
+    finally:
+        event.remove(engine, "after_cursor_execute", explain)
+    assert report.reencrypted == 20_000
+    assert plans and "Index Scan using notes_pkey" in plans[0] and "Sort" not in plans[0], plans
