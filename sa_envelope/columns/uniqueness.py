@@ -35,51 +35,23 @@ constraint (docs/rotation.md).
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import weakref
 from typing import Any, Iterator
 
-from sqlalchemy import (
-    Column,
-    Index,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    UniqueConstraint,
-    and_,
-    inspect,
-    or_,
-    select,
-    type_coerce,
-)
-from sqlalchemy.dialects import mysql, postgresql
+from sqlalchemy import Index, LargeBinary, UniqueConstraint, and_, or_, select, type_coerce
 from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
 from ..errors import DuplicateValueError
 from ..keys.listeners import Listeners
 from . import binds
 from .encrypted import EncryptedType
+from .guardrows import lock
 from .livematch import Sealed
 
-__all__ = ["GUARD_TABLE", "guard_table", "install", "unique_sets"]
+__all__ = ["install", "unique_sets"]
 
-GUARD_TABLE = "sa_envelope_guards"
 _UNIQUE: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], ...]] = weakref.WeakKeyDictionary()
-_HAS_GUARDS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()  # per engine, once found
-
-
-def guard_table(metadata: MetaData, name: str = GUARD_TABLE) -> Table:
-    """The guard rows' table: a digest per (constraint, key, sealed value)."""
-    if name in metadata.tables:
-        return metadata.tables[name]
-    return Table(
-        name,
-        metadata,
-        Column("guard", String(64), primary_key=True),  # hex SHA-256, see docs/format.md
-        Column("owner_table", String(255), nullable=False),
-    )
+_PENDING = "sa_envelope.unique_pending"  # conn.info: id(statement) -> (statement, its targets) till it ends
 
 
 def _deterministic(column: Any) -> bool:
@@ -118,6 +90,16 @@ def _written(stmt: Any, column: Any, multiparams: Any, params: Any) -> Iterator[
             yield _plain(p[column.key])
 
 
+def _rows(stmt: Any, multiparams: Any, params: Any) -> list[dict[str, Any]]:
+    """The statement's rows as column key -> value, its own values merged into each parameter set."""
+    base = {getattr(k, "key", k): v for k, v in (stmt._values or {}).items()}
+    rows = [
+        {getattr(k, "key", k): v for k, v in r.items()} for g in stmt._multi_values for r in g if isinstance(r, dict)
+    ]
+    given = [p for p in list(multiparams or ()) + ([params] if params else []) if isinstance(p, dict)]
+    return rows + ([{**base, **p} for p in given] or ([base] if base else []))
+
+
 def _others(stmt: Any, columns: tuple[Any, ...], multiparams: Any, params: Any) -> Any:
     """The rows to read, by the set's other columns as the statement wrote
     them (the unique index then serves the read, which locks only those), or
@@ -126,30 +108,56 @@ def _others(stmt: Any, columns: tuple[Any, ...], multiparams: Any, params: Any) 
     others = [c for c in columns if not _deterministic(c)]
     if not others:
         return None
-    base = {getattr(k, "key", k): v for k, v in (stmt._values or {}).items()}
-    rows = [
-        {getattr(k, "key", k): v for k, v in r.items()} for g in stmt._multi_values for r in g if isinstance(r, dict)
-    ]
-    given = [p for p in list(multiparams or ()) + ([params] if params else []) if isinstance(p, dict)]
-    rows += [{**base, **p} for p in given] or ([base] if base else [])
-    tuples = {tuple(_plain(r.get(c.key)) for c in others) for r in rows}
+    tuples = {tuple(_plain(r.get(c.key)) for c in others) for r in _rows(stmt, multiparams, params)}
     if not tuples or any(v is None for t in tuples for v in t):
         return None
     return or_(*(and_(*(c == v for c, v in zip(others, t))) for t in tuples))
 
 
-def _targets(stmt: Any, multiparams: Any, params: Any) -> Iterator[tuple[tuple[Any, ...], dict[Any, Any], Any]]:
-    """(unique set, its written values sealed under every live key, the narrowing) per set to check."""
+def _kept(conn: Any, stmt: Any, columns: tuple[Any, ...], multiparams: Any, params: Any) -> dict[Any, set[Any]]:
+    """For an UPDATE that writes some columns of the set but not each
+    deterministic one: the values those keep, read (row-locked, as the
+    UPDATE would lock them) from the rows its WHERE clause selects, per
+    parameter set, before it runs (after it, the WHERE may match others)."""
+    if not getattr(stmt, "is_update", False):
+        return {}
+    rows = _rows(stmt, multiparams, params)
+    written = {c for c in columns if any(c.key in r for r in rows)}
+    kept = [c for c in columns if _deterministic(c) and c not in written]
+    if not written or not kept:
+        return {}
+    read = select(*(type_coerce(c, LargeBinary) for c in kept))
+    if stmt.whereclause is not None:
+        read = read.where(stmt.whereclause)
+    if conn.dialect.name != "sqlite":
+        read = read.with_for_update()
+    found: dict[Any, set[Any]] = {c: set() for c in kept}
+    for p in [p for p in list(multiparams or ()) + [params or {}] if isinstance(p, dict) and p] or [{}]:
+        for row in conn.execute(read, p):
+            for column, stored in zip(kept, row):
+                if stored is not None:
+                    found[column].add(column.type.decrypt(bytes(stored), binds.require(column.type, conn.dialect)))
+    return found
+
+
+def _targets(
+    conn: Any, stmt: Any, multiparams: Any, params: Any
+) -> Iterator[tuple[tuple[Any, ...], dict[Any, Any], Any]]:
+    """(unique set, the values it writes or keeps sealed under every live key, the narrowing) per set to check."""
     if not (getattr(stmt, "is_insert", False) or getattr(stmt, "is_update", False)):
         return
     table = getattr(stmt, "table", None)
     if table is None or not hasattr(table, "constraints"):
         return
     for columns in unique_sets(table):
+        if all(len(c.type.live_keys()) < 2 for c in columns if _deterministic(c)):
+            continue
+        kept = _kept(conn, stmt, columns, multiparams, params)
         written: dict[Any, dict[bytes, Any]] = {}
         for column in (c for c in columns if _deterministic(c)):
             live = column.type.live_keys()
             values = {v for v in _written(stmt, column, multiparams, params) if v is not None}
+            values |= kept.get(column, set())
             if len(live) > 1 and values:
                 written[column] = {column.type.encrypt(Sealed(v, k)): v for v in values for k in live}
         if written:
@@ -157,18 +165,24 @@ def _targets(stmt: Any, multiparams: Any, params: Any) -> Iterator[tuple[tuple[A
 
 
 def _guard(conn: Any, stmt: Any, multiparams: Any, params: Any, execution_options: Any) -> None:
-    """Before the write: lock the guards (InnoDB's locking read after the
-    write would wait for the other writer's new row while it waits for our
-    guard: a deadlock; so the lock comes first, on every backend)."""
-    if conn.dialect.name == "sqlite":
+    """Before the write: find what to check and lock its guards (InnoDB's
+    locking read after the write would wait for the other writer's new row
+    while it waits for our guard: a deadlock; so the lock comes first)."""
+    targets = list(_targets(conn, stmt, multiparams, params))
+    if not targets:
         return
-    for columns, written, _ in _targets(stmt, multiparams, params):
-        _lock(conn, columns[0].table, columns, written)
+    if conn.dialect.name != "sqlite":  # SQLite serialises writers itself
+        for columns, written, _ in targets:
+            lock(conn, columns[0].table, columns, written)
+    conn.info.setdefault(_PENDING, {})[id(stmt)] = (stmt, targets)  # statements may run within it (key rows)
 
 
 def _check(conn: Any, stmt: Any, multiparams: Any, params: Any, *_: Any) -> None:
-    """After the write, in its transaction: the values written are stored once."""
-    for columns, written, narrow in _targets(stmt, multiparams, params):
+    """After the write, in its transaction: the values written (or kept) are stored once."""
+    pending = conn.info.get(_PENDING, {}).pop(id(stmt), None)
+    if pending is None or pending[0] is not stmt:
+        return
+    for columns, written, narrow in pending[1]:
         _check_set(conn, columns, written, narrow)
 
 
@@ -208,46 +222,11 @@ def _canonical(conn: Any, column: Any, stored: Any, written: dict[Any, dict[byte
     return ("value", column.type.decrypt(data, binds.require(column.type, conn.dialect)))
 
 
-def _lock(conn: Any, table: Any, columns: tuple[Any, ...], written: dict[Any, dict[bytes, Any]]) -> None:
-    """Row-lock the guards of the values written (or, without the guard table, the key row)."""
-    if not _has_guards(conn):
-        keys = next(iter(written)).type.keys.table
-        oldest = min(k.key_id for c in written for k in c.type.live_keys())
-        conn.execute(select(keys.c.id).where(keys.c.id == oldest).with_for_update()).all()
-        return
-    names = ",".join(c.name for c in columns).encode()
-    digests = sorted(
-        {
-            hashlib.sha256(b"sa-envelope guard\0" + table.name.encode() + b"\0" + names + b"\0" + sealed).hexdigest()
-            for sealed in itertools.chain.from_iterable(written.values())
-        }
-    )
-    guards = guard_table(MetaData())
-    rows = [{"guard": d, "owner_table": table.name} for d in digests]
-    if conn.dialect.name == "postgresql":  # the upsert changes the row: a REPEATABLE READ writer after us fails
-        pg = postgresql.insert(guards).values(rows)
-        conn.execute(pg.on_conflict_do_update(index_elements=["guard"], set_={"owner_table": pg.excluded.owner_table}))
-        return
-    # InnoDB: two transactions upserting the same new rows deadlock on their gap locks; so the
-    # missing guards are made on a connection of their own (committed at once, locking nothing
-    # of ours), then the existing rows are locked in order; locking reads see the newest rows
-    with conn.engine.connect() as side:
-        have = set(side.execute(select(guards.c.guard).where(guards.c.guard.in_(digests))).scalars())
-        if len(have) < len(digests):
-            side.execute(mysql.insert(guards).prefix_with("IGNORE"), [r for r in rows if r["guard"] not in have])
-            side.commit()
-    locked = select(guards.c.guard).where(guards.c.guard.in_(digests)).order_by(guards.c.guard).with_for_update()
-    conn.execute(locked).all()
-
-
-def _has_guards(conn: Any) -> bool:
-    engine = conn.engine
-    if _HAS_GUARDS.get(engine):
-        return True
-    found = bool(inspect(conn).has_table(GUARD_TABLE))
-    if found:
-        _HAS_GUARDS[engine] = True
-    return found
+def _forget(context: Any) -> None:
+    """A statement failed: drop its pending check (it holds written values)."""
+    stmt = getattr(context.execution_context, "invoked_statement", None)
+    if context.connection is not None and stmt is not None:
+        context.connection.info.get(_PENDING, {}).pop(id(stmt), None)
 
 
 def install(listeners: Listeners) -> None:
@@ -256,3 +235,4 @@ def install(listeners: Listeners) -> None:
     managers are bound to it)."""
     listeners.share("before_execute", _guard)
     listeners.share("after_execute", _check)
+    listeners.share("handle_error", _forget)
