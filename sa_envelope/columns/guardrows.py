@@ -73,15 +73,18 @@ def lock(conn: Any, table: Any, columns: tuple[Any, ...], written: dict[Any, dic
     # InnoDB: two transactions upserting the same new rows deadlock on their gap locks; so the
     # missing guards are made on a connection of their own (committed at once, locking nothing
     # of ours), then the existing rows are locked in order; locking reads see the newest rows.
-    # A guard removed in between (remove_guards) is made again: every digest ends up locked.
-    locked: set[str] = set()
+    # A guard removed in between (remove_guards) leaves our gap lock where it was: the side
+    # connection would wait for us, so we make it ourselves (a deadlock with a writer doing the
+    # same is refused by InnoDB at once: one of them rolls back, neither passes unlocked).
+    stmt = select(guards.c.guard).where(guards.c.guard.in_(digests)).order_by(guards.c.guard).with_for_update()
+    with conn.engine.connect() as side:
+        have = set(side.execute(select(guards.c.guard).where(guards.c.guard.in_(digests))).scalars())
+        if len(have) < len(digests):
+            side.execute(mysql.insert(guards).prefix_with("IGNORE"), [r for r in rows if r["guard"] not in have])
+            side.commit()
+    locked = set(conn.execute(stmt).scalars())
     while len(locked) < len(digests):
-        with conn.engine.connect() as side:
-            have = set(side.execute(select(guards.c.guard).where(guards.c.guard.in_(digests))).scalars())
-            if len(have) < len(digests):
-                side.execute(mysql.insert(guards).prefix_with("IGNORE"), [r for r in rows if r["guard"] not in have])
-                side.commit()
-        stmt = select(guards.c.guard).where(guards.c.guard.in_(digests)).order_by(guards.c.guard).with_for_update()
+        conn.execute(mysql.insert(guards).prefix_with("IGNORE"), [r for r in rows if r["guard"] not in locked])
         locked = set(conn.execute(stmt).scalars())
 
 
