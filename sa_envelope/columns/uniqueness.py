@@ -4,33 +4,33 @@ A database ``UNIQUE`` constraint compares bytes. During a rotation
 (``keys.live``) one value may be stored under the old key in one row and
 under the new key in another: two different byte strings, which the
 constraint lets through. So after every INSERT or UPDATE that writes a
-deterministic column of a unique constraint (on its own, or with other
-columns: ``UniqueConstraint("tenant", "email")``) while the column has more
-than one live key, this module checks, in the writer's transaction, that no
-tuple written is now stored more than once across the live keys, and raises
-:class:`~sa_envelope.errors.DuplicateValueError` if one is.
+column of a unique constraint holding a deterministic column (on its own,
+or with others: ``UniqueConstraint("tenant", "email")``) while that column
+has more than one live key, this module checks, in the writer's
+transaction, that no tuple written is now stored more than once across the
+live keys, and raises :class:`~sa_envelope.errors.DuplicateValueError` if
+one is.
+
+An UPDATE that writes only the *other* columns of the set (``SET tenant =
+1``) has no deterministic value in it: before it runs, the values its rows
+keep are read by its WHERE clause (per parameter set, row-locked as the
+UPDATE would lock them) and checked like written ones. If the UPDATE then
+changes more rows than were read (a row committed in between began to match:
+PostgreSQL's READ COMMITTED), it is refused with
+:class:`~sa_envelope.errors.UncheckedUpdateError` (not compared for an
+executemany).
 
 The race: two transactions write the same value under two keys, each checks
-before the other commits, both pass. It is closed by **guard rows**: before
-the write, the statement row-locks one row per (constraint, live key, sealed
-value) in ``sa_envelope_guards``, in sorted order (PostgreSQL: ``INSERT ...
-ON CONFLICT DO UPDATE``; MariaDB/MySQL: missing rows made on a connection of
-their own, then ``SELECT ... FOR UPDATE``). Two writers of the
-same value lock the same rows, so the later one waits until the earlier
-one's transaction ends, then writes and reads with a locking read (``FOR SHARE``), which
+before the other commits, both pass. It is closed by the guard rows of
+:mod:`.guardrows`, locked before the write (for the values written and the
+values kept alike); the later writer waits for the earlier one's transaction
+to end, then writes and reads with a locking read (``FOR SHARE``), which
 sees the committed row even under InnoDB's REPEATABLE READ; PostgreSQL's
-REPEATABLE READ refuses the upsert of a row changed since its snapshot
+REPEATABLE READ refuses the upsert of a guard changed since its snapshot
 (a serialization failure: the application retries). Writers of different
-values never wait for each other. A guard row holds a SHA-256 digest of the
-value's ciphertext, no more than the column itself reveals (docs/format.md).
-Where the guard table does not exist (a database made before it), the check
-locks the key-table row of the oldest live key instead, serialising every
-checked write of the table. SQLite serialises writers itself. Outside a
-rotation (one live key) nothing is checked: the constraint is exact again.
-
-Covered: every statement that writes the deterministic column. Not
-covered: an UPDATE that changes only the other columns of a multi-column
-constraint (docs/rotation.md).
+values never wait for each other. SQLite serialises writers itself. Outside
+a rotation (one live key) nothing is read, locked or checked: the
+constraint is exact again (docs/rotation.md).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from typing import Any, Iterator
 from sqlalchemy import Index, LargeBinary, UniqueConstraint, and_, or_, select, type_coerce
 from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
-from ..errors import DuplicateValueError
+from ..errors import DuplicateValueError, UncheckedUpdateError
 from ..keys.listeners import Listeners
 from . import binds
 from .encrypted import EncryptedType
@@ -114,36 +114,42 @@ def _others(stmt: Any, columns: tuple[Any, ...], multiparams: Any, params: Any) 
     return or_(*(and_(*(c == v for c, v in zip(others, t))) for t in tuples))
 
 
-def _kept(conn: Any, stmt: Any, columns: tuple[Any, ...], multiparams: Any, params: Any) -> dict[Any, set[Any]]:
+def _kept(
+    conn: Any, stmt: Any, columns: tuple[Any, ...], multiparams: Any, params: Any
+) -> tuple[dict[Any, set[Any]], int]:
     """For an UPDATE that writes some columns of the set but not each
     deterministic one: the values those keep, read (row-locked, as the
     UPDATE would lock them) from the rows its WHERE clause selects, per
-    parameter set, before it runs (after it, the WHERE may match others)."""
+    parameter set, before it runs (after it, the WHERE may match others);
+    and the number of rows read (-1: none)."""
     if not getattr(stmt, "is_update", False):
-        return {}
+        return {}, -1
     rows = _rows(stmt, multiparams, params)
     written = {c for c in columns if any(c.key in r for r in rows)}
     kept = [c for c in columns if _deterministic(c) and c not in written]
     if not written or not kept:
-        return {}
+        return {}, -1
     read = select(*(type_coerce(c, LargeBinary) for c in kept))
     if stmt.whereclause is not None:
         read = read.where(stmt.whereclause)
     if conn.dialect.name != "sqlite":
         read = read.with_for_update()
     found: dict[Any, set[Any]] = {c: set() for c in kept}
+    count = 0
     for p in [p for p in list(multiparams or ()) + [params or {}] if isinstance(p, dict) and p] or [{}]:
         for row in conn.execute(read, p):
+            count += 1
             for column, stored in zip(kept, row):
                 if stored is not None:
                     found[column].add(column.type.decrypt(bytes(stored), binds.require(column.type, conn.dialect)))
-    return found
+    return found, count
 
 
 def _targets(
     conn: Any, stmt: Any, multiparams: Any, params: Any
-) -> Iterator[tuple[tuple[Any, ...], dict[Any, Any], Any]]:
-    """(unique set, the values it writes or keeps sealed under every live key, the narrowing) per set to check."""
+) -> Iterator[tuple[tuple[Any, ...], dict[Any, Any], Any, int]]:
+    """(unique set, the values it writes or keeps sealed under every live key,
+    the narrowing, the rows read for the values kept or -1) per set to check."""
     if not (getattr(stmt, "is_insert", False) or getattr(stmt, "is_update", False)):
         return
     table = getattr(stmt, "table", None)
@@ -152,7 +158,7 @@ def _targets(
     for columns in unique_sets(table):
         if all(len(c.type.live_keys()) < 2 for c in columns if _deterministic(c)):
             continue
-        kept = _kept(conn, stmt, columns, multiparams, params)
+        kept, read = _kept(conn, stmt, columns, multiparams, params)
         written: dict[Any, dict[bytes, Any]] = {}
         for column in (c for c in columns if _deterministic(c)):
             live = column.type.live_keys()
@@ -161,7 +167,7 @@ def _targets(
             if len(live) > 1 and values:
                 written[column] = {column.type.encrypt(Sealed(v, k)): v for v in values for k in live}
         if written:
-            yield columns, written, _others(stmt, columns, multiparams, params)
+            yield columns, written, _others(stmt, columns, multiparams, params), read
 
 
 def _guard(conn: Any, stmt: Any, multiparams: Any, params: Any, execution_options: Any) -> None:
@@ -172,18 +178,34 @@ def _guard(conn: Any, stmt: Any, multiparams: Any, params: Any, execution_option
     if not targets:
         return
     if conn.dialect.name != "sqlite":  # SQLite serialises writers itself
-        for columns, written, _ in targets:
+        for columns, written, _, _ in targets:
             lock(conn, columns[0].table, columns, written)
     conn.info.setdefault(_PENDING, {})[id(stmt)] = (stmt, targets)  # statements may run within it (key rows)
 
 
-def _check(conn: Any, stmt: Any, multiparams: Any, params: Any, *_: Any) -> None:
+def _check(conn: Any, stmt: Any, multiparams: Any, params: Any, options: Any, result: Any) -> None:
     """After the write, in its transaction: the values written (or kept) are stored once."""
     pending = conn.info.get(_PENDING, {}).pop(id(stmt), None)
     if pending is None or pending[0] is not stmt:
         return
-    for columns, written, narrow in pending[1]:
+    for columns, written, narrow, read in pending[1]:
+        _check_read_all(stmt, columns, multiparams, read, result)
         _check_set(conn, columns, written, narrow)
+
+
+def _check_read_all(stmt: Any, columns: tuple[Any, ...], multiparams: Any, read: int, result: Any) -> None:
+    """Refuse an UPDATE (of one parameter set) that matched more rows than
+    were read for the values they keep: a row began to match its WHERE in
+    between (another transaction's commit, under READ COMMITTED)."""
+    if read < 0 or len(multiparams or ()) > 1 or getattr(result, "rowcount", -1) <= read:
+        return
+    names = ", ".join(c.name for c in columns)
+    raise UncheckedUpdateError(
+        f"{stmt.table.name}({names}) is unique: the UPDATE changed rows that began to match its WHERE clause "
+        "while their values were being checked (a rotation is in progress); roll back and retry",
+        table=stmt.table.name,
+        column=next(c for c in columns if _deterministic(c)).name,
+    )
 
 
 def _check_set(conn: Any, columns: tuple[Any, ...], written: dict[Any, dict[bytes, Any]], narrow: Any = None) -> None:

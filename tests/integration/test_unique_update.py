@@ -23,7 +23,14 @@ from sqlalchemy import event, select, type_coerce, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from sa_envelope import DuplicateValueError, EncryptedType, KeyManager, LivePolicy, LocalKeyProvider
+from sa_envelope import (
+    DuplicateValueError,
+    EncryptedType,
+    KeyManager,
+    LivePolicy,
+    LocalKeyProvider,
+    UncheckedUpdateError,
+)
 from sa_envelope.envelope import format as fmt
 from sa_envelope.keys import table as kt
 from support.models import new_base
@@ -159,3 +166,32 @@ def test_outside_a_rotation_nothing_is_read(engine: Engine, tmp_path: Path) -> N
     with engine.begin() as conn:
         conn.execute(update(table).where(table.c.id == 2).values(tenant="c"))
     assert [s for s in seen if s.lstrip().upper().startswith("SELECT") and "solo" in s] == []
+
+
+@pytest.mark.backends("postgresql")
+def test_a_row_that_begins_to_match_the_where_clause_meanwhile_is_refused(engine: Engine, tmp_path: Path) -> None:
+    """PostgreSQL's READ COMMITTED UPDATE sees a row committed after the
+    library's read of the values its rows keep: row 4 (t4, x) lands in
+    between and would become (t1, x), row 1's tuple under the other key.
+    (MariaDB's locking read holds the gap, so the insert would wait for us;
+    SQLite has one writer.)"""
+    _, Member, _, _ = _setup(engine, tmp_path)
+    table = Member.__table__
+    landed: list[int] = []
+
+    def insert_meanwhile(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if not landed and statement.lstrip().upper().startswith("UPDATE MEMBERS"):
+            landed.append(4)
+            with engine.begin() as other:
+                other.execute(table.insert(), [{"id": 4, "tenant": "t4", "email": "x@example.org"}])
+
+    event.listen(engine, "before_cursor_execute", insert_meanwhile)
+    try:
+        with pytest.raises(UncheckedUpdateError) as exc:
+            with engine.begin() as conn:
+                conn.execute(update(table).where(table.c.id >= 3).values(tenant="t1"))
+    finally:
+        event.remove(engine, "before_cursor_execute", insert_meanwhile)
+    assert landed == [4]
+    assert exc.value.table == "members" and "x@example.org" not in str(exc.value)
+    assert _tenants(engine, table) == {**UNCHANGED, 4: "t4"}
