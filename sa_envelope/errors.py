@@ -129,6 +129,14 @@ class DuplicateValueError(EnvelopeError):
     byte strings: docs/rotation.md). The statement ran: roll back."""
 
 
+class UncheckedUpdateError(EnvelopeError):
+    """An UPDATE of the other columns of a unique set holding a deterministic
+    column, during its rotation, changed more rows than the uniqueness check
+    read before it (a row began to match its WHERE clause in between): the
+    values those rows keep were not checked. The statement ran: roll back
+    and retry."""
+
+
 # -- row scope (issue 3) --------------------------------------------------------
 
 

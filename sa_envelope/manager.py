@@ -19,7 +19,7 @@ from sqlalchemy import Column, Connection, Engine, MetaData, Table
 
 from .columns import flushcheck
 from .columns.rowvalue import RowKey
-from .columns.uniqueness import guard_table
+from .columns.guardrows import guard_table
 from .envelope import format as fmt
 from .jobs import warm as warming
 from .jobs.reencrypt import ReencryptReport, reencrypt_columns

@@ -7,6 +7,7 @@ from typing import Any
 from alembic.operations import MigrateOperation, Operations
 from sqlalchemy import MetaData
 
+from ..columns.guardrows import guard_table
 from ..errors import EnvelopeError
 from ..keys import table as kt
 from ..providers.spec import provider_from_spec
@@ -16,8 +17,10 @@ from .context import engine_of, manager_for, require_online
 __all__ = [
     "AddKeyContextVersionOp",
     "AddRowDigestOp",
+    "CreateGuardTableOp",
     "CreateKeyTableOp",
     "CreateSearchTableOp",
+    "DropGuardTableOp",
     "DropKeyTableOp",
     "DropRowDigestOp",
     "DropSearchTableOp",
@@ -34,7 +37,8 @@ class _KeyTableOp(MigrateOperation):
 
 @Operations.register_operation("create_key_table")
 class CreateKeyTableOp(_KeyTableOp):
-    """Create ``sa_envelope_keys`` (or ``table_name``) with its indexes."""
+    """Create ``sa_envelope_keys`` (or ``table_name``) with its indexes, the
+    search-token table and the uniqueness guards' table."""
 
     @classmethod
     def create_key_table(cls, operations: Operations, table_name: str = kt.KEY_TABLE_NAME) -> Any:
@@ -130,10 +134,12 @@ def _create_like(operations: Operations, table: Any) -> None:
 def _create_key_table(operations: Operations, op: CreateKeyTableOp) -> None:
     _create_like(operations, kt.key_table(MetaData(), op.table_name))
     _create_like(operations, token_table(MetaData(), op.table_name))
+    _create_like(operations, guard_table(MetaData()))
 
 
 @Operations.implementation_for(DropKeyTableOp)
 def _drop_key_table(operations: Operations, op: DropKeyTableOp) -> None:
+    operations.drop_table(guard_table(MetaData()).name, if_exists=True)
     operations.drop_table(token_table(MetaData(), op.table_name).name, if_exists=True)
     operations.drop_table(op.table_name)
 
@@ -146,6 +152,43 @@ def _create_search_table(operations: Operations, op: CreateSearchTableOp) -> Non
 @Operations.implementation_for(DropSearchTableOp)
 def _drop_search_table(operations: Operations, op: DropSearchTableOp) -> None:
     operations.drop_table(token_table(MetaData(), op.table_name).name)
+
+
+@Operations.register_operation("create_guard_table")
+class CreateGuardTableOp(MigrateOperation):
+    """Upgrade a deployment made before uniqueness guards: create
+    ``sa_envelope_guards`` (``create_key_table`` now makes it). Without it,
+    UNIQUE across the live keys of a rotation is checked under a lock on the
+    key-table row instead, which serialises every checked write of a table."""
+
+    @classmethod
+    def create_guard_table(cls, operations: Operations) -> Any:
+        return operations.invoke(cls())
+
+    def reverse(self) -> DropGuardTableOp:
+        return DropGuardTableOp()
+
+
+@Operations.register_operation("drop_guard_table")
+class DropGuardTableOp(MigrateOperation):
+    """Drop the guards' table (safe between rotations; during one, checked writes fall back to the key-row lock)."""
+
+    @classmethod
+    def drop_guard_table(cls, operations: Operations) -> Any:
+        return operations.invoke(cls())
+
+    def reverse(self) -> CreateGuardTableOp:
+        return CreateGuardTableOp()
+
+
+@Operations.implementation_for(CreateGuardTableOp)
+def _create_guard_table(operations: Operations, op: CreateGuardTableOp) -> None:
+    _create_like(operations, guard_table(MetaData()))
+
+
+@Operations.implementation_for(DropGuardTableOp)
+def _drop_guard_table(operations: Operations, op: DropGuardTableOp) -> None:
+    operations.drop_table(guard_table(MetaData()).name)
 
 
 @Operations.register_operation("add_key_context_version")

@@ -4,82 +4,54 @@ A database ``UNIQUE`` constraint compares bytes. During a rotation
 (``keys.live``) one value may be stored under the old key in one row and
 under the new key in another: two different byte strings, which the
 constraint lets through. So after every INSERT or UPDATE that writes a
-deterministic column of a unique constraint (on its own, or with other
-columns: ``UniqueConstraint("tenant", "email")``) while the column has more
-than one live key, this module checks, in the writer's transaction, that no
-tuple written is now stored more than once across the live keys, and raises
-:class:`~sa_envelope.errors.DuplicateValueError` if one is.
+column of a unique constraint holding a deterministic column (on its own,
+or with others: ``UniqueConstraint("tenant", "email")``) while that column
+has more than one live key, this module checks, in the writer's
+transaction, that no tuple written is now stored more than once across the
+live keys, and raises :class:`~sa_envelope.errors.DuplicateValueError` if
+one is.
+
+An UPDATE that writes only the *other* columns of the set (``SET tenant =
+1``) has no deterministic value in it: before it runs, the values its rows
+keep are read by its WHERE clause (per parameter set, row-locked as the
+UPDATE would lock them) and checked like written ones. If the UPDATE then
+changes more rows than were read (a row committed in between began to match:
+PostgreSQL's READ COMMITTED), it is refused with
+:class:`~sa_envelope.errors.UncheckedUpdateError` (not compared for an
+executemany).
 
 The race: two transactions write the same value under two keys, each checks
-before the other commits, both pass. It is closed by **guard rows**: before
-the write, the statement row-locks one row per (constraint, live key, sealed
-value) in ``sa_envelope_guards``, in sorted order (PostgreSQL: ``INSERT ...
-ON CONFLICT DO UPDATE``; MariaDB/MySQL: missing rows made on a connection of
-their own, then ``SELECT ... FOR UPDATE``). Two writers of the
-same value lock the same rows, so the later one waits until the earlier
-one's transaction ends, then writes and reads with a locking read (``FOR SHARE``), which
+before the other commits, both pass. It is closed by the guard rows of
+:mod:`.guardrows`, locked before the write (for the values written and the
+values kept alike); the later writer waits for the earlier one's transaction
+to end, then writes and reads with a locking read (``FOR SHARE``), which
 sees the committed row even under InnoDB's REPEATABLE READ; PostgreSQL's
-REPEATABLE READ refuses the upsert of a row changed since its snapshot
+REPEATABLE READ refuses the upsert of a guard changed since its snapshot
 (a serialization failure: the application retries). Writers of different
-values never wait for each other. A guard row holds a SHA-256 digest of the
-value's ciphertext, no more than the column itself reveals (docs/format.md).
-Where the guard table does not exist (a database made before it), the check
-locks the key-table row of the oldest live key instead, serialising every
-checked write of the table. SQLite serialises writers itself. Outside a
-rotation (one live key) nothing is checked: the constraint is exact again.
-
-Covered: every statement that writes the deterministic column. Not
-covered: an UPDATE that changes only the other columns of a multi-column
-constraint (docs/rotation.md).
+values never wait for each other. SQLite serialises writers itself. Outside
+a rotation (one live key) nothing is read, locked or checked: the
+constraint is exact again (docs/rotation.md).
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import weakref
 from typing import Any, Iterator
 
-from sqlalchemy import (
-    Column,
-    Index,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    UniqueConstraint,
-    and_,
-    inspect,
-    or_,
-    select,
-    type_coerce,
-)
-from sqlalchemy.dialects import mysql, postgresql
+from sqlalchemy import Index, LargeBinary, UniqueConstraint, and_, or_, select, type_coerce
 from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
-from ..errors import DuplicateValueError
+from ..errors import DuplicateValueError, UncheckedUpdateError
 from ..keys.listeners import Listeners
 from . import binds
 from .encrypted import EncryptedType
+from .guardrows import lock
 from .livematch import Sealed
 
-__all__ = ["GUARD_TABLE", "guard_table", "install", "unique_sets"]
+__all__ = ["install", "unique_sets"]
 
-GUARD_TABLE = "sa_envelope_guards"
 _UNIQUE: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], ...]] = weakref.WeakKeyDictionary()
-_HAS_GUARDS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()  # per engine, once found
-
-
-def guard_table(metadata: MetaData, name: str = GUARD_TABLE) -> Table:
-    """The guard rows' table: a digest per (constraint, key, sealed value)."""
-    if name in metadata.tables:
-        return metadata.tables[name]
-    return Table(
-        name,
-        metadata,
-        Column("guard", String(64), primary_key=True),  # hex SHA-256, see docs/format.md
-        Column("owner_table", String(255), nullable=False),
-    )
+_PENDING = "sa_envelope.unique_pending"  # conn.info: id(statement) -> (statement, its targets) till it ends
 
 
 def _deterministic(column: Any) -> bool:
@@ -118,6 +90,16 @@ def _written(stmt: Any, column: Any, multiparams: Any, params: Any) -> Iterator[
             yield _plain(p[column.key])
 
 
+def _rows(stmt: Any, multiparams: Any, params: Any) -> list[dict[str, Any]]:
+    """The statement's rows as column key -> value, its own values merged into each parameter set."""
+    base = {getattr(k, "key", k): v for k, v in (stmt._values or {}).items()}
+    rows = [
+        {getattr(k, "key", k): v for k, v in r.items()} for g in stmt._multi_values for r in g if isinstance(r, dict)
+    ]
+    given = [p for p in list(multiparams or ()) + ([params] if params else []) if isinstance(p, dict)]
+    return rows + ([{**base, **p} for p in given] or ([base] if base else []))
+
+
 def _others(stmt: Any, columns: tuple[Any, ...], multiparams: Any, params: Any) -> Any:
     """The rows to read, by the set's other columns as the statement wrote
     them (the unique index then serves the read, which locks only those), or
@@ -126,50 +108,104 @@ def _others(stmt: Any, columns: tuple[Any, ...], multiparams: Any, params: Any) 
     others = [c for c in columns if not _deterministic(c)]
     if not others:
         return None
-    base = {getattr(k, "key", k): v for k, v in (stmt._values or {}).items()}
-    rows = [
-        {getattr(k, "key", k): v for k, v in r.items()} for g in stmt._multi_values for r in g if isinstance(r, dict)
-    ]
-    given = [p for p in list(multiparams or ()) + ([params] if params else []) if isinstance(p, dict)]
-    rows += [{**base, **p} for p in given] or ([base] if base else [])
-    tuples = {tuple(_plain(r.get(c.key)) for c in others) for r in rows}
+    tuples = {tuple(_plain(r.get(c.key)) for c in others) for r in _rows(stmt, multiparams, params)}
     if not tuples or any(v is None for t in tuples for v in t):
         return None
     return or_(*(and_(*(c == v for c, v in zip(others, t))) for t in tuples))
 
 
-def _targets(stmt: Any, multiparams: Any, params: Any) -> Iterator[tuple[tuple[Any, ...], dict[Any, Any], Any]]:
-    """(unique set, its written values sealed under every live key, the narrowing) per set to check."""
+def _kept(
+    conn: Any, stmt: Any, columns: tuple[Any, ...], multiparams: Any, params: Any
+) -> tuple[dict[Any, set[Any]], int]:
+    """For an UPDATE that writes some columns of the set but not each
+    deterministic one: the values those keep, read (row-locked, as the
+    UPDATE would lock them) from the rows its WHERE clause selects, per
+    parameter set, before it runs (after it, the WHERE may match others);
+    and the number of rows read (-1: none)."""
+    if not getattr(stmt, "is_update", False):
+        return {}, -1
+    rows = _rows(stmt, multiparams, params)
+    written = {c for c in columns if any(c.key in r for r in rows)}
+    kept = [c for c in columns if _deterministic(c) and c not in written]
+    if not written or not kept:
+        return {}, -1
+    read = select(*(type_coerce(c, LargeBinary) for c in kept))
+    if stmt.whereclause is not None:
+        read = read.where(stmt.whereclause)
+    if conn.dialect.name != "sqlite":
+        read = read.with_for_update()
+    found: dict[Any, set[Any]] = {c: set() for c in kept}
+    count = 0
+    for p in [p for p in list(multiparams or ()) + [params or {}] if isinstance(p, dict) and p] or [{}]:
+        for row in conn.execute(read, p):
+            count += 1
+            for column, stored in zip(kept, row):
+                if stored is not None:
+                    found[column].add(column.type.decrypt(bytes(stored), binds.require(column.type, conn.dialect)))
+    return found, count
+
+
+def _targets(
+    conn: Any, stmt: Any, multiparams: Any, params: Any
+) -> Iterator[tuple[tuple[Any, ...], dict[Any, Any], Any, int]]:
+    """(unique set, the values it writes or keeps sealed under every live key,
+    the narrowing, the rows read for the values kept or -1) per set to check."""
     if not (getattr(stmt, "is_insert", False) or getattr(stmt, "is_update", False)):
         return
     table = getattr(stmt, "table", None)
     if table is None or not hasattr(table, "constraints"):
         return
     for columns in unique_sets(table):
+        if all(len(c.type.live_keys()) < 2 for c in columns if _deterministic(c)):
+            continue
+        kept, read = _kept(conn, stmt, columns, multiparams, params)
         written: dict[Any, dict[bytes, Any]] = {}
         for column in (c for c in columns if _deterministic(c)):
             live = column.type.live_keys()
             values = {v for v in _written(stmt, column, multiparams, params) if v is not None}
+            values |= kept.get(column, set())
             if len(live) > 1 and values:
                 written[column] = {column.type.encrypt(Sealed(v, k)): v for v in values for k in live}
         if written:
-            yield columns, written, _others(stmt, columns, multiparams, params)
+            yield columns, written, _others(stmt, columns, multiparams, params), read
 
 
 def _guard(conn: Any, stmt: Any, multiparams: Any, params: Any, execution_options: Any) -> None:
-    """Before the write: lock the guards (InnoDB's locking read after the
-    write would wait for the other writer's new row while it waits for our
-    guard: a deadlock; so the lock comes first, on every backend)."""
-    if conn.dialect.name == "sqlite":
+    """Before the write: find what to check and lock its guards (InnoDB's
+    locking read after the write would wait for the other writer's new row
+    while it waits for our guard: a deadlock; so the lock comes first)."""
+    targets = list(_targets(conn, stmt, multiparams, params))
+    if not targets:
         return
-    for columns, written, _ in _targets(stmt, multiparams, params):
-        _lock(conn, columns[0].table, columns, written)
+    if conn.dialect.name != "sqlite":  # SQLite serialises writers itself
+        for columns, written, _, _ in targets:
+            lock(conn, columns[0].table, columns, written)
+    conn.info.setdefault(_PENDING, {})[id(stmt)] = (stmt, targets)  # statements may run within it (key rows)
 
 
-def _check(conn: Any, stmt: Any, multiparams: Any, params: Any, *_: Any) -> None:
-    """After the write, in its transaction: the values written are stored once."""
-    for columns, written, narrow in _targets(stmt, multiparams, params):
+def _check(conn: Any, stmt: Any, multiparams: Any, params: Any, options: Any, result: Any) -> None:
+    """After the write, in its transaction: the values written (or kept) are stored once."""
+    pending = conn.info.get(_PENDING, {}).pop(id(stmt), None)
+    if pending is None or pending[0] is not stmt:
+        return
+    for columns, written, narrow, read in pending[1]:
+        _check_read_all(stmt, columns, multiparams, read, result)
         _check_set(conn, columns, written, narrow)
+
+
+def _check_read_all(stmt: Any, columns: tuple[Any, ...], multiparams: Any, read: int, result: Any) -> None:
+    """Refuse an UPDATE (of one parameter set) that matched more rows than
+    were read for the values they keep: a row began to match its WHERE in
+    between (another transaction's commit, under READ COMMITTED)."""
+    if read < 0 or len(multiparams or ()) > 1 or getattr(result, "rowcount", -1) <= read:
+        return
+    names = ", ".join(c.name for c in columns)
+    raise UncheckedUpdateError(
+        f"{stmt.table.name}({names}) is unique: the UPDATE changed rows that began to match its WHERE clause "
+        "while their values were being checked (a rotation is in progress); roll back and retry",
+        table=stmt.table.name,
+        column=next(c for c in columns if _deterministic(c)).name,
+    )
 
 
 def _check_set(conn: Any, columns: tuple[Any, ...], written: dict[Any, dict[bytes, Any]], narrow: Any = None) -> None:
@@ -208,46 +244,11 @@ def _canonical(conn: Any, column: Any, stored: Any, written: dict[Any, dict[byte
     return ("value", column.type.decrypt(data, binds.require(column.type, conn.dialect)))
 
 
-def _lock(conn: Any, table: Any, columns: tuple[Any, ...], written: dict[Any, dict[bytes, Any]]) -> None:
-    """Row-lock the guards of the values written (or, without the guard table, the key row)."""
-    if not _has_guards(conn):
-        keys = next(iter(written)).type.keys.table
-        oldest = min(k.key_id for c in written for k in c.type.live_keys())
-        conn.execute(select(keys.c.id).where(keys.c.id == oldest).with_for_update()).all()
-        return
-    names = ",".join(c.name for c in columns).encode()
-    digests = sorted(
-        {
-            hashlib.sha256(b"sa-envelope guard\0" + table.name.encode() + b"\0" + names + b"\0" + sealed).hexdigest()
-            for sealed in itertools.chain.from_iterable(written.values())
-        }
-    )
-    guards = guard_table(MetaData())
-    rows = [{"guard": d, "owner_table": table.name} for d in digests]
-    if conn.dialect.name == "postgresql":  # the upsert changes the row: a REPEATABLE READ writer after us fails
-        pg = postgresql.insert(guards).values(rows)
-        conn.execute(pg.on_conflict_do_update(index_elements=["guard"], set_={"owner_table": pg.excluded.owner_table}))
-        return
-    # InnoDB: two transactions upserting the same new rows deadlock on their gap locks; so the
-    # missing guards are made on a connection of their own (committed at once, locking nothing
-    # of ours), then the existing rows are locked in order; locking reads see the newest rows
-    with conn.engine.connect() as side:
-        have = set(side.execute(select(guards.c.guard).where(guards.c.guard.in_(digests))).scalars())
-        if len(have) < len(digests):
-            side.execute(mysql.insert(guards).prefix_with("IGNORE"), [r for r in rows if r["guard"] not in have])
-            side.commit()
-    locked = select(guards.c.guard).where(guards.c.guard.in_(digests)).order_by(guards.c.guard).with_for_update()
-    conn.execute(locked).all()
-
-
-def _has_guards(conn: Any) -> bool:
-    engine = conn.engine
-    if _HAS_GUARDS.get(engine):
-        return True
-    found = bool(inspect(conn).has_table(GUARD_TABLE))
-    if found:
-        _HAS_GUARDS[engine] = True
-    return found
+def _forget(context: Any) -> None:
+    """A statement failed: drop its pending check (it holds written values)."""
+    stmt = getattr(context.execution_context, "invoked_statement", None)
+    if context.connection is not None and stmt is not None:
+        context.connection.info.get(_PENDING, {}).pop(id(stmt), None)
 
 
 def install(listeners: Listeners) -> None:
@@ -256,3 +257,4 @@ def install(listeners: Listeners) -> None:
     managers are bound to it)."""
     listeners.share("before_execute", _guard)
     listeners.share("after_execute", _check)
+    listeners.share("handle_error", _forget)

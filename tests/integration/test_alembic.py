@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from sa_envelope import AwsKmsProvider, EncryptedType, KeyManager, LocalKeyProvider
 from sa_envelope import faults
 from sa_envelope.alembic import render_item
+from sa_envelope.columns.guardrows import GUARD_TABLE
 from sa_envelope.keys import table as kt
 from support.models import patients_model
 from support.rotation import PYTHON, ROOT, cmk_uuid, provider_key_records, stored_hash, subprocess_env
@@ -39,17 +40,26 @@ def patient_model(keys: KeyManager) -> Any:
 def seed(engine: Engine, keys: KeyManager, rows: int = ROWS) -> None:
     """Rows as the application wrote them at revision 0001 (email still plaintext)."""
     table = Table(
-        "patients", MetaData(),
+        "patients",
+        MetaData(),
         Column("id", Integer, primary_key=True, autoincrement=False),
         Column("name", EncryptedType(String(200), keys)),
         Column("ssn", EncryptedType(String(11), keys, deterministic=True)),
         Column("email", String(200)),
     )
     with engine.begin() as conn:
-        conn.execute(table.insert(), [
-            {"id": i, "name": f"patient {i}", "ssn": f"{i:03d}-00-0000", "email": f"p{i}@example.org" if i % 7 else None}
-            for i in range(1, rows + 1)
-        ])
+        conn.execute(
+            table.insert(),
+            [
+                {
+                    "id": i,
+                    "name": f"patient {i}",
+                    "ssn": f"{i:03d}-00-0000",
+                    "email": f"p{i}@example.org" if i % 7 else None,
+                }
+                for i in range(1, rows + 1)
+            ],
+        )
 
 
 def check_orm(engine: Engine, keys: KeyManager, rows: int = ROWS) -> None:
@@ -63,8 +73,9 @@ def check_orm(engine: Engine, keys: KeyManager, rows: int = ROWS) -> None:
 
 
 def alembic(env: dict[str, str], *args: str) -> None:
-    result = subprocess.run([PYTHON, "-m", "alembic", "-c", INI, *args], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [PYTHON, "-m", "alembic", "-c", INI, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -103,11 +114,15 @@ def _config(db_url: str, key_file: Path, monkeypatch: pytest.MonkeyPatch) -> Con
     return Config(INI)
 
 
-@pytest.mark.parametrize(("crash_at", "then_drop"), [
-    ("encrypt_column.batch.after_commit", False),
-    ("encrypt_column.before_swap", False),
-    ("encrypt_column.before_swap", True),  # as MariaDB dying between DROP and RENAME leaves it
-], ids=["mid-copy", "before-swap", "mid-swap"])
+@pytest.mark.parametrize(
+    ("crash_at", "then_drop"),
+    [
+        ("encrypt_column.batch.after_commit", False),
+        ("encrypt_column.before_swap", False),
+        ("encrypt_column.before_swap", True),  # as MariaDB dying between DROP and RENAME leaves it
+    ],
+    ids=["mid-copy", "before-swap", "mid-swap"],
+)
 def test_encrypt_column_resumes_after_a_crash(
     engine: Engine, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: str, then_drop: bool
 ) -> None:
@@ -143,16 +158,24 @@ def test_encrypt_column_resumes_after_a_crash(
 def test_autogenerate_renders_encrypted_type_and_sees_the_key_table(engine: Engine) -> None:
     metadata = MetaData()
     keys = KeyManager(engine, LocalKeyProvider(b"k" * 32), metadata=metadata)
-    Table("notes", metadata, Column("id", Integer, primary_key=True),
-          Column("body", EncryptedType(String(200), keys, deterministic=True)))
+    Table(
+        "notes",
+        metadata,
+        Column("id", Integer, primary_key=True),
+        Column("body", EncryptedType(String(200), keys, deterministic=True)),
+    )
     with engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"target_metadata": metadata})
         migration = produce_migrations(context, metadata)
     code = render_python_code(migration.upgrade_ops, render_item=render_item)
     assert "sa.Column('body', sa_envelope.EncryptedType(sa.String(length=200), deterministic=True)" in code
     assert f"op.create_table('{kt.KEY_TABLE_NAME}'" in code
-    autogen = AutogenContext(MigrationContext.configure(dialect_name="sqlite", opts={
-        "sqlalchemy_module_prefix": "sa.", "alembic_module_prefix": "op.", "user_module_prefix": None}))
+    autogen = AutogenContext(
+        MigrationContext.configure(
+            dialect_name="sqlite",
+            opts={"sqlalchemy_module_prefix": "sa.", "alembic_module_prefix": "op.", "user_module_prefix": None},
+        )
+    )
     assert render_item("type", EncryptedType(String(5), scope="row"), autogen) == (
         "sa_envelope.EncryptedType(sa.String(length=5), scope='row')"
     )
@@ -160,18 +183,24 @@ def test_autogenerate_renders_encrypted_type_and_sees_the_key_table(engine: Engi
     assert render_item("type", String(5), autogen) is False
     # The rendered DDL needs no KeyManager: run it.
     namespace: dict[str, Any] = {}
-    exec("import sqlalchemy as sa\nimport sa_envelope\n"
-         "t = sa_envelope.EncryptedType(sa.String(length=200), deterministic=True)", namespace)
+    exec(
+        "import sqlalchemy as sa\nimport sa_envelope\n"
+        "t = sa_envelope.EncryptedType(sa.String(length=200), deterministic=True)",
+        namespace,
+    )
     Table("notes2", MetaData(), Column("id", Integer, primary_key=True), Column("body", namespace["t"])).create(engine)
     assert "notes2" in inspect(engine).get_table_names()
 
 
 @pytest.mark.backends("sqlite")
-def test_key_table_operation_offline_sql(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+def test_key_table_operation_offline_sql(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
     config = _config(db_url, tmp_path / "k.key", monkeypatch)
     command.upgrade(config, "0001", sql=True)
     out = capsys.readouterr().out
     assert f"CREATE TABLE {kt.KEY_TABLE_NAME}" in out and f"CREATE INDEX ix_{kt.KEY_TABLE_NAME}_owner" in out
+    assert f"CREATE TABLE {GUARD_TABLE}" in out and f"CREATE INDEX ix_{GUARD_TABLE}_owner_table" in out
     engine = create_engine(db_url)
     try:
         assert inspect(engine).get_table_names() == []
@@ -197,6 +226,10 @@ def test_rewrap_operation_takes_cmk_strings(engine: Engine, tmp_path: Path) -> N
             Operations(context).rewrap_keys(to=f"local:{new_file}", source=f"local:{old_file}", keys=keys)
     assert {r.wrapping_key_id for r in provider_key_records(engine)} == {new.wrapping_key_id}
     with engine.connect() as conn:
-        fresh = Table("t", MetaData(), Column("id", Integer, primary_key=True),
-                      Column("v", EncryptedType(String(9), KeyManager(engine, new))))
+        fresh = Table(
+            "t",
+            MetaData(),
+            Column("id", Integer, primary_key=True),
+            Column("v", EncryptedType(String(9), KeyManager(engine, new))),
+        )
         assert conn.execute(select(fresh.c.v)).scalar_one() == "secret"

@@ -10,6 +10,12 @@ then both checks, neither sees the other's uncommitted row, and the value is
 stored twice. With the guard rows (columns/uniqueness.py) exactly one of
 them is refused.
 
+An UPDATE that moves a row onto a taken tuple without writing the
+deterministic column (test_an_update_...) races an INSERT the same way. On
+MariaDB that race was closed before (the INSERT's locking read waits for the
+UPDATE's uncommitted index entry), but the UPDATE itself went unchecked:
+test_unique_update.py is the test that fails there without the fix.
+
 SQLite is not raced: it has one writer, the second INSERT waits for the first
 transaction's end (the sequential checks are in test_rotation_live.py).
 """
@@ -28,7 +34,7 @@ from sqlalchemy.engine import Engine
 
 from sa_envelope import DuplicateValueError, EncryptedType, KeyManager, LivePolicy, LocalKeyProvider
 from sa_envelope.columns import uniqueness
-from sa_envelope.columns.uniqueness import guard_table
+from sa_envelope.columns.guardrows import guard_table
 from sa_envelope.envelope import format as fmt
 from sa_envelope.keys import table as kt
 
@@ -77,14 +83,16 @@ class Apps:
             raw = conn.execute(select(type_coerce(table.c[column], LargeBinary)).where(table.c.id == row_id)).scalar()
         return fmt.key_id_of(bytes(raw))
 
-    def race(self, rows: dict[str, dict[str, Any]], constraint: str, monkeypatch: Any) -> dict[str, Any]:
-        """Each app inserts its row in a transaction of its own. After its INSERT,
+    def race(self, rows: dict[str, Any], constraint: str, monkeypatch: Any) -> dict[str, Any]:
+        """Each app inserts its row (or runs its statement: a callable of the
+        connection and the app's table) in a transaction of its own. After its INSERT,
         each waits (up to 3 s) for the other's INSERT before it checks
         ``constraint`` (the unique set holding that column): without a lock
         taken before the INSERT, both INSERTs run, then both checks, before
         either commits. With it, the later writer waits for the earlier
         transaction's end before its INSERT, and the earlier one checks alone."""
-        arrived = {app: threading.Event() for app in rows}
+        self.arrived = arrived = {app: threading.Event() for app in rows}
+        self.finished = {app: threading.Event() for app in rows}
         outcome: dict[str, BaseException | None] = {}
         check = uniqueness._check_set
         mine = threading.local()
@@ -100,10 +108,15 @@ class Apps:
             mine.app = app
             try:
                 with self.engines[app].begin() as conn:
-                    conn.execute(self.tables[app].insert(), [rows[app]])
+                    if callable(rows[app]):
+                        rows[app](conn, self.tables[app])
+                    else:
+                        conn.execute(self.tables[app].insert(), [rows[app]])
                 outcome[app] = None
             except BaseException as exc:  # noqa: BLE001 - the outcome is the test's
                 outcome[app] = exc
+            finally:
+                self.finished[app].set()
 
         threads = [threading.Thread(target=write, args=(app,)) for app in rows]
         with monkeypatch.context() as patch:
@@ -188,5 +201,35 @@ def test_a_multi_column_unique_constraint_is_checked_as_a_tuple_across_keys(
                 conn.execute(apps.tables[writer].insert(),
                              [{"id": 33, "email": "s@x", "tenant": "t1", "handle": "bob"}])  # fmt: skip
         assert "tenant, handle" in str(refused.value) and "bob" not in str(refused.value)
+    finally:
+        apps.close()
+
+
+def test_an_update_of_the_other_column_races_an_insert_and_one_is_refused(
+    engine: Engine, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The UPDATE writes no handle: it locks the guards of the handle its row
+    keeps (read before the write), the same ones the INSERT of that handle locks."""
+    apps = Apps(engine, db_url, tmp_path)
+    try:
+        with apps.engines["switched"].begin() as conn:  # (t6, eve) under the new key
+            conn.execute(
+                apps.tables["switched"].insert(), [{"id": 41, "email": "e@x", "tenant": "t6", "handle": "eve"}]
+            )
+        assert apps.key("switched", 41, "handle") == apps.new
+
+        def move(conn: Any, table: Table) -> None:
+            conn.execute(table.update().where(table.c.id == 41).values(tenant="t7"))
+            # commit after the INSERT's transaction ends, unless that waits for us (then it never arrives)
+            if apps.arrived["behind"].wait(timeout=3):
+                apps.finished["behind"].wait(timeout=10)
+
+        outcome = apps.race({
+            "switched": move,  # (t6, eve) -> (t7, eve), the handle stays under the new key
+            "behind": {"id": 42, "email": "f@x", "tenant": "t7", "handle": "eve"},  # under the old key
+        }, "handle", monkeypatch)  # fmt: skip
+        _one_refused(outcome)
+        assert apps.count(tenant="t7", handle="eve") == 1
+        assert "eve" not in str([e for e in outcome.values() if e][0])
     finally:
         apps.close()

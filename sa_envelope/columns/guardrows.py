@@ -1,0 +1,108 @@
+"""Guard rows: the lock points that serialise writers of one unique value.
+
+:mod:`.uniqueness` checks UNIQUE on a deterministic column across its live
+keys after each write; two writers of one value under two keys would each
+check before the other commits. So before its write each locks one row per
+(constraint, live key, sealed value) in ``sa_envelope_guards``, in sorted
+order: writers of the same value lock the same rows and the later waits for
+the earlier's transaction to end. A guard row is a SHA-256 digest of a
+ciphertext the column itself would hold (docs/format.md) and the owner of
+the column's keys.
+
+Guards matter only while a column has more than one live key: the
+re-encryption job deletes a table's guards when it retires the old key
+(:func:`remove_guards`). A writer that still holds a guard lock makes that
+DELETE wait; a writer that comes after it makes the guards again (PostgreSQL
+upserts them, which locks the row it makes; MariaDB/MySQL makes the missing
+ones on a connection of its own, then locks them and makes them again while
+one is missing), so removing them never lets two writers of a value through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import weakref
+from typing import Any
+
+from sqlalchemy import Column, Index, MetaData, String, Table, delete, inspect, select
+from sqlalchemy.dialects import mysql, postgresql
+
+__all__ = ["GUARD_TABLE", "guard_table", "has_guards", "lock", "remove_guards"]
+
+GUARD_TABLE = "sa_envelope_guards"
+_HAS_GUARDS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()  # per engine, once found
+
+
+def guard_table(metadata: MetaData, name: str = GUARD_TABLE) -> Table:
+    """The guard rows' table: a digest per (constraint, key, sealed value),
+    indexed by owner so that a finished rotation removes its own in bulk."""
+    if name in metadata.tables:
+        return metadata.tables[name]
+    return Table(
+        name,
+        metadata,
+        Column("guard", String(64), primary_key=True),  # hex SHA-256, see docs/format.md
+        Column("owner_table", String(255), nullable=False),
+        Index(f"ix_{name}_owner_table", "owner_table"),
+    )
+
+
+def _digests(table: Any, columns: tuple[Any, ...], written: dict[Any, dict[bytes, Any]]) -> list[str]:
+    names = ",".join(c.name for c in columns).encode()
+    head = b"sa-envelope guard\0" + table.name.encode() + b"\0" + names + b"\0"
+    sealed = itertools.chain.from_iterable(written.values())
+    return sorted({hashlib.sha256(head + s).hexdigest() for s in sealed})
+
+
+def lock(conn: Any, table: Any, columns: tuple[Any, ...], written: dict[Any, dict[bytes, Any]]) -> None:
+    """Row-lock the guards of the values written (or, without the guard table, the key row)."""
+    if not has_guards(conn):
+        keys = next(iter(written)).type.keys.table
+        oldest = min(k.key_id for c in written for k in c.type.live_keys())
+        conn.execute(select(keys.c.id).where(keys.c.id == oldest).with_for_update()).all()
+        return
+    digests = _digests(table, columns, written)
+    owner = next(iter(written)).type.bound_context.rpartition(".")[0]  # the owner of the column's keys
+    guards = guard_table(MetaData())
+    rows = [{"guard": d, "owner_table": owner} for d in digests]
+    if conn.dialect.name == "postgresql":  # the upsert changes the row: a REPEATABLE READ writer after us fails
+        pg = postgresql.insert(guards).values(rows)
+        conn.execute(pg.on_conflict_do_update(index_elements=["guard"], set_={"owner_table": pg.excluded.owner_table}))
+        return
+    # InnoDB: two transactions upserting the same new rows deadlock on their gap locks; so the
+    # missing guards are made on a connection of their own (committed at once, locking nothing
+    # of ours), then the existing rows are locked in order; locking reads see the newest rows.
+    # A guard removed in between (remove_guards) leaves our gap lock where it was: the side
+    # connection would wait for us, so we make it ourselves (a deadlock with a writer doing the
+    # same is refused by InnoDB at once: one of them rolls back, neither passes unlocked).
+    stmt = select(guards.c.guard).where(guards.c.guard.in_(digests)).order_by(guards.c.guard).with_for_update()
+    with conn.engine.connect() as side:
+        have = set(side.execute(select(guards.c.guard).where(guards.c.guard.in_(digests))).scalars())
+        if len(have) < len(digests):
+            side.execute(mysql.insert(guards).prefix_with("IGNORE"), [r for r in rows if r["guard"] not in have])
+            side.commit()
+    locked = set(conn.execute(stmt).scalars())
+    while len(locked) < len(digests):
+        conn.execute(mysql.insert(guards).prefix_with("IGNORE"), [r for r in rows if r["guard"] not in locked])
+        locked = set(conn.execute(stmt).scalars())
+
+
+def has_guards(conn: Any) -> bool:
+    """Whether the guard table exists (remembered per engine once it does)."""
+    engine = conn.engine
+    if _HAS_GUARDS.get(engine):
+        return True
+    found = bool(inspect(conn).has_table(GUARD_TABLE))
+    if found:
+        _HAS_GUARDS[engine] = True
+    return found
+
+
+def remove_guards(conn: Any, owner: str) -> int:
+    """Delete the guards of ``owner``'s columns (call once it has one live
+    deterministic key: nothing checks or locks them then); the number removed."""
+    if not has_guards(conn):
+        return 0
+    guards = guard_table(MetaData())
+    return int(conn.execute(delete(guards).where(guards.c.owner_table == owner)).rowcount)

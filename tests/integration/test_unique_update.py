@@ -1,0 +1,197 @@
+"""Issue 16: an UPDATE that changes only the *other* columns of a unique
+constraint holding a deterministic column is checked across the live keys.
+
+``UniqueConstraint("tenant", "email")``, email deterministic and mid-rotation:
+row 1 is (t1, x) under the old key, row 2 is (t2, x) under the new key (two
+tuples, two byte strings). Moving row 2 to t1 writes no email, so the
+statement has no value to check: the library reads the email each row keeps
+(before the write, row-locked, by the statement's WHERE clause) and checks
+it. Core, executemany, ORM flush and ORM bulk update by primary key, on
+every backend. The race (two writers on two connections) is in
+test_unique_race.py.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Column, Integer, LargeBinary, MetaData, String, Table, UniqueConstraint, bindparam
+from sqlalchemy import event, select, type_coerce, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from sa_envelope import (
+    DuplicateValueError,
+    EncryptedType,
+    KeyManager,
+    LivePolicy,
+    LocalKeyProvider,
+    UncheckedUpdateError,
+)
+from sa_envelope.envelope import format as fmt
+from sa_envelope.keys import table as kt
+from support.models import new_base
+
+FAST = LivePolicy(ttl=0.2, grace=1.0)
+
+
+def _setup(engine: Engine, tmp_path: Path) -> tuple[KeyManager, Any, int, int]:
+    """Row 1 (t1, x) under the old key, row 2 (t2, x) and row 3 (t3, y) under the new one."""
+    keys = KeyManager(engine, LocalKeyProvider.from_file(tmp_path / "master.key"), live=FAST)
+    keys.create_table()
+    Base = new_base()
+
+    class Member(Base):
+        __tablename__ = "members"
+        __table_args__ = (UniqueConstraint("tenant", "email"),)
+        id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+        tenant: Mapped[str] = mapped_column(String(20))
+        email: Mapped[str] = mapped_column(EncryptedType(String(100), keys, deterministic=True))
+
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(Member.__table__.insert(), [{"id": 1, "tenant": "t1", "email": "x@example.org"}])
+    old = _key(engine, Member.__table__, 1)
+    new = keys.rotate_table_key("members", scope=kt.SCOPE_DETERMINISTIC)
+    time.sleep(max(0.0, keys.live.switched_at("members", kt.SCOPE_DETERMINISTIC) - time.time()))
+    keys.live.invalidate()
+    with engine.begin() as conn:
+        conn.execute(Member.__table__.insert(), [
+            {"id": 2, "tenant": "t2", "email": "x@example.org"},
+            {"id": 3, "tenant": "t3", "email": "y@example.org"},
+        ])  # fmt: skip
+    assert (_key(engine, Member.__table__, 2), _key(engine, Member.__table__, 3)) == (new, new) != (old, old)
+    return keys, Member, old, new
+
+
+def _key(engine: Engine, table: Table, row_id: int) -> int:
+    with engine.connect() as conn:
+        raw = conn.execute(select(type_coerce(table.c.email, LargeBinary)).where(table.c.id == row_id)).scalar()
+    return fmt.key_id_of(bytes(raw))
+
+
+def _tenants(engine: Engine, table: Table) -> dict[int, str]:
+    with engine.connect() as conn:
+        return dict(conn.execute(select(table.c.id, table.c.tenant)).all())  # type: ignore[arg-type]
+
+
+UNCHANGED = {1: "t1", 2: "t2", 3: "t3"}
+
+
+def _refused(exc: pytest.ExceptionInfo[DuplicateValueError]) -> None:
+    assert exc.value.table == "members" and exc.value.column == "email"
+    assert "x@example.org" not in str(exc.value)
+
+
+def test_core_update_of_the_other_column_is_refused(engine: Engine, tmp_path: Path) -> None:
+    _, Member, _, _ = _setup(engine, tmp_path)
+    table = Member.__table__
+    with pytest.raises(DuplicateValueError) as exc:
+        with engine.begin() as conn:
+            conn.execute(update(table).where(table.c.id == 2).values(tenant="t1"))
+    _refused(exc)
+    assert _tenants(engine, table) == UNCHANGED
+    with engine.begin() as conn:  # a tuple of its own passes; so does the row moving back
+        conn.execute(update(table).where(table.c.id == 3).values(tenant="t1"))
+        conn.execute(update(table).where(table.c.tenant == "t1", table.c.id == 3).values(tenant="t3"))
+    assert _tenants(engine, table) == UNCHANGED
+
+
+def test_executemany_update_of_the_other_column_is_refused(engine: Engine, tmp_path: Path) -> None:
+    _, Member, _, _ = _setup(engine, tmp_path)
+    table = Member.__table__
+    stmt = update(table).where(table.c.id == bindparam("row")).values(tenant=bindparam("to"))
+    with pytest.raises(DuplicateValueError) as exc:
+        with engine.begin() as conn:
+            conn.execute(stmt, [{"row": 3, "to": "t9"}, {"row": 2, "to": "t1"}])
+    _refused(exc)
+    assert _tenants(engine, table) == UNCHANGED
+    with engine.begin() as conn:
+        conn.execute(stmt, [{"row": 3, "to": "t9"}, {"row": 2, "to": "t8"}])
+    assert _tenants(engine, table) == {1: "t1", 2: "t8", 3: "t9"}
+
+
+def test_orm_flush_of_the_other_column_is_refused(engine: Engine, tmp_path: Path) -> None:
+    _, Member, _, _ = _setup(engine, tmp_path)
+    with Session(engine) as session:
+        session.get(Member, 2).tenant = "t1"
+        with pytest.raises(DuplicateValueError) as exc:
+            session.commit()
+        _refused(exc)
+    assert _tenants(engine, Member.__table__) == UNCHANGED
+
+
+def test_orm_bulk_update_by_primary_key_is_refused(engine: Engine, tmp_path: Path) -> None:
+    _, Member, _, _ = _setup(engine, tmp_path)
+    with Session(engine) as session:
+        with pytest.raises(DuplicateValueError) as exc:
+            session.execute(update(Member), [{"id": 3, "tenant": "t7"}, {"id": 2, "tenant": "t1"}])
+        _refused(exc)
+        session.rollback()
+    assert _tenants(engine, Member.__table__) == UNCHANGED
+    with Session(engine) as session:
+        session.execute(update(Member), [{"id": 3, "tenant": "t7"}, {"id": 2, "tenant": "t6"}])
+        session.commit()
+    assert _tenants(engine, Member.__table__) == {1: "t1", 2: "t6", 3: "t7"}
+
+
+def test_orm_update_with_a_where_clause_is_refused(engine: Engine, tmp_path: Path) -> None:
+    _, Member, _, _ = _setup(engine, tmp_path)
+    with Session(engine) as session:
+        with pytest.raises(DuplicateValueError) as exc:
+            session.execute(update(Member).where(Member.tenant == "t2").values(tenant="t1"))
+        _refused(exc)
+        session.rollback()
+    assert _tenants(engine, Member.__table__) == UNCHANGED
+
+
+def test_outside_a_rotation_nothing_is_read(engine: Engine, tmp_path: Path) -> None:
+    keys = KeyManager(engine, LocalKeyProvider.from_file(tmp_path / "master.key"), live=FAST)
+    keys.create_table()
+    table = Table(
+        "solo", MetaData(),
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("tenant", String(20)),
+        Column("email", EncryptedType(String(100), keys, deterministic=True)),
+        UniqueConstraint("tenant", "email"),
+    )  # fmt: skip
+    table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": 1, "tenant": "a", "email": "x"}, {"id": 2, "tenant": "b", "email": "x"}])
+    seen: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
+    with engine.begin() as conn:
+        conn.execute(update(table).where(table.c.id == 2).values(tenant="c"))
+    assert [s for s in seen if s.lstrip().upper().startswith("SELECT") and "solo" in s] == []
+
+
+@pytest.mark.backends("postgresql")
+def test_a_row_that_begins_to_match_the_where_clause_meanwhile_is_refused(engine: Engine, tmp_path: Path) -> None:
+    """PostgreSQL's READ COMMITTED UPDATE sees a row committed after the
+    library's read of the values its rows keep: row 4 (t4, x) lands in
+    between and would become (t1, x), row 1's tuple under the other key.
+    (MariaDB's locking read holds the gap, so the insert would wait for us;
+    SQLite has one writer.)"""
+    _, Member, _, _ = _setup(engine, tmp_path)
+    table = Member.__table__
+    landed: list[int] = []
+
+    def insert_meanwhile(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if not landed and statement.lstrip().upper().startswith("UPDATE MEMBERS"):
+            landed.append(4)
+            with engine.begin() as other:
+                other.execute(table.insert(), [{"id": 4, "tenant": "t4", "email": "x@example.org"}])
+
+    event.listen(engine, "before_cursor_execute", insert_meanwhile)
+    try:
+        with pytest.raises(UncheckedUpdateError) as exc:
+            with engine.begin() as conn:
+                conn.execute(update(table).where(table.c.id >= 3).values(tenant="t1"))
+    finally:
+        event.remove(engine, "before_cursor_execute", insert_meanwhile)
+    assert landed == [4]
+    assert exc.value.table == "members" and "x@example.org" not in str(exc.value)
+    assert _tenants(engine, table) == {**UNCHANGED, 4: "t4"}
