@@ -90,9 +90,14 @@ def row_digests(key: Any, pks: Sequence[Sequence[Any] | None]) -> list[bytes | N
         if pk is None:
             out.append(None)
             continue
+        if len(pk) == 1 and type(pk[0]) is int:  # the usual integer primary key: pk_bytes, inlined
+            data = str(pk[0]).encode("ascii")
+            encoded = len(data).to_bytes(4, "big") + data
+        else:
+            encoded = pk_bytes(pk)
         mac = copy()
-        mac.update(pk_bytes(pk))
-        out.append(bytes(mac.digest()))
+        mac.update(encoded)
+        out.append(mac.digest())
     return out
 
 

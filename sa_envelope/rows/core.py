@@ -349,12 +349,15 @@ def _rewrite(
     if plan.fixed:
         stmt = replace_values(stmt, {k: bindparam(plan.names[k], type_=types[k]) for k in plan.fixed})
     out: list[dict[str, Any]] = []
-    for i, params in enumerate(plist):
-        new, key = dict(params), keys[i]
-        for k, v in plan.values[i].items():
-            new[plan.names.get(k, k)] = RowValue(v, key) if key is not None else v
-        for k, v in plan.set_values[i].items() if plan.sets else ():
-            new[SET + k] = RowValue(v, key) if key is not None and bare(v) else v
+    name = plan.names.get if plan.names else None
+    sets = plan.set_values if plan.sets else None
+    for params, values, key, i in zip(plist, plan.values, keys, range(len(plist))):  # once per row: no lookups
+        new = dict(params)
+        for k, v in values.items():
+            new[k if name is None else name(k, k)] = v if key is None else RowValue(v, key)
+        if sets is not None:
+            for k, v in sets[i].items():
+                new[SET + k] = RowValue(v, key) if key is not None and bare(v) else v
         out.append(new)
     if multiparams:
         return stmt, out, {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from sqlalchemy import Connection, Table, update
+from sqlalchemy.exc import DBAPIError
 
 from ..envelope.ciphers import ROW_KEY_ALGORITHM
 from ..faults import fault_point
@@ -20,6 +21,7 @@ __all__ = ["COPY_MIN_ROWS", "VARYING", "insert_key_rows", "shared_values", "shre
 
 COPY_MIN_ROWS = 100  # below this, a plain executemany is as fast as COPY
 IN_CHUNK = 1_000
+MYSQL_CHUNK = 1_000  # key rows per multi-row INSERT (~300 bytes each, far below max_allowed_packet)
 
 
 VARYING = ("id", "parent_id", "wrapped_key", "row_digest")  # what differs from one key row to the next
@@ -41,7 +43,7 @@ def shared_values(owner: str, now: Any) -> dict[str, Any]:
 def insert_key_rows(conn: Connection, table: Table, shared: dict[str, Any], rows: Sequence[tuple[Any, ...]]) -> None:
     """Insert key rows (``VARYING`` tuples, plus ``shared``) on ``conn``, in
     the caller's transaction. With psycopg 3, a COPY on the same DBAPI
-    connection; elsewhere, from 100 rows, one DBAPI executemany whose shared
+    connection; with PyMySQL, multi-row INSERTs on it; elsewhere, from 100 rows, one DBAPI executemany whose shared
     values are converted once per batch, not once per row (SQLAlchemy's own
     executemany converts all eleven columns of every row: three times the cost)."""
     fault_point("rowkey.create.before_insert")
@@ -49,6 +51,8 @@ def insert_key_rows(conn: Connection, table: Table, shared: dict[str, Any], rows
         conn.execute(table.insert(), [{**dict(zip(VARYING, row)), **shared} for row in rows])
     elif conn.dialect.driver == "psycopg":
         _copy_rows(conn, table, shared, rows)
+    elif conn.dialect.driver == "pymysql":
+        _pymysql_rows(conn, table, shared, rows)
     else:
         _driver_rows(conn, table, shared, rows)
     fault_point("rowkey.create.after_insert")
@@ -64,6 +68,37 @@ def _copy_rows(conn: Connection, table: Table, shared: dict[str, Any], rows: Seq
             write = copy.write_row
             for row in rows:
                 write(row + tail)
+
+
+def _pymysql_rows(conn: Connection, table: Table, shared: dict[str, Any], rows: Sequence[tuple[Any, ...]]) -> None:
+    """PyMySQL: multi-row INSERTs (``MYSQL_CHUNK`` rows each) built here, the
+    shared values escaped once by the driver's own ``escape``. PyMySQL's
+    executemany makes the same statements but escapes all eleven values of
+    every row in Python."""
+    raw: Any = conn.connection.driver_connection
+    escape, dialect = raw.escape, conn.dialect
+    varying = [table.c[name].type._cached_bind_processor(dialect) for name in VARYING]
+    tail = "".join(", " + escape(_processed(table, dialect, k, v)) for k, v in shared.items()) + ")"
+    quote = dialect.identifier_preparer
+    names = ", ".join(quote.quote(n) for n in (*VARYING, *shared))
+    prefix = f"INSERT INTO {quote.format_table(table)} ({names}) VALUES "
+    base = dialect.loaded_dbapi.Error
+    with raw.cursor() as cursor:
+        for start in range(0, len(rows), MYSQL_CHUNK):
+            values = []
+            for row in rows[start : start + MYSQL_CHUNK]:
+                items = [escape(v if p is None or v is None else p(v)) for p, v in zip(varying, row)]
+                values.append("(" + ", ".join(items) + tail)
+            try:
+                cursor.execute(prefix + ", ".join(values))  # no arguments: PyMySQL formats nothing
+            except base as exc:  # as SQLAlchemy would raise it (the key store names it)
+                raise DBAPIError.instance(prefix + "...", None, exc, base) from exc
+
+
+def _processed(table: Table, dialect: Any, name: str, value: Any) -> Any:
+    """``value`` as column ``name``'s bind processor hands it to the driver."""
+    process = table.c[name].type._cached_bind_processor(dialect)
+    return value if process is None or value is None else process(value)
 
 
 def _driver_rows(conn: Connection, table: Table, shared: dict[str, Any], rows: Sequence[tuple[Any, ...]]) -> None:

@@ -151,17 +151,13 @@ class RowKeys:
         now = kt.utcnow()
         rows: list[tuple[Any, ...]] = []  # keyrows.VARYING
         params: list[dict[str, Any]] = []
-        done: list[tuple[CachedKey, bytes | None]] = []
-        for entry, digest in [*pairs, *((e, None) for e in unknown)]:
-            if entry.wrapped is None:
-                continue
-            parent, wrapped, plain = entry.wrapped
-            rewrapped = ciphers.wrap_row_key(parent.cipher, parent.key_id, owner, entry.key_id, plain, digest)
+        done = [(entry, digest) for entry, digest in [*pairs, *((e, None) for e in unknown)] if entry.wrapped]
+        for entry, digest, rewrapped in _wrapped_now(owner, done):
+            parent, wrapped, _ = entry.wrapped
             if wrapped is None:
                 rows.append((entry.key_id, parent.key_id, rewrapped, digest))
             elif digest is not None:
                 params.append({"_id": entry.key_id, "row_digest": digest, "updated_at": now, "wrapped_key": rewrapped})
-            done.append((entry, digest))
         if rows:
             shared = keyrows.shared_values(owner, now)
             self.query(lambda: keyrows.insert_key_rows(conn, self.table, shared, rows), owner)
@@ -301,3 +297,21 @@ class RowKeys:
             table=record.owner_table,
             key_id=fmt.format_key_id(key_id),
         )
+
+
+def _wrapped_now(
+    owner: str, keys: Sequence[tuple[CachedKey, bytes | None]]
+) -> list[tuple[CachedKey, bytes | None, bytes]]:
+    """``(entry, digest, wrap)`` of keys :meth:`RowKeys.bind` binds: one
+    :func:`ciphers.wrap_many` per table key (a batch made across a roll-over
+    has two), in the order given."""
+    groups: dict[int, list[int]] = {}
+    for i, (entry, _) in enumerate(keys):
+        groups.setdefault(id(entry.wrapped[0]), []).append(i)
+    wraps: list[bytes] = [b""] * len(keys)
+    for members in groups.values():
+        parent = keys[members[0]][0].wrapped[0]
+        items = [(keys[i][0].key_id, keys[i][0].wrapped[2], keys[i][1]) for i in members]
+        for i, w in zip(members, ciphers.wrap_many(parent.cipher, parent.key_id, owner, items)):
+            wraps[i] = w
+    return [(entry, digest, w) for (entry, digest), w in zip(keys, wraps)]

@@ -152,11 +152,18 @@ def plan_for(spec: TableSpec, stmt: Any, plist: list[Mapping[str, Any]]) -> Plan
     where = _where_pk(spec, stmt) if stmt.is_update else None
     defaults = python_defaults(spec, stmt.is_update)
     names = [(k, plan.names.get(k, k)) for k in spec.attrs]
-    for params in plist:  # once per row of an executemany: plain loops, no generators
+    fixed, is_update, pk_cols = plan.fixed, stmt.is_update, spec.pk_cols
+    add_values, add_existing, add_pk, add_raw = (
+        plan.values.append,
+        plan.existing.append,
+        plan.pks.append,
+        plan.raw_pks.append,
+    )
+    for params in plist:  # once per row of an executemany: plain loops, no generators, no lookups
         get = params.get
         row = {k: get(n) for k, n in names}
-        if plan.fixed:
-            row.update(plan.fixed)
+        if fixed:
+            row.update(fixed)
         for key, default in defaults:
             if plan.names.get(key, key) not in params and key not in clause:
                 row[key] = _default_value(default, params)
@@ -169,13 +176,14 @@ def plan_for(spec: TableSpec, stmt: Any, plist: list[Mapping[str, Any]]) -> Plan
                 values[k] = v
             elif existing is None:
                 existing = v.key
-        plan.values.append(values)
-        plan.existing.append(existing)
-        if stmt.is_update:
-            plan.pks.append(None if where is None else known([_pk_value(w, params) for w in where]))
+        add_values(values)
+        add_existing(existing)
+        if is_update:
+            add_pk(None if where is None else known([_pk_value(w, params) for w in where]))
         else:
-            plan.raw_pks.append(tuple(_insert_pk(c, clause, params) for c in spec.pk_cols))
-            plan.pks.append(known(plan.raw_pks[-1]))
+            raw = tuple([_insert_pk(c, clause, params) for c in pk_cols])
+            add_raw(raw)
+            add_pk(known(raw))
     return plan
 
 

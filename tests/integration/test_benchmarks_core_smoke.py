@@ -20,8 +20,18 @@ from benchmarks._variants import VARIANTS
 
 ROWS, STREAM_ROWS, ROUNDS = 30, 250, 2
 TRIVIAL = [
-    "--backend", "sqlite", "--sections", "core,async,stream,micro", "--rows", str(ROWS), "--rounds", str(ROUNDS),
-    "--stream-rows", str(STREAM_ROWS), "--micro-values", "40",
+    "--backend",
+    "sqlite",
+    "--sections",
+    "core,async,stream,micro",
+    "--rows",
+    str(ROWS),
+    "--rounds",
+    str(ROUNDS),
+    "--stream-rows",
+    str(STREAM_ROWS),
+    "--micro-values",
+    "40",
 ]
 
 
@@ -42,7 +52,9 @@ def test_core_async_and_stream_sections_run_at_a_trivial_size(
         assert all(len(seconds[name][step]) == ROUNDS for step in steps), name
         assert ("lookup_unavailable" in info) == bool(VARIANTS[name].no_equality), name
     assert {n for n, info in core["variants"].items() if "lookup_unavailable" not in info} == {
-        "plaintext", "sa-envelope deterministic"}
+        "plaintext",
+        "sa-envelope deterministic",
+    }
     assert core["lookup_values"] == ROWS  # 1,000 values, capped at the table's size
     # An emptied cache costs one KMS call per cold select (warm-up round included).
     for name in ("sa-envelope table", "sa-envelope row", "sa-envelope deterministic"):
@@ -78,3 +90,16 @@ def test_per_value_profile_runs_at_a_trivial_size(capsys: pytest.CaptureFixture[
     for name in ("table", "deterministic", "row"):
         # the pieces reach into the column type's internals: either they ran or they say why not
         assert f"== {name}: each piece alone" in printed or f"== {name}: pieces n/a (internals changed" in printed
+
+
+def test_row_costs_run_at_a_trivial_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import row_costs
+    from sa_envelope.rows import core
+
+    before = core.plan_for
+    row_costs.main(f"sqlite:///{tmp_path / 'costs.db'}", rows=20, rounds=1)
+
+    printed = capsys.readouterr().out
+    for _, _, label in row_costs.STEPS:
+        assert f"bench_costs_row    {label}" in printed, label
+    assert core.plan_for is before  # the timing wrappers are gone again
