@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from sqlalchemy import Connection, String, cast, exists, false, func, select
+from sqlalchemy import Connection, Integer, Numeric, String, cast, exists, false, select
 from sqlalchemy.orm import Session
 
 from . import arrays, keyring, rowkeys
@@ -77,7 +77,13 @@ def _holds(index: Any, tokens: Any, inputs: Sequence[bytes]) -> list[Any]:
 
 def _rows_holding(index: Any, tokens: Any, pks: list[Any], inputs: Sequence[bytes]) -> Any:
     pk = pks[0]
-    row_key: Any = tokens.c.row_key if isinstance(pk.type, String) or len(pks) > 1 else cast(tokens.c.row_key, pk.type)
+    row_key: Any = tokens.c.row_key
+    if isinstance(pk.type, Integer) and len(pks) == 1:
+        # MariaDB: a key CAST to SIGNED made it scan the whole indexed table against the
+        # materialized row keys; CAST to DECIMAL(20, 0) lets it start from the tokens
+        row_key = cast(row_key, pk.type.with_variant(Numeric(20, 0), "mysql", "mariadb"))
+    elif not isinstance(pk.type, String) and len(pks) == 1:
+        row_key = cast(row_key, pk.type)
     return select(row_key).where(*_holds(index, tokens, inputs))
 
 
@@ -85,30 +91,25 @@ def rarest_first(index: Any, conn: Connection, inputs: Sequence[bytes]) -> list[
     """``inputs`` ordered rarest first, by a probe that reads at most
     :data:`PROBE_ROWS` rows of each token (one statement, index-only).
 
-    A token held by fewer rows is counted exactly. For the others, the
-    probe reads the first :data:`PROBE_ROWS` row keys in the index's order
-    and keeps the last one: every token's rows are a subset of the same
-    rows in the same order, so the further that key lies, the fewer rows
-    hold the token. Only speed depends on this; the answer never does."""
+    The probe asks each token for its :data:`PROBE_ROWS`-th row key in the
+    index's order: a token with fewer rows has none (rare: first, in the
+    needle's order); for the others, every token's rows are a subset of the
+    same rows in the same order, so the further that key lies, the fewer
+    rows hold the token. Only speed depends on this; the answer never does."""
     tokens = index.tokens_table
-    probes: list[Any] = []
-    for what in inputs:
-        first = (
-            select(tokens.c.row_key)
-            .where(*_holds(index, tokens, [what]))
-            .order_by(tokens.c.row_key)
-            .limit(PROBE_ROWS)
-            .subquery()
-        )
-        probes += [
-            select(func.count()).select_from(first).scalar_subquery(),
-            select(func.max(first.c.row_key)).scalar_subquery(),
-        ]
+    probes = [
+        select(tokens.c.row_key)
+        .where(*_holds(index, tokens, [what]))
+        .order_by(tokens.c.row_key)
+        .limit(1)
+        .offset(PROBE_ROWS - 1)
+        .scalar_subquery()
+        for what in inputs
+    ]
     found = conn.execute(select(*probes)).one()
-    counted = [(found[2 * i], i) for i in range(len(inputs))]
-    exact = sorted((count, i) for count, i in counted if count < PROBE_ROWS)
-    common = sorted((i for count, i in counted if count >= PROBE_ROWS), key=lambda i: found[2 * i + 1], reverse=True)
-    return [inputs[i] for i in [i for _, i in exact] + common]
+    rare = [i for i, last in enumerate(found) if last is None]
+    common = sorted((i for i, last in enumerate(found) if last is not None), key=lambda i: found[i], reverse=True)
+    return [inputs[i] for i in rare + common]
 
 
 def find(index: Any, session: Session, attribute: Any, needle: Any, where: Sequence[Any]) -> list[Any]:
