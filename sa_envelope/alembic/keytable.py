@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from alembic.operations import MigrateOperation, Operations
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, PrimaryKeyConstraint, inspect
 
 from ..columns.guardrows import guard_table
 from ..errors import EnvelopeError
@@ -25,6 +25,7 @@ __all__ = [
     "DropRowDigestOp",
     "DropSearchTableOp",
     "RewrapKeysOp",
+    "UpgradeSearchTableOp",
 ]
 
 # --------------------------------------------------------------------------- key table
@@ -124,8 +125,13 @@ class DropSearchTableOp(_KeyTableOp):
         return CreateSearchTableOp(self.table_name)
 
 
-def _create_like(operations: Operations, table: Any) -> None:
-    operations.create_table(table.name, *(c._copy() for c in table.columns))
+def _create_like(operations: Operations, table: Any, name: str | None = None) -> None:
+    """Create ``table``'s shape (as ``name``): columns, an explicit primary key
+    in its own column order, dialect options (``sqlite_with_rowid``), indexes."""
+    primary: list[Any] = []
+    if table.primary_key.name is not None:  # declared as a constraint: (owner, name, token, row_key)
+        primary = [PrimaryKeyConstraint(*table.primary_key.columns.keys(), name=table.primary_key.name)]
+    operations.create_table(name or table.name, *(c._copy() for c in table.columns), *primary, **table.kwargs)
     for index in sorted(table.indexes, key=lambda i: str(i.name)):
         operations.create_index(str(index.name), table.name, [c.name for c in index.columns])
 
@@ -189,6 +195,35 @@ def _create_guard_table(operations: Operations, op: CreateGuardTableOp) -> None:
 @Operations.implementation_for(DropGuardTableOp)
 def _drop_guard_table(operations: Operations, op: DropGuardTableOp) -> None:
     operations.drop_table(guard_table(MetaData()).name)
+
+
+@Operations.register_operation("upgrade_search_table")
+class UpgradeSearchTableOp(_KeyTableOp):
+    """Move a token table of the first shape (no primary key; an index
+    ``ix_<table>_lookup``) to the clustered one (primary key ``(owner, name,
+    token, row_key)``; SQLite ``WITHOUT ROWID``): every distinct token copied,
+    duplicates dropped (docs/format.md). Does nothing on a table already
+    upgraded. Not reversible: the old shape holds the same tokens, slower."""
+
+    @classmethod
+    def upgrade_search_table(cls, operations: Operations, table_name: str = kt.KEY_TABLE_NAME) -> Any:
+        return operations.invoke(cls(table_name))
+
+
+@Operations.implementation_for(UpgradeSearchTableOp)
+def _upgrade_search_table(operations: Operations, op: UpgradeSearchTableOp) -> None:
+    table = token_table(MetaData(), op.table_name)
+    found = inspect(operations.get_bind())
+    if found.get_pk_constraint(table.name).get("constrained_columns"):
+        return
+    old = f"{table.name}_v1"
+    for index in found.get_indexes(table.name):
+        operations.drop_index(str(index["name"]), table.name)
+    operations.rename_table(table.name, old)
+    _create_like(operations, table)
+    columns = "owner, name, row_key, token"
+    operations.execute(f"INSERT INTO {table.name} ({columns}) SELECT DISTINCT {columns} FROM {old}")
+    operations.drop_table(old)
 
 
 @Operations.register_operation("add_key_context_version")

@@ -7,10 +7,14 @@ One row per (indexed table, index, row, token)::
     row_key  the indexed row's primary key, as text (:mod:`.rowkeys`: composite keys too)
     token    a keyed digest truncated to the index's bits, as a signed BIGINT
 
-The composite index ``(owner, name, token, row_key)`` answers a lookup from
-the index alone; ``(owner, row_key)`` finds a row's tokens when it changes.
-The table is plain metadata beside the key table: ``keys.create_table()``
-and the Alembic ``create_key_table`` operation create both.
+The primary key ``(owner, name, token, row_key)`` is the table's clustered
+order (an InnoDB primary key, a SQLite ``WITHOUT ROWID`` table): each token
+is one B-tree entry, and a lookup reads only that tree. ``(owner, row_key)``
+finds a row's tokens when it changes. The table is plain metadata beside the
+key table: ``keys.create_table()`` and the Alembic ``create_key_table``
+operation create both. A table of the first shape (no primary key, a
+``..._lookup`` index instead) keeps working; ``op.upgrade_search_table()``
+moves it to this one (docs/format.md).
 
 A token is the keyed digest (:mod:`.prf`: AES-256 on one block, or BLAKE2b
 for a longer input) of one token input, its first eight bytes read as a
@@ -23,9 +27,21 @@ the tokens of a row live in its own table instead (:mod:`.arrays`).
 from __future__ import annotations
 
 import struct
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
-from sqlalchemy import BigInteger, Column, Connection, Index, MetaData, String, Table, and_, delete, insert, text
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Index,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    and_,
+    delete,
+    text,
+)
 
 __all__ = [
     "TOKEN_TABLE_NAME",
@@ -60,8 +76,9 @@ def token_table(metadata: MetaData, key_table_name: str = "sa_envelope_keys") ->
         Column("name", String(100), nullable=False),
         Column("row_key", String(100), nullable=False),
         Column("token", BigInteger, nullable=False),
-        Index(f"ix_{name}_lookup", "owner", "name", "token", "row_key"),
+        PrimaryKeyConstraint("owner", "name", "token", "row_key", name=f"pk_{name}"),
         Index(f"ix_{name}_row", "owner", "row_key"),
+        sqlite_with_rowid=False,
     )
 
 
@@ -76,26 +93,48 @@ def derive_context(kind: str, table: str, column: str, settings: str) -> bytes:
     return _CONTEXT_LABEL + b"".join(_field(p.encode("utf-8")) for p in parts)
 
 
-def insert_tokens(conn: Connection, tokens: Table, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert token rows on ``conn`` (the writing statement's transaction).
+Entry = tuple[str, str, int]  # (name, row_key, token) of one owner
 
+
+def insert_tokens(conn: Connection, tokens: Table, owner: str, entries: Sequence[Entry]) -> None:
+    """Insert ``owner``'s token entries on ``conn`` (the writing statement's transaction).
+
+    Sent straight to the driver's executemany on the connection's own DBAPI
+    connection (a value of 136 n-grams is 136 entries: SQLAlchemy's
+    per-row compilation and checks cost more than the database's insert),
+    in row order (one row's entries are neighbours in the ``(owner,
+    row_key)`` index; sorting by token measured slower on InnoDB). An
+    entry already there is skipped (``OR IGNORE`` / ``ON CONFLICT DO
+    NOTHING``; MariaDB: ``ON DUPLICATE KEY UPDATE`` of nothing, which unlike
+    ``INSERT IGNORE`` keeps strict mode's errors): it is the token wanted.
     On PostgreSQL, one ``INSERT ... SELECT FROM unnest(arrays)`` per chunk:
     psycopg's executemany sends a statement per row, ~20 times slower."""
-    if conn.dialect.name == "postgresql" and rows:
-        statement = text(
-            f"INSERT INTO {conn.dialect.identifier_preparer.format_table(tokens)} (owner, name, row_key, token) "
-            "SELECT * FROM unnest(CAST(:o AS varchar[]), CAST(:n AS varchar[]), CAST(:r AS varchar[]), "
-            "CAST(:t AS bigint[]))"
-        )
-        for start in range(0, len(rows), _CHUNK * 100):
-            chunk = rows[start : start + _CHUNK * 100]
-            columns = {
-                k: [r[c] for r in chunk] for k, c in (("o", "owner"), ("n", "name"), ("r", "row_key"), ("t", "token"))
-            }
-            conn.execute(statement, columns)
+    if not entries:
         return
-    for start in range(0, len(rows), _CHUNK * 10):
-        conn.execute(insert(tokens), list(rows[start : start + _CHUNK * 10]))
+    ordered = list(entries)
+    table = conn.dialect.identifier_preparer.format_table(tokens)
+    columns = "(owner, name, row_key, token)"
+    if conn.dialect.name == "postgresql":
+        statement = text(  # text(): every PostgreSQL driver's paramstyle (asyncpg's $1)
+            f"INSERT INTO {table} {columns} SELECT :o, * FROM unnest(CAST(:n AS varchar[]), "
+            "CAST(:r AS varchar[]), CAST(:t AS bigint[])) ON CONFLICT DO NOTHING"
+        )
+        for start in range(0, len(ordered), _CHUNK * 100):
+            chunk = ordered[start : start + _CHUNK * 100]
+            arrays = {"o": owner, "n": [e[0] for e in chunk], "r": [e[1] for e in chunk], "t": [e[2] for e in chunk]}
+            conn.execute(statement, arrays)
+        return
+    values = ", ".join(["?" if conn.dialect.paramstyle == "qmark" else "%s"] * 4)
+    if conn.dialect.name == "sqlite":
+        sql = f"INSERT OR IGNORE INTO {table} {columns} VALUES ({values})"
+    else:  # MariaDB / MySQL: PyMySQL and mysqlclient fold the executemany into multi-row INSERTs
+        sql = f"INSERT INTO {table} {columns} VALUES ({values}) ON DUPLICATE KEY UPDATE token = token"
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        for start in range(0, len(ordered), _CHUNK * 100):
+            cursor.executemany(sql, [(owner, n, r, t) for n, r, t in ordered[start : start + _CHUNK * 100]])
+    finally:
+        cursor.close()
 
 
 def delete_row_tokens(

@@ -36,7 +36,7 @@ from ..envelope import format as fmt
 from ..keys import table as kt
 from . import arrays, keyring, rowkeys
 from . import tokens as tk
-from .writes import row_key_of, token_rows
+from .writes import row_key_of, token_entries
 
 __all__ = ["IndexReport", "rebuild", "verify_index"]
 
@@ -166,7 +166,7 @@ def _sort_row(
 
 def _expected(index: Any, entry: Any, row_key: str, value: Any) -> set[int]:
     with keyring.under(entry):
-        return {r["token"] for r in token_rows(index, row_key, value)}
+        return {e[2] for e in token_entries(index, row_key, value)}
 
 
 def _check_batch(conn: Any, index: Any, batch: list[Any], report: IndexReport, fix: bool) -> None:
@@ -184,17 +184,17 @@ def _check_batch(conn: Any, index: Any, batch: list[Any], report: IndexReport, f
     report.key_id = fmt.format_key_id(live[0].key_id)
     moving: Counter[str] = Counter(report.moving)
     to_fix: list[str] = []
-    rebuilt: list[dict[str, Any]] = []
+    rebuilt: list[tk.Entry] = []
     for row_key, (_, value) in zip(keys, batch):
         report.rows += 1
         if _sort_row(report, live, moving, row_key, stored[row_key], lambda e: _expected(index, e, row_key, value)):
             to_fix.append(row_key)
             if fix:
-                rebuilt.extend(token_rows(index, row_key, value))  # under the write key
+                rebuilt.extend(token_entries(index, row_key, value))  # under the write key
     report.moving = dict(moving)
     if fix and to_fix:
         tk.delete_row_tokens(conn, tokens, index.owner, [index.name], to_fix)
-        tk.insert_tokens(conn, tokens, rebuilt)
+        tk.insert_tokens(conn, tokens, index.owner, rebuilt)
 
 
 def _array_of(index: Any, entry: Any, value: Any) -> list[int] | None:

@@ -43,7 +43,7 @@ from ..errors import UnsupportedQueryError
 from . import arrays, rowkeys
 from . import tokens as tk
 
-__all__ = ["install", "row_key_of", "token_rows"]
+__all__ = ["install", "row_key_of", "token_entries"]
 
 _PENDING = "sa_envelope_search_pending"
 _installed = False
@@ -64,15 +64,15 @@ def row_key_of(value: Any) -> str:
     return rowkeys.encode(value if isinstance(value, tuple) else (value,))
 
 
-def token_rows(index: Any, row_key: str, value: Any) -> list[dict[str, Any]]:
-    """The token-table rows of one row's value (none for NULL)."""
+def token_entries(index: Any, row_key: str, value: Any) -> list[tk.Entry]:
+    """The token entries ``(name, row_key, token)`` of one row's value (none
+    for NULL), for :func:`.tokens.insert_tokens`: each distinct token once."""
     if isinstance(value, RowValue):
         value = value.value
     if value is None:
         return []
-    return [
-        {"owner": index.owner, "name": index.name, "row_key": row_key, "token": t} for t in sorted(index.tokens(value))
-    ]
+    name = index.name
+    return [(name, row_key, t) for t in index.tokens(value)]
 
 
 def _refuse(indexes: Sequence[Any], why: str) -> UnsupportedQueryError:
@@ -275,12 +275,13 @@ def _after_insert(conn: Connection, stmt: Any, indexes: list[Any], upsert: bool,
     tokens = indexes[0].tokens_table
     if upsert:
         tk.delete_row_tokens(conn, tokens, indexes[0].owner, [i.name for i in indexes], keys)
-    rows: list[dict[str, Any]] = []
-    for row_key, compiled in zip(keys, result.context.compiled_parameters):
-        for index in indexes:
-            rows.extend(token_rows(index, row_key, _value(compiled, index.source_column(), stmt)))
+    rows: list[tk.Entry] = []
+    sources = [(index, index.source_column()) for index in indexes]
     with indexes[0].keys.use_connection(conn):
-        tk.insert_tokens(conn, tokens, rows)
+        for row_key, compiled in zip(keys, result.context.compiled_parameters):
+            for index, source in sources:
+                rows.extend(token_entries(index, row_key, _value(compiled, source, stmt)))
+        tk.insert_tokens(conn, tokens, indexes[0].owner, rows)
 
 
 def _after_update(conn: Connection, stmt: Any, indexes: list[Any], keys: list[str], more: bool, result: Any) -> None:
@@ -289,12 +290,12 @@ def _after_update(conn: Connection, stmt: Any, indexes: list[Any], keys: list[st
     compiled_sets = result.context.compiled_parameters
     tokens = indexes[0].tokens_table
     tk.delete_row_tokens(conn, tokens, indexes[0].owner, [i.name for i in indexes], keys)
-    rows: list[dict[str, Any]] = []
+    rows: list[tk.Entry] = []
     with indexes[0].keys.use_connection(conn):
         for row_key, compiled in zip(keys, compiled_sets):
             for index in indexes:
-                rows.extend(token_rows(index, row_key, _value(compiled, index.source_column(), stmt)))
-        tk.insert_tokens(conn, tokens, rows)
+                rows.extend(token_entries(index, row_key, _value(compiled, index.source_column(), stmt)))
+        tk.insert_tokens(conn, tokens, indexes[0].owner, rows)
 
 
 def _after_delete(conn: Connection, indexes: list[Any], keys: list[str] | None) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from alembic.migration import MigrationContext
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from alembic.operations import Operations
-from sqlalchemy import Date, Integer, String, inspect, select
+from sqlalchemy import BigInteger, Column, Date, Index, Integer, MetaData, String, Table, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -110,8 +110,7 @@ def test_alembic_key_table_operations_make_the_token_table(engine: Engine) -> No
         ops.create_key_table()
     names = set(inspect(engine).get_table_names())
     assert {"sa_envelope_keys", "sa_envelope_search"} <= names
-    indexes = {i["name"]: i["column_names"] for i in inspect(engine).get_indexes("sa_envelope_search")}
-    assert indexes["ix_sa_envelope_search_lookup"] == ["owner", "name", "token", "row_key"]
+    _assert_clustered(engine)
     with engine.begin() as conn:
         ops = Operations(MigrationContext.configure(conn))
         ops.drop_search_table()
@@ -121,3 +120,46 @@ def test_alembic_key_table_operations_make_the_token_table(engine: Engine) -> No
         ops.create_search_table()  # the upgrade of a deployment made before search indexes
         ops.drop_key_table()
     assert not {"sa_envelope_keys", "sa_envelope_search"} & set(inspect(engine).get_table_names())
+
+
+def _assert_clustered(engine: Engine) -> None:
+    """The token table's shape (docs/format.md): the lookup order is the primary key."""
+    found = inspect(engine)
+    assert found.get_pk_constraint("sa_envelope_search")["constrained_columns"] == ["owner", "name", "token", "row_key"]
+    indexes = {i["name"]: i["column_names"] for i in found.get_indexes("sa_envelope_search")}
+    assert indexes == {"ix_sa_envelope_search_row": ["owner", "row_key"]}
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            ddl = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'sa_envelope_search'")).scalar()
+        assert "WITHOUT ROWID" in str(ddl)
+
+
+def test_a_token_table_of_the_first_shape_is_upgraded(engine: Engine) -> None:
+    """A deployment made before the clustered shape: its tokens (duplicates
+    allowed then) move to the new table, once each, and lookups find them."""
+    v1 = MetaData()
+    Table(
+        "sa_envelope_search",
+        v1,
+        Column("owner", String(190), nullable=False),
+        Column("name", String(100), nullable=False),
+        Column("row_key", String(100), nullable=False),
+        Column("token", BigInteger, nullable=False),
+        Index("ix_sa_envelope_search_lookup", "owner", "name", "token", "row_key"),
+        Index("ix_sa_envelope_search_row", "owner", "row_key"),
+    )
+    v1.create_all(engine)
+    rows = [("t", "notes/substring", "1", -5), ("t", "notes/substring", "1", -5), ("t", "name/prefix", "2", 7)]
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO sa_envelope_search (owner, name, row_key, token) VALUES (:o, :n, :r, :t)"),
+            [dict(zip("onrt", r)) for r in rows],
+        )
+        ops = Operations(MigrationContext.configure(conn))
+        ops.upgrade_search_table()
+        ops.upgrade_search_table()  # a second run finds it done
+    _assert_clustered(engine)
+    with engine.connect() as conn:
+        stored = conn.execute(text("SELECT owner, name, row_key, token FROM sa_envelope_search")).all()
+    assert sorted(map(tuple, stored)) == sorted(set(rows))
+    assert "sa_envelope_search_v1" not in inspect(engine).get_table_names()

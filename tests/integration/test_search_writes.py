@@ -223,7 +223,9 @@ def _forge(conn: Any, keys: KeyManager, model: Any) -> None:
             conn.execute(
                 text(
                     f"INSERT INTO {tokens} (owner, name, row_key, token) "
-                    f"SELECT owner, name, '{target}', token FROM {tokens} WHERE row_key = '1'"
+                    f"SELECT owner, name, '{target}', token FROM {tokens} s WHERE row_key = '1' "
+                    f"AND NOT EXISTS (SELECT 1 FROM {tokens} x WHERE x.owner = s.owner AND x.name = s.name "
+                    f"AND x.token = s.token AND x.row_key = '{target}')"  # the primary key holds each once
                 )
             )
         conn.execute(text(f"DELETE FROM {tokens} WHERE row_key = '3' AND name = 'notes/substring'"))
