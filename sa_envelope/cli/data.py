@@ -108,12 +108,23 @@ def _verify(parser: argparse.ArgumentParser) -> None:
         lines.append(f"erased (row key shredded): {report.erased}")
         lines.append(f"key table: {len(report.anomalies)} anomalies")
         lines += [f"search index {r}" for r in indexes]
-        lines += [f"search index {t} {n}: not checked (describe it with --index)" for t, n in unchecked]
+        lines += [
+            f"search index {t} {n}{_in_array(c)}: not checked (describe it with --index)" for t, n, c in unchecked
+        ]
         data = report.as_dict() | {"indexes": [_index_dict(r) for r in indexes]}
-        emit(ns, data | {"unchecked_indexes": [{"table": t, "index": n} for t, n in unchecked]}, lines)
+        emit(ns, data | {"unchecked_indexes": [_unchecked_dict(*u) for u in unchecked]}, lines)
         return 0 if report.complete and all(r.ok for r in indexes) else 1
 
     parser.set_defaults(run=run, interrupted=STARTS_OVER.replace("changed", "changed (verify only reads)"))
+
+
+def _in_array(column: str | None) -> str:
+    return f" (token array {column})" if column else ""
+
+
+def _unchecked_dict(table: str, index: str, column: str | None) -> dict[str, Any]:
+    """An index not checked: in the token table, or (``column``) in a token array."""
+    return {"table": table, "index": index} | ({"column": column} if column else {})
 
 
 def _index_dict(report: Any) -> dict[str, Any]:

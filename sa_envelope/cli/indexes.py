@@ -18,8 +18,10 @@ or ``date`` for a range) and ``deterministic=yes``. The table is reflected
 and each described index checked by :func:`sa_envelope.search.verify.verify_index`,
 in the row's own token array where the table has the index's array column
 (PostgreSQL, :mod:`sa_envelope.search.arrays`), else in the token table.
-The indexes the token table holds that no ``--index`` describes are listed
-as not checked.
+The indexes that no ``--index`` describes are listed as not checked: those
+the token table holds, and on PostgreSQL the token arrays the database has
+(``BIGINT[]`` columns named as :func:`sa_envelope.search.arrays.column_name`
+names them), each with its table and column.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any, Callable
 
 from sqlalchemy import Column, Date, DateTime, Engine, Integer, MetaData, Numeric, String, Table, inspect, select
 from sqlalchemy import BigInteger, Text
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from ..columns import normalizers
 from ..columns.encrypted import EncryptedType
@@ -162,12 +165,33 @@ def check_indexes(keys: KeyManager, engine: Engine, specs: list[_Spec]) -> list[
     return reports
 
 
-def unchecked_indexes(keys: KeyManager, engine: Engine, checked: list[IndexReport]) -> list[tuple[str, str]]:
-    """(table, index) of the indexes the token table holds that were not checked."""
-    if not inspect(engine).has_table(keys.search_table.name):
-        return []
-    tokens = keys.search_table
-    with engine.connect() as conn:
-        held = conn.execute(select(tokens.c.owner, tokens.c.name).distinct()).all()
+def unchecked_indexes(
+    keys: KeyManager, engine: Engine, checked: list[IndexReport]
+) -> list[tuple[str, str, str | None]]:
+    """(table, index, token array column or None) of the indexes in the
+    database that were not checked: in the token table, or in token arrays."""
     done = {(r.table, r.index) for r in checked}
-    return sorted((str(o), str(n)) for o, n in held if (o, n) not in done)
+    found = set(_token_arrays(engine))
+    if inspect(engine).has_table(keys.search_table.name):
+        tokens = keys.search_table
+        with engine.connect() as conn:
+            held = conn.execute(select(tokens.c.owner, tokens.c.name).distinct()).all()
+        found |= {(str(o), str(n), None) for o, n in held}
+    return sorted((f for f in found if f[:2] not in done), key=lambda f: (f[0], f[1], f[2] or ""))
+
+
+def _token_arrays(engine: Engine) -> list[tuple[str, str, str]]:
+    """(table, index, column) of every token array column in the database
+    (PostgreSQL; an array's tokens are in its row, so the token table never lists them)."""
+    if engine.dialect.name not in arrays.ARRAY_DIALECTS:
+        return []
+    found, inspector = [], inspect(engine)
+    for table in inspector.get_table_names():
+        for column in inspector.get_columns(table):
+            if not isinstance(column["type"], ARRAY):
+                continue
+            for kind in KINDS:
+                source = column["name"].removesuffix(arrays.column_name("", kind))
+                if source and source != column["name"]:
+                    found.append((table, f"{source}/{kind}", column["name"]))
+    return found
