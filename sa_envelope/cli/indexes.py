@@ -171,7 +171,7 @@ def unchecked_indexes(
     """(table, index, token array column or None) of the indexes in the
     database that were not checked: in the token table, or in token arrays."""
     done = {(r.table, r.index) for r in checked}
-    found = set(_token_arrays(engine))
+    found: set[tuple[str, str, str | None]] = set(_token_arrays(engine))
     if inspect(engine).has_table(keys.search_table.name):
         tokens = keys.search_table
         with engine.connect() as conn:
