@@ -3,13 +3,20 @@ against the same queries on a plaintext twin; the write cost of a substring
 index; the stored index size per row.
 
 Not a test. Run ``python -m benchmarks.search [--rows 100000] [--backends sqlite,postgresql,mysql]``.
-Each backend gets a database of its own (``sae_search_bench``, dropped
+Each backend gets a database of its own (``sae_search_bench_<pid>``, dropped
 afterwards; SQLite: a temporary file). Keys come from a LocalKeyProvider (no
 KMS call is on a lookup's path once the key is cached). Both sides load ORM
 objects: ``lookup()`` (token query, decryption, re-check) against
 ``session.scalars(select(Twin).where(...))``. On PostgreSQL the twin's text
 columns have ``pg_trgm`` GIN indexes (if the extension is installed) and its
 date a B-tree; on MariaDB and SQLite the twin's ``LIKE '%x%'`` is a full scan.
+On PostgreSQL the same lookups are then timed during a blind-index
+rotation, with 2 and then 3 live keys (``--no-rotation`` skips it): an array
+lookup asks "every token" once per live key (``search/keyring.py``'s
+slots, ORed ``@>`` probes), so its cost grows with the keys a rotation
+keeps live; ratios are against the single-key lookup and the twin of the
+same run. The rows stay under the first key (the rebuild is not run), so
+every slot's probe is made and the answers stay the twin's.
 Results go to ``benchmarks/results/search-<time>.{json,md}``.
 """
 
@@ -30,15 +37,26 @@ from sqlalchemy import Date, Integer, String, create_engine, func, insert, selec
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from sa_envelope import EncryptedType, KeyManager, LocalKeyProvider, PrefixIndex, RangeIndex, SubstringIndex, lookup
+from sa_envelope import (
+    EncryptedType,
+    KeyManager,
+    LivePolicy,
+    LocalKeyProvider,
+    PrefixIndex,
+    RangeIndex,
+    SubstringIndex,
+    lookup,
+)
 
-DB = "sae_search_bench"
+DB = f"sae_search_bench_{os.getpid()}"  # one per run: two runs on one server do not drop each other's
 SERVERS = {
     "postgresql": ("postgresql+psycopg://postgres@127.0.0.1:5432/", "postgres"),
     "mysql": ("mysql+pymysql://root@127.0.0.1:3306/", ""),
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 NEEDLES = 15
+KINDS = ("prefix", "substring", "range")
+ROTATING = LivePolicy(ttl=0.1, grace=3600.0)  # rotated keys stay live for the whole run
 
 
 def _words(rng: random.Random, count: int) -> list[str]:
@@ -119,13 +137,16 @@ def models(keys: KeyManager, notes_length: int = 200) -> tuple[Any, Any, Any]:
     return Patient, Twin, (Plain, Indexed, Deferred)
 
 
-def _median_ms(run: Callable[[Any], Any], needles: list[Any]) -> float:
-    run(needles[0])  # warm: plans, caches
-    times = []
+def _median_ms(run: Callable[[Any], Any], needles: list[Any], repeats: int = 3) -> float:
+    """The median over ``repeats`` passes of the needles, after one untimed pass (plans, caches)."""
     for needle in needles:
-        start = time.perf_counter()
         run(needle)
-        times.append((time.perf_counter() - start) * 1000)
+    times = []
+    for _ in range(repeats):
+        for needle in needles:
+            start = time.perf_counter()
+            run(needle)
+            times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
 
 
@@ -216,14 +237,51 @@ def _write_cost(
     return out
 
 
-def run_backend(name: str, url: str, rows: int) -> dict[str, Any]:
+def _lookups(session: Session, Patient: Any, Twin: Any, corpus: Corpus) -> list[tuple[str, list[Any], Any, Any]]:
+    """(kind, needles, our lookup, the twin's criterion) per lookup kind; the needles drawn once."""
+    return [
+        ("prefix", corpus.prefixes(), lambda n: lookup(session, Patient.name, startswith=n), Twin.name.startswith),
+        ("substring", corpus.substrings(), lambda n: lookup(session, Patient.notes, contains=n), Twin.notes.contains),
+        ("range", corpus.ranges(), lambda n: lookup(session, Patient.born, between=n), lambda n: Twin.born.between(*n)),
+    ]
+
+
+def _time_lookups(session: Session, Twin: Any, kinds: Any, result: dict[str, Any], suffix: str = "") -> None:
+    """Each kind's median lookup time (and the twin's, once), answers checked against the twin's."""
+    for kind, needles, ours, theirs in kinds:
+        hits = [len(ours(n)) for n in needles]
+        assert hits == [len(session.scalars(select(Twin).where(theirs(n))).all()) for n in needles]
+        result[f"{kind}_ms{suffix}"] = round(_median_ms(ours, needles), 2)
+        result[f"{kind}_median_hits"] = statistics.median(hits)
+        result[f"{kind}_twin_ms{suffix}"] = round(  # the twin again in each phase: ratios taken side by side
+            _median_ms(lambda n: session.scalars(select(Twin).where(theirs(n))).all(), needles), 2
+        )
+        result[f"{kind}_ratio{suffix}"] = round(result[f"{kind}_ms{suffix}"] / result[f"{kind}_twin_ms{suffix}"], 2)
+        session.expunge_all()
+
+
+def _during_rotation(session: Session, keys: KeyManager, Patient: Any, Twin: Any, kinds: Any, result: dict) -> None:
+    """The lookups again with 2, then 3 live blind-index keys (PostgreSQL arrays: one slot per key)."""
+    owner = Patient.__tablename__
+    for live in (2, 3):
+        keys.rotate_table_key(owner, scope="blind-index")
+        keys.live.invalidate()
+        assert len(keys.live.keys(owner, "blind-index")) == live
+        _time_lookups(session, Twin, kinds, result, suffix=f"_{live}keys")
+        for kind in KINDS:
+            result[f"{kind}_vs_1key_{live}keys"] = round(result[f"{kind}_ms_{live}keys"] / result[f"{kind}_ms"], 2)
+
+
+def run_backend(name: str, url: str, rows: int, rotation: bool = True) -> dict[str, Any]:
     engine = create_engine(url)
-    keys = KeyManager(engine, LocalKeyProvider(os.urandom(32)), table_name="bench_sa_envelope_keys")
+    keys = KeyManager(
+        engine, LocalKeyProvider(os.urandom(32)), table_name="bench_sa_envelope_keys", live=ROTATING
+    )
     keys.create_table()
     Patient, Twin, (Plain, Indexed, Deferred) = models(keys)
     Patient.metadata.create_all(engine)
     corpus = Corpus(rows)
-    result: dict[str, Any] = {"backend": name, "rows": rows}
+    result: dict[str, Any] = {"backend": name, "rows": rows, "load_average_start": os.getloadavg()}
     start = time.perf_counter()
     for chunk in range(0, rows, 5000):
         with engine.begin() as conn:
@@ -242,31 +300,11 @@ def run_backend(name: str, url: str, rows: int) -> dict[str, Any]:
     result["tokens_per_row"] = round(tokens / rows, 1)
     result["index_bytes_per_row"] = round(size / rows) if size else None
     with Session(engine) as session:
-        kinds = (
-            ("prefix", corpus.prefixes(), lambda n: lookup(session, Patient.name, startswith=n), Twin.name.startswith),
-            (
-                "substring",
-                corpus.substrings(),
-                lambda n: lookup(session, Patient.notes, contains=n),
-                Twin.notes.contains,
-            ),
-            (
-                "range",
-                corpus.ranges(),
-                lambda n: lookup(session, Patient.born, between=n),
-                lambda n: Twin.born.between(*n),
-            ),
-        )
-        for kind, needles, ours, theirs in kinds:
-            hits = [len(ours(n)) for n in needles]
-            assert hits == [len(session.scalars(select(Twin).where(theirs(n))).all()) for n in needles]
-            result[f"{kind}_median_hits"] = statistics.median(hits)
-            result[f"{kind}_ms"] = round(_median_ms(ours, needles), 2)
-            result[f"{kind}_twin_ms"] = round(
-                _median_ms(lambda n: session.scalars(select(Twin).where(theirs(n))).all(), needles), 2
-            )
-            result[f"{kind}_ratio"] = round(result[f"{kind}_ms"] / result[f"{kind}_twin_ms"], 2)
-            session.expunge_all()
+        kinds = _lookups(session, Patient, Twin, corpus)
+        _time_lookups(session, Twin, kinds, result)
+        if rotation and _token_columns(Patient.__table__):
+            _during_rotation(session, keys, Patient, Twin, kinds, result)
+    result["load_average_after_lookups"] = os.getloadavg()
     result.update({k: round(v, 2) for k, v in _write_cost(engine, keys, Plain, Indexed, Deferred, corpus).items()})
     engine.dispose()
     return result
@@ -292,10 +330,27 @@ def _url(name: str, tmp: str) -> tuple[str, Callable[[], None]]:
 def _markdown(results: list[dict[str, Any]]) -> str:
     lines = ["| backend | kind | lookup ms | twin ms | ratio | median hits |", "|---|---|---|---|---|---|"]
     for r in results:
-        for kind in ("prefix", "substring", "range"):
+        for kind in KINDS:
             lines.append(
                 f"| {r['backend']} | {kind} | {r[kind + '_ms']} | {r[kind + '_twin_ms']} | {r[kind + '_ratio']} | {r[kind + '_median_hits']} |"
             )
+    rotating = [r for r in results if "prefix_ms_2keys" in r]
+    if rotating:
+        lines += [
+            "",
+            "During a blind-index rotation (array storage: one `@>` probe per live key, ORed; range: one `&&`):",
+            "",
+            "| backend | kind | 1 key ms | 2 keys ms | 3 keys ms | 2 keys / 1 key | 3 keys / 1 key | 1 key / twin | 2 keys / twin | 3 keys / twin | twin ms (1, 2, 3 keys phases) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rotating:
+            for kind in KINDS:
+                lines.append(
+                    f"| {r['backend']} | {kind} | {r[kind + '_ms']} | {r[kind + '_ms_2keys']} | {r[kind + '_ms_3keys']} | "
+                    f"{r[kind + '_vs_1key_2keys']} | {r[kind + '_vs_1key_3keys']} | {r[kind + '_ratio']} | "
+                    f"{r[kind + '_ratio_2keys']} | {r[kind + '_ratio_3keys']} | "
+                    f"{r[kind + '_twin_ms']}, {r[kind + '_twin_ms_2keys']}, {r[kind + '_twin_ms_3keys']} |"
+                )
     lines += [
         "",
         "| backend | rows | storage | tokens/row | index bytes/row | insert rows/s without | with substring index (200 chars) | ratio | ratio, GIN pending list 64 MB | its tokens/row | its bytes/row | twin |",
@@ -314,17 +369,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--backends", default="sqlite,postgresql,mysql")
+    parser.add_argument(
+        "--no-rotation", dest="rotation", action="store_false", help="skip the lookups during a rotation"
+    )
+    parser.add_argument("--label", default="", help="added to the result files' names (search-<time>-LABEL)")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.backends.split(","):
             url, drop = _url(name, tmp)
             try:
-                results.append(run_backend(name, url, args.rows))
+                results.append(run_backend(name, url, args.rows, args.rotation))
                 print(json.dumps(results[-1]), flush=True)
             finally:
                 drop()
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + (f"-{args.label}" if args.label else "")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"search-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
     (RESULTS / f"search-{stamp}.md").write_text(_markdown(results))

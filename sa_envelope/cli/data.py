@@ -15,13 +15,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import ConfigurationError
+from ..envelope import format as fmt
+from ..errors import ConfigurationError, KeyNotFoundError
+from ..keys import table as kt
 from ..jobs.export import FORMATS, TYPES, export_table
 from ..jobs.scan import reflected_columns
 from ..jobs.verify import verify_database
 from ..manager import KeyManager
 from ..providers.spec import provider_from_spec
-from .indexes import SPEC_HELP, check_indexes, parse_specs, unchecked_indexes
+from .indexes import SPEC_HELP, check_indexes, parse_specs, reindexed_columns, unchecked_indexes
 from .common import (
     RESUMES,
     STARTS_OVER,
@@ -108,12 +110,23 @@ def _verify(parser: argparse.ArgumentParser) -> None:
         lines.append(f"erased (row key shredded): {report.erased}")
         lines.append(f"key table: {len(report.anomalies)} anomalies")
         lines += [f"search index {r}" for r in indexes]
-        lines += [f"search index {t} {n}: not checked (describe it with --index)" for t, n in unchecked]
+        lines += [
+            f"search index {t} {n}{_in_array(c)}: not checked (describe it with --index)" for t, n, c in unchecked
+        ]
         data = report.as_dict() | {"indexes": [_index_dict(r) for r in indexes]}
-        emit(ns, data | {"unchecked_indexes": [{"table": t, "index": n} for t, n in unchecked]}, lines)
+        emit(ns, data | {"unchecked_indexes": [_unchecked_dict(*u) for u in unchecked]}, lines)
         return 0 if report.complete and all(r.ok for r in indexes) else 1
 
     parser.set_defaults(run=run, interrupted=STARTS_OVER.replace("changed", "changed (verify only reads)"))
+
+
+def _in_array(column: str | None) -> str:
+    return f" (token array {column})" if column else ""
+
+
+def _unchecked_dict(table: str, index: str, column: str | None) -> dict[str, Any]:
+    """An index not checked: in the token table, or (``column``) in a token array."""
+    return {"table": table, "index": index} | ({"column": column} if column else {})
 
 
 def _index_dict(report: Any) -> dict[str, Any]:
@@ -128,33 +141,75 @@ def _reencrypt(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=500, help="rows per transaction (default 500)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes sharing the rows (default 1)")
     parser.add_argument("--rate", type=float, help="at most this many rows per second in all")
+    parser.add_argument(
+        "--max-batches", type=int, help="stop after this many batches per column and index (run again to resume)"
+    )
+    parser.add_argument(
+        "--index",
+        action="append",
+        dest="indexes",
+        metavar=SPEC_HELP,
+        help="a blind-index key: each index of its table, as the model declares it (repeatable; as for verify, "
+        "and KIND blind for a BlindIndexType column: users.email_index=blind:source=email,bits=32,normalizer=email)",
+    )
+    parser.add_argument(
+        "--not-indexed",
+        action="append",
+        default=[],
+        metavar="COLUMN",
+        help="a blind-index key: a binary column of the table that is not a blind index (repeatable)",
+    )
     grace_option(parser)
     cmk_option(parser)
 
     def run(ns: argparse.Namespace) -> int:
-        if ns.workers < 1 or ns.batch_size < 1:
-            raise ConfigurationError("--workers and --batch-size must be at least 1")
+        if ns.workers < 1 or ns.batch_size < 1 or (ns.max_batches is not None and ns.max_batches < 1):
+            raise ConfigurationError("--workers, --batch-size and --max-batches must be at least 1")
+        specs = parse_specs(ns.indexes or [], blind=True)
         engine = engine_of(ns)
         try:
             keys = manager(ns, engine)
-            if ns.workers > 1 and engine.dialect.name != "sqlite":  # SQLite has one writer
+            record = _key_record(keys, _key(ns.key))
+            if record.scope == kt.SCOPE_BLIND_INDEX:  # digests and tokens recomputed from the values
+                columns = reindexed_columns(keys, engine, record.owner_table, ns.key, specs, ns.not_indexed)
+                report = keys.reencrypt(columns, key_id=ns.key, batch_size=ns.batch_size, workers=ns.workers,
+                                        rate=ns.rate, max_batches=ns.max_batches)  # fmt: skip
+                calls = keys.provider_calls
+            elif specs:
+                raise ConfigurationError(f"--index describes a blind-index key's indexes; key {ns.key} is a "
+                                         f"{record.scope} key of {record.owner_table}")  # fmt: skip
+            elif ns.workers > 1 and engine.dialect.name != "sqlite":  # SQLite has one writer
                 options = {n: getattr(ns, n) for n in ("database_url", "cmk", "grace", "batch_size", "rate")}
                 options |= {"key": _key(ns.key), "names": _names(ns.columns)}
                 report, calls = reencrypt_in_processes(keys, options, ns.workers)
             else:
                 columns = reflected_columns(keys, _key(ns.key), _names(ns.columns))
-                report = keys.reencrypt(columns, key_id=ns.key, batch_size=ns.batch_size, rate=ns.rate)
+                report = keys.reencrypt(columns, key_id=ns.key, batch_size=ns.batch_size, rate=ns.rate,
+                                        max_batches=ns.max_batches)  # fmt: skip
                 calls = keys.provider_calls
         finally:
             engine.dispose()
         lines: list[Any] = [report, *(f"  {where}: {reason}" for where, reason in report.failures)]
+        if report.stopped:
+            lines.append("stopped by --max-batches: run the same command again to resume")
         lines.append(f"KMS calls: {calls}")
-        data = {n: getattr(report, n) for n in ("reencrypted", "failed", "remaining")}
+        names = ("reencrypted", "failed", "remaining", "reindexed", "stopped", "retired")
+        data = {n: getattr(report, n) for n in names}
         failures = [{"column": w, "reason": r} for w, r in report.failures]
         emit(ns, {"key": report.key_id, **data, "failures": failures, "kms_calls": calls}, lines)
-        return 0 if report.remaining == 0 and report.failed == 0 else 1
+        return 0 if report.remaining == 0 and report.failed == 0 and not report.stopped else 1
 
     parser.set_defaults(run=run, interrupted=RESUMES)
+
+
+def _key_record(keys: KeyManager, key: str) -> Any:
+    """The key table's row of ``key`` (which decides how its values are found)."""
+    store = keys.store
+    with store.engine.connect() as conn:
+        record = kt.get_record(conn, store.table, fmt.parse_key_id(key))
+    if record is None:
+        raise KeyNotFoundError(key_id=key)
+    return record
 
 
 def _key(text: str) -> str:

@@ -107,6 +107,11 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         """Largest stored value in bytes, where the inner type bounds it (:mod:`.storage`)."""
         return storage.max_stored_length(self.inner, self._codec.name, self.deterministic)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled (see ``ColumnNames.__getstate__``): the codec is chosen again."""
+        self.__dict__.update(state)
+        self._codec = codec_for(self.inner)
+
     def copy(self, **kw: Any) -> EncryptedType:
         """A copy keeps the names (SQLAlchemy's per-dialect copies need them);
         a copy given to a new column re-learns them when that column attaches."""

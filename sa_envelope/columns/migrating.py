@@ -27,6 +27,7 @@ comparator never sees a write.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -39,7 +40,6 @@ from ..errors import ConfigurationError
 __all__ = [
     "DECRYPTING",
     "ENCRYPTING",
-    "INFO_KEY",
     "Pair",
     "check_declaration",
     "column_named",
@@ -49,7 +49,6 @@ __all__ = [
     "register",
 ]
 
-INFO_KEY = "sa_envelope.migrating"  # Table.info: {encrypted column key: Pair}
 ENCRYPTING, DECRYPTING = "encrypting", "decrypting"
 
 
@@ -71,6 +70,14 @@ class Pair:
         return self.plaintext if self.direction == ENCRYPTING else self.encrypted
 
 
+# Table -> {encrypted column name: Pair}. Not in ``Table.info``: Alembic
+# autogenerate renders a table's info into ``create_table(..., info=...)``
+# with ``repr``, which names a class the migration does not import. A copy
+# (``Table.to_metadata``, a mixin) registers its own pairs when its copied
+# EncryptedType attaches to the new column (:meth:`EncryptedType._on_table_attach`).
+_pairs: weakref.WeakKeyDictionary[Any, dict[str, Pair]] = weakref.WeakKeyDictionary()
+
+
 def check_declaration(migrating_from: str | None, migrating_to: str | None) -> None:
     """Refuse declarations the online migration cannot serve (any scope can:
     row keys are made by the dual writes' hooks and by the backfill)."""
@@ -86,16 +93,20 @@ def register(table: Any, encrypted: str, plaintext: str, direction: str) -> None
             table=table.fullname,
             column=encrypted,
         )
-    table.info.setdefault(INFO_KEY, {})[encrypted] = Pair(encrypted, plaintext, direction)
+    _pairs.setdefault(table, {})[encrypted] = Pair(encrypted, plaintext, direction)
+
+
+_NONE: dict[str, Pair] = {}
 
 
 def pairs_of(table: Any) -> dict[str, Pair]:
-    """The migrating pairs of ``table`` (a Table; aliases answer for theirs)."""
-    info = getattr(getattr(table, "element", table), "info", None)
-    if info is None:
-        info = getattr(table, "info", None) or {}
-    found: dict[str, Pair] = info.get(INFO_KEY, {})
-    return found
+    """The migrating pairs of ``table`` (a Table; aliases and annotated tables answer for theirs)."""
+    base = getattr(table, "element", table)  # an Alias names its table as .element
+    base = base._deannotate() if hasattr(base, "_deannotate") else base
+    try:
+        return _pairs.get(base, _NONE)
+    except TypeError:  # not weakly referenceable: not a table
+        return _NONE
 
 
 def pair_of(column: Any) -> Pair | None:

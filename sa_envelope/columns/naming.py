@@ -72,3 +72,17 @@ class ColumnNames(SchemaEventTarget):
     def bound_context(self) -> str | None:
         """``table.column`` bound into every value, once known."""
         return f"{self._table}.{self._column}" if self._table else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A pickled column type (``pickle.dumps(metadata)``) carries no
+        KeyManager: its provider and cached keys stay in this process, and
+        no key material reaches the pickle. The unpickled type describes
+        its column (names, scope, inner type); values need a type built
+        with a KeyManager, so it refuses them as a type without one does."""
+        state = dict(self.__dict__)
+        state["keys"] = None
+        for memo in ("_vias", "_subkey"):  # per-key memos: ciphers and subkeys
+            if memo in state:
+                state[memo] = {}
+        state.pop("_codec", None)  # closures: rebuilt from the inner type (``__setstate__``)
+        return state

@@ -4,7 +4,8 @@ Real subprocesses, every backend: a missing, a tampered and a stale token
 are each reported with the table, the column, the index and the key id,
 never a value; an index the token table holds but no ``--index`` describes
 is listed as not checked; once repaired, verify exits 0. On PostgreSQL the
-same for indexes kept in the rows' own token arrays (found by their column).
+same for indexes kept in the rows' own token arrays (found by their column),
+and an array no ``--index`` describes is listed as not checked, with its column.
 """
 
 from __future__ import annotations
@@ -105,10 +106,18 @@ def test_verify_checks_indexes_kept_in_token_arrays(engine: Engine, db_url: str,
     out = result.stdout
     assert f"search index search_patients.notes notes/substring (key {key_id}): 100 rows, DIFFERS; 1 missing" in out
     assert f"search index search_patients.name name/prefix (key {key_id}): 100 rows, DIFFERS; 0 missing, 1 tampered" in out
+    # the range index's array is in the database, described by no --index: listed, with its column
+    undescribed = "search index search_patients born/range (token array born_range_tokens): not checked"
+    assert undescribed in out and out.count("not checked") == 1, out
+    result = cli("verify", "--database-url", db_url, "--cmk", cmk, "--json", "--index", NAME, "--index", NOTES)
+    report: Any = json.loads(result.stdout)
+    assert report["unchecked_indexes"] == [
+        {"table": "search_patients", "index": "born/range", "column": "born_range_tokens"}
+    ]
     keys.verify_index(table, fix=True)
     result = cli("verify", "--database-url", db_url, "--cmk", cmk, "--index", NAME, "--index", NOTES, "--index", BORN)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(", ok; 0 missing, 0 tampered") == 3
+    assert result.stdout.count(", ok; 0 missing, 0 tampered") == 3 and "not checked" not in result.stdout
 
 
 def test_a_bad_index_description_is_one_line(db_url: str, tmp_path: Path) -> None:

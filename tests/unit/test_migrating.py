@@ -78,3 +78,29 @@ def test_selects_merge_the_halves_where_the_twin_reads_back_exactly(users: Table
         Column("b", LargeBinary),
     )  # fmt: skip
     assert str(select(blobs.c.b__encrypted)).startswith("SELECT blobs.b__encrypted")  # bytes: merged by the ORM only
+
+
+def test_copies_and_pickles_of_the_metadata_keep_what_they_can_hold() -> None:
+    """``Table.info`` holds nothing of ours (Alembic renders it into
+    migrations with ``repr``); ``to_metadata`` copies keep the pairs (the
+    copied types register them); a pickled MetaData holds no KeyManager, so
+    no key material, and its types refuse values until given one."""
+    import pickle
+
+    from sa_envelope.columns.migrating import pairs_of
+
+    master = b"m" * 32
+    keys = KeyManager(create_engine("sqlite://"), LocalKeyProvider(master))
+    users = _users(keys)
+    assert users.info == {}
+    copy = users.to_metadata(MetaData())
+    assert copy.info == {} and set(pairs_of(copy)) == {"email__encrypted", "code"}
+    assert pairs_of(copy)["code"].plaintext == "code__plaintext"
+    assert "email__encrypted" in _where(copy.c.email__encrypted == "a") and "users.email =" in _where(
+        copy.c.email__encrypted == "a"
+    )
+    data = pickle.dumps(users.metadata)
+    assert master not in data
+    restored = pickle.loads(data).tables["users"]
+    assert restored.c.code.type.keys is None and restored.c.code.type.bound_context == "users.code"
+    assert restored.c.code.type.max_stored_length() == users.c.code.type.max_stored_length()  # codec chosen again
