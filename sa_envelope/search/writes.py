@@ -40,7 +40,7 @@ from sqlalchemy.sql.elements import BindParameter, BinaryExpression, BooleanClau
 from ..columns.rowvalue import RowValue
 from ..columns.searchable import indexes_of
 from ..errors import UnsupportedQueryError
-from . import arrays, rowkeys
+from . import arrays, keyring, rowkeys
 from . import tokens as tk
 
 __all__ = ["install", "row_key_of", "token_entries"]
@@ -123,6 +123,12 @@ def _before(conn: Connection, stmt: Any, multiparams: Any, params: Any, executio
     indexes = indexes_of(getattr(stmt, "table", None))
     if not indexes:
         return stmt, multiparams, params
+    # before the binding's own before_execute: keys made for tokens go in conn's transaction
+    with indexes[0].keys.use_connection(conn), keyring.using(conn):
+        return _rewrite_or_plan(conn, stmt, multiparams, params, indexes)
+
+
+def _rewrite_or_plan(conn: Connection, stmt: Any, multiparams: Any, params: Any, indexes: list[Any]) -> Any:
     paramsets = list(multiparams) if multiparams else [params or {}]
     in_arrays = [i for i in indexes if i.storage == "array"]
     if in_arrays and not stmt.is_delete:  # the tokens travel in the statement itself
