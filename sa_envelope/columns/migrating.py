@@ -176,7 +176,23 @@ def expand(expr: Any, op: Any, other: tuple[Any, ...], encrypted_side: Callable[
     encrypted = encrypted_side()
     new_half, old_half = (encrypted, plaintext) if pair.direction == ENCRYPTING else (plaintext, encrypted)
     new_column = expr if pair.direction == ENCRYPTING else column_named(expr.table, pair.plaintext)
+    null_test = _null_test(op, other)
+    if null_test is ops.is_:  # the value is NULL where both halves are
+        return and_(new_half, old_half)
+    if null_test is ops.is_not:
+        return or_(new_half, old_half)
     # built directly: ``new_column.is_(None)`` would expand again
     is_set: Any = BinaryExpression(new_column, null(), ops.is_not)
     is_unset: Any = BinaryExpression(new_column, null(), ops.is_)
     return or_(and_(is_set, new_half), and_(is_unset, old_half))
+
+
+def _null_test(op: Any, other: tuple[Any, ...]) -> Any:
+    """``ops.is_`` / ``ops.is_not`` when ``op`` with ``other`` tests for NULL
+    (``IS NULL``, ``== None``, ``is_not_distinct_from(None)``, ...), else None:
+    two-valued on each half, so both halves combine without guards."""
+    if len(other) != 1 or not (other[0] is None or isinstance(other[0], Null)):
+        return None
+    if op in (ops.is_, ops.eq, ops.is_not_distinct_from):
+        return ops.is_
+    return ops.is_not if op in (ops.is_not, ops.ne, ops.is_distinct_from) else None
