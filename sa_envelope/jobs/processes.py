@@ -59,8 +59,13 @@ class ChildBar:
 
 
 def _interrupted(signum: int, frame: Any) -> None:
-    """SIGINT in a child: stop quietly. The pool's rollback of a query the
-    interrupt cut short fails and would log a traceback: expected here."""
+    """SIGINT in a child: stop quietly, once. A Ctrl-C reaches the child from
+    the terminal and again from the parent's stop: the second would cut
+    short the driver's cancel of the query the first interrupted (psycopg
+    logs it), so further ones are ignored; a child that then hangs is
+    killed (:func:`_stop`). The pool's rollback of a query the interrupt
+    cut short fails and would log a traceback: expected here."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.getLogger("sqlalchemy.pool").addHandler(logging.NullHandler())
     raise KeyboardInterrupt
 
