@@ -41,9 +41,27 @@ def run(mode: str, log: Path, argv: list[str]) -> int:
             f.write(f"{self.pid}\n")
         if first and mode == "child":
             os.kill(self.pid, signal.SIGINT)
-        deadline = time.monotonic() + HOLD
-        while first and mode == "hold" and signal.SIGINT not in signal.sigpending() and time.monotonic() < deadline:
-            time.sleep(0.01)  # waiting for the test's SIGINT, not racing it
+        if first and mode == "hold":
+            hold()
+
+    def hold() -> None:
+        """Until SIGINT is pending here, or was taken by another thread and
+        handed to the window's handler (which this passes it on to)."""
+        window = signal.getsignal(signal.SIGINT)
+        taken: list[int] = []
+
+        def passed_on(signum: int, frame: Any) -> None:
+            taken.append(signum)
+            window(signum, frame)  # type: ignore[operator]
+
+        if callable(window):  # not SIG_IGN: that one is left to drop the signal, as it would
+            signal.signal(signal.SIGINT, passed_on)
+        try:
+            deadline = time.monotonic() + HOLD
+            while not taken and signal.SIGINT not in signal.sigpending() and time.monotonic() < deadline:
+                time.sleep(0.01)  # waiting for the test's SIGINT, not racing it
+        finally:
+            signal.signal(signal.SIGINT, window)
 
     popen_spawn_posix.Popen._launch = held  # type: ignore[method-assign]
     return main(argv)
