@@ -12,7 +12,8 @@ once the old key is retired the list is back to one ciphertext.
 Each element is a :class:`Sealed`: the value and the key to seal it under,
 which the type's bind processor honours (``EncryptedType.encrypt``,
 ``BlindIndexType`` digests). ``is_not_distinct_from(v)`` expands like
-``== v`` and ``is_distinct_from(v)`` like ``IS NULL OR NOT IN``.
+``IS NOT NULL AND IN`` and ``is_distinct_from(v)`` like ``IS NULL OR NOT
+IN``: never NULL, as the operators they stand for, so ``NOT`` of them is exact.
 
 What cannot expand is refused rather than answered with the write key's
 rows only (docs/querying.md: no query silently returns wrong rows): an
@@ -29,9 +30,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from sqlalchemy import Integer, and_, bindparam, literal_column
+from sqlalchemy import Integer, and_, bindparam, literal_column, null, or_
 from sqlalchemy.sql import operators as ops
-from sqlalchemy.sql.elements import ClauseElement, Null
+from sqlalchemy.sql.elements import BinaryExpression, ClauseElement, Null
 
 from ..errors import UnsupportedQueryError
 
@@ -92,9 +93,14 @@ def expand(expr: Any, op: Any, other: tuple[Any, ...]) -> Any:
             return None
         values = list(operand)
     param = expanding(expr_type, values, live)
-    if op is ops.is_distinct_from:  # NULL is distinct from any value
-        return expr.is_(None) | expr.not_in(param)
-    return expr.in_(param) if op in (ops.eq, ops.in_op, ops.is_not_distinct_from) else expr.not_in(param)
+    # IS [NOT] DISTINCT FROM is never NULL (a NULL row is distinct from any value), IN is: guarded by
+    # IS [NOT] NULL so that NOT of it stays exact; built directly, as ``expr.is_(None)`` on a
+    # migrating column would expand into both halves
+    if op is ops.is_distinct_from:
+        return or_(BinaryExpression(expr, null(), ops.is_), expr.not_in(param))
+    if op is ops.is_not_distinct_from:
+        return and_(BinaryExpression(expr, null(), ops.is_not), expr.in_(param))
+    return expr.in_(param) if op in (ops.eq, ops.in_op) else expr.not_in(param)
 
 
 def check_one_key(expr_type: Any, what: str) -> None:

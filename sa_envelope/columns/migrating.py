@@ -11,9 +11,13 @@ three rules read it:
   plaintext shadow while decrypting) and fall back to the old one where the
   new one is still NULL (:mod:`.merged` in SQL, :mod:`.dualwrite` for ORM loads);
 * every write sets both halves in the same statement (:mod:`.dualwrite`);
-* equality on the attribute compares both halves (:func:`expand`):
-  ``new == x OR (new IS NULL AND old == x)``, which is exact because no
-  writer ever leaves the new half set to another value than the old one;
+* every comparison on the attribute (``==``, ``!=``, ``in_``, ``not_in``,
+  ``is_distinct_from``, ``is_not_distinct_from``, ``IS [NOT] NULL``) tests
+  the half that holds the row's value (:func:`expand`):
+  ``(new IS NOT NULL AND new op x) OR (new IS NULL AND old op x)``, true,
+  false or NULL exactly where the comparison of the merged value is (so
+  ``NOT`` stays exact too); one with a bind parameter or another column
+  is refused, as it could cover one half only;
   the encrypted half's comparison is expanded over its live keys
   (:mod:`.livematch`), so it keeps matching during a rotation.
 
@@ -32,10 +36,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from sqlalchemy import and_, null, or_
-from sqlalchemy.sql.elements import BinaryExpression
+from sqlalchemy.sql.elements import BinaryExpression, ClauseElement, Null
 from sqlalchemy.sql import operators as ops
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, UnsupportedQueryError
 
 __all__ = [
     "DECRYPTING",
@@ -128,7 +132,36 @@ def column_named(table: Any, name: str) -> Any:
     )
 
 
-EXPANDED = frozenset({ops.eq, ops.ne, ops.in_op, ops.not_in_op, ops.is_, ops.is_not})
+EXPANDED = frozenset(
+    {ops.eq, ops.ne, ops.in_op, ops.not_in_op, ops.is_, ops.is_not, ops.is_distinct_from, ops.is_not_distinct_from}
+)
+
+
+def _value_only(operand: Any) -> bool:
+    """A Python value, NULL, or a list of them: what both halves can be given."""
+    if isinstance(operand, (list, tuple, set, frozenset)):
+        return all(_value_only(v) for v in operand)
+    if operand is None or isinstance(operand, Null):
+        return True
+    return not isinstance(operand, ClauseElement) and not hasattr(operand, "__clause_element__")
+
+
+def _refuse_unsplittable(expr: Any, op: Any, other: tuple[Any, ...], pair: Pair) -> None:
+    """A bind parameter has one value, sealed for one half *or* sent as
+    plaintext to the other; another column's ciphertexts (a self-join, a
+    subquery) compare with one half only. Either would answer for one half:
+    refused when the expression is built."""
+    if all(_value_only(v) for v in other):
+        return
+    table = getattr(expr.table, "fullname", None)
+    raise UnsupportedQueryError(
+        f"a comparison ({getattr(op, '__name__', op)}) of {table}.{expr.name} with a bind parameter, another "
+        f"column or a subquery cannot cover both halves while the column is migrating ({pair.direction}, twin "
+        f"{pair.plaintext}): compare with plain Python values (== v, in_([...])), or run it after the "
+        "contract step (docs/querying.md)",
+        table=table,
+        column=expr.name,
+    )
 
 
 def expand(expr: Any, op: Any, other: tuple[Any, ...], encrypted_side: Callable[[], Any]) -> Any | None:
@@ -136,19 +169,41 @@ def expand(expr: Any, op: Any, other: tuple[Any, ...], encrypted_side: Callable[
     when ``expr`` is not migrating or ``op`` is not one that expands.
 
     ``encrypted_side()`` builds the comparison on the encrypted column (the
-    type's own operate, so its values are sealed). Each half is tested only
-    where the newer half leaves it the truth: ``new IS NULL``.
+    type's own operate, so its values are sealed). A row's value is its new
+    half where that is set, its old half otherwise, so the comparison is::
+
+        (new IS NOT NULL AND <op on new>) OR (new IS NULL AND <op on old>)
+
+    The guards are never NULL and exactly one is true, so the whole is true,
+    false or NULL exactly where the comparison of the row's value is: it
+    stays exact under ``NOT`` (``~``), where ``new op x OR (new IS NULL AND
+    old op x)`` is NULL instead of false for a row not yet backfilled.
     """
     pair = pair_of(expr)
     if pair is None or op not in EXPANDED:
         return None
+    _refuse_unsplittable(expr, op, other, pair)
     plaintext = op(column_named(expr.table, pair.plaintext), *other)
     encrypted = encrypted_side()
     new_half, old_half = (encrypted, plaintext) if pair.direction == ENCRYPTING else (plaintext, encrypted)
     new_column = expr if pair.direction == ENCRYPTING else column_named(expr.table, pair.plaintext)
-    if op is ops.is_:  # IS NULL: both halves are
+    null_test = _null_test(op, other)
+    if null_test is ops.is_:  # the value is NULL where both halves are
         return and_(new_half, old_half)
-    if op is ops.is_not:
+    if null_test is ops.is_not:
         return or_(new_half, old_half)
     # built directly: ``new_column.is_(None)`` would expand again
-    return or_(new_half, and_(BinaryExpression(new_column, null(), ops.is_), old_half))
+    is_set: Any = BinaryExpression(new_column, null(), ops.is_not)
+    is_unset: Any = BinaryExpression(new_column, null(), ops.is_)
+    return or_(and_(is_set, new_half), and_(is_unset, old_half))
+
+
+def _null_test(op: Any, other: tuple[Any, ...]) -> Any:
+    """``ops.is_`` / ``ops.is_not`` when ``op`` with ``other`` tests for NULL
+    (``IS NULL``, ``== None``, ``is_not_distinct_from(None)``, ...), else None:
+    two-valued on each half, so both halves combine without guards."""
+    if len(other) != 1 or not (other[0] is None or isinstance(other[0], Null)):
+        return None
+    if op in (ops.is_, ops.eq, ops.is_not_distinct_from):
+        return ops.is_
+    return ops.is_not if op in (ops.is_not, ops.ne, ops.is_distinct_from) else None

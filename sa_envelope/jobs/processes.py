@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+from multiprocessing import resource_tracker
 import os
 import signal
 import threading
@@ -58,20 +59,29 @@ class ChildBar:
 
 
 def _interrupted(signum: int, frame: Any) -> None:
-    """SIGINT in a child: stop quietly. The pool's rollback of a query the
-    interrupt cut short fails and would log a traceback, and psycopg warns
-    when a second SIGINT (Ctrl-C reaches the child from the terminal and
-    from the parent) interrupts its cancellation of that query: expected here."""
+    """SIGINT in a child: stop quietly, once. A Ctrl-C reaches the child from
+    the terminal and again from the parent's stop: the second would cut
+    short the driver's cancel of the query the first interrupted (psycopg
+    warns of it), so further ones are ignored; a child that then hangs is
+    killed (:func:`_stop`). The pool's rollback of a query the interrupt
+    cut short fails and would log a traceback: expected here, as psycopg's
+    warning is if a second SIGINT still lands first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for name in ("sqlalchemy.pool", "psycopg"):
         logging.getLogger(name).addHandler(logging.NullHandler())
     raise KeyboardInterrupt
 
 
 def _child(target: Callable[..., Any], args: tuple[Any, ...], index: int, count: int, pipe: Connection) -> None:
-    """A child's whole life: run the target, send its result or one line of error."""
-    signal.signal(signal.SIGINT, _interrupted)
-    pipe.send(("ready", None))  # from now on a SIGINT stops this child cleanly
+    """A child's whole life: run the target, send its result or one line of error.
+
+    The child starts with SIGINT blocked (:func:`_start`); a Ctrl-C that came
+    while it imported is pending, and arrives as ``KeyboardInterrupt`` here,
+    once the handler is in place, where it stops the child quietly."""
     try:
+        signal.signal(signal.SIGINT, _interrupted)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        pipe.send(("ready", None))  # from now on a SIGINT stops this child cleanly
         result = target(*args, index=index, count=count, bar=ChildBar(pipe))
     except KeyboardInterrupt:
         sys.exit(130)  # stopped by the parent or the terminal: it says so itself
@@ -101,10 +111,12 @@ def run_processes(target: Callable[..., Any], args: tuple[Any, ...], count: int,
         for i in range(count):
             reader, writer = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_child, args=(target, args, i, count, writer), name=f"sa-envelope-worker-{i}")
-            _start(proc)
-            writer.close()  # the child's end: EOF here once the child is gone
-            children.append(proc)
+            children.append(proc)  # before it starts: a Ctrl-C raised as it starts must stop it too
             pipes.append(reader)
+            try:
+                _start(proc)
+            finally:
+                writer.close()  # the child's end: EOF here once the child is gone
         return _collect(children, pipes, bar, ready)
     except BaseException:
         _stop(children, pipes, ready)
@@ -112,18 +124,37 @@ def run_processes(target: Callable[..., Any], args: tuple[Any, ...], count: int,
 
 
 def _start(proc: Any) -> None:
-    """Start a child with SIGINT ignored (an ignored signal stays ignored
-    across its exec, and Python leaves it so) until :func:`_child` has its
-    handler: a Ctrl-C while it still imports would print a traceback. A
-    child stopped before it said it is ready is killed (:func:`_stop`)."""
+    """Start a child with SIGINT *blocked* until :func:`_child` has its
+    handler (a Ctrl-C while it still imports would print a traceback), and
+    lose no Ctrl-C meant for the parent meanwhile.
+
+    A signal mask is per thread, inherited by the spawned interpreter and
+    kept across its exec; a pending SIGINT waits in the child until it
+    unblocks it. The parent blocks SIGINT in this thread for the spawn, with
+    a handler that only records it (delivered there if another thread takes
+    it, or here when unblocked), and raises ``KeyboardInterrupt`` once the
+    child is started, so the usual stop runs (:func:`_stop`). Not SIG_IGN:
+    a disposition is the whole process's, and a Ctrl-C arriving while it is
+    set would be dropped. The resource tracker is started first: starting
+    it unblocks SIGINT (multiprocessing.resource_tracker), which would
+    reopen the window. A child stopped before it said it is ready is killed.
+    """
     if threading.current_thread() is not threading.main_thread():
         proc.start()
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    resource_tracker.ensure_running()
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
     try:
-        proc.start()
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a held SIGINT is delivered (recorded) here
     finally:
         signal.signal(signal.SIGINT, previous)
+    if seen:
+        raise KeyboardInterrupt
 
 
 def _collect(children: list[Any], pipes: list[Connection], bar: Any, ready: set[int]) -> list[Any]:
@@ -162,11 +193,12 @@ def _died(proc: Any, i: int, count: int) -> str:
 
 def _stop(children: list[Any], pipes: list[Connection], ready: set[int]) -> None:
     """Interrupt every child still running, wait for it, kill it if it hangs;
-    a child that has not said it is ready (still importing, SIGINT ignored)
+    a child that has not said it is ready (still importing, SIGINT blocked)
     is killed at once: it has touched no row."""
     _note_ready(pipes, ready)
+    children = [proc for proc in children if proc.pid is not None]  # one never started (the last): nothing to stop
     for i, proc in enumerate(children):
-        if proc.is_alive() and proc.pid is not None:
+        if proc.is_alive():
             try:
                 os.kill(proc.pid, signal.SIGINT if i in ready else signal.SIGKILL)
             except OSError:  # ended meanwhile

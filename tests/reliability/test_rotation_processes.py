@@ -260,3 +260,61 @@ def test_ctrl_c_stops_every_worker_process(db_url: str, engine: Engine, tmp_path
     with engine.connect() as conn:
         assert dict(conn.execute(select(table.c.id, table.c.body)).all()) == {
             i: f"note {i}" for i in range(1, ROWS + 1)}  # fmt: skip
+
+
+HELD = ROOT / "tests" / "support" / "cli_spawn_held.py"
+INTERRUPTED = ("sa-envelope: interrupted: every batch committed so far is kept: run the same command again to resume "
+               "where it stopped")  # fmt: skip
+
+
+@pytest.mark.backends("postgresql", "mysql")
+@pytest.mark.parametrize("to", ["group", "command", "worker"], ids=["ctrl-c", "sigint-to-the-command", "to-the-worker"])
+def test_sigint_while_workers_start(db_url: str, engine: Engine, tmp_path: Path, to: str) -> None:
+    """A Ctrl-C that arrives while the parent is starting a worker (SIGINT held
+    in the parent for the spawn) is not lost: the command stops before it
+    starts the second worker, in one line, exit 130, no worker left. A SIGINT
+    sent to the worker being started alone waits (the worker starts with it
+    blocked) and stops that worker quietly: the command fails in one line
+    naming it, no traceback. Either way a rerun finishes the job. The command
+    is held in the window by support/cli_spawn_held.py, not by timing."""
+    keyfile = tmp_path / "master.key"
+    keys = KeyManager(engine, LocalKeyProvider.from_file(keyfile))
+    keys.create_table()
+    table = Table("notes", MetaData(), Column("id", Integer, primary_key=True, autoincrement=False),
+                  Column("body", EncryptedType(String(50), keys)))  # fmt: skip
+    table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": i, "body": f"note {i}"} for i in range(1, ROWS + 1)])
+    old = _key_of_body(engine, table, 1)
+    log = tmp_path / "spawned"
+    args = ["reencrypt", "--database-url", db_url, "--cmk", f"local:{keyfile}", "--key", fmt.format_key_id(old),
+            "--batch-size", "50", "--workers", "2", "--rate", "1000"]  # fmt: skip
+    mode = "child" if to == "worker" else "hold"
+    proc = subprocess.Popen([PYTHON, str(HELD), mode, str(log), *args], env=subprocess_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while to != "worker" and not (log.exists() and log.read_text().endswith("\n")):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.02)  # the first worker is launched: the parent is inside its start window now
+    if to == "group":
+        os.killpg(proc.pid, signal.SIGINT)  # the parent and the worker it is starting, as a terminal does
+    elif to == "command":
+        proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    spawned = [int(pid) for pid in log.read_text().split()]
+    if to == "worker":
+        assert proc.returncode == 1, (out, err)
+        assert re.fullmatch(rf"sa-envelope: error: worker 1 of 2 \(pid {spawned[0]}\) exited with status 130 "
+                            r"before it finished", err.strip()), err  # fmt: skip
+    else:
+        assert proc.returncode == 130, (out, err)
+        assert err.strip().splitlines() == [INTERRUPTED], err
+        assert len(spawned) == 1, spawned  # stopped in the window: the second worker never started
+    assert not any(Path(f"/proc/{pid}").exists() for pid in spawned)  # none left running
+    assert _moved(engine, table, old) < ROWS
+    rerun = _reencrypt(db_url, keyfile, old, "--workers", "2")
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0 and json.loads(out)["remaining"] == 0, err
+    with engine.connect() as conn:
+        assert dict(conn.execute(select(table.c.id, table.c.body)).all()) == {
+            i: f"note {i}" for i in range(1, ROWS + 1)}  # fmt: skip

@@ -34,12 +34,18 @@ def users() -> Table:
 def test_equality_reads_the_encrypted_half_then_the_plaintext(users: Table) -> None:
     enc = users.c.email__encrypted
     assert _where(enc == "a") == (
-        "users.email__encrypted IN (__[POSTCOMPILE_param_1]) OR users.email__encrypted IS NULL AND users.email = :email_1"
-    )  # the encrypted half: one ciphertext per live key (livematch)
-    assert _where(enc.in_(["a", "b"])).startswith("users.email__encrypted IN (__[POSTCOMPILE_param_1]) OR")
+        "users.email__encrypted IS NOT NULL AND users.email__encrypted IN (__[POSTCOMPILE_param_1]) "
+        "OR users.email__encrypted IS NULL AND users.email = :email_1"
+    )  # the encrypted half: one ciphertext per live key (livematch); each half only where it holds the value
+    assert _where(enc.in_(["a", "b"])).startswith(
+        "users.email__encrypted IS NOT NULL AND users.email__encrypted IN (__[POSTCOMPILE_param_1]) OR"
+    )
     assert _where(enc != "a").endswith("users.email__encrypted IS NULL AND users.email != :email_1")
     assert _where(enc.is_(None)) == "users.email__encrypted IS NULL AND users.email IS NULL"
+    assert _where(enc == None) == _where(enc.is_(None))  # noqa: E711
     assert _where(enc.is_not(None)) == "users.email__encrypted IS NOT NULL OR users.email IS NOT NULL"
+    with pytest.raises(UnsupportedQueryError, match="cannot cover both halves"):
+        enc == users.alias("u2").c.email__encrypted  # noqa: B015
 
 
 def test_values_are_bound_to_the_name_after_the_contract(users: Table) -> None:
