@@ -21,6 +21,7 @@ import pytest
 from sqlalchemy import Column, Integer, LargeBinary, MetaData, String, Table, UniqueConstraint, bindparam
 from sqlalchemy import event, select, type_coerce, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from sa_envelope import (
@@ -168,30 +169,89 @@ def test_outside_a_rotation_nothing_is_read(engine: Engine, tmp_path: Path) -> N
     assert [s for s in seen if s.lstrip().upper().startswith("SELECT") and "solo" in s] == []
 
 
-@pytest.mark.backends("postgresql")
+def _insert_meanwhile(engine: Engine, table: Table, landed: list[Any]) -> Any:
+    """A listener that, when the UPDATE reaches the cursor (after the
+    library's read), commits row 4 (t4, x) on another connection; what
+    happened lands in ``landed`` (4, or the error the insert got)."""
+
+    def insert(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if landed or not statement.lstrip().upper().startswith("UPDATE MEMBERS"):
+            return
+        try:
+            with engine.begin() as other:
+                if other.dialect.name == "mysql":  # our locking read holds the gap: fail, don't hang
+                    other.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 1")
+                other.execute(table.insert(), [{"id": 4, "tenant": "t4", "email": "x@example.org"}])
+            landed.append(4)
+        except Exception as exc:  # noqa: BLE001 - the backend's own lock error, asserted by the caller
+            landed.append(exc)
+
+    return insert
+
+
+@pytest.mark.backends("postgresql", "sqlite")
 def test_a_row_that_begins_to_match_the_where_clause_meanwhile_is_refused(engine: Engine, tmp_path: Path) -> None:
     """PostgreSQL's READ COMMITTED UPDATE sees a row committed after the
     library's read of the values its rows keep: row 4 (t4, x) lands in
     between and would become (t1, x), row 1's tuple under the other key.
-    (MariaDB's locking read holds the gap, so the insert would wait for us;
-    SQLite has one writer.)"""
+    SQLite too: its read takes no write lock (pysqlite begins the
+    transaction at the UPDATE), so the other writer commits first. (On
+    MariaDB the locking read holds the gap: see the test below.)"""
     _, Member, _, _ = _setup(engine, tmp_path)
     table = Member.__table__
-    landed: list[int] = []
-
-    def insert_meanwhile(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
-        if not landed and statement.lstrip().upper().startswith("UPDATE MEMBERS"):
-            landed.append(4)
-            with engine.begin() as other:
-                other.execute(table.insert(), [{"id": 4, "tenant": "t4", "email": "x@example.org"}])
-
-    event.listen(engine, "before_cursor_execute", insert_meanwhile)
+    landed: list[Any] = []
+    listener = _insert_meanwhile(engine, table, landed)
+    event.listen(engine, "before_cursor_execute", listener)
     try:
         with pytest.raises(UncheckedUpdateError) as exc:
             with engine.begin() as conn:
                 conn.execute(update(table).where(table.c.id >= 3).values(tenant="t1"))
     finally:
-        event.remove(engine, "before_cursor_execute", insert_meanwhile)
+        event.remove(engine, "before_cursor_execute", listener)
     assert landed == [4]
     assert exc.value.table == "members" and "x@example.org" not in str(exc.value)
     assert _tenants(engine, table) == {**UNCHANGED, 4: "t4"}
+
+
+@pytest.mark.backends("postgresql", "sqlite")
+def test_a_row_that_begins_to_match_an_executemany_meanwhile_is_refused(engine: Engine, tmp_path: Path) -> None:
+    """The same with an executemany: its row count is the sum over its
+    parameter sets, compared with the sum of the rows they read (the first
+    set reads row 3, the second none; row 4 lands and the first set changes
+    it too)."""
+    _, Member, _, _ = _setup(engine, tmp_path)
+    table = Member.__table__
+    landed: list[Any] = []
+    listener = _insert_meanwhile(engine, table, landed)
+    stmt = update(table).where(table.c.id >= bindparam("low")).values(tenant=bindparam("to"))
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        with pytest.raises(UncheckedUpdateError) as exc:
+            with engine.begin() as conn:
+                conn.execute(stmt, [{"low": 3, "to": "t1"}, {"low": 9, "to": "t1"}])
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+    assert landed == [4]
+    assert exc.value.table == "members" and "x@example.org" not in str(exc.value)
+    assert _tenants(engine, table) == {**UNCHANGED, 4: "t4"}
+
+
+@pytest.mark.backends("mysql")
+def test_on_mariadb_a_row_cannot_begin_to_match_meanwhile(engine: Engine, tmp_path: Path) -> None:
+    """MariaDB: the library's locking read (``FOR UPDATE``) holds the gap its
+    WHERE covers, so the other writer's row waits for our transaction (here
+    it gives up: lock wait timeout) and the executemany changes only the row
+    it read."""
+    _, Member, _, _ = _setup(engine, tmp_path)
+    table = Member.__table__
+    landed: list[Any] = []
+    listener = _insert_meanwhile(engine, table, landed)
+    stmt = update(table).where(table.c.id >= bindparam("low")).values(tenant=bindparam("to"))
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        with engine.begin() as conn:
+            conn.execute(stmt, [{"low": 3, "to": "t1"}, {"low": 9, "to": "t1"}])
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+    assert len(landed) == 1 and isinstance(landed[0], OperationalError) and landed[0].orig.args[0] == 1205
+    assert _tenants(engine, table) == {**UNCHANGED, 3: "t1"}
