@@ -14,9 +14,10 @@ one is.
 An UPDATE that writes only the *other* columns of the set (``SET tenant =
 1``) has no deterministic value in it: before it runs, the values its rows
 keep are read by its WHERE clause (per parameter set, row-locked as the
-UPDATE would lock them) and checked like written ones. If the UPDATE then
-changes more rows than were read (a row committed in between began to match:
-PostgreSQL's READ COMMITTED), it is refused with
+UPDATE would lock them; SQLite's write lock is taken first) and checked
+like written ones. If the UPDATE then changes more rows than were read (a
+row committed in between began to match: PostgreSQL's READ COMMITTED), it
+is refused with
 :class:`~sa_envelope.errors.UncheckedUpdateError`; an executemany by its
 total (the drivers report one sum over its parameter sets) where the
 dialect's sum is reliable (not asyncpg's).
@@ -135,6 +136,8 @@ def _kept(
         read = read.where(stmt.whereclause)
     if conn.dialect.name != "sqlite":
         read = read.with_for_update()
+    else:
+        _lock_sqlite(conn, stmt.table)
     found: dict[Any, set[Any]] = {c: set() for c in kept}
     count = 0
     for p in [p for p in list(multiparams or ()) + [params or {}] if isinstance(p, dict) and p] or [{}]:
@@ -144,6 +147,16 @@ def _kept(
                 if stored is not None:
                     found[column].add(column.type.decrypt(bytes(stored), binds.require(column.type, conn.dialect)))
     return found, count
+
+
+def _lock_sqlite(conn: Any, table: Any) -> None:
+    """SQLite has no ``FOR UPDATE`` and pysqlite begins the write only at the
+    UPDATE: another writer could change or add a row between our read and
+    it. A write that changes nothing takes the database's write lock first
+    (a plain string: no listener of ours rewrites or checks it)."""
+    prep = conn.dialect.identifier_preparer
+    name = prep.quote(next(iter(table.c)).name)
+    conn.exec_driver_sql(f"UPDATE {prep.format_table(table)} SET {name} = {name} WHERE 0")
 
 
 def _targets(
