@@ -14,11 +14,13 @@ one is.
 An UPDATE that writes only the *other* columns of the set (``SET tenant =
 1``) has no deterministic value in it: before it runs, the values its rows
 keep are read by its WHERE clause (per parameter set, row-locked as the
-UPDATE would lock them) and checked like written ones. If the UPDATE then
-changes more rows than were read (a row committed in between began to match:
-PostgreSQL's READ COMMITTED), it is refused with
-:class:`~sa_envelope.errors.UncheckedUpdateError` (not compared for an
-executemany).
+UPDATE would lock them; SQLite's write lock is taken first) and checked
+like written ones. If the UPDATE then changes more rows than were read (a
+row committed in between began to match: PostgreSQL's READ COMMITTED), it
+is refused with
+:class:`~sa_envelope.errors.UncheckedUpdateError`; an executemany by its
+total (the drivers report one sum over its parameter sets) where the
+dialect's sum is reliable (not asyncpg's).
 
 The race: two transactions write the same value under two keys, each checks
 before the other commits, both pass. It is closed by the guard rows of
@@ -134,6 +136,8 @@ def _kept(
         read = read.where(stmt.whereclause)
     if conn.dialect.name != "sqlite":
         read = read.with_for_update()
+    else:
+        _lock_sqlite(conn, stmt.table)
     found: dict[Any, set[Any]] = {c: set() for c in kept}
     count = 0
     for p in [p for p in list(multiparams or ()) + [params or {}] if isinstance(p, dict) and p] or [{}]:
@@ -143,6 +147,16 @@ def _kept(
                 if stored is not None:
                     found[column].add(column.type.decrypt(bytes(stored), binds.require(column.type, conn.dialect)))
     return found, count
+
+
+def _lock_sqlite(conn: Any, table: Any) -> None:
+    """SQLite has no ``FOR UPDATE`` and pysqlite begins the write only at the
+    UPDATE: another writer could change or add a row between our read and
+    it. A write that changes nothing takes the database's write lock first
+    (a plain string: no listener of ours rewrites or checks it)."""
+    prep = conn.dialect.identifier_preparer
+    name = prep.quote(next(iter(table.c)).name)
+    conn.exec_driver_sql(f"UPDATE {prep.format_table(table)} SET {name} = {name} WHERE 0")
 
 
 def _targets(
@@ -189,15 +203,21 @@ def _check(conn: Any, stmt: Any, multiparams: Any, params: Any, options: Any, re
     if pending is None or pending[0] is not stmt:
         return
     for columns, written, narrow, read in pending[1]:
-        _check_read_all(stmt, columns, multiparams, read, result)
+        _check_read_all(conn, stmt, columns, multiparams, read, result)
         _check_set(conn, columns, written, narrow)
 
 
-def _check_read_all(stmt: Any, columns: tuple[Any, ...], multiparams: Any, read: int, result: Any) -> None:
-    """Refuse an UPDATE (of one parameter set) that matched more rows than
-    were read for the values they keep: a row began to match its WHERE in
-    between (another transaction's commit, under READ COMMITTED)."""
-    if read < 0 or len(multiparams or ()) > 1 or getattr(result, "rowcount", -1) <= read:
+def _check_read_all(conn: Any, stmt: Any, columns: tuple[Any, ...], multiparams: Any, read: int, result: Any) -> None:
+    """Refuse an UPDATE that matched more rows than were read for the values
+    they keep: a row began to match its WHERE in between (another
+    transaction's commit, under READ COMMITTED). An executemany's count is
+    the sum over its parameter sets (psycopg, PyMySQL, sqlite3), compared
+    with the sum of the rows each set read; a dialect without a reliable
+    sum (asyncpg) is not compared."""
+    many = len(multiparams or ()) > 1
+    if read < 0 or (many and not conn.dialect.supports_sane_multi_rowcount):
+        return
+    if getattr(result, "rowcount", -1) <= read:
         return
     names = ", ".join(c.name for c in columns)
     raise UncheckedUpdateError(

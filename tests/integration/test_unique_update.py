@@ -7,8 +7,9 @@ tuples, two byte strings). Moving row 2 to t1 writes no email, so the
 statement has no value to check: the library reads the email each row keeps
 (before the write, row-locked, by the statement's WHERE clause) and checks
 it. Core, executemany, ORM flush and ORM bulk update by primary key, on
-every backend. The race (two writers on two connections) is in
-test_unique_race.py.
+every backend; a writer on another connection between the read and the
+UPDATE (refused on PostgreSQL, made to wait elsewhere). The race (two
+writers on two connections) is in test_unique_race.py.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 from sqlalchemy import Column, Integer, LargeBinary, MetaData, String, Table, UniqueConstraint, bindparam
 from sqlalchemy import event, select, type_coerce, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from sa_envelope import (
@@ -168,30 +170,138 @@ def test_outside_a_rotation_nothing_is_read(engine: Engine, tmp_path: Path) -> N
     assert [s for s in seen if s.lstrip().upper().startswith("SELECT") and "solo" in s] == []
 
 
+_LOCK_WAIT = {  # the other writer gives up at once rather than wait for us (in our own thread)
+    "postgresql": ("SET LOCAL lock_timeout = '1s'", None),
+    "mysql": ("SET SESSION innodb_lock_wait_timeout = 1", "SET SESSION innodb_lock_wait_timeout = DEFAULT"),
+    "sqlite": ("PRAGMA busy_timeout = 0", "PRAGMA busy_timeout = 5000"),
+}
+
+
+def _meanwhile(engine: Engine, write: Any, landed: list[Any]) -> Any:
+    """A listener that, when the UPDATE reaches the cursor (after the
+    library's read), runs ``write`` on another connection and commits; what
+    happened lands in ``landed`` (True, or the error the writer got)."""
+
+    def run(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if landed or not statement.lstrip().upper().startswith("UPDATE MEMBERS SET TENANT"):
+            return
+        landed.append(None)  # once: the other writer's own UPDATE comes through here too
+        with engine.connect() as other:
+            give_up, restore = _LOCK_WAIT[other.dialect.name]
+            try:
+                with other.begin():
+                    other.exec_driver_sql(give_up)
+                    write(other)
+                landed[0] = True
+            except OperationalError as exc:
+                landed[0] = exc
+            finally:
+                if restore:
+                    other.exec_driver_sql(restore)
+                    other.commit()
+
+    return run
+
+
+def _row_4(table: Table) -> Any:
+    return lambda other: other.execute(table.insert(), [{"id": 4, "tenant": "t4", "email": "x@example.org"}])
+
+
+def _waited(landed: list[Any]) -> bool:
+    """The other writer waited for our transaction (and gave up)."""
+    if len(landed) != 1 or not isinstance(landed[0], OperationalError):
+        return False
+    message = str(landed[0].orig)
+    return (
+        landed[0].orig.args[0] == 1205
+        if "mysql" in type(landed[0].orig).__module__
+        else ("database is locked" in message or "lock timeout" in message)
+    )
+
+
 @pytest.mark.backends("postgresql")
 def test_a_row_that_begins_to_match_the_where_clause_meanwhile_is_refused(engine: Engine, tmp_path: Path) -> None:
     """PostgreSQL's READ COMMITTED UPDATE sees a row committed after the
     library's read of the values its rows keep: row 4 (t4, x) lands in
     between and would become (t1, x), row 1's tuple under the other key.
-    (MariaDB's locking read holds the gap, so the insert would wait for us;
-    SQLite has one writer.)"""
+    (MariaDB's locking read holds the gap and SQLite's write lock is taken
+    before the read: the other writer waits, see below.)"""
     _, Member, _, _ = _setup(engine, tmp_path)
     table = Member.__table__
-    landed: list[int] = []
-
-    def insert_meanwhile(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
-        if not landed and statement.lstrip().upper().startswith("UPDATE MEMBERS"):
-            landed.append(4)
-            with engine.begin() as other:
-                other.execute(table.insert(), [{"id": 4, "tenant": "t4", "email": "x@example.org"}])
-
-    event.listen(engine, "before_cursor_execute", insert_meanwhile)
+    landed: list[Any] = []
+    listener = _meanwhile(engine, _row_4(table), landed)
+    event.listen(engine, "before_cursor_execute", listener)
     try:
         with pytest.raises(UncheckedUpdateError) as exc:
             with engine.begin() as conn:
                 conn.execute(update(table).where(table.c.id >= 3).values(tenant="t1"))
     finally:
-        event.remove(engine, "before_cursor_execute", insert_meanwhile)
-    assert landed == [4]
+        event.remove(engine, "before_cursor_execute", listener)
+    assert landed == [True]
     assert exc.value.table == "members" and "x@example.org" not in str(exc.value)
     assert _tenants(engine, table) == {**UNCHANGED, 4: "t4"}
+
+
+@pytest.mark.backends("postgresql")
+def test_a_row_that_begins_to_match_an_executemany_meanwhile_is_refused(engine: Engine, tmp_path: Path) -> None:
+    """The same with an executemany: its row count is the sum over its
+    parameter sets, compared with the sum of the rows they read (the first
+    set reads row 3, the second none; row 4 lands and the first set changes
+    it too)."""
+    _, Member, _, _ = _setup(engine, tmp_path)
+    table = Member.__table__
+    landed: list[Any] = []
+    listener = _meanwhile(engine, _row_4(table), landed)
+    stmt = update(table).where(table.c.id >= bindparam("low")).values(tenant=bindparam("to"))
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        with pytest.raises(UncheckedUpdateError) as exc:
+            with engine.begin() as conn:
+                conn.execute(stmt, [{"low": 3, "to": "t1"}, {"low": 9, "to": "t1"}])
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+    assert landed == [True]
+    assert exc.value.table == "members" and "x@example.org" not in str(exc.value)
+    assert _tenants(engine, table) == {**UNCHANGED, 4: "t4"}
+
+
+@pytest.mark.backends("mysql", "sqlite")
+def test_elsewhere_a_row_cannot_begin_to_match_meanwhile(engine: Engine, tmp_path: Path) -> None:
+    """MariaDB: the library's locking read (``FOR UPDATE``) holds the gap its
+    WHERE covers; SQLite: the library takes the write lock before its read.
+    Either way the other writer's row waits for our transaction (here it
+    gives up) and the executemany changes only the row it read."""
+    _, Member, _, _ = _setup(engine, tmp_path)
+    table = Member.__table__
+    landed: list[Any] = []
+    listener = _meanwhile(engine, _row_4(table), landed)
+    stmt = update(table).where(table.c.id >= bindparam("low")).values(tenant=bindparam("to"))
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        with engine.begin() as conn:
+            conn.execute(stmt, [{"low": 3, "to": "t1"}, {"low": 9, "to": "t1"}])
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+    assert _waited(landed), landed
+    assert _tenants(engine, table) == {**UNCHANGED, 3: "t1"}
+
+
+def test_a_row_read_cannot_change_meanwhile(engine: Engine, tmp_path: Path) -> None:
+    """The rows read stay as read until the UPDATE: another writer's change
+    of row 3 to (t3, x) would, once row 3 moves to t1, store (t1, x) twice
+    without the check seeing x. It waits for our transaction (PostgreSQL,
+    MariaDB: the row lock of ``FOR UPDATE``; SQLite: the write lock taken
+    before the read) and gives up here."""
+    _, Member, _, _ = _setup(engine, tmp_path)
+    table = Member.__table__
+    landed: list[Any] = []
+    change = lambda other: other.execute(update(table).where(table.c.id == 3).values(email="x@example.org"))  # noqa: E731
+    listener = _meanwhile(engine, change, landed)
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        with engine.begin() as conn:
+            conn.execute(update(table).where(table.c.id == 3).values(tenant="t1"))
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+    assert _waited(landed), landed
+    assert _tenants(engine, table) == {**UNCHANGED, 3: "t1"}
