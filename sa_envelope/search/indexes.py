@@ -27,16 +27,17 @@ and which key and which database's key table is :mod:`.keyring`'s rule.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Collection
 
-from sqlalchemy import Column, Table
+from sqlalchemy import Column, Table, event
 from sqlalchemy.sql.schema import SchemaItem
 
 from ..errors import ConfigurationError, EncryptionError, UnsupportedQueryError
 from . import arrays, keyring, query
 from . import tokens as tk
 from .keyring import Inputs
-from ..columns.searchable import indexes_of, register
+from ..columns.searchable import declared_on, register, register_copy
 
 __all__ = ["PrefixIndex", "SearchIndex", "SubstringIndex"]
 
@@ -90,16 +91,44 @@ class SearchIndex(SchemaItem):
             raise ConfigurationError(f"{type(self).__name__} belongs in a table's arguments")
         if self.source not in parent.c:
             raise ConfigurationError(f"{type(self).__name__}: {parent.fullname} has no column {self.source!r}")
-        self.table = parent
-        self.owner, self.column = parent.fullname, parent.c[self.source].name
-        if self.context is not None:
-            self.owner, _, self.column = self.context.rpartition(".")
-        if any(i.kind == self.kind and i.source == self.source for i in indexes_of(parent)):
+        self._name_for(parent)
+        if any(i.kind == self.kind and i.source == self.source for i in declared_on(parent)):
             raise ConfigurationError(f"{parent.fullname}.{self.source} has two {self.kind} indexes")
         register(parent, self)
         self.storage = arrays.choose(self.keys, self._storage)
         if self.storage == "array":
             self.tokens_column = arrays.add_column(parent, self)
+        # a copy of the column (Table.to_metadata) carries this listener to its new table
+        event.listen(parent.c[self.source], "after_parent_attach", self._copied_into, propagate=True)
+
+    def _name_for(self, table: Table) -> None:
+        self.table = table
+        self.owner, self.column = table.fullname, table.c[self.source].name
+        if self.context is not None:
+            self.owner, _, self.column = self.context.rpartition(".")
+
+    def _copied_into(self, column: Any, table: Any) -> None:
+        if isinstance(table, Table):
+            register_copy(table, self)
+
+    def copy_to(self, table: Table) -> None:
+        """Declare this index again on ``table``, a copy of its table, named
+        for the copy as an EncryptedType copy is (``context=`` pins both).
+        Same storage: array storage uses the copy's copied token column
+        (and GIN index); a copy without one, or that declares this kind
+        of index on the column itself, gets none."""
+        if self.source not in table.c or any(
+            i.kind == self.kind and i.source == self.source for i in declared_on(table)
+        ):
+            return
+        clone = copy.copy(self)
+        clone._subkey, clone.gin_with = {}, dict(self.gin_with)
+        clone._name_for(table)
+        if clone.storage == "array":
+            clone.tokens_column = table.c.get(arrays.column_name(clone.column, clone.kind))
+            if clone.tokens_column is None:
+                return
+        register(table, clone)
 
     @property
     def name(self) -> str:
