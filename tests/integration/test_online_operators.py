@@ -108,14 +108,19 @@ def _ids(engine: Engine, table: Table, where: Any) -> list[int]:
         return sorted(conn.execute(select(table.c.id).where(where)).scalars())
 
 
-@pytest.mark.parametrize("direction", ["encrypting", "decrypting"])
-def test_every_comparison_answers_as_the_plaintext_twin(engine: Engine, tmp_path: Path, direction: str) -> None:
+def _half_migrated(engine: Engine, tmp_path: Path, direction: str) -> tuple[Any, Any]:
+    """The table with rows in every state, and the migrating column under test."""
     keys = KeyManager(engine, LocalKeyProvider.from_file(tmp_path / "k.key"))
     keys.create_table()
     model, raw = _tables(keys, direction)
     model.create(engine)
     _fill(engine, model, raw, direction)
-    column = model.c["email__encrypted" if direction == "encrypting" else "email"]
+    return model, model.c["email__encrypted" if direction == "encrypting" else "email"]
+
+
+@pytest.mark.parametrize("direction", ["encrypting", "decrypting"])
+def test_every_comparison_answers_as_the_plaintext_twin(engine: Engine, tmp_path: Path, direction: str) -> None:
+    model, column = _half_migrated(engine, tmp_path, direction)
     ref = model.c.ref
     wrong = []
     for name, build in OPERATORS.items():
@@ -135,12 +140,7 @@ def test_comparisons_that_cannot_cover_both_halves_are_refused(engine: Engine, t
     """A bind parameter's one value cannot be sealed for one half and sent as
     plaintext for the other, nor can another row's shadow be compared with
     this row's twin: refused when built, never half answered."""
-    keys = KeyManager(engine, LocalKeyProvider.from_file(tmp_path / "k.key"))
-    keys.create_table()
-    model, raw = _tables(keys, direction)
-    model.create(engine)
-    _fill(engine, model, raw, direction)
-    column = model.c["email__encrypted" if direction == "encrypting" else "email"]
+    model, column = _half_migrated(engine, tmp_path, direction)
     other = model.alias("other").c[column.name]
     refused: list[Callable[[], Any]] = [
         lambda: column == bindparam("e"),

@@ -14,7 +14,9 @@ writers on two connections) is in test_unique_race.py.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -242,24 +244,34 @@ def test_a_row_that_begins_to_match_the_where_clause_meanwhile_is_refused(engine
     assert _tenants(engine, table) == {**UNCHANGED, 4: "t4"}
 
 
+def _members(engine: Engine, tmp_path: Path) -> Any:
+    _, Member, _, _ = _setup(engine, tmp_path)
+    return Member.__table__
+
+
+@contextlib.contextmanager
+def _row_4_lands_meanwhile(engine: Engine, table: Any, landed: list[Any]) -> Iterator[Any]:
+    """An executemany UPDATE by ``id >= :low``; another connection tries to
+    commit row 4 just before it runs (``landed`` says how that went)."""
+    listener = _meanwhile(engine, _row_4(table), landed)
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        yield update(table).where(table.c.id >= bindparam("low")).values(tenant=bindparam("to"))
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+
+
 @pytest.mark.backends("postgresql")
 def test_a_row_that_begins_to_match_an_executemany_meanwhile_is_refused(engine: Engine, tmp_path: Path) -> None:
     """The same with an executemany: its row count is the sum over its
     parameter sets, compared with the sum of the rows they read (the first
     set reads row 3, the second none; row 4 lands and the first set changes
     it too)."""
-    _, Member, _, _ = _setup(engine, tmp_path)
-    table = Member.__table__
-    landed: list[Any] = []
-    listener = _meanwhile(engine, _row_4(table), landed)
-    stmt = update(table).where(table.c.id >= bindparam("low")).values(tenant=bindparam("to"))
-    event.listen(engine, "before_cursor_execute", listener)
-    try:
+    table, landed = _members(engine, tmp_path), []
+    with _row_4_lands_meanwhile(engine, table, landed) as stmt:
         with pytest.raises(UncheckedUpdateError) as exc:
             with engine.begin() as conn:
                 conn.execute(stmt, [{"low": 3, "to": "t1"}, {"low": 9, "to": "t1"}])
-    finally:
-        event.remove(engine, "before_cursor_execute", listener)
     assert landed == [True]
     assert exc.value.table == "members" and "x@example.org" not in str(exc.value)
     assert _tenants(engine, table) == {**UNCHANGED, 4: "t4"}
@@ -271,17 +283,10 @@ def test_elsewhere_a_row_cannot_begin_to_match_meanwhile(engine: Engine, tmp_pat
     WHERE covers; SQLite: the library takes the write lock before its read.
     Either way the other writer's row waits for our transaction (here it
     gives up) and the executemany changes only the row it read."""
-    _, Member, _, _ = _setup(engine, tmp_path)
-    table = Member.__table__
-    landed: list[Any] = []
-    listener = _meanwhile(engine, _row_4(table), landed)
-    stmt = update(table).where(table.c.id >= bindparam("low")).values(tenant=bindparam("to"))
-    event.listen(engine, "before_cursor_execute", listener)
-    try:
+    table, landed = _members(engine, tmp_path), []
+    with _row_4_lands_meanwhile(engine, table, landed) as stmt:
         with engine.begin() as conn:
             conn.execute(stmt, [{"low": 3, "to": "t1"}, {"low": 9, "to": "t1"}])
-    finally:
-        event.remove(engine, "before_cursor_execute", listener)
     assert _waited(landed), landed
     assert _tenants(engine, table) == {**UNCHANGED, 3: "t1"}
 
