@@ -171,7 +171,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         """One closure per dialect (:mod:`.fastpath`), sealing under the store
         of the dialect's engine (keys.engines): the write key leased once per
         statement, the storage type's own processor after ours."""
-        impl: Any = self.impl_instance.bind_processor(dialect)
+        impl: Any = storage.bytes_processor(dialect, self.impl_instance.bind_processor(dialect))
         via = binds.via(self, dialect)
         if via is None:  # not bound (yet): found per value, so a later bind() serves it
             return binds.late_bind_processor(self, dialect, impl)
@@ -294,7 +294,7 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         except TypeError:  # an unhashable bytes-like value (bytearray): the full path copies it
             memo = None
         if memo is not None:
-            open_value, _, entry = memo
+            open_value, entry = memo[0], memo[2]
             if entry.alive and entry.expires > _monotonic():
                 try:
                     return open_value(value)  # opens and decodes
@@ -342,9 +342,13 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
             return
         # registered with the cache entry: the memo (which holds the cipher)
         # is dropped when the entry is evicted, expires or the cache is cleared
-        # [opener, the statement epoch it was last checked in, key]: see .fastpath
+        # [opener, the statement epoch it was last checked in, key, and the
+        # opener's parts for .fastpath to call inline: the cipher's decrypt,
+        # its associated data (as that cipher takes it), AES-SIV or not]
         opener = fmt.opener(key.cipher, version, head, self._ctx, then=self._codec.decode)
-        key.remember(memo, head, [opener, CLOCK.epoch, key])
+        aad, siv_aad = fmt.associated_data(version, head, self._ctx)
+        parts = (key.cipher.decrypt, aad, False) if siv_aad is None else (key.cipher.decrypt, siv_aad, True)
+        key.remember(memo, head, [opener, CLOCK.epoch, key, *parts])
 
     def _on_table_attach(self, column: Any, table: Any) -> None:
         """A migrating column registers its pair; an encrypted shadow

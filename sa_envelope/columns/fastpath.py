@@ -74,6 +74,9 @@ def _row_bind(coltype: Any, encrypt: Callable[[Any, Any], bytes], store: Any, im
     return process
 
 
+_STALE: tuple[Any, ...] = (-1, None, None, None, None, 0, None, b"", b"", None)
+
+
 def bind_closure(coltype: Any, impl: Any, via: Via) -> Callable[[Any], Any]:
     """The bind processor of ``coltype`` on ``via``'s engine; ``impl``: the
     storage type's own, or ``None``."""
@@ -81,37 +84,53 @@ def bind_closure(coltype: Any, impl: Any, via: Via) -> Callable[[Any], Any]:
     if coltype.scope == kt.SCOPE_ROW:  # the key travels with the value
         return _row_bind(coltype, encrypt, store, impl)
     encode = coltype._codec.fast_encode or coltype._codec.encode
-    scope, clock = coltype._key_scope, CLOCK
+    scope, clock, new_nonce = coltype._key_scope, CLOCK, fmt.new_nonce
     max_uses = store.cache.limits.max_uses
-    current: list[WriteLease | None] = [None]
+    gcm = not coltype.deterministic
     if coltype.deterministic:  # the write key follows a rotation's two-phase switch (keys.live)
         live = coltype.keys.live_for(store)
 
         def lease_of(table: str, old: WriteLease | None) -> WriteLease | None:
-            return live_lease(live, table, scope, coltype._ctx, encode, old)
+            return live_lease(live, table, scope, coltype._ctx, old)
 
     else:
 
         def lease_of(table: str, old: WriteLease | None) -> WriteLease | None:
-            return write_lease(store, table, scope, coltype._ctx, encode, old)
+            return write_lease(store, table, scope, coltype._ctx, old)
+
+    # what the statement's lease says, unpacked once per statement into one
+    # tuple (replaced whole, so a thread never mixes two leases' parts):
+    # (epoch, lease, entry, uses, budget, limit, cipher's encrypt, aad, head, siv aad)
+    current: list[tuple[Any, ...]] = [_STALE]
+
+    def renew() -> tuple[Any, ...]:
+        """A new statement (or no lease yet): the lease renewed or replaced."""
+        table = coltype._table
+        lease = None if table is None else lease_of(table, current[0][1])
+        state = _unpacked(lease, gcm)
+        current[0] = state
+        return state
 
     def process(value: Any) -> Any:
         if value is None:
             return None
-        lease = current[0]
-        if lease is None or lease.epoch != clock.epoch:  # once per statement
-            table = coltype._table
-            lease = current[0] = None if table is None else lease_of(table, lease)
-        if type(value) is Sealed:  # a query value under one live key of its own (livematch)
-            lease = None
+        state = current[0]
+        if state[0] != clock.epoch:  # once per statement
+            state = renew()
+        _, lease, entry, uses, budget, limit, seal, aad, head, siv_aad = state
         if (
             lease is not None
-            and lease.entry.alive
-            and next(lease.uses) < max_uses
-            and (lease.budget is None or next(lease.budget) < lease.limit)
+            and type(value) is not Sealed  # a query value under one live key of its own (livematch)
+            and entry.alive
+            and uses() < max_uses
+            and (budget is None or budget() < limit)
         ):
-            try:
-                sealed = lease.seal(value)
+            try:  # fmt.sealer's bytes, inlined: no call layer per value
+                if siv_aad is None:
+                    nonce = new_nonce()
+                    sealed = head + nonce + seal(nonce, encode(value), aad)
+                else:
+                    sealed = head + seal(encode(value), siv_aad)
                 return sealed if impl is None else impl(sealed)
             except Exception:
                 pass  # the full path below says why, from a frame without the value
@@ -125,6 +144,32 @@ def bind_closure(coltype: Any, impl: Any, via: Via) -> Callable[[Any], Any]:
     return process
 
 
+def _unpacked(lease: WriteLease | None, gcm: bool) -> tuple[Any, ...]:
+    """A lease as the per-value path reads it; :data:`_STALE` (renewed at
+    the next value) when there is none or its key's algorithm is not the
+    column's (then every value takes the full path, which says why)."""
+    if lease is None:
+        return _STALE
+    entry = lease.entry
+    version = entry.head[0]
+    if version != (fmt.VERSION_GCM if gcm else fmt.VERSION_SIV):
+        return _STALE
+    aad, siv_aad = fmt.associated_data(version, entry.head, lease.context)
+    budget = None if lease.budget is None else lease.budget.__next__
+    return (
+        lease.epoch,
+        lease,
+        entry,
+        lease.uses.__next__,
+        budget,
+        lease.limit,
+        entry.cipher.encrypt,
+        aad,
+        entry.head,
+        siv_aad,
+    )
+
+
 def result_closure(coltype: Any, impl: Any, via: Via) -> Callable[[Any], Any]:
     """The result processor of ``coltype`` on ``via``'s engine; ``impl``: the
     storage type's own, or ``None``."""
@@ -133,7 +178,10 @@ def result_closure(coltype: Any, impl: Any, via: Via) -> Callable[[Any], Any]:
         if via.binding.rows is None:  # row keys not wired for this engine: decrypt says why
             return _plain_result(decrypt, via, impl)
         return _row_result(coltype, decrypt, decode, impl, via)
-    memo = via.memo  # header -> [opener+decoder, epoch, cached key], shared with decrypt()
+    # header -> [opener, epoch, cached key, its decrypt, associated data, AES-SIV?],
+    # shared with decrypt() (EncryptedType._remember)
+    memo = via.memo
+    siv_body, nonce, gcm_body = fmt.SIV_BODY_START, fmt.NONCE_SLICE, fmt.GCM_BODY_START
 
     def process(value: Any) -> Any:
         if impl is not None:
@@ -145,8 +193,10 @@ def result_closure(coltype: Any, impl: Any, via: Via) -> Callable[[Any], Any]:
         except TypeError:  # an unhashable bytes-like value (memoryview): the full path copies it
             hit = None
         if hit is not None and (hit[1] == clock.epoch or _renew(hit)):
-            try:
-                return hit[0](value)  # opens and decodes
+            try:  # the opener's call, inlined: no call layer per value
+                if hit[5]:
+                    return decode(hit[3](value[siv_body:], hit[4]))
+                return decode(hit[3](value[nonce], value[gcm_body:], hit[4]))
             except Exception:
                 pass
         return decrypt(value, via)

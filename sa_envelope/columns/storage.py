@@ -19,7 +19,14 @@ from sqlalchemy.types import String, TypeDecorator, TypeEngine
 
 from ..envelope import format as fmt
 
-__all__ = ["CODEC_MAX_BYTES", "MYSQL_VARBINARY_MAX", "UTF8_MAX_BYTES", "dialect_impl", "max_stored_length"]
+__all__ = [
+    "CODEC_MAX_BYTES",
+    "MYSQL_VARBINARY_MAX",
+    "UTF8_MAX_BYTES",
+    "bytes_processor",
+    "dialect_impl",
+    "max_stored_length",
+]
 
 MYSQL_VARBINARY_MAX = 3072  # InnoDB's longest index key: beyond it, LONGBLOB
 UTF8_MAX_BYTES = 4
@@ -39,6 +46,27 @@ def dialect_impl(dialect: Dialect, limit: int | None) -> TypeEngine[Any]:
             return dialect.type_descriptor(mysql.VARBINARY(limit))
         return dialect.type_descriptor(mysql.LONGBLOB())
     return dialect.type_descriptor(LargeBinary())
+
+
+def bytes_processor(dialect: Dialect, processor: Any) -> Any:
+    """The storage type's bind ``processor``, or ``None`` where the driver
+    takes the envelope's ``bytes`` as they are: its ``Binary`` is
+    ``memoryview`` (sqlite3, aiosqlite: SQLAlchemy's own note says sqlite3
+    needs no conversion) or returns the very object it is given (PyMySQL's
+    ``bytes(x)``). The stored bytes are the same; the per-value call and the
+    wrapper object are not made. Any other driver keeps its ``Binary``
+    (psycopg's picks the binary protocol, pg8000's marks ``bytea``)."""
+    binary = getattr(getattr(dialect, "dbapi", None), "Binary", None)
+    if processor is None or binary is None:
+        return processor
+    if binary is memoryview:
+        return None
+    probe = b"\x00sa-envelope"
+    try:
+        same = binary(probe) is probe
+    except Exception:
+        same = False
+    return None if same else processor
 
 
 def max_stored_length(inner: Any, codec_name: str, deterministic: bool) -> int | None:

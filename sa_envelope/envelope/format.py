@@ -18,6 +18,7 @@ and key id that they know and this module does not.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from typing import Any, Callable
@@ -26,6 +27,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 
 __all__ = [
+    "associated_data",
     "GCM_OVERHEAD",
     "HEADER_LEN",
     "GCM_BODY_START",
@@ -37,6 +39,7 @@ __all__ = [
     "KEY_ID_START",
     "KEY_ID_SUBSTR",
     "NONCE_LEN",
+    "SIV_BODY_START",
     "SIV_OVERHEAD",
     "TAG_LEN",
     "VERSION_GCM",
@@ -54,12 +57,12 @@ __all__ = [
     "key_id_of",
     "new_key_id",
     "new_key_ids",
+    "new_nonce",
     "open_value",
     "opener",
     "parse_key_id",
     "read_header",
     "seal_function",
-    "sealer",
 ]
 
 VERSION_GCM = 0x01
@@ -75,6 +78,9 @@ HEADER_SLICE = slice(0, HEADER_LEN)  # value[HEADER_SLICE]: the header (read mem
 KEY_ID_SLICE = slice(KEY_ID_START, HEADER_LEN)  # value[KEY_ID_SLICE]: the key id's 8 bytes
 NONCE_SLICE = slice(HEADER_LEN, _BODY)  # value[NONCE_SLICE]: the GCM nonce
 GCM_BODY_START = _BODY  # value[GCM_BODY_START:]: GCM ciphertext and tag
+SIV_BODY_START = HEADER_LEN  # value[SIV_BODY_START:]: the SIV tag and ciphertext
+# a fresh AES-GCM nonce from the OS for every value (see associated_data)
+new_nonce: Callable[[], bytes] = functools.partial(os.urandom, NONCE_LEN)
 KEY_ID_SUBSTR = (KEY_ID_START + 1, KEY_ID_LEN)  # SQL substr(value, start, length): counts from 1
 GCM_OVERHEAD = HEADER_LEN + NONCE_LEN + TAG_LEN  # 37 bytes
 SIV_OVERHEAD = HEADER_LEN + TAG_LEN  # 25 bytes
@@ -227,28 +233,18 @@ def opener(
     return lambda v: decrypt(v[HEADER_LEN:_BODY], v[_BODY:], aad)
 
 
-def sealer(
-    cipher: Any, version: int, head: bytes, context: bytes, encode: Callable[[Any], bytes]
-) -> Callable[[Any], bytes]:
-    """A fast sealer for one key and one context, the twin of :func:`opener`:
-    ``encode`` (a codec's) then seal, in one call, with the associated data
-    precomputed; built once per write key and column (the write lease of
-    ``keys.lease``), not per value. Same bytes as :func:`encrypt_gcm` /
-    :func:`encrypt_siv`. AES-GCM still draws a fresh ``os.urandom(12)``
+def associated_data(version: int, head: bytes, context: bytes) -> tuple[bytes, list[bytes] | None]:
+    """The associated data of one key's values in one context, as each
+    cipher takes it: AES-GCM's bytes and, for AES-SIV, its one-element list
+    (else ``None``). Computed once per key and column (a write lease, a read
+    memo entry), not per value, for the per-value code of
+    ``columns.fastpath``, which seals ``head + nonce + gcm.encrypt(nonce,
+    data, aad)`` or ``head + siv.encrypt(data, siv_aad)`` (the bytes of
+    :func:`encrypt_gcm` / :func:`encrypt_siv`) and opens with the same
+    slices as :func:`opener`. AES-GCM still draws a fresh ``os.urandom(12)``
     nonce for every value: no buffered or derived nonces, since a buffer
     copied by a ``fork()`` that bypasses ``os.register_at_fork`` (a C-level
     fork, as some pre-forking servers do) or by a VM snapshot would repeat
     nonces under one key."""
     aad = head + context
-    encrypt = cipher.encrypt
-    if version == VERSION_SIV:
-        siv_aad = [aad]
-        return lambda value: head + encrypt(encode(value), siv_aad)
-    urandom = os.urandom
-
-    def seal(value: Any) -> bytes:
-        nonce = urandom(NONCE_LEN)
-        sealed: bytes = head + nonce + encrypt(nonce, encode(value), aad)
-        return sealed
-
-    return seal
+    return aad, ([aad] if version == VERSION_SIV else None)

@@ -3,8 +3,9 @@
 Before, every value asked the store for its table's write key: the
 trusted-key dict, the cache's age check (a ``time.monotonic()`` call) and
 two use counters, about a third of a microsecond per value. A lease holds
-what that lookup found (the cached key, a sealer with the codec and the associated
-data precomputed, the two counters) and is checked again when a new statement
+what that lookup found (the cached key and its two counters; the column's
+fast path, ``columns.fastpath``, unpacks it with the associated data
+precomputed, ``format.associated_data``) and is checked again when a new statement
 starts (:mod:`.clock`): the key is still the store's trusted write key of
 (owner, scope), alive in the cache and younger than ``max_age``. What stays
 per value is what must be exact: the key's cache uses (``max_uses``) and,
@@ -21,9 +22,8 @@ transaction is not trusted yet and is never leased: such values go through
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any
 
-from ..envelope import format as fmt
 from . import table as kt
 from .cache import CachedKey
 from .clock import CLOCK
@@ -36,17 +36,14 @@ __all__ = ["WriteLease", "live_lease", "write_lease"]
 class WriteLease:
     """One write key of one column, for the statements it stays valid in."""
 
-    __slots__ = ("budget", "context", "entry", "epoch", "key_id", "limit", "owner", "scope", "seal", "uses")
+    __slots__ = ("budget", "context", "entry", "epoch", "key_id", "limit", "owner", "scope", "uses")
 
-    def __init__(
-        self, entry: CachedKey, owner: str, scope: str, context: bytes, encode: Any, budget: Any, limit: int
-    ) -> None:
+    def __init__(self, entry: CachedKey, owner: str, scope: str, context: bytes, budget: Any, limit: int) -> None:
         self.entry = entry
         self.key_id = entry.key_id
         self.owner = owner
         self.scope = scope
         self.context = context
-        self.seal: Callable[[Any], bytes] = fmt.sealer(entry.cipher, entry.head[0], entry.head, context, encode)
         self.uses = entry.uses  # the cache's use counter of this entry (max_uses)
         self.budget = budget  # the roll-over budget's counter of this key (table keys), or None
         self.limit = limit
@@ -66,9 +63,7 @@ class WriteLease:
         return valid
 
 
-def write_lease(
-    store: KeyStore, owner: str, scope: str, context: bytes, encode: Any, old: WriteLease | None
-) -> WriteLease | None:
+def write_lease(store: KeyStore, owner: str, scope: str, context: bytes, old: WriteLease | None) -> WriteLease | None:
     """The lease for values of (owner, scope) in the statement now running:
     ``old`` renewed, or a new one on the store's trusted write key; ``None``
     when there is none (first write, a key of the caller's transaction, a
@@ -83,13 +78,11 @@ def write_lease(
         return None
     budget = store.budget
     if scope == kt.SCOPE_TABLE and budget.limit:
-        return WriteLease(entry, owner, scope, context, encode, budget.counts[key_id], budget.limit)
-    return WriteLease(entry, owner, scope, context, encode, None, 0)
+        return WriteLease(entry, owner, scope, context, budget.counts[key_id], budget.limit)
+    return WriteLease(entry, owner, scope, context, None, 0)
 
 
-def live_lease(
-    live: LiveKeys, owner: str, scope: str, context: bytes, encode: Any, old: WriteLease | None
-) -> WriteLease | None:
+def live_lease(live: LiveKeys, owner: str, scope: str, context: bytes, old: WriteLease | None) -> WriteLease | None:
     """The lease of a deterministic column for the statement now running:
     the write key of its live set (:mod:`.live`: it follows a rotation's
     two-phase switch, not the store's newest key), found once per statement
@@ -101,4 +94,4 @@ def live_lease(
     if old is not None and old.entry is entry and old.context is context:
         old.epoch = CLOCK.epoch
         return old
-    return WriteLease(entry, owner, scope, context, encode, None, 0)
+    return WriteLease(entry, owner, scope, context, None, 0)
