@@ -84,7 +84,7 @@ def _do_executemany(cursor: Any, statement: str, parameters: Any, context: Any) 
             count = cursor.rowcount
             total += max(count, 0)
             # a row not inserted (OR IGNORE) leaves the previous row's lastrowid: unknown, not that
-            ids.append(cursor.lastrowid if count == 1 else None)
+            ids.append(getattr(cursor, "lastrowid", None) if count == 1 else None)
     except BaseException:
         try:
             cursor.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
