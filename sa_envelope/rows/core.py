@@ -25,8 +25,9 @@ row's primary key digest):
   (an executemany gets ``return_defaults(..., sort_by_parameter_order=True)``
   for that), from the statement's own RETURNING (:mod:`.returning`, which
   adds the primary key and hides it from the caller again), or, where there
-  is no sorted RETURNING (MySQL, ``implicit_returning=False``), from each
-  row's ``lastrowid``, one row per statement (:mod:`.perrow`). A multi-row
+  is no sorted RETURNING (MySQL, ``implicit_returning=False``) or SQLAlchemy
+  would sort it one row per statement anyway (SQLite), from each row's
+  ``lastrowid``, one row per statement in the driver (:mod:`.perrow`). A multi-row
   ``values([...])`` becomes that executemany (:mod:`.multivalues`).
 * UPDATE identified by its primary key (``where(t.c.id == 5)``, or
   ``== bindparam("pid")`` with one parameter set per row): the key bound to
@@ -51,6 +52,7 @@ import weakref
 from typing import Any, Mapping, Sequence
 
 from sqlalchemy import Connection, Table, bindparam
+from sqlalchemy.sql.compiler import InsertmanyvaluesSentinelOpts
 
 from ..columns.rowvalue import RowValue
 from ..keys.cache import CachedKey
@@ -281,13 +283,22 @@ def _fetch_pks(conn: Connection, stmt: Any, plan: Plan, count: int, from_values:
     lastrowid = _lastrowid_at(dialect, plan)
     sorted_returning = dialect.insert_executemany_returning_sort_by_parameter_order and spec.table.implicit_returning
     # a multi-row VALUES was one statement: where a failed statement leaves the transaction
-    # open (MySQL, SQLite: there is a lastrowid), it stays all-or-nothing one row at a time
-    if sorted_returning and not (from_values and lastrowid is not None):
+    # open (MySQL, SQLite: there is a lastrowid), it stays all-or-nothing one row at a time;
+    # and where SQLAlchemy would run a sorted RETURNING one row per statement anyway
+    # (SQLite: no sentinel), the driver's own loop with lastrowid costs a fraction of it
+    per_row = lastrowid is not None and (from_values or (_unbatched(dialect) and not stmt._return_defaults))
+    if sorted_returning and not per_row:
         stmt = stmt.return_defaults(*spec.pk_cols, sort_by_parameter_order=True)
         return stmt, (_IPK, None, count)
     if lastrowid is None:
         raise refused(spec, f"an executemany INSERT on {dialect.name} without the primary keys", PASS_PK)
     return stmt, (_LASTROWID, (plan.raw_pks, lastrowid), None)
+
+
+def _unbatched(dialect: Any) -> bool:
+    """SQLAlchemy can sort an executemany's RETURNING by parameter order only
+    one row per statement on this dialect: no implicit sentinel (SQLite)."""
+    return not dialect.insertmanyvalues_implicit_sentinel & InsertmanyvaluesSentinelOpts.ANY_AUTOINCREMENT
 
 
 def _lastrowid_at(dialect: Any, plan: Plan) -> int | None:

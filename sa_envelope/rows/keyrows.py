@@ -28,10 +28,12 @@ VARYING = ("id", "parent_id", "wrapped_key", "row_digest")  # what differs from 
 
 
 def shared_values(owner: str, now: Any) -> dict[str, Any]:
-    """What every new row key of ``owner`` made at ``now`` has in common."""
+    """What every new row key of ``owner`` made at ``now`` has in common.
+    ``owner`` as a plain ``str``: a table's name is SQLAlchemy's ``quoted_name``,
+    a subclass that sqlite3 would try to adapt (a failed attribute lookup) once per row."""
     return {
         "scope": kt.SCOPE_ROW,
-        "owner_table": owner,
+        "owner_table": str(owner),
         "wrapping_key_id": kt.PARENT,
         "algorithm": ROW_KEY_ALGORITHM,
         "status": kt.ACTIVE,

@@ -73,13 +73,18 @@ def install_perrow(listeners: Listeners) -> None:
 def _do_executemany(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
     if context.invoked_statement not in _MARKED:
         return False  # SQLAlchemy runs it as usual
+    if _outside_transaction(context):
+        cursor.execute("BEGIN")  # else the RELEASE below would commit the rows before their keys
     cursor.execute(f"SAVEPOINT {_SAVEPOINT}")
     total, ids = 0, []
+    execute = cursor.execute
     try:
         for params in parameters:
-            cursor.execute(statement, params)
-            total += max(cursor.rowcount, 0)
-            ids.append(getattr(cursor, "lastrowid", None))
+            execute(statement, params)
+            count = cursor.rowcount
+            total += max(count, 0)
+            # a row not inserted (OR IGNORE) leaves the previous row's lastrowid: unknown, not that
+            ids.append(getattr(cursor, "lastrowid", None) if count == 1 else None)
     except BaseException:
         try:
             cursor.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
@@ -90,3 +95,16 @@ def _do_executemany(cursor: Any, statement: str, parameters: Any, context: Any) 
     context._rowcount = total  # what CursorResult.rowcount reports (SQLAlchemy's MySQL dialect sets it too)
     context.root_connection.info[LASTROWIDS] = ids
     return True
+
+
+def _outside_transaction(context: Any) -> bool:
+    """SQLite (pysqlite, aiosqlite) with no transaction open yet: the driver
+    begins one implicitly before an INSERT, not before a ``SAVEPOINT``, and
+    a ``SAVEPOINT`` outside a transaction opens one that its ``RELEASE``
+    commits. The statement's rows would then be committed before
+    :mod:`.core` inserts their keys. Not under AUTOCOMMIT, where each
+    statement commits anyway (and the keys were inserted first)."""
+    conn = context.root_connection
+    if context.dialect.name != "sqlite" or conn._is_autocommit_isolation():
+        return False
+    return getattr(conn.connection.driver_connection, "in_transaction", True) is False

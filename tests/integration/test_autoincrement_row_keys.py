@@ -96,3 +96,38 @@ def test_a_failure_between_the_rows_and_their_keys_rolls_both_back(
         assert conn.execute(select(func.count()).select_from(keys.table)).scalar() <= 1  # the digest key at most
     write(engine, Item)  # and the same write then succeeds (PostgreSQL's sequence does not roll back: new ids)
     assert [r[1:] for r in read_back(engine, Item)] == [r[1:] for r in ROWS]
+
+
+def core_multi_values(engine: Any, Item: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(insert(Item.__table__).values(rows_as_dicts(with_id=False)))
+
+
+@pytest.mark.parametrize("write", [core_executemany, core_multi_values], ids=["core_executemany", "core_multi_values"])
+def test_rows_run_one_by_one_as_the_first_statement_still_roll_back_with_their_keys(
+    engine: Engine, write: Callable[[Any, Any], None]
+) -> None:
+    """With the table key already stored, the INSERT is the transaction's
+    first statement. On SQLite it runs one row per statement inside a
+    savepoint (``rows.perrow``: lastrowid), and pysqlite opens no transaction
+    before a SAVEPOINT, whose RELEASE then committed the rows on their own:
+    a failure before their keys were inserted left rows no key opens."""
+    keys, Item = setup(engine, autoincrement=True)
+    write(engine, Item)  # the table key and the digest key are made and committed here
+    t = Item.__table__
+    with engine.begin() as conn:
+        conn.execute(t.delete())
+    with engine.connect() as conn:
+        stored_keys = conn.execute(select(func.count()).select_from(keys.table)).scalar()
+
+    def fail(name: str) -> None:
+        if name == "rowkey.create.before_insert":
+            raise RuntimeError(f"injected at {name}")
+
+    with faults.inject(fail), pytest.raises(RuntimeError):
+        write(engine, Item)
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(t)).scalar() == 0
+        assert conn.execute(select(func.count()).select_from(keys.table)).scalar() == stored_keys
+    write(engine, Item)
+    assert [r[1:] for r in read_back(engine, Item)] == [r[1:] for r in ROWS]
