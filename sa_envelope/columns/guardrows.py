@@ -3,8 +3,10 @@
 :mod:`.uniqueness` checks UNIQUE on a deterministic column across its live
 keys after each write; two writers of one value under two keys would each
 check before the other commits. So before its write each locks one row per
-(constraint, live key, sealed value) in ``sa_envelope_guards``, in sorted
-order: writers of the same value lock the same rows and the later waits for
+(constraint, live key, sealed value) in the guard table beside the column's
+key table (``sa_envelope_guards`` beside ``sa_envelope_keys``, ``x_guards``
+beside a key table named ``x_keys`` or ``x``: :func:`guard_table_name`, as
+the token table follows it), in sorted order: writers of the same value lock the same rows and the later waits for
 the earlier's transaction to end. A guard row is a SHA-256 digest of a
 ciphertext the column itself would hold (docs/format.md) and the owner of
 the column's keys.
@@ -28,17 +30,28 @@ from typing import Any
 from sqlalchemy import Column, Index, MetaData, String, Table, delete, inspect, select
 from sqlalchemy.dialects import mysql, postgresql
 
-__all__ = ["GUARD_TABLE", "guard_table", "has_guards", "lock", "remove_guards"]
+from ..keys.table import KEY_TABLE_NAME
+
+__all__ = ["GUARD_TABLE", "guard_table", "guard_table_name", "guards_of", "has_guards", "lock", "remove_guards"]
 
 GUARD_TABLE = "sa_envelope_guards"
-_HAS_GUARDS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()  # per engine, once found
+_HAS_GUARDS: weakref.WeakKeyDictionary[Any, set[tuple[str | None, str]]] = weakref.WeakKeyDictionary()  # per engine
+_BESIDE: weakref.WeakKeyDictionary[Table, Table] = weakref.WeakKeyDictionary()  # key table -> its guard table
 
 
-def guard_table(metadata: MetaData, name: str = GUARD_TABLE) -> Table:
-    """The guard rows' table: a digest per (constraint, key, sealed value),
+def guard_table_name(key_table_name: str = KEY_TABLE_NAME) -> str:
+    """``sa_envelope_keys`` -> ``sa_envelope_guards``; ``x_keys`` or ``x`` -> ``x_guards``."""
+    return key_table_name.removesuffix("_keys") + "_guards"
+
+
+def guard_table(metadata: MetaData, key_table_name: str = KEY_TABLE_NAME) -> Table:
+    """The guard rows' table beside the key table ``key_table_name`` (in
+    ``metadata``'s schema): a digest per (constraint, key, sealed value),
     indexed by owner so that a finished rotation removes its own in bulk."""
-    if name in metadata.tables:
-        return metadata.tables[name]
+    name = guard_table_name(key_table_name)
+    key = f"{metadata.schema}.{name}" if metadata.schema else name
+    if key in metadata.tables:
+        return metadata.tables[key]
     return Table(
         name,
         metadata,
@@ -46,6 +59,15 @@ def guard_table(metadata: MetaData, name: str = GUARD_TABLE) -> Table:
         Column("owner_table", String(255), nullable=False),
         Index(f"ix_{name}_owner_table", "owner_table"),
     )
+
+
+def guards_of(keys: Table) -> Table:
+    """The guard table beside the key table ``keys``: its name follows the key
+    table's, in the key table's schema (made once per key table)."""
+    found = _BESIDE.get(keys)
+    if found is None:
+        found = _BESIDE[keys] = guard_table(MetaData(schema=keys.schema), keys.name)
+    return found
 
 
 def _digests(table: Any, columns: tuple[Any, ...], written: dict[Any, dict[bytes, Any]]) -> list[str]:
@@ -57,14 +79,14 @@ def _digests(table: Any, columns: tuple[Any, ...], written: dict[Any, dict[bytes
 
 def lock(conn: Any, table: Any, columns: tuple[Any, ...], written: dict[Any, dict[bytes, Any]]) -> None:
     """Row-lock the guards of the values written (or, without the guard table, the key row)."""
-    if not has_guards(conn):
-        keys = next(iter(written)).type.keys.table
+    keys = next(iter(written)).type.keys.table
+    guards = guards_of(keys)
+    if not has_guards(conn, guards):
         oldest = min(k.key_id for c in written for k in c.type.live_keys())
         conn.execute(select(keys.c.id).where(keys.c.id == oldest).with_for_update()).all()
         return
     digests = _digests(table, columns, written)
     owner = next(iter(written)).type.bound_context.rpartition(".")[0]  # the owner of the column's keys
-    guards = guard_table(MetaData())
     rows = [{"guard": d, "owner_table": owner} for d in digests]
     if conn.dialect.name == "postgresql":  # the upsert changes the row: a REPEATABLE READ writer after us fails
         pg = postgresql.insert(guards).values(rows)
@@ -88,21 +110,23 @@ def lock(conn: Any, table: Any, columns: tuple[Any, ...], written: dict[Any, dic
         locked = set(conn.execute(stmt).scalars())
 
 
-def has_guards(conn: Any) -> bool:
-    """Whether the guard table exists (remembered per engine once it does)."""
-    engine = conn.engine
-    if _HAS_GUARDS.get(engine):
+def has_guards(conn: Any, guards: Table) -> bool:
+    """Whether the guard table ``guards`` exists (remembered per engine once it does)."""
+    engine, where = conn.engine, (guards.schema, guards.name)
+    known = _HAS_GUARDS.setdefault(engine, set())
+    if where in known:
         return True
-    found = bool(inspect(conn).has_table(GUARD_TABLE))
+    found = bool(inspect(conn).has_table(guards.name, schema=guards.schema))
     if found:
-        _HAS_GUARDS[engine] = True
+        known.add(where)
     return found
 
 
-def remove_guards(conn: Any, owner: str) -> int:
-    """Delete the guards of ``owner``'s columns (call once it has one live
-    deterministic key: nothing checks or locks them then); the number removed."""
-    if not has_guards(conn):
+def remove_guards(conn: Any, keys: Table, owner: str) -> int:
+    """Delete the guards of ``owner``'s columns from the guard table beside
+    the key table ``keys`` (call once it has one live deterministic key:
+    nothing checks or locks them then); the number removed."""
+    guards = guards_of(keys)
+    if not has_guards(conn, guards):
         return 0
-    guards = guard_table(MetaData())
     return int(conn.execute(delete(guards).where(guards.c.owner_table == owner)).rowcount)
