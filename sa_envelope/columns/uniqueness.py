@@ -247,7 +247,8 @@ def _targets(
             values = {v for v in _written(stmt, column, multiparams, params) if v is not None}
             values |= kept.get(column, set())
             if len(live) > 1 and values:
-                written[column] = {column.type.encrypt(Sealed(v, k)): v for v in values for k in live}
+                store = binds.require(column.type, conn.dialect).store  # this engine's (of several bound)
+                written[column] = {column.type.encrypt(Sealed(v, k), store): v for v in values for k in live}
         if written:
             yield columns, written, _others(stmt, columns, multiparams, params), read
 

@@ -407,3 +407,40 @@ def test_an_update_without_where_reads_and_checks_every_row(engine: Engine, tmp_
             conn.execute(update(table).values(tenant="t1"))
     _refused(exc)
     assert _tenants(engine, table) == UNCHANGED
+
+
+@pytest.mark.backends("postgresql")
+def test_asyncpg_executemany_is_checked_by_primary_key_or_refused(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """asyncpg reports no row count for an executemany, so nothing shows a row
+    that began to match meanwhile. By primary key (the ORM's form), each set
+    matches at most the row it read and locked: checked. By anything else:
+    refused before it runs."""
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from support.backends import async_url
+
+    keys, Member, _, _ = _setup(engine, tmp_path)
+    table = Member.__table__
+    aengine = keys.bind(create_async_engine(async_url(db_url)))
+    by_key = update(table).where(table.c.id == bindparam("row")).values(tenant=bindparam("to"))
+    by_tenant = update(table).where(table.c.tenant == bindparam("was")).values(tenant=bindparam("to"))
+
+    async def run(stmt: Any, rows: list[dict[str, Any]]) -> None:
+        async with aengine.begin() as conn:
+            await conn.execute(stmt, rows)
+
+    async def main() -> None:
+        try:
+            with pytest.raises(UncheckedUpdateError, match="no row count"):
+                await run(by_tenant, [{"was": "t3", "to": "t8"}, {"was": "t9", "to": "t7"}])
+            with pytest.raises(DuplicateValueError):
+                await run(by_key, [{"row": 3, "to": "t9"}, {"row": 2, "to": "t1"}])
+            assert _tenants(engine, table) == UNCHANGED
+            await run(by_key, [{"row": 3, "to": "t9"}, {"row": 2, "to": "t8"}])
+        finally:
+            await aengine.dispose()
+
+    asyncio.run(main())
+    assert _tenants(engine, table) == {1: "t1", 2: "t8", 3: "t9"}
