@@ -36,6 +36,7 @@ __all__ = ["GUARD_TABLE", "guard_table", "guard_table_name", "guards_of", "has_g
 
 GUARD_TABLE = "sa_envelope_guards"
 _HAS_GUARDS: weakref.WeakKeyDictionary[Any, set[tuple[str | None, str]]] = weakref.WeakKeyDictionary()  # per engine
+_CHUNK = 1000  # guards per statement (PostgreSQL takes at most 65,535 parameters)
 _BESIDE: weakref.WeakKeyDictionary[Table, Table] = weakref.WeakKeyDictionary()  # key table -> its guard table
 
 
@@ -87,23 +88,44 @@ def lock(conn: Any, table: Any, columns: tuple[Any, ...], written: dict[Any, dic
         return
     digests = _digests(table, columns, written)
     owner = next(iter(written)).type.bound_context.rpartition(".")[0]  # the owner of the column's keys
-    rows = [{"guard": d, "owner_table": owner} for d in digests]
-    if conn.dialect.name == "postgresql":  # the upsert changes the row: a REPEATABLE READ writer after us fails
-        pg = postgresql.insert(guards).values(rows)
-        conn.execute(pg.on_conflict_do_update(index_elements=["guard"], set_={"owner_table": pg.excluded.owner_table}))
+    chunks = [digests[i : i + _CHUNK] for i in range(0, len(digests), _CHUNK)]  # in order: the lock order holds
+    if conn.dialect.name == "postgresql":
+        for chunk in chunks:
+            _lock_upserted(conn, guards, [{"guard": d, "owner_table": owner} for d in chunk])
         return
-    # InnoDB: two transactions upserting the same new rows deadlock on their gap locks; so the
-    # missing guards are made on a connection of their own (committed at once, locking nothing
-    # of ours), then the existing rows are locked in order; locking reads see the newest rows.
-    # A guard removed in between (remove_guards) leaves our gap lock where it was: the side
-    # connection would wait for us, so we make it ourselves (a deadlock with a writer doing the
-    # same is refused by InnoDB at once: one of them rolls back, neither passes unlocked).
+    rows = [[{"guard": d, "owner_table": owner} for d in chunk] for chunk in chunks]
+    with conn.engine.connect() as side:  # all made first: our locks on one chunk would hold up the next's
+        for chunk_rows in rows:
+            _make_missing(side, guards, chunk_rows)
+    for chunk_rows in rows:
+        _lock_innodb(conn, guards, chunk_rows)
+
+
+def _lock_upserted(conn: Any, guards: Table, rows: list[dict[str, str]]) -> None:
+    """PostgreSQL: the upsert changes the row: a REPEATABLE READ writer after us fails."""
+    pg = postgresql.insert(guards).values(rows)
+    conn.execute(pg.on_conflict_do_update(index_elements=["guard"], set_={"owner_table": pg.excluded.owner_table}))
+
+
+def _make_missing(side: Any, guards: Table, rows: list[dict[str, str]]) -> None:
+    """InnoDB: two transactions upserting the same new rows deadlock on their
+    gap locks; so the missing guards are made on a connection of their own
+    (``side``: committed at once, locking nothing of ours)."""
+    digests = [r["guard"] for r in rows]
+    have = set(side.execute(select(guards.c.guard).where(guards.c.guard.in_(digests))).scalars())
+    if len(have) < len(digests):
+        side.execute(mysql.insert(guards).prefix_with("IGNORE"), [r for r in rows if r["guard"] not in have])
+    side.commit()  # also ends the snapshot: the next chunk sees the newest rows
+
+
+def _lock_innodb(conn: Any, guards: Table, rows: list[dict[str, str]]) -> None:
+    """Lock the existing guards in order (locking reads see the newest rows).
+    A guard removed in between (remove_guards) leaves our gap lock where it
+    was: the side connection would wait for us, so we make it ourselves (a
+    deadlock with a writer doing the same is refused by InnoDB at once: one
+    of them rolls back, neither passes unlocked)."""
+    digests = [r["guard"] for r in rows]
     stmt = select(guards.c.guard).where(guards.c.guard.in_(digests)).order_by(guards.c.guard).with_for_update()
-    with conn.engine.connect() as side:
-        have = set(side.execute(select(guards.c.guard).where(guards.c.guard.in_(digests))).scalars())
-        if len(have) < len(digests):
-            side.execute(mysql.insert(guards).prefix_with("IGNORE"), [r for r in rows if r["guard"] not in have])
-            side.commit()
     locked = set(conn.execute(stmt).scalars())
     while len(locked) < len(digests):
         conn.execute(mysql.insert(guards).prefix_with("IGNORE"), [r for r in rows if r["guard"] not in locked])

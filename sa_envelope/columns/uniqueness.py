@@ -53,8 +53,9 @@ from .encrypted import EncryptedType
 from .guardrows import lock
 from .livematch import Sealed
 
-__all__ = ["install", "unique_sets"]
+__all__ = ["CHUNK", "install", "unique_sets"]
 
+CHUNK = 1000  # values per check statement, guards per lock statement (PostgreSQL: <= 65,535 parameters)
 _UNIQUE: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], ...]] = weakref.WeakKeyDictionary()
 _PENDING = "sa_envelope.unique_pending"  # conn.info: id(statement) -> (statement, its targets) till it ends
 
@@ -114,8 +115,8 @@ def _others(stmt: Any, columns: tuple[Any, ...], multiparams: Any, params: Any) 
     if not others:
         return None
     tuples = {tuple(_plain(r.get(c.key)) for c in others) for r in _rows(stmt, multiparams, params)}
-    if not tuples or any(v is None for t in tuples for v in t):
-        return None
+    if not tuples or len(tuples) > CHUNK or any(v is None for t in tuples for v in t):
+        return None  # many rows: every row holding a value is read, in chunks
     return or_(*(and_(*(c == v for c, v in zip(others, t))) for t in tuples))
 
 
@@ -302,28 +303,37 @@ _JOINED = (
 
 
 def _check_set(conn: Any, columns: tuple[Any, ...], written: dict[Any, dict[bytes, Any]], narrow: Any = None) -> None:
-    """Refuse if a tuple holding a value just written is stored twice across keys."""
+    """Refuse if a tuple holding a value just written is stored twice across
+    keys. The values go in chunks (a statement holds at most 65,535
+    parameters on PostgreSQL): a row found by more than one chunk is told
+    apart by its primary key."""
     table = columns[0].table
+    primary = list(table.primary_key.columns)
     raw = {c: type_coerce(c, LargeBinary) if _deterministic(c) else c for c in columns}
-    stmt = select(*raw.values()).where(or_(*(raw[c].in_(list(sealed)) for c, sealed in written.items())))
-    if narrow is not None:
-        stmt = stmt.where(narrow)
-    if conn.dialect.name != "sqlite":
-        stmt = stmt.with_for_update(read=True)
-    seen: set[tuple[Any, ...]] = set()
-    for row in conn.execute(stmt):
-        found = tuple(_canonical(conn, c, v, written) for c, v in zip(columns, row))
-        if any(v is None for v in found):
-            continue  # NULL is distinct from everything, as in the constraint
-        if found in seen:
-            names = ", ".join(c.name for c in columns)
-            raise DuplicateValueError(
-                f"{table.name}({names}) is unique: the value written is already stored under another "
-                "live key of the column (a rotation is in progress)",
-                table=table.name,
-                column=next(iter(written)).name,
-            )
-        seen.add(found)
+    pairs = [(c, sealed) for c, values in written.items() for sealed in values]
+    size = CHUNK if primary else len(pairs)
+    seen: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # tuple -> the row holding it
+    for start in range(0, len(pairs), size):
+        chunk = pairs[start : start + size]
+        where = or_(*(raw[c].in_([v for k, v in chunk if k is c]) for c in dict.fromkeys(k for k, _ in chunk)))
+        stmt = select(*primary, *raw.values()).where(where)
+        if narrow is not None:
+            stmt = stmt.where(narrow)
+        if conn.dialect.name != "sqlite":
+            stmt = stmt.with_for_update(read=True)
+        for row in conn.execute(stmt):
+            key = tuple(row[: len(primary)]) if primary else (object(),)
+            found = tuple(_canonical(conn, c, v, written) for c, v in zip(columns, row[len(primary) :]))
+            if any(v is None for v in found):
+                continue  # NULL is distinct from everything, as in the constraint
+            if seen.setdefault(found, key) != key:
+                names = ", ".join(c.name for c in columns)
+                raise DuplicateValueError(
+                    f"{table.name}({names}) is unique: the value written is already stored under another "
+                    "live key of the column (a rotation is in progress)",
+                    table=table.name,
+                    column=next(iter(written)).name,
+                )
 
 
 def _canonical(conn: Any, column: Any, stored: Any, written: dict[Any, dict[bytes, Any]]) -> Any:

@@ -444,3 +444,27 @@ def test_asyncpg_executemany_is_checked_by_primary_key_or_refused(engine: Engine
 
     asyncio.run(main())
     assert _tenants(engine, table) == {1: "t1", 2: "t8", 3: "t9"}
+
+
+def test_values_are_checked_and_locked_in_chunks(engine: Engine, tmp_path: Path, monkeypatch: Any) -> None:
+    """A write of many values is checked and its guards locked in chunks (a
+    PostgreSQL statement takes at most 65,535 parameters: an UPDATE of every
+    row of a 40,000-row table failed before). Chunks of 2 here: a duplicate
+    found in a later chunk is refused; a row found by two chunks is one row."""
+    from sa_envelope.columns import guardrows, uniqueness
+
+    monkeypatch.setattr(uniqueness, "CHUNK", 2)
+    monkeypatch.setattr(guardrows, "_CHUNK", 2)
+    table = _members(engine, tmp_path)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": 10 + i, "tenant": "t5", "email": f"u{i}@example.org"} for i in range(5)])
+    with pytest.raises(DuplicateValueError) as exc:
+        with engine.begin() as conn:  # no WHERE: every email read; rows 1 and 2 would be (t6, x)
+            conn.execute(update(table).values(tenant="t6"))
+    _refused(exc)
+    with pytest.raises(DuplicateValueError) as exc:
+        with engine.begin() as conn:
+            rows = [{"id": 20 + i, "tenant": "t1", "email": f"v{i}@example.org"} for i in range(4)]
+            conn.execute(table.insert(), [*rows, {"id": 30, "tenant": "t1", "email": "x@example.org"}])
+    _refused(exc)
+    assert _tenants(engine, table) == {**UNCHANGED, **{10 + i: "t5" for i in range(5)}}
