@@ -209,7 +209,7 @@ class KeyManager:
 
     def _own_tables(self) -> list[Table]:
         """The library's tables: keys, search-index tokens, uniqueness guards."""
-        return [self.table, self.search_table, guard_table(self.table.metadata)]
+        return [self.table, self.search_table, guard_table(self.table.metadata, self.table.name)]
 
     def stats(self) -> dict[str, int]:
         """Counters over every bound engine: provider calls, cache hits and
@@ -254,7 +254,9 @@ class KeyManager:
         """
         binding = self.engines.select(engine)
         if scope == kt.SCOPE_DETERMINISTIC:  # UNIQUE across the live keys needs its guard rows (columns/uniqueness)
-            guard_table(binding.store.table.metadata).create(binding.store.engine, checkfirst=True)
+            guard_table(binding.store.table.metadata, binding.store.table.name).create(
+                binding.store.engine, checkfirst=True
+            )
         new_id = binding.store.rotate(table, scope)
         binding.live.invalidate(table)
         return new_id

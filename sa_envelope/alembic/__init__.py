@@ -8,7 +8,7 @@ what ``Operations.register_operation`` does) and patches nothing else::
 
     op.create_key_table()
     op.add_row_digest()  # upgrading a key table made before row keys were bound
-    op.create_guard_table()  # upgrading a deployment made before uniqueness guards
+    op.create_guard_table()  # upgrading a deployment made before uniqueness guards (table_name= as above)
     op.encrypt_column("patients", "email", EncryptedType(String(200)))
     op.decrypt_column("patients", "email", EncryptedType(String(200)))
     op.rewrap_keys()

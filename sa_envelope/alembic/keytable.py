@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from alembic.operations import MigrateOperation, Operations
-from sqlalchemy import MetaData, PrimaryKeyConstraint, inspect
+from sqlalchemy import MetaData, PrimaryKeyConstraint, func, inspect, select
 
 from ..columns.guardrows import guard_table
 from ..errors import EnvelopeError
 from ..keys import table as kt
+from ..keys.live import LIVE_STATUSES
 from ..providers.spec import provider_from_spec
 from ..search.tokens import token_table
 from .context import engine_of, manager_for, require_online
@@ -140,12 +141,12 @@ def _create_like(operations: Operations, table: Any, name: str | None = None) ->
 def _create_key_table(operations: Operations, op: CreateKeyTableOp) -> None:
     _create_like(operations, kt.key_table(MetaData(), op.table_name))
     _create_like(operations, token_table(MetaData(), op.table_name))
-    _create_like(operations, guard_table(MetaData()))
+    _create_like(operations, guard_table(MetaData(), op.table_name))
 
 
 @Operations.implementation_for(DropKeyTableOp)
 def _drop_key_table(operations: Operations, op: DropKeyTableOp) -> None:
-    operations.drop_table(guard_table(MetaData()).name, if_exists=True)
+    operations.drop_table(guard_table(MetaData(), op.table_name).name, if_exists=True)
     operations.drop_table(token_table(MetaData(), op.table_name).name, if_exists=True)
     operations.drop_table(op.table_name)
 
@@ -161,40 +162,72 @@ def _drop_search_table(operations: Operations, op: DropSearchTableOp) -> None:
 
 
 @Operations.register_operation("create_guard_table")
-class CreateGuardTableOp(MigrateOperation):
-    """Upgrade a deployment made before uniqueness guards: create
-    ``sa_envelope_guards`` (``create_key_table`` now makes it). Without it,
-    UNIQUE across the live keys of a rotation is checked under a lock on the
-    key-table row instead, which serialises every checked write of a table."""
+class CreateGuardTableOp(_KeyTableOp):
+    """Create the uniqueness guards' table beside the key table
+    ``table_name`` (``sa_envelope_guards``; ``x_guards`` beside ``x_keys``),
+    for a deployment made before uniqueness guards or, with a custom key
+    table name, before the guard table followed it (``create_key_table``
+    makes it). Without it, UNIQUE across the live keys of a rotation is
+    checked under a lock on the key-table row instead, which serialises
+    every checked write of a table. Refused while a deterministic key is
+    being rotated (docs/rotation.md: the old processes lock the old table)."""
 
     @classmethod
-    def create_guard_table(cls, operations: Operations) -> Any:
-        return operations.invoke(cls())
+    def create_guard_table(cls, operations: Operations, table_name: str = kt.KEY_TABLE_NAME) -> Any:
+        return operations.invoke(cls(table_name))
 
     def reverse(self) -> DropGuardTableOp:
-        return DropGuardTableOp()
+        return DropGuardTableOp(self.table_name)
 
 
 @Operations.register_operation("drop_guard_table")
-class DropGuardTableOp(MigrateOperation):
-    """Drop the guards' table (safe between rotations; during one, checked writes fall back to the key-row lock)."""
+class DropGuardTableOp(_KeyTableOp):
+    """Drop the guards' table beside the key table ``table_name`` (safe
+    between rotations; during one, checked writes fall back to the key-row
+    lock). ``op.drop_guard_table()`` also drops the ``sa_envelope_guards``
+    an older version made beside a custom key table, once no KeyManager of
+    the default name uses it."""
 
     @classmethod
-    def drop_guard_table(cls, operations: Operations) -> Any:
-        return operations.invoke(cls())
+    def drop_guard_table(cls, operations: Operations, table_name: str = kt.KEY_TABLE_NAME) -> Any:
+        return operations.invoke(cls(table_name))
 
     def reverse(self) -> CreateGuardTableOp:
-        return CreateGuardTableOp()
+        return CreateGuardTableOp(self.table_name)
 
 
 @Operations.implementation_for(CreateGuardTableOp)
 def _create_guard_table(operations: Operations, op: CreateGuardTableOp) -> None:
-    _create_like(operations, guard_table(MetaData()))
+    if not operations.get_context().as_sql:
+        _refuse_during_rotation(operations, op.table_name)
+    _create_like(operations, guard_table(MetaData(), op.table_name))
+
+
+def _refuse_during_rotation(operations: Operations, table_name: str) -> None:
+    """Writers of the version before lock another guard table (or the key
+    row): they and the new version's would not wait for each other while a
+    deterministic column has two live keys."""
+    bind = operations.get_bind()
+    if not inspect(bind).has_table(table_name):
+        return
+    keys = kt.key_table(MetaData(), table_name)
+    live = (
+        select(keys.c.owner_table)
+        .where(keys.c.scope == kt.SCOPE_DETERMINISTIC, keys.c.status.in_(LIVE_STATUSES))
+        .group_by(keys.c.owner_table)
+        .having(func.count() > 1)
+    )
+    rotating = sorted(bind.execute(live).scalars())
+    if rotating:
+        raise EnvelopeError(
+            f"a deterministic key of {', '.join(rotating)} is being rotated: create the guard table "
+            "once its re-encryption has retired the old key (docs/rotation.md)"
+        )
 
 
 @Operations.implementation_for(DropGuardTableOp)
 def _drop_guard_table(operations: Operations, op: DropGuardTableOp) -> None:
-    operations.drop_table(guard_table(MetaData()).name)
+    operations.drop_table(guard_table(MetaData(), op.table_name).name)
 
 
 @Operations.register_operation("upgrade_search_table")

@@ -40,8 +40,11 @@ from __future__ import annotations
 import weakref
 from typing import Any, Iterator
 
-from sqlalchemy import Index, LargeBinary, UniqueConstraint, and_, or_, select, type_coerce
-from sqlalchemy.sql.elements import BindParameter, ClauseElement
+from sqlalchemy import Index, LargeBinary, Table, UniqueConstraint, and_, or_, select, type_coerce
+from sqlalchemy.sql import operators as ops
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList, ClauseElement
+from sqlalchemy.sql.selectable import Alias, Exists, ScalarSelect, SelectBase
 
 from ..errors import DuplicateValueError, UncheckedUpdateError
 from ..keys.listeners import Listeners
@@ -50,8 +53,9 @@ from .encrypted import EncryptedType
 from .guardrows import lock
 from .livematch import Sealed
 
-__all__ = ["install", "unique_sets"]
+__all__ = ["CHUNK", "install", "unique_sets"]
 
+CHUNK = 1000  # values per check statement, guards per lock statement (PostgreSQL: <= 65,535 parameters)
 _UNIQUE: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], ...]] = weakref.WeakKeyDictionary()
 _PENDING = "sa_envelope.unique_pending"  # conn.info: id(statement) -> (statement, its targets) till it ends
 
@@ -111,8 +115,8 @@ def _others(stmt: Any, columns: tuple[Any, ...], multiparams: Any, params: Any) 
     if not others:
         return None
     tuples = {tuple(_plain(r.get(c.key)) for c in others) for r in _rows(stmt, multiparams, params)}
-    if not tuples or any(v is None for t in tuples for v in t):
-        return None
+    if not tuples or len(tuples) > CHUNK or any(v is None for t in tuples for v in t):
+        return None  # many rows: every row holding a value is read, in chunks
     return or_(*(and_(*(c == v for c, v in zip(others, t))) for t in tuples))
 
 
@@ -123,7 +127,7 @@ def _kept(
     deterministic one: the values those keep, read (row-locked, as the
     UPDATE would lock them) from the rows its WHERE clause selects, per
     parameter set, before it runs (after it, the WHERE may match others);
-    and the number of rows read (-1: none)."""
+    and the number of distinct rows read, by primary key (-1: none read)."""
     if not getattr(stmt, "is_update", False):
         return {}, -1
     rows = _rows(stmt, multiparams, params)
@@ -131,7 +135,10 @@ def _kept(
     kept = [c for c in columns if _deterministic(c) and c not in written]
     if not written or not kept:
         return {}, -1
-    read = select(*(type_coerce(c, LargeBinary) for c in kept))
+    sets = [p for p in list(multiparams or ()) + [params or {}] if isinstance(p, dict) and p] or [{}]
+    primary = list(stmt.table.primary_key.columns)
+    _refuse_unreadable(conn, stmt, columns, primary, len(sets) > 1)
+    read = select(*primary, *(type_coerce(c, LargeBinary) for c in kept))
     if stmt.whereclause is not None:
         read = read.where(stmt.whereclause)
     if conn.dialect.name != "sqlite":
@@ -139,14 +146,76 @@ def _kept(
     else:
         _lock_sqlite(conn, stmt.table)
     found: dict[Any, set[Any]] = {c: set() for c in kept}
-    count = 0
-    for p in [p for p in list(multiparams or ()) + [params or {}] if isinstance(p, dict) and p] or [{}]:
-        for row in conn.execute(read, p):
-            count += 1
-            for column, stored in zip(kept, row):
+    seen: set[tuple[Any, ...]] = set()
+    empty = False
+    for p in sets:
+        got = conn.execute(read, p).all()
+        empty = empty or not got
+        for row in got:
+            seen.add(tuple(row[: len(primary)]))
+            for column, stored in zip(kept, row[len(primary) :]):
                 if stored is not None:
                     found[column].add(column.type.decrypt(bytes(stored), binds.require(column.type, conn.dialect)))
-    return found, count
+    if len(sets) > 1 and not conn.dialect.supports_sane_multi_rowcount and (empty or not _by_key(stmt, primary)):
+        raise _unchecked(stmt, columns, _NO_SUM)
+    return found, len(seen)
+
+
+def _refuse_unreadable(conn: Any, stmt: Any, columns: tuple[Any, ...], primary: list[Any], many: bool) -> None:
+    """Refuse, before it runs, an UPDATE whose rows the read cannot pin down.
+
+    The rows read are locked, and so are the rows of other tables its WHERE
+    joins (``UPDATE ... FROM``: ``FOR UPDATE`` locks every table of the read),
+    so no row read can stop matching and a row that begins to match shows in
+    the row count. A subquery's rows are not locked (neither PostgreSQL's nor
+    InnoDB's locking read reaches into it): one row could leave the WHERE
+    while another joins it, unseen by the count. SQLite holds its write lock
+    from before the read: nothing changes in between there. Rows are told
+    apart by primary key (a join reads a row once per partner)."""
+    where = stmt.whereclause
+    if where is None:
+        return
+    if not primary and (many or any(f is not stmt.table for f in where._from_objects)):
+        raise _unchecked(stmt, columns, "its table has no primary key to tell the rows read apart")
+    if conn.dialect.name == "sqlite":
+        return
+    nested = any(isinstance(e, (SelectBase, ScalarSelect, Exists)) for e in visitors.iterate(where))
+    foreign = [f for f in where._from_objects if f is not stmt.table and not isinstance(f, (Table, Alias))]
+    if nested or foreign or any(isinstance(f, Alias) and not isinstance(f.element, Table) for f in where._from_objects):
+        raise _unchecked(stmt, columns, _SUBQUERY)
+
+
+def _by_key(stmt: Any, primary: list[Any]) -> bool:
+    """The WHERE clause is ``pk = :value`` for every primary-key column (the
+    ORM's): at most one row can match each parameter set."""
+    where = stmt.whereclause
+    terms = list(where.clauses) if isinstance(where, BooleanClauseList) and where.operator is ops.and_ else [where]
+    equal = {
+        t.left._deannotate()
+        for t in terms
+        if isinstance(t, BinaryExpression) and t.operator is ops.eq and isinstance(t.right, BindParameter)
+    }
+    return bool(primary) and all(any(c is p for c in equal) for p in primary)
+
+
+_SUBQUERY = (
+    "its WHERE clause reads a subquery, whose rows the check cannot lock; select the primary keys first "
+    "and update by them"
+)
+_NO_SUM = (
+    "the driver reports no row count for an executemany; run the parameter sets as separate statements "
+    "or update by primary key"
+)
+
+
+def _unchecked(stmt: Any, columns: tuple[Any, ...], why: str) -> UncheckedUpdateError:
+    names = ", ".join(c.name for c in columns)
+    return UncheckedUpdateError(
+        f"{stmt.table.name}({names}) is unique and a rotation is in progress: this UPDATE cannot be checked "
+        f"across the live keys, since {why}",
+        table=stmt.table.name,
+        column=next(c for c in columns if _deterministic(c)).name,
+    )
 
 
 def _lock_sqlite(conn: Any, table: Any) -> None:
@@ -179,7 +248,8 @@ def _targets(
             values = {v for v in _written(stmt, column, multiparams, params) if v is not None}
             values |= kept.get(column, set())
             if len(live) > 1 and values:
-                written[column] = {column.type.encrypt(Sealed(v, k)): v for v in values for k in live}
+                store = binds.require(column.type, conn.dialect).store  # this engine's (of several bound)
+                written[column] = {column.type.encrypt(Sealed(v, k), store): v for v in values for k in live}
         if written:
             yield columns, written, _others(stmt, columns, multiparams, params), read
 
@@ -208,49 +278,62 @@ def _check(conn: Any, stmt: Any, multiparams: Any, params: Any, options: Any, re
 
 
 def _check_read_all(conn: Any, stmt: Any, columns: tuple[Any, ...], multiparams: Any, read: int, result: Any) -> None:
-    """Refuse an UPDATE that matched more rows than were read for the values
-    they keep: a row began to match its WHERE in between (another
+    """Refuse an UPDATE that changed more rows than the distinct rows read for
+    the values they keep: a row began to match its WHERE in between (another
     transaction's commit, under READ COMMITTED). An executemany's count is
-    the sum over its parameter sets (psycopg, PyMySQL, sqlite3), compared
-    with the sum of the rows each set read; a dialect without a reliable
-    sum (asyncpg) is not compared."""
+    the sum over its parameter sets (psycopg, PyMySQL, sqlite3). Every row
+    read is locked, so each is changed by some set (its own, or an earlier
+    one that moved it out of the WHERE): a sum at most the distinct rows
+    read leaves none unread (an earlier set moving a row out of a later
+    set's WHERE while another writer's row joins it adds one to the sum).
+    A dialect without a reliable sum (asyncpg) was refused before the write
+    unless each set updated by primary key a row it read (:func:`_kept`)."""
     many = len(multiparams or ()) > 1
     if read < 0 or (many and not conn.dialect.supports_sane_multi_rowcount):
         return
     if getattr(result, "rowcount", -1) <= read:
         return
-    names = ", ".join(c.name for c in columns)
-    raise UncheckedUpdateError(
-        f"{stmt.table.name}({names}) is unique: the UPDATE changed rows that began to match its WHERE clause "
-        "while their values were being checked (a rotation is in progress); roll back and retry",
-        table=stmt.table.name,
-        column=next(c for c in columns if _deterministic(c)).name,
-    )
+    raise _unchecked(stmt, columns, _JOINED)
+
+
+_JOINED = (
+    "it changed rows that began to match its WHERE clause while their values were being checked (or, in an "
+    "executemany, a row more than once); roll back and retry"
+)
 
 
 def _check_set(conn: Any, columns: tuple[Any, ...], written: dict[Any, dict[bytes, Any]], narrow: Any = None) -> None:
-    """Refuse if a tuple holding a value just written is stored twice across keys."""
+    """Refuse if a tuple holding a value just written is stored twice across
+    keys. The values go in chunks (a statement holds at most 65,535
+    parameters on PostgreSQL): a row found by more than one chunk is told
+    apart by its primary key."""
     table = columns[0].table
+    primary = list(table.primary_key.columns)
     raw = {c: type_coerce(c, LargeBinary) if _deterministic(c) else c for c in columns}
-    stmt = select(*raw.values()).where(or_(*(raw[c].in_(list(sealed)) for c, sealed in written.items())))
-    if narrow is not None:
-        stmt = stmt.where(narrow)
-    if conn.dialect.name != "sqlite":
-        stmt = stmt.with_for_update(read=True)
-    seen: set[tuple[Any, ...]] = set()
-    for row in conn.execute(stmt):
-        found = tuple(_canonical(conn, c, v, written) for c, v in zip(columns, row))
-        if any(v is None for v in found):
-            continue  # NULL is distinct from everything, as in the constraint
-        if found in seen:
-            names = ", ".join(c.name for c in columns)
-            raise DuplicateValueError(
-                f"{table.name}({names}) is unique: the value written is already stored under another "
-                "live key of the column (a rotation is in progress)",
-                table=table.name,
-                column=next(iter(written)).name,
-            )
-        seen.add(found)
+    pairs = [(c, sealed) for c, values in written.items() for sealed in values]
+    size = CHUNK if primary else len(pairs)
+    seen: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # tuple -> the row holding it
+    for start in range(0, len(pairs), size):
+        chunk = pairs[start : start + size]
+        where = or_(*(raw[c].in_([v for k, v in chunk if k is c]) for c in dict.fromkeys(k for k, _ in chunk)))
+        stmt = select(*primary, *raw.values()).where(where)
+        if narrow is not None:
+            stmt = stmt.where(narrow)
+        if conn.dialect.name != "sqlite":
+            stmt = stmt.with_for_update(read=True)
+        for row in conn.execute(stmt):
+            key = tuple(row[: len(primary)]) if primary else (object(),)
+            found = tuple(_canonical(conn, c, v, written) for c, v in zip(columns, row[len(primary) :]))
+            if any(v is None for v in found):
+                continue  # NULL is distinct from everything, as in the constraint
+            if seen.setdefault(found, key) != key:
+                names = ", ".join(c.name for c in columns)
+                raise DuplicateValueError(
+                    f"{table.name}({names}) is unique: the value written is already stored under another "
+                    "live key of the column (a rotation is in progress)",
+                    table=table.name,
+                    column=next(iter(written)).name,
+                )
 
 
 def _canonical(conn: Any, column: Any, stored: Any, written: dict[Any, dict[bytes, Any]]) -> Any:

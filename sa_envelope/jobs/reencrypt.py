@@ -307,4 +307,4 @@ def _drop_guards(conn: Any, keys: Any, owner: str) -> None:
         keys.c.owner_table == owner, keys.c.scope == kt.SCOPE_DETERMINISTIC, keys.c.status.in_(LIVE_STATUSES)
     )
     if conn.execute(live).scalar_one() <= 1:
-        remove_guards(conn, owner)
+        remove_guards(conn, keys, owner)

@@ -105,7 +105,7 @@ def test_guards_removed_between_made_and_locked_are_made_again(engine: Engine, d
     def remove_before_the_locking_read(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
         if not removed and GUARDS.name in statement and "FOR UPDATE" in statement:
             with remover.begin() as other:
-                removed.append(remove_guards(other, "members"))
+                removed.append(remove_guards(other, keys.table, "members"))
 
     event.listen(engine, "before_cursor_execute", remove_before_the_locking_read)
     try:

@@ -310,3 +310,161 @@ def test_a_row_read_cannot_change_meanwhile(engine: Engine, tmp_path: Path) -> N
         event.remove(engine, "before_cursor_execute", listener)
     assert _waited(landed), landed
     assert _tenants(engine, table) == {**UNCHANGED, 3: "t1"}
+
+
+@pytest.mark.backends("postgresql")
+def test_an_executemany_whose_sets_cancel_out_is_refused(engine: Engine, tmp_path: Path) -> None:
+    """The first set moves row 3 out of the second set's WHERE (both read
+    it) while row 4 (t3, x) lands and joins the first: the sum of the rows
+    each set read (2) equals the rows changed (2), and (t1, x) would be
+    stored under both keys, x never read. The distinct rows read (1) do not."""
+    table, landed = _members(engine, tmp_path), []
+    listener = _meanwhile(
+        engine, lambda o: o.execute(table.insert(), [{"id": 4, "tenant": "t3", "email": "x@example.org"}]), landed
+    )
+    event.listen(engine, "before_cursor_execute", listener)
+    stmt = update(table).where(table.c.tenant == bindparam("was")).values(tenant=bindparam("to"))
+    try:
+        with pytest.raises(UncheckedUpdateError) as exc:
+            with engine.begin() as conn:
+                conn.execute(stmt, [{"was": "t3", "to": "t1"}, {"was": "t3", "to": "t9"}])
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+    assert landed == [True]
+    assert exc.value.table == "members" and "x@example.org" not in str(exc.value)
+    assert _tenants(engine, table) == {**UNCHANGED, 4: "t3"}
+
+
+def _partners(engine: Engine, rows: list[dict[str, int]]) -> Table:
+    partners = Table("partners", MetaData(), Column("id", Integer, primary_key=True), Column("member", Integer))
+    partners.create(engine)
+    with engine.begin() as conn:
+        conn.execute(partners.insert(), rows)
+    return partners
+
+
+@pytest.mark.backends("postgresql")
+def test_an_update_joining_another_table_counts_each_row_once(engine: Engine, tmp_path: Path) -> None:
+    """``UPDATE members ... FROM partners``: row 3 has two partners, so the
+    read (a join) returns it twice; row 4 (t4, x), whose partner is already
+    there, lands meanwhile and would become (t1, x). Counted by primary key,
+    two rows changed against one read: refused."""
+    table, landed = _members(engine, tmp_path), []
+    partners = _partners(engine, [{"id": 1, "member": 3}, {"id": 2, "member": 3}, {"id": 3, "member": 4}])
+    listener = _meanwhile(engine, _row_4(table), landed)
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        with pytest.raises(UncheckedUpdateError):
+            with engine.begin() as conn:
+                conn.execute(update(table).where(table.c.id == partners.c.member).values(tenant="t1"))
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+    assert landed == [True]
+    assert _tenants(engine, table) == {**UNCHANGED, 4: "t4"}
+
+
+def test_an_update_joining_another_table_is_checked(engine: Engine, tmp_path: Path) -> None:
+    """Without a writer in between, the joined UPDATE is checked like any:
+    row 2 moving to t1 is refused, row 3 passes (the partners' rows are
+    locked by the read, so none can leave the join meanwhile)."""
+    table = _members(engine, tmp_path)
+    partners = _partners(engine, [{"id": 1, "member": 2}, {"id": 2, "member": 3}, {"id": 3, "member": 3}])
+    with pytest.raises(DuplicateValueError) as exc:
+        with engine.begin() as conn:
+            conn.execute(update(table).where(table.c.id == partners.c.member, partners.c.id == 1).values(tenant="t1"))
+    _refused(exc)
+    with engine.begin() as conn:
+        conn.execute(update(table).where(table.c.id == partners.c.member, partners.c.id >= 2).values(tenant="t1"))
+    assert _tenants(engine, table) == {**UNCHANGED, 3: "t1"}
+
+
+def test_an_update_by_a_subquery_is_refused_where_its_rows_cannot_be_locked(engine: Engine, tmp_path: Path) -> None:
+    """``WHERE id IN (SELECT ...)``: neither PostgreSQL's nor InnoDB's locking
+    read locks the subquery's rows, so a row could leave the WHERE while
+    another joins it, the count unchanged. Refused before it runs there;
+    SQLite holds its write lock from before the read, so it is checked."""
+    table = _members(engine, tmp_path)
+    partners = _partners(engine, [{"id": 1, "member": 2}])
+    stmt = update(table).where(table.c.id.in_(select(partners.c.member))).values(tenant="t1")
+    if engine.dialect.name == "sqlite":
+        with pytest.raises(DuplicateValueError):
+            with engine.begin() as conn:
+                conn.execute(stmt)
+    else:
+        with pytest.raises(UncheckedUpdateError, match="subquery") as exc:
+            with engine.begin() as conn:
+                conn.execute(stmt)
+        assert exc.value.table == "members" and "x@example.org" not in str(exc.value)
+    assert _tenants(engine, table) == UNCHANGED
+
+
+def test_an_update_without_where_reads_and_checks_every_row(engine: Engine, tmp_path: Path) -> None:
+    """No WHERE: every row's email is read (the whole table, locked) and
+    checked; moving all to t1 stores (t1, x) twice: refused."""
+    table = _members(engine, tmp_path)
+    with pytest.raises(DuplicateValueError) as exc:
+        with engine.begin() as conn:
+            conn.execute(update(table).values(tenant="t1"))
+    _refused(exc)
+    assert _tenants(engine, table) == UNCHANGED
+
+
+@pytest.mark.backends("postgresql")
+def test_asyncpg_executemany_is_checked_by_primary_key_or_refused(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """asyncpg reports no row count for an executemany, so nothing shows a row
+    that began to match meanwhile. By primary key (the ORM's form), each set
+    matches at most the row it read and locked: checked. By anything else:
+    refused before it runs."""
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from support.backends import async_url
+
+    keys, Member, _, _ = _setup(engine, tmp_path)
+    table = Member.__table__
+    aengine = keys.bind(create_async_engine(async_url(db_url)))
+    by_key = update(table).where(table.c.id == bindparam("row")).values(tenant=bindparam("to"))
+    by_tenant = update(table).where(table.c.tenant == bindparam("was")).values(tenant=bindparam("to"))
+
+    async def run(stmt: Any, rows: list[dict[str, Any]]) -> None:
+        async with aengine.begin() as conn:
+            await conn.execute(stmt, rows)
+
+    async def main() -> None:
+        try:
+            with pytest.raises(UncheckedUpdateError, match="no row count"):
+                await run(by_tenant, [{"was": "t3", "to": "t8"}, {"was": "t9", "to": "t7"}])
+            with pytest.raises(DuplicateValueError):
+                await run(by_key, [{"row": 3, "to": "t9"}, {"row": 2, "to": "t1"}])
+            assert _tenants(engine, table) == UNCHANGED
+            await run(by_key, [{"row": 3, "to": "t9"}, {"row": 2, "to": "t8"}])
+        finally:
+            await aengine.dispose()
+
+    asyncio.run(main())
+    assert _tenants(engine, table) == {1: "t1", 2: "t8", 3: "t9"}
+
+
+def test_values_are_checked_and_locked_in_chunks(engine: Engine, tmp_path: Path, monkeypatch: Any) -> None:
+    """A write of many values is checked and its guards locked in chunks (a
+    PostgreSQL statement takes at most 65,535 parameters: an UPDATE of every
+    row of a 40,000-row table failed before). Chunks of 2 here: a duplicate
+    found in a later chunk is refused; a row found by two chunks is one row."""
+    from sa_envelope.columns import guardrows, uniqueness
+
+    monkeypatch.setattr(uniqueness, "CHUNK", 2)
+    monkeypatch.setattr(guardrows, "_CHUNK", 2)
+    table = _members(engine, tmp_path)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": 10 + i, "tenant": "t5", "email": f"u{i}@example.org"} for i in range(5)])
+    with pytest.raises(DuplicateValueError) as exc:
+        with engine.begin() as conn:  # no WHERE: every email read; rows 1 and 2 would be (t6, x)
+            conn.execute(update(table).values(tenant="t6"))
+    _refused(exc)
+    with pytest.raises(DuplicateValueError) as exc:
+        with engine.begin() as conn:
+            rows = [{"id": 20 + i, "tenant": "t1", "email": f"v{i}@example.org"} for i in range(4)]
+            conn.execute(table.insert(), [*rows, {"id": 30, "tenant": "t1", "email": "x@example.org"}])
+    _refused(exc)
+    assert _tenants(engine, table) == {**UNCHANGED, **{10 + i: "t5" for i in range(5)}}
