@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-from sqlalchemy import BigInteger, Connection, String, Table, any_, bindparam, cast, select, update
+from sqlalchemy import BigInteger, Connection, Table, any_, bindparam, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from ..envelope import ciphers
@@ -215,8 +215,7 @@ class RowKeys:
         parents: dict[int, Any] = {}  # per table key: its cached entry, looked up once
         for start in range(0, len(ids), chunk_size):
             chunk = ids[start : start + chunk_size]
-            # PostgreSQL: one text parameter cast to BIGINT[] (psycopg dumps a list element by element, in Python)
-            params = {"ids": "{" + ",".join(map(str, chunk)) + "}"} if pg else {"ids": chunk}
+            params = {"ids": chunk}
             self.key_queries += 1
             rows = self.query(lambda: conn.execute(stmt, params).all(), table)
             self._open_rows(rows, parents, table, column)
@@ -233,7 +232,7 @@ class RowKeys:
         t = self.table
         cols = (t.c.id, t.c.wrapped_key, t.c.row_digest, t.c.parent_id, t.c.owner_table, t.c.status)
         if pg:
-            match = t.c.id == any_(cast(bindparam("ids", type_=String), ARRAY(BigInteger)))
+            match = t.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger)))  # one array parameter
         else:
             match = t.c.id.in_(bindparam("ids", expanding=True))
         stmt = self._statements[pg] = select(*cols).where(match, t.c.scope == kt.SCOPE_ROW)
