@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
@@ -40,6 +40,7 @@ __all__ = [
     "HmacKey",
     "ROW_KEY_ALGORITHM",
     "ROW_KEY_CIPHER",
+    "open_many",
     "open_row_key",
     "row_key_ad",
     "row_key_opener",
@@ -202,3 +203,38 @@ def row_key_opener(parent: Any, parent_version: int, parent_id: int, owner: str)
             raise fmt.InvalidEnvelope("row key does not unwrap under its table key") from None
 
     return open_one
+
+
+def open_many(parent: Any, parent_version: int, parent_id: int, owner: str, keys: Sequence[Any]) -> list[bytes]:
+    """The material of many wrapped row keys of ``owner`` under one table key:
+    each item is indexed ``[0]`` key id, ``[1]`` wrapped bytes, ``[2]`` row
+    digest or ``None`` (a key-table row read in that column order). The same
+    checks as :func:`row_key_opener`, inlined in one loop: a cold read opens
+    one row key per row. A key row that does not unwrap raises
+    :class:`~.format.InvalidEnvelope` whose ``index`` attribute says which
+    item (the caller names its key id); the whole batch fails with it.
+    """
+    decrypt = getattr(parent, "decrypt", None)
+    if parent_version != fmt.VERSION_GCM or decrypt is None:
+        _refuse(0)
+    prefix, suffix = fmt.key_id_bytes(parent_id), owner.encode("utf-8")
+    label, size, end, n = _AD_LABEL, WRAPPED_ROW_KEY_LEN, 1 + fmt.NONCE_LEN, fmt.KEY_ID_LEN
+    out: list[bytes] = []
+    for i, item in enumerate(keys):
+        key_id, wrapped, digest = item[0], item[1], item[2]
+        if type(wrapped) is not bytes:
+            wrapped = bytes(wrapped)
+        if len(wrapped) != size or wrapped[0] != (ROW_WRAP_VERSION if digest is None else ROW_WRAP_BOUND):
+            _refuse(i)
+        try:
+            ad = label + key_id.to_bytes(n, "big") + prefix + (digest or b"") + suffix
+            out.append(decrypt(wrapped[1:end], wrapped[end:], ad))
+        except (InvalidTag, ValueError, TypeError, OverflowError):
+            _refuse(i)
+    return out
+
+
+def _refuse(index: int) -> NoReturn:
+    exc = fmt.InvalidEnvelope("row key does not unwrap under its table key")
+    exc.index = index  # type: ignore[attr-defined]
+    raise exc from None

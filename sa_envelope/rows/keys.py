@@ -72,6 +72,7 @@ class RowKeys:
         self.cache = KeyCache(CacheLimits(max(ROW_CACHE_SIZE, limits.max_size), limits.max_age, limits.max_uses))
         self.tracker.row_cache = self.cache  # evicted with the transactions that made them
         self.keys_created = 0
+        self._statements: dict[bool, Any] = {}  # the key-row query, per dialect kind (PostgreSQL or not)
         self.key_queries = 0
         store.on_rollover.append(lambda conn, owner, parent: binding.follow_table_key(self, conn, owner, parent))
 
@@ -208,50 +209,69 @@ class RowKeys:
         # a tampered header may name an id no BIGINT holds: never stored, and
         # PostgreSQL would refuse the query (the caller reports it not found)
         ids = [k for k in key_ids if fmt.is_key_id(k)]
-        chunk_size = PG_CHUNK if conn.dialect.name == "postgresql" else IN_CHUNK
-        openers: dict[tuple[int, str], Any] = {}  # per (table key, owner): its part of the wrap's AD, once
+        pg = conn.dialect.name == "postgresql"
+        chunk_size = PG_CHUNK if pg else IN_CHUNK
+        stmt = self._select_keys(pg)
+        parents: dict[int, Any] = {}  # per table key: its cached entry, looked up once
         for start in range(0, len(ids), chunk_size):
             chunk = ids[start : start + chunk_size]
+            params = {"ids": chunk}
             self.key_queries += 1
-            rows = self.query(lambda: conn.execute(self._select_keys(conn, chunk)).all(), table)
-            # parent_id None: a table key, which the manager's own cache serves
-            opened = [
-                self._opened(r, openers, table, column) for r in rows if r[1] is not None and r[5] == kt.SCOPE_ROW
-            ]
-            for entry, digest in zip(self.cache.put_many(o[:3] for o in opened), (o[3] for o in opened)):
-                entry.bound = digest
+            rows = self.query(lambda: conn.execute(stmt, params).all(), table)
+            self._open_rows(rows, parents, table, column)
 
-    def _select_keys(self, conn: Connection, ids: Sequence[int]) -> Any:
+    def _select_keys(self, pg: bool) -> Any:
+        """The key-row query, built once per dialect kind (SQLAlchemy's compiled
+        cache then serves it): only the columns unwrapping needs, in the order
+        :func:`ciphers.open_many` reads, and only rows of scope ``row`` (as the
+        Python filter before: any other key row is left to the table-key path,
+        which checks it against its own associated data)."""
+        cached = self._statements.get(pg)
+        if cached is not None:
+            return cached
         t = self.table
-        cols = (t.c.id, t.c.parent_id, t.c.owner_table, t.c.wrapped_key, t.c.status, t.c.scope, t.c.row_digest)
-        if conn.dialect.name == "postgresql":  # one array parameter, not thousands
-            return select(*cols).where(t.c.id == any_(bindparam("ids", list(ids), type_=ARRAY(BigInteger))))
-        return select(*cols).where(t.c.id.in_(ids))
+        cols = (t.c.id, t.c.wrapped_key, t.c.row_digest, t.c.parent_id, t.c.owner_table, t.c.status)
+        if pg:
+            match = t.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger)))  # one array parameter
+        else:
+            match = t.c.id.in_(bindparam("ids", expanding=True))
+        stmt = self._statements[pg] = select(*cols).where(match, t.c.scope == kt.SCOPE_ROW)
+        return stmt
 
-    def _opened(
-        self, row: Any, openers: dict[tuple[int, str], Any], table: str, column: str | None
-    ) -> tuple[int, Any, bytes, bytes | None]:
-        """``(key id, cipher, head, row digest)`` of a key row; cipher ``None`` for a tombstone.
-
-        Runs once per row key read (20,000 times for 20,000 rows): kept to
-        tuple indexing and two AES calls, no intermediate objects.
-        """
-        key_id, parent_id, owner, wrapped, status, _, digest = row
-        head = fmt.header(fmt.VERSION_GCM, key_id)
-        digest = bytes(digest) if digest is not None else None
-        if wrapped is None or status == kt.SHREDDED:
-            return key_id, None, head, digest
-        opener = openers.get((parent_id, owner))
-        if opener is None:
-            parent = self.store.decryption_key(parent_id, table=table, column=column or "")
-            opener = openers[(parent_id, owner)] = ciphers.row_key_opener(
-                parent.cipher, parent.head[0], parent_id, owner
-            )
-        try:
-            plaintext = opener(key_id, wrapped, digest)
-        except fmt.InvalidEnvelope as exc:
-            raise DecryptionError(str(exc), table=table, column=column, key_id=fmt.format_key_id(key_id)) from None
-        return key_id, ciphers.ROW_KEY_CIPHER(plaintext), head, digest
+    def _open_rows(self, rows: Sequence[Any], parents: dict[int, Any], table: str, column: str | None) -> None:
+        """Unwrap and cache the row keys of key rows ``(id, wrapped, digest,
+        parent, owner, status)``: one :func:`ciphers.open_many` per (table key,
+        owner), tombstones cached with no cipher. A key row that does not
+        unwrap fails the whole batch (nothing of it cached), naming its key id."""
+        groups: dict[tuple[int, str], list[Any]] = {}
+        dead: list[Any] = []
+        for r in rows:
+            if r[3] is None:  # no parent: not a row key (the table-key path refuses or serves it)
+                continue
+            if r[1] is None or r[5] == kt.SHREDDED:
+                dead.append(r)
+            else:
+                groups.setdefault((r[3], r[4]), []).append(r)
+        gcm, cipher = fmt.VERSION_GCM, ciphers.ROW_KEY_CIPHER
+        items: list[tuple[int, Any, bytes]] = []
+        bound: list[bytes | None] = []
+        for (parent_id, owner), members in groups.items():
+            parent = parents.get(parent_id)
+            if parent is None:
+                parent = parents[parent_id] = self.store.decryption_key(parent_id, table=table, column=column or "")
+            try:
+                plains = ciphers.open_many(parent.cipher, parent.head[0], parent_id, owner, members)
+            except fmt.InvalidEnvelope as exc:
+                key_id = fmt.format_key_id(members[getattr(exc, "index", 0)][0])
+                raise DecryptionError(str(exc), table=table, column=column, key_id=key_id) from None
+            for r, plain in zip(members, plains):
+                items.append((r[0], cipher(plain), bytes((gcm,)) + r[0].to_bytes(fmt.KEY_ID_LEN, "big")))
+                bound.append(_digest(r[2]))
+        for r in dead:
+            items.append((r[0], None, bytes((gcm,)) + r[0].to_bytes(fmt.KEY_ID_LEN, "big")))
+            bound.append(_digest(r[2]))
+        for entry, digest in zip(self.cache.put_many(items), bound):
+            entry.bound = digest
 
     def missing(self, key_ids: Iterable[int]) -> set[int]:
         """Ids not in the cache (no statistics touched)."""
@@ -297,6 +317,11 @@ class RowKeys:
             table=record.owner_table,
             key_id=fmt.format_key_id(key_id),
         )
+
+
+def _digest(value: Any) -> bytes | None:
+    """A key row's ``row_digest`` as bytes (psycopg2 reads ``BYTEA`` as a memoryview)."""
+    return value if value is None or type(value) is bytes else bytes(value)
 
 
 def _wrapped_now(
