@@ -155,7 +155,8 @@ def find(index: Any, session: Session, attribute: Any, needle: Any, where: Seque
         order = rarest_first(index, conn, inputs)
     shape = "intersect" if conn.dialect.name == "sqlite" else "exists"
     criterion = candidates(index, expr.table, needle, order, shape)
-    if index.loose(needle) and not pairs_of(expr.table):  # a migrating column's value is the merged one
+    # arrays: PostgreSQL measured slower with the two statements (4.42x against 3.12x pg_trgm)
+    if index.storage != "array" and index.loose(needle) and not pairs_of(expr.table):  # migrating: merged value
         found = _prechecked(index, session, attribute, needle, criterion, where)
     else:
         found = session.scalars(select(attribute.parent.entity).where(criterion, *where)).all()
