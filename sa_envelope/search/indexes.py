@@ -181,6 +181,11 @@ class SearchIndex(SchemaItem):
         """The exact test of one decrypted value (the re-check)."""
         raise NotImplementedError
 
+    def loose(self, needle: Any) -> bool:
+        """Whether many candidates may fail the re-check (then :func:`.query.find`
+        re-checks each candidate's value before it loads objects)."""
+        return False
+
     def refuse(self, why: str) -> UnsupportedQueryError:
         return UnsupportedQueryError(f"{self.owner}.{self.column}: {why}", table=self.owner, column=self.column)
 
@@ -235,6 +240,10 @@ class PrefixIndex(SearchIndex):
     def accepts(self, value: Any, needle: Any) -> bool:
         return value is not None and self.normalise(value).startswith(self.normalise(needle))
 
+    def loose(self, needle: Any) -> bool:
+        """A needle past ``max_length``: its rows share only its first characters."""
+        return len(self.normalise(needle)) > self.max_length
+
 
 class SubstringIndex(SearchIndex):
     """Tokens of the normalised value's n-grams (``n`` characters, 3 by default).
@@ -286,3 +295,7 @@ class SubstringIndex(SearchIndex):
 
     def accepts(self, value: Any, needle: Any) -> bool:
         return value is not None and self.normalise(needle) in self.normalise(value)
+
+    def loose(self, needle: Any) -> bool:
+        """Always: a row may hold the needle's n-grams apart."""
+        return True
