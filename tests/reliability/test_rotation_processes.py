@@ -172,10 +172,12 @@ def test_reencrypt_by_two_worker_processes(db_url: str, engine: Engine, tmp_path
             conn.execute(text(statement))
     old = _key_of_body(engine, table, 1)
 
-    proc = _reencrypt(db_url, keyfile, old, "--workers", "2", "--rate", "800" if kill else "2500")  # kill: time to catch it mid-job
+    # kill: slow enough (10 s a worker at full speed) that both workers are caught mid-job on a loaded machine
+    proc = _reencrypt(db_url, keyfile, old, "--workers", "2", "--rate", "400" if kill else "2500")
     if kill:
         deadline = time.monotonic() + 120
-        while not (0 < _moved(engine, table, old) < ROWS // 2) and time.monotonic() < deadline:
+        while not (0 < _moved(engine, table, old) < ROWS // 2 and len(worker_processes(proc.pid)) == 2):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
             time.sleep(0.02)
         victims = worker_processes(proc.pid)
         assert len(victims) == 2, victims
@@ -233,14 +235,17 @@ def test_ctrl_c_stops_every_worker_process(db_url: str, engine: Engine, tmp_path
         conn.execute(table.insert(), [{"id": i, "body": f"note {i}"} for i in range(1, ROWS + 1)])
     old = _key_of_body(engine, table, 1)
     args = ["reencrypt", "--database-url", db_url, "--cmk", f"local:{keyfile}", "--key", fmt.format_key_id(old),
-            "--batch-size", "50", "--workers", "2", "--rate", "1000"]  # fmt: skip
+            "--batch-size", "50", "--workers", "2", "--rate", "100"]  # fmt: skip
+    # --rate 100: 40 s a worker, so a worker that starts seconds after the other (a loaded machine) still
+    # finds it running; the signal goes as soon as both run and one row moved
     proc = subprocess.Popen([PYTHON, "-m", "sa_envelope", *args], env=subprocess_env(), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 120
     while to == "early" and len(worker_processes(proc.pid)) < 2 and time.monotonic() < deadline:
         time.sleep(0.005)  # the workers exist and are still importing: nothing moved yet
     while to != "early" and not (_moved(engine, table, old) and len(worker_processes(proc.pid)) == 2):
-        assert time.monotonic() < deadline, "the workers never started moving rows"
+        assert time.monotonic() < deadline and proc.poll() is None, ("the workers never ran together",
+                                                                     proc.communicate())  # fmt: skip
         time.sleep(0.02)
     workers = worker_processes(proc.pid)
     assert len(workers) == 2 and proc.poll() is None
