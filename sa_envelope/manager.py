@@ -18,6 +18,7 @@ from typing import Any, ContextManager, Iterable
 from sqlalchemy import Column, Connection, Engine, MetaData, Table
 
 from .columns import flushcheck
+from .columns.portable import adopt as adopt_declarations
 from .columns.rowvalue import RowKey
 from .columns.guardrows import guard_table
 from .envelope import format as fmt
@@ -25,7 +26,7 @@ from .jobs import warm as warming
 from .jobs.reencrypt import ReencryptReport, reencrypt_columns
 from .jobs.rewrap import RewrapReport, rewrap_keys
 from .jobs.sweep import SweepReport, sweep_orphans
-from .keys import table as kt
+from .keys import registry, table as kt
 from .keys.cache import CacheLimits, CachedKey
 from .keys.engines import Binding, Engines
 from .keys.live import LiveKeys, LivePolicy
@@ -87,6 +88,7 @@ class KeyManager:
         self._row_scope = False  # made with the first row-scoped column (row keys per engine)
         self._lock = threading.RLock()
         self.engines = Engines(self._wire)
+        self.pickle_token = registry.enrol(self)  # what a pickled declaration names this manager by
         flushcheck.install()  # values refused before the flush builds its parameters
         search_writes.install()  # search-index tokens follow every write (sa_envelope.search)
         if engine is not None:
@@ -101,10 +103,13 @@ class KeyManager:
             self.engines.bind(engine)
         return engine
 
+    def adopt(self, *targets: MetaData | Table) -> int:
+        """Attach this manager to each declaration of ``targets`` without one (unpickled elsewhere): a count."""
+        return adopt_declarations(self, *targets)
+
     def unbind(self, engine: Any) -> Any:
-        """Stop serving ``engine`` (an Engine or AsyncEngine; nothing if not
-        bound): its listeners are removed and its plaintext keys dropped;
-        its statements are refused as if it was never bound. Returns ``engine``."""
+        """Stop serving ``engine`` (an Engine or AsyncEngine; nothing if not bound): its listeners
+        removed, its plaintext keys dropped, its statements refused as if never bound. Returns it."""
         with self._lock:
             self.engines.unbind(engine)
         return engine
@@ -381,8 +386,7 @@ class KeyManager:
         return sweep_orphans(rows, dry_run=dry_run, tables=tables, batch_size=batch_size, progress=progress)
 
     def shred_key(self, key_id: int | str, conn: Connection | None = None, *, engine: Any = None) -> None:
-        """Destroy one row key's material, on ``conn`` (the caller's
-        transaction) or, without it, in a transaction of its own (on ``engine``)."""
+        """Destroy one row key's material, on ``conn`` (the caller's transaction) or in its own (``engine``)."""
         kid = fmt.parse_key_id(key_id) if isinstance(key_id, str) else key_id
         if conn is not None:
             self.rows_for(conn).shred_key(conn, kid)

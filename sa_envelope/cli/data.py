@@ -19,11 +19,10 @@ from ..envelope import format as fmt
 from ..errors import ConfigurationError, KeyNotFoundError
 from ..keys import table as kt
 from ..jobs.export import FORMATS, TYPES, export_table
-from ..jobs.scan import reflected_columns
 from ..jobs.verify import verify_database
 from ..manager import KeyManager
 from ..providers.spec import provider_from_spec
-from .indexes import SPEC_HELP, check_indexes, parse_specs, reindexed_columns, unchecked_indexes
+from .indexes import SPEC_HELP, check_indexes, parse_specs, unchecked_indexes
 from .common import (
     RESUMES,
     STARTS_OVER,
@@ -37,7 +36,7 @@ from .common import (
     pk_option,
 )
 from .output import escape, say
-from .workers import reencrypt_in_processes
+from .workers import moved_columns_of, reencrypt_in_processes
 
 __all__ = ["COMMANDS"]
 
@@ -170,20 +169,18 @@ def _reencrypt(parser: argparse.ArgumentParser) -> None:
         try:
             keys = manager(ns, engine)
             record = _key_record(keys, _key(ns.key))
-            if record.scope == kt.SCOPE_BLIND_INDEX:  # digests and tokens recomputed from the values
-                columns = reindexed_columns(keys, engine, record.owner_table, ns.key, specs, ns.not_indexed)
-                report = keys.reencrypt(columns, key_id=ns.key, batch_size=ns.batch_size, workers=ns.workers,
-                                        rate=ns.rate, max_batches=ns.max_batches)  # fmt: skip
-                calls = keys.provider_calls
-            elif specs:
+            blind = record.scope == kt.SCOPE_BLIND_INDEX  # digests and tokens recomputed from the values
+            if specs and not blind:
                 raise ConfigurationError(f"--index describes a blind-index key's indexes; key {ns.key} is a "
                                          f"{record.scope} key of {record.owner_table}")  # fmt: skip
-            elif ns.workers > 1 and engine.dialect.name != "sqlite":  # SQLite has one writer
-                options = {n: getattr(ns, n) for n in ("database_url", "cmk", "grace", "batch_size", "rate")}
-                options |= {"key": _key(ns.key), "names": _names(ns.columns)}
+            names = ("database_url", "cmk", "grace", "batch_size", "rate", "max_batches")
+            options = {n: getattr(ns, n) for n in names} | {"key": _key(ns.key), "names": _names(ns.columns)}
+            if blind:  # plain options: each worker declares the indexes itself
+                options |= {"table": record.owner_table, "indexes": ns.indexes or [], "not_indexed": ns.not_indexed}
+            if ns.workers > 1 and engine.dialect.name != "sqlite":  # SQLite has one writer
                 report, calls = reencrypt_in_processes(keys, options, ns.workers)
             else:
-                columns = reflected_columns(keys, _key(ns.key), _names(ns.columns))
+                columns = moved_columns_of(keys, engine, options)
                 report = keys.reencrypt(columns, key_id=ns.key, batch_size=ns.batch_size, rate=ns.rate,
                                         max_batches=ns.max_batches)  # fmt: skip
                 calls = keys.provider_calls

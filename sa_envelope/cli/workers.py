@@ -17,19 +17,22 @@ import argparse
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, Date, DateTime, Float, Integer, MetaData, Numeric, String, Table, Text
-from sqlalchemy import create_engine
+from sqlalchemy import Column, create_engine
 
 from ..columns.encrypted import EncryptedType
 from ..jobs.backfill import BackfillReport, backfill, plan_backfill
 from ..jobs.processes import run_processes
 from ..jobs.progress import progress_bar
-from ..jobs.reencrypt import ReencryptReport, conclude, count_left, prepare_move, reencrypt_columns
+from ..jobs.reencrypt import ReencryptReport, already_moved, conclude, count_left, moved_columns, prepare_move
+from ..jobs.reencrypt import reencrypt_columns
+from ..keys import table as kt
 from ..jobs.scan import reflected_columns
 from ..manager import KeyManager
 from ..providers.spec import provider_from_spec
 from .common import manager
+from .indexes import parse_specs, reindexed_columns
 
-__all__ = ["TYPES", "backfill_in_processes", "column_type", "reencrypt_in_processes"]
+__all__ = ["TYPES", "backfill_in_processes", "column_type", "moved_columns_of", "reencrypt_in_processes"]
 
 
 def _share(rate: float | None, count: int) -> float | None:
@@ -40,36 +43,57 @@ def _share(rate: float | None, count: int) -> float | None:
 # -- re-encryption ------------------------------------------------------------------------------
 
 
+def moved_columns_of(keys: KeyManager, engine: Any, options: dict[str, Any]) -> list[Column[Any]]:
+    """The columns the re-encryption moves, declared from the options alone
+    (the same in the parent and in every worker): a blind-index key's from
+    its ``--index`` specs, else the encrypted columns found by reflection."""
+    if options.get("table") is not None:  # a blind-index key of this table
+        specs = parse_specs(options["indexes"], blind=True)
+        return reindexed_columns(keys, engine, options["table"], options["key"], specs, options["not_indexed"])
+    return reflected_columns(keys, options["key"], options["names"])
+
+
 def _reencrypt_child(options: dict[str, Any], *, index: int, count: int, bar: Any) -> dict[str, Any]:
     """One worker process of ``reencrypt`` (its partition of the rows)."""
     engine = create_engine(options["database_url"])
     try:
         keys = manager(argparse.Namespace(**options), engine)
         report = reencrypt_columns(
-            keys.store, keys.live, reflected_columns(keys, options["key"], options["names"]),
+            keys.store, keys.live, moved_columns_of(keys, engine, options),
             key_id=options["key"], batch_size=options["batch_size"], rate=_share(options["rate"], count),
-            partition=(index, count), bar=bar, progress=False,
+            max_batches=options["max_batches"], partition=(index, count), bar=bar, progress=False,
         )  # fmt: skip
-        return {"reencrypted": report.reencrypted, "failures": report.failures, "kms_calls": keys.provider_calls}
+        return {"reencrypted": report.reencrypted, "failures": report.failures, "reindexed": report.reindexed,
+                "stopped": report.stopped, "kms_calls": keys.provider_calls}  # fmt: skip
     finally:
         engine.dispose()
 
 
 def reencrypt_in_processes(keys: KeyManager, options: dict[str, Any], workers: int) -> tuple[ReencryptReport, int]:
-    """The re-encryption by ``workers`` processes; (its report, KMS calls of all of them)."""
-    columns = reflected_columns(keys, options["key"], options["names"])
+    """The re-encryption by ``workers`` processes; (its report, KMS calls of all of them).
+
+    ``options["table"]`` (with ``indexes``, the raw ``--index`` specs, and
+    ``not_indexed``) names a blind-index key's table: each worker declares
+    its columns from them and moves its partition of the digests and of the
+    search-index tokens; else ``names`` are the encrypted columns to move."""
+    columns = moved_columns_of(keys, keys.store.engine, options)
     store, live = keys.store, keys.live
     record = prepare_move(store, live, columns, options["key"])
-    options = {**options, "names": [c.name for c in columns]}  # the same columns in every worker
+    if options.get("table") is None:
+        options = {**options, "names": [c.name for c in columns]}  # the same columns in every worker
     report = ReencryptReport(key_id=options["key"])
     with store.engine.connect() as conn:
-        total = sum(count_left(conn, c, record.id) for c in columns)
+        total = sum(count_left(conn, c, record.id) for c in moved_columns(columns, record))
+    # a blind-index key's search indexes are rebuilt whatever the digests: their tokens have no header to count
+    start = not already_moved(record) and (total or record.scope == kt.SCOPE_BLIND_INDEX)
     kms = 0
     with progress_bar(total, f"re-encrypt {record.owner_table}", None) as bar:
-        for result in run_processes(_reencrypt_child, (options,), workers, bar) if total else []:
+        for result in run_processes(_reencrypt_child, (options,), workers, bar) if start else []:
             kms += result["kms_calls"]
             seen = set(map(tuple, report.failures))
             report.add(result["reencrypted"], [tuple(f) for f in result["failures"] if tuple(f) not in seen])
+            report.reindexed += result["reindexed"]
+            report.stopped = report.stopped or result["stopped"]
     conclude(store, live, columns, record, report)
     return report, kms + keys.provider_calls
 

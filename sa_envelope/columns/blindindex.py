@@ -121,6 +121,9 @@ class BlindIndexType(TypeDecorator[bytes], ColumnNames):
 
     def _keys(self, store: Any = None) -> Any:
         table, keys = self._table, self.keys
+        unpickled = self.missing_keys((table, self._column))
+        if unpickled is not None:
+            raise unpickled
         if table is None or keys is None:
             raise EncryptionError(
                 "this BlindIndexType has no KeyManager or is not attached to a table", table=table, column=self._column

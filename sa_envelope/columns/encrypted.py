@@ -107,9 +107,8 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         """Largest stored value in bytes, where the inner type bounds it (:mod:`.storage`)."""
         return storage.max_stored_length(self.inner, self._codec.name, self.deterministic)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Unpickled (see ``ColumnNames.__getstate__``): the codec is chosen again."""
-        self.__dict__.update(state)
+    def _restored(self) -> None:
+        """Unpickled or deep-copied (:mod:`.portable`): the codec is chosen again."""
         self._codec = codec_for(self.inner)
 
     def copy(self, **kw: Any) -> EncryptedType:
@@ -376,6 +375,9 @@ class EncryptedType(TypeDecorator[Any], ColumnNames):
         return via
 
     def _unbound(self, error: type[EncryptionError] | type[DecryptionError]) -> Exception:
+        unpickled = self.missing_keys((self._table, self._column))
+        if unpickled is not None:
+            return unpickled
         if self.keys is None:
             return error(
                 "this EncryptedType has no KeyManager (declared for DDL only)", table=self._table, column=self._column

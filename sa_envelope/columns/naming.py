@@ -19,12 +19,14 @@ from sqlalchemy.sql.base import SchemaEventTarget
 
 from ..envelope import format as fmt
 from ..errors import ConfigurationError
+from .portable import Portable
 
 __all__ = ["ColumnNames"]
 
 
-class ColumnNames(SchemaEventTarget):
-    """Mixin: ``_table``, ``_column`` and ``_ctx`` (the context bytes)."""
+class ColumnNames(Portable, SchemaEventTarget):
+    """Mixin: ``_table``, ``_column`` and ``_ctx`` (the context bytes); copied
+    and pickled as :mod:`.portable` says (the KeyManager shared, or a token)."""
 
     context: str | None
 
@@ -63,6 +65,7 @@ class ColumnNames(SchemaEventTarget):
         # schemas get keys and associated data of their own
         if self.context is None:
             self._bind_names(table.fullname, column.name)
+        self.copied_to(table)
 
     def _bind_names(self, table: str, column: str) -> None:
         self._table, self._column = table, column
@@ -72,17 +75,3 @@ class ColumnNames(SchemaEventTarget):
     def bound_context(self) -> str | None:
         """``table.column`` bound into every value, once known."""
         return f"{self._table}.{self._column}" if self._table else None
-
-    def __getstate__(self) -> dict[str, Any]:
-        """A pickled column type (``pickle.dumps(metadata)``) carries no
-        KeyManager: its provider and cached keys stay in this process, and
-        no key material reaches the pickle. The unpickled type describes
-        its column (names, scope, inner type); values need a type built
-        with a KeyManager, so it refuses them as a type without one does."""
-        state = dict(self.__dict__)
-        state["keys"] = None
-        for memo in ("_vias", "_subkey"):  # per-key memos: ciphers and subkeys
-            if memo in state:
-                state[memo] = {}
-        state.pop("_codec", None)  # closures: rebuilt from the inner type (``__setstate__``)
-        return state

@@ -49,7 +49,16 @@ from .runner import read_committed, run_batches
 from .threads import SharedBar, run_workers
 from .throttle import Throttle
 
-__all__ = ["ReencryptReport", "conclude", "count_left", "prepare_move", "reencrypt_columns", "under_key"]
+__all__ = [
+    "ReencryptReport",
+    "already_moved",
+    "conclude",
+    "count_left",
+    "moved_columns",
+    "prepare_move",
+    "reencrypt_columns",
+    "under_key",
+]
 
 
 def _scope_of(column: Column[Any]) -> str | None:
@@ -199,13 +208,17 @@ def _reindex(
     report: ReencryptReport,
     batch_size: int,
     max_batches: int | None,
+    partition: tuple[int, int] | None,
 ) -> None:
     """Rebuild the search indexes of the key's table under the write key
-    (rows already under it are skipped: a rerun resumes); the key is retired
-    only once they hold no token under it."""
+    (rows already under it are skipped: a rerun resumes; one process of
+    several: its ``partition`` of the rows); the key is retired only once
+    they hold no token under it."""
     tables = {c.table for c in columns if _indexes([c.table], record)}
     for table in tables:
-        for index_report in rebuild_indexes(store.engine, table, batch_size=batch_size, max_batches=max_batches):
+        reports = rebuild_indexes(store.engine, table, batch_size=batch_size, max_batches=max_batches,
+                                  partition=partition)  # fmt: skip
+        for index_report in reports:
             report.reindexed += sum(index_report.moving.values()) + index_report.rows_differing
             report.stopped = report.stopped or index_report.stopped
 
@@ -228,8 +241,8 @@ def reencrypt_columns(
 
     ``workers`` threads share the work in this process. ``partition=(i,
     n)``: this call is worker ``i`` of ``n`` processes running the same job
-    (:mod:`.processes`; one thread here, partition ``i`` where the job
-    partitions); the caller prepares the move first and concludes it after
+    (:mod:`.processes`; one thread here, partition ``i`` of the rows and of
+    the search-index rebuild where the job partitions); the caller prepares the move first and concludes it after
     (:func:`prepare_move`, :func:`conclude`). ``bar``: a progress bar to
     update instead of drawing one.
     """
@@ -242,10 +255,10 @@ def reencrypt_columns(
         return report
     record = _prepare(store, live, kid, columns[0].table.name)
     blind = record.scope == kt.SCOPE_BLIND_INDEX
-    if blind and record.status == kt.RETIRED:
+    if already_moved(record):
         report.retired = True  # moved and retired by an earlier run: nothing to read
         return report
-    moved = [c for c in columns if isinstance(c.type, BlindIndexType) == blind]
+    moved = moved_columns(columns, record)
     sqlite = store.engine.dialect.name == "sqlite"
     for column in moved:
         pk = list(column.table.primary_key.columns)
@@ -257,8 +270,8 @@ def reencrypt_columns(
         job = Job(store, live, kid, batch_size, count, partitioned, Throttle(rate) if rate else None, max_batches,
                    report, mine)  # fmt: skip
         _move(job, column, progress, bar)
-    if blind and partition is None:
-        _reindex(store, record, columns, report, batch_size, max_batches)
+    if blind:
+        _reindex(store, record, columns, report, batch_size, max_batches, partition)
     return conclude(store, live, columns, record, report) if partition is None else report
 
 
@@ -269,16 +282,29 @@ def prepare_move(store: KeyStore, live: LiveKeys, columns: Sequence[Column[Any]]
     return _prepare(store, live, kid, _checked(columns[0]).table.name)
 
 
+def already_moved(record: kt.KeyRecord) -> bool:
+    """A blind-index key retired by an earlier run: nothing is left to read
+    (its digests have no header to find stale ones by)."""
+    return record.scope == kt.SCOPE_BLIND_INDEX and record.status == kt.RETIRED
+
+
+def moved_columns(columns: Sequence[Column[Any]], record: kt.KeyRecord) -> list[Column[Any]]:
+    """The columns whose stored bytes move off the key: the blind indexes for
+    a blind-index key (its other columns name the source), else the values."""
+    blind = record.scope == kt.SCOPE_BLIND_INDEX
+    return [c for c in columns if isinstance(c.type, BlindIndexType) == blind]
+
+
 def conclude(
     store: KeyStore, live: LiveKeys, columns: Sequence[Column[Any]], record: kt.KeyRecord, report: ReencryptReport
 ) -> ReencryptReport:
     """Count what is left under the key and retire it if nothing is (after
     every worker ended: one of several processes cannot tell on its own)."""
     blind = record.scope == kt.SCOPE_BLIND_INDEX
-    if blind and record.status == kt.RETIRED:
+    if already_moved(record):
         report.retired = True
         return report
-    moved = [c for c in columns if isinstance(c.type, BlindIndexType) == blind]
+    moved = moved_columns(columns, record)
     with store.engine.connect() as conn:
         report.remaining = report.failed if blind else sum(count_left(conn, c, record.id) for c in moved)
     _retire(store, live, record, columns, report)

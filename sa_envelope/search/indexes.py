@@ -37,12 +37,13 @@ from ..errors import ConfigurationError, EncryptionError, UnsupportedQueryError
 from . import arrays, keyring, query
 from . import tokens as tk
 from .keyring import Inputs
+from ..columns.portable import Portable
 from ..columns.searchable import declared_on, register, register_copy
 
 __all__ = ["PrefixIndex", "SearchIndex", "SubstringIndex"]
 
 
-class SearchIndex(SchemaItem):
+class SearchIndex(Portable, SchemaItem):
     """A set of tokens per row, derived from the value of column ``source``.
 
     ``source`` is the encrypted column's name; ``keys`` its KeyManager;
@@ -129,6 +130,15 @@ class SearchIndex(SchemaItem):
             if clone.tokens_column is None:
                 return
         register(table, clone)
+
+    def manager(self) -> Any:
+        """``keys``, or the error of an index that has none (unpickled
+        elsewhere, :mod:`sa_envelope.columns.portable`, or declared without)."""
+        if self.keys is None:
+            raise self.missing_keys((self.owner, self.column)) or ConfigurationError(
+                f"search index {self.owner}.{self.column} has no KeyManager", table=self.owner, column=self.column
+            )
+        return self.keys
 
     @property
     def name(self) -> str:

@@ -79,7 +79,7 @@ def under(entry: CachedKey) -> Iterator[CachedKey]:
 
 def binding_of(index: Any) -> Binding:
     """The bound engine of the executing statement (else the one bound engine)."""
-    return index.keys.engines.current()  # type: ignore[no-any-return]
+    return index.manager().engines.current()  # type: ignore[no-any-return]
 
 
 def subkey_of(index: Any, entry: CachedKey) -> Prf:

@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from sqlalchemy import Table, and_, bindparam, delete, select, tuple_, update
+from sqlalchemy import Integer, Table, and_, bindparam, delete, select, tuple_, update
 
 from ..columns.searchable import indexes_of
 from ..envelope import format as fmt
@@ -97,14 +97,34 @@ def verify_index(
     return [_verify_one(engine, index, fix, batch_size, max_batches) for index in indexes_of(table)]
 
 
-def rebuild(engine: Any, table: Table, *, batch_size: int = 500, max_batches: int | None = None) -> list[IndexReport]:
+def rebuild(
+    engine: Any,
+    table: Table,
+    *,
+    batch_size: int = 500,
+    max_batches: int | None = None,
+    partition: tuple[int, int] | None = None,
+) -> list[IndexReport]:
     """Move every search index of ``table`` to the blind-index write key
     (after a rotation): ``verify_index(fix=True)``. Rows already under it
-    are left as they are, so a rerun resumes."""
-    return verify_index(engine, table, fix=True, batch_size=batch_size, max_batches=max_batches)
+    are left as they are, so a rerun resumes. ``partition=(i, n)``: this
+    call is worker ``i`` of ``n`` processes (the CLI's ``--workers``) and
+    rebuilds the rows whose integer primary key is ``i`` modulo ``n``;
+    worker 0 also deletes stale tokens. An index of a table keyed otherwise
+    is rebuilt whole by worker 0."""
+    reports = []
+    for index in indexes_of(table):
+        pks = rowkeys.columns_of(index)
+        share = partition if partition and len(pks) == 1 and isinstance(pks[0].type, Integer) else None
+        if share is None and partition and partition[0] != 0:
+            continue  # not shareable: worker 0's
+        reports.append(_verify_one(engine, index, True, batch_size, max_batches, share))
+    return reports
 
 
-def _verify_one(engine: Any, index: Any, fix: bool, batch_size: int, max_batches: int | None) -> IndexReport:
+def _verify_one(
+    engine: Any, index: Any, fix: bool, batch_size: int, max_batches: int | None, share: tuple[int, int] | None = None
+) -> IndexReport:
     report = IndexReport(index.owner, index.name, column=index.column, fixed=fix)
     pks, source = rowkeys.columns_of(index), index.source_column()
     stored = [index.tokens_column] if index.storage == "array" else []
@@ -115,6 +135,8 @@ def _verify_one(engine: Any, index: Any, fix: bool, batch_size: int, max_batches
     while max_batches is None or batches < max_batches:
         with engine.begin() as conn, index.keys.use_connection(conn), keyring.using(conn):
             query = select(*pks, source, *stored).order_by(*pks).limit(batch_size)
+            if share is not None:
+                query = query.where(pks[0] % share[1] == share[0])
             if fix and conn.dialect.name != "sqlite":
                 query = query.with_for_update()  # a concurrent write waits: its tokens come after ours
             found = conn.execute(query if last is None else query.where(pk > last)).all()
@@ -127,7 +149,7 @@ def _verify_one(engine: Any, index: Any, fix: bool, batch_size: int, max_batches
     else:
         report.stopped = True
         return report
-    if not stored:  # a row's array is in the row: none can outlive it
+    if not stored and (share is None or share[0] == 0):  # a row's array is in the row: none can outlive it
         _check_orphans(engine, index, pks, report, fix)
     return report
 

@@ -124,7 +124,7 @@ def _before(conn: Connection, stmt: Any, multiparams: Any, params: Any, executio
     if not indexes:
         return stmt, multiparams, params
     # before the binding's own before_execute: keys made for tokens go in conn's transaction
-    with indexes[0].keys.use_connection(conn), keyring.using(conn):
+    with indexes[0].manager().use_connection(conn), keyring.using(conn):
         return _rewrite_or_plan(conn, stmt, multiparams, params, indexes)
 
 
