@@ -21,7 +21,9 @@ decided there, not here (profile in benchmarks/README.md):
   checked again (alive, younger than ``max_age``) when a statement starts.
 * **read, row scope**: the row key straight from the row-key cache (which
   :mod:`sa_envelope.rows.prefetch` filled for the statement), its expiry
-  compared with the statement's start time.
+  compared with the statement's start time; its ``AESGCM`` object from the
+  thread's current-row-key slot (``envelope.ciphers.RowKeyCipher``) when the
+  row's first value made it.
 
 Anything unusual (no lease, a memo miss, a failure of any kind) takes the
 type's own ``encrypt`` / ``decrypt``, which find keys, check every header
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..envelope import ciphers
 from ..envelope import format as fmt
 from ..keys import table as kt
 from ..keys.clock import CLOCK
@@ -226,8 +229,11 @@ def _row_result(coltype: Any, decrypt: Any, decode: Any, impl: Any, via: Via) ->
     """Row scope: one key per row, read from the row-key cache as it stands.
     The AES-GCM open is inlined (:func:`fmt.decrypt_gcm`'s bytes, no call
     layers): a value too short or altered raises in the cipher, and the full
-    path below says why."""
+    path below says why. A row key read back is a ``RowKeyCipher``: the
+    row's first value makes its ``AESGCM`` object the thread's current one,
+    the row's other values take it from the slot (no Python call layer)."""
     entries, clock, gcm = via.binding.rows.cache._entries, CLOCK, fmt.VERSION_GCM
+    slot = ciphers.current_aead()
     id_slice, head_slice, nonce_slice, body = fmt.KEY_ID_SLICE, _HEADER, fmt.NONCE_SLICE, fmt.GCM_BODY_START
     from_bytes = int.from_bytes
 
@@ -238,8 +244,10 @@ def _row_result(coltype: Any, decrypt: Any, decode: Any, impl: Any, via: Via) ->
             return None
         try:
             entry = entries.get(from_bytes(value[id_slice], "big"))
-            if entry is not None and entry.cipher is not None and entry.expires > clock.now and value[0] == gcm:
-                return decode(entry.cipher.decrypt(value[nonce_slice], value[body:], value[head_slice] + coltype._ctx))
+            if entry is not None and (c := entry.cipher) is not None and entry.expires > clock.now and value[0] == gcm:
+                pair = slot.pair
+                aead = pair[1] if pair[0] is c else c
+                return decode(aead.decrypt(value[nonce_slice], value[body:], value[head_slice] + coltype._ctx))
         except Exception:
             pass
         return decrypt(value, via)

@@ -18,6 +18,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from ..envelope.ciphers import RowKeyCipher
+
 __all__ = ["CacheLimits", "CachedKey", "KeyCache"]
 
 
@@ -48,7 +50,9 @@ class CachedKey:
     cipher: Any
     head: bytes  # the value header for this key: version byte + key id
     expires: float
-    uses: itertools.count[int] = field(default_factory=itertools.count)
+    # ``None`` until first counted (row keys read back: KeyCache.put_bound):
+    # one object fewer per key for every garbage collection to walk
+    uses: itertools.count[int] | None = field(default_factory=itertools.count)
     alive: bool = True  # False once evicted: per-column read memos check it
     owner: str = ""  # the owner table and scope its key row was authenticated with
     scope: str = ""
@@ -71,8 +75,11 @@ class CachedKey:
             self.kill()
 
     def kill(self) -> None:
-        """Mark dead and drop every value derived from this key."""
+        """Mark dead and drop every value derived from this key (and the
+        OpenSSL object a row key's cipher keeps for this thread)."""
         self.alive = False
+        if type(self.cipher) is RowKeyCipher:
+            self.cipher.release()
         derived, self.derived = self.derived, None
         for holder, slot in derived or ():
             holder.pop(slot, None)
@@ -106,7 +113,11 @@ class KeyCache:
         if entry is None:
             self.misses += 1
             return None
-        if time.monotonic() >= entry.expires or next(entry.uses) >= self.limits.max_uses:
+        uses = entry.uses
+        if uses is None:
+            with self._lock:  # made once, under the lock: no use counted on a counter that is then replaced
+                uses = entry.uses = entry.uses or itertools.count()
+        if time.monotonic() >= entry.expires or next(uses) >= self.limits.max_uses:
             self.evict(key_id)
             self.misses += 1
             return None
@@ -144,13 +155,23 @@ class KeyCache:
                 self.evictions += 1
 
     def evict_many(self, key_ids: Iterable[int]) -> None:
-        """Forget many keys under one lock (a stream's partitions gone by)."""
+        """Forget many keys under one lock (a stream's partitions gone by:
+        10,000 a partition, so :meth:`CachedKey.kill` is inlined for the
+        usual row key, which has nothing derived)."""
+        pop, evicted, row_cipher = self._entries.pop, 0, RowKeyCipher
         with self._lock:
             for key_id in key_ids:
-                entry = self._entries.pop(key_id, None)
-                if entry is not None:
+                entry = pop(key_id, None)
+                if entry is None:
+                    continue
+                evicted += 1
+                if entry.derived is not None:
                     entry.kill()
-                    self.evictions += 1
+                    continue
+                entry.alive = False
+                if type(entry.cipher) is row_cipher:
+                    entry.cipher.release()
+            self.evictions += evicted
 
     def clear(self) -> None:
         """Forget every key."""
@@ -182,8 +203,23 @@ class KeyCache:
         """Cache ``(key_id, cipher, head)`` triples under one lock and one clock read."""
         expires = time.monotonic() + self.limits.max_age
         entries = [CachedKey(key_id, cipher, head, expires) for key_id, cipher, head in items]
+        self._store_many(entries)
+        return entries
+
+    def put_bound(self, key_ids: list[int], ciphers: list[Any], heads: list[bytes], bound: list[bytes | None]) -> None:
+        """Cache row keys read back: as :meth:`put_many`, from parallel lists
+        (no tuple per key), each entry's row digest set as it is made."""
+        expires = time.monotonic() + self.limits.max_age
+        make = CachedKey
+        self._store_many([make(k, c, h, expires, None, bound=b) for k, c, h, b in zip(key_ids, ciphers, heads, bound)])
+
+    def _store_many(self, entries: list[CachedKey]) -> None:
+        """Add entries under one lock (``_store`` inlined: 10,000 a partition)."""
+        store, pop = self._entries.__setitem__, self._entries.pop
         with self._lock:
             for entry in entries:
-                self._store(entry)
+                old = pop(entry.key_id, None)
+                if old is not None:
+                    old.kill()
+                store(entry.key_id, entry)
             self._trim()
-        return entries

@@ -21,6 +21,8 @@ transaction is not trusted yet and is never leased: such values go through
 
 from __future__ import annotations
 
+import itertools
+
 import time
 from typing import Any
 
@@ -44,7 +46,9 @@ class WriteLease:
         self.owner = owner
         self.scope = scope
         self.context = context
-        self.uses = entry.uses  # the cache's use counter of this entry (max_uses)
+        if entry.uses is None:  # only row keys read back count lazily, and no lease holds those
+            raise TypeError("a write lease needs a table key's cache entry")
+        self.uses: itertools.count[int] = entry.uses  # the cache's use counter of this entry (max_uses)
         self.budget = budget  # the roll-over budget's counter of this key (table keys), or None
         self.limit = limit
         self.epoch = CLOCK.epoch

@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from sqlalchemy import BigInteger, Connection, Table, any_, bindparam, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.engine.cursor import _DEFAULT_FETCH
 
 from ..envelope import ciphers
 from ..envelope import format as fmt
@@ -212,12 +213,13 @@ class RowKeys:
         pg = conn.dialect.name == "postgresql"
         chunk_size = PG_CHUNK if pg else IN_CHUNK
         stmt = self._select_keys(pg)
+        raw = _plain_columns(stmt, conn.dialect)
         parents: dict[int, Any] = {}  # per table key: its cached entry, looked up once
         for start in range(0, len(ids), chunk_size):
             chunk = ids[start : start + chunk_size]
             params = {"ids": chunk}
             self.key_queries += 1
-            rows = self.query(lambda: conn.execute(stmt, params).all(), table)
+            rows = self.query(lambda: _fetch(conn, stmt, params, raw), table)
             self._open_rows(rows, parents, table, column)
 
     def _select_keys(self, pg: bool) -> Any:
@@ -245,16 +247,23 @@ class RowKeys:
         unwrap fails the whole batch (nothing of it cached), naming its key id."""
         groups: dict[tuple[int, str], list[Any]] = {}
         dead: list[Any] = []
+        bound: list[bytes | None] = []
+        parent_id, owner, members = None, None, dead  # the group of the row before (one table key, usually)
         for r in rows:
             if r[3] is None:  # no parent: not a row key (the table-key path refuses or serves it)
                 continue
             if r[1] is None or r[5] == kt.SHREDDED:
                 dead.append(r)
-            else:
-                groups.setdefault((r[3], r[4]), []).append(r)
-        gcm, cipher = fmt.VERSION_GCM, ciphers.ROW_KEY_CIPHER
-        items: list[tuple[int, Any, bytes]] = []
-        bound: list[bytes | None] = []
+                continue
+            if r[3] != parent_id or r[4] != owner:
+                parent_id, owner = r[3], r[4]
+                members = groups.setdefault((parent_id, owner), [])
+            members.append(r)
+        # parallel lists, not a tuple per key: a tuple holding a cipher object
+        # stays tracked by the garbage collector (see _fetch)
+        cipher, head_byte, n = ciphers.RowKeyCipher, bytes((fmt.VERSION_GCM,)), fmt.KEY_ID_LEN
+        key_ids: list[int] = []
+        opened: list[Any] = []  # RowKeyCipher: no OpenSSL state until used
         for (parent_id, owner), members in groups.items():
             parent = parents.get(parent_id)
             if parent is None:
@@ -264,14 +273,14 @@ class RowKeys:
             except fmt.InvalidEnvelope as exc:
                 key_id = fmt.format_key_id(members[getattr(exc, "index", 0)][0])
                 raise DecryptionError(str(exc), table=table, column=column, key_id=key_id) from None
-            for r, plain in zip(members, plains):
-                items.append((r[0], cipher(plain), bytes((gcm,)) + r[0].to_bytes(fmt.KEY_ID_LEN, "big")))
-                bound.append(_digest(r[2]))
-        for r in dead:
-            items.append((r[0], None, bytes((gcm,)) + r[0].to_bytes(fmt.KEY_ID_LEN, "big")))
-            bound.append(_digest(r[2]))
-        for entry, digest in zip(self.cache.put_many(items), bound):
-            entry.bound = digest
+            key_ids += [r[0] for r in members]
+            opened += [cipher(plain) for plain in plains]
+            bound += [_digest(r[2]) for r in members]
+        key_ids += [r[0] for r in dead]
+        opened += [None] * len(dead)
+        bound += [_digest(r[2]) for r in dead]
+        heads = [head_byte + k.to_bytes(n, "big") for k in key_ids]
+        self.cache.put_bound(key_ids, opened, heads, bound)
 
     def missing(self, key_ids: Iterable[int]) -> set[int]:
         """Ids not in the cache (no statistics touched)."""
@@ -317,6 +326,29 @@ class RowKeys:
             table=record.owner_table,
             key_id=fmt.format_key_id(key_id),
         )
+
+
+def _plain_columns(stmt: Any, dialect: Any) -> bool:
+    """No column of the key-row query has a result processor on ``dialect``
+    (none has on the supported drivers): its DBAPI rows are what
+    SQLAlchemy's rows would hold."""
+    return all(c.type._cached_result_processor(dialect, None) is None for c in stmt.selected_columns)
+
+
+def _fetch(conn: Connection, stmt: Any, params: dict[str, Any], raw: bool) -> Sequence[Any]:
+    """The key rows of one query: the DBAPI's own tuples where ``raw``.
+    Why: 10,000 key rows a partition, and a SQLAlchemy ``Row`` is an object
+    the garbage collector tracks (a tuple of ints, bytes and strings is
+    untracked at its first collection): the rows lived through
+    :meth:`RowKeys._open_rows` into the old generation and made a stream
+    run a full collection per partition."""
+    result = conn.execute(stmt, params)
+    if not raw or result.cursor_strategy is not _DEFAULT_FETCH:  # rows buffered by SQLAlchemy (yield_per)
+        return result.all()
+    try:
+        return result.cursor.fetchall()
+    finally:
+        result.close()
 
 
 def _digest(value: Any) -> bytes | None:
