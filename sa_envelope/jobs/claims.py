@@ -56,7 +56,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from ..errors import ClaimLostError
-from .runner import read_committed
+from ..locking import read_committed
 
 __all__ = ["CLAIMS_TABLE", "Claim", "Claims", "claims_table", "worker_name"]
 

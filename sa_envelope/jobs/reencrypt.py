@@ -45,7 +45,8 @@ from ..keys.store import KeyStore
 from ..search.verify import rebuild as rebuild_indexes
 from .moves import IndexBatches, Job, ReencryptReport, ValueBatches, under_key
 from .progress import progress_bar
-from .runner import read_committed, run_batches
+from ..locking import read_committed
+from .runner import run_batches
 from .threads import SharedBar, run_workers
 from .throttle import Throttle
 

@@ -31,7 +31,8 @@ from ..keys import choice
 from ..keys import table as kt
 from ..keys.store import KeyStore
 from ..providers.base import CONTEXT_VERSION, KeyProvider
-from .runner import read_committed, run_batches
+from ..locking import read_committed
+from .runner import run_batches
 
 __all__ = ["RewrapReport", "rewrap_keys", "target_key_id"]
 

@@ -19,18 +19,7 @@ from ..faults import batch_points, fault_point
 from .progress import progress_bar
 from .throttle import Throttle
 
-__all__ = ["read_committed", "run_batches"]
-
-
-def read_committed(engine: Engine) -> Connection:
-    """A connection for one batch that locks rows. On MySQL/MariaDB in READ
-    COMMITTED: under the default REPEATABLE READ, ``FOR UPDATE`` also locks
-    the gaps between the scanned rows, which would block applications
-    inserting new ones."""
-    conn = engine.connect()
-    if conn.dialect.name in ("mysql", "mariadb"):
-        conn.execution_options(isolation_level="READ COMMITTED")
-    return conn
+__all__ = ["run_batches"]
 
 
 def run_batches(

@@ -26,7 +26,8 @@ index and key ids, and rows by primary key: never a value.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Callable
 
 from sqlalchemy import Integer, Table, and_, bindparam, delete, select, tuple_, update
@@ -34,6 +35,7 @@ from sqlalchemy import Integer, Table, and_, bindparam, delete, select, tuple_, 
 from ..columns.searchable import indexes_of
 from ..envelope import format as fmt
 from ..keys import table as kt
+from ..locking import read_committed, retry_deadlocks
 from . import arrays, keyring, rowkeys
 from . import tokens as tk
 from .writes import row_key_of, token_entries
@@ -128,35 +130,55 @@ def _verify_one(
     report = IndexReport(index.owner, index.name, column=index.column, fixed=fix)
     pks, source = rowkeys.columns_of(index), index.source_column()
     stored = [index.tokens_column] if index.storage == "array" else []
-    k = len(pks)
-    pk = pks[0] if k == 1 else tuple_(*pks)
+    query = select(*pks, source, *stored).order_by(*pks).limit(batch_size)
+    if share is not None:
+        query = query.where(pks[0] % share[1] == share[0])
     last: Any = None
     batches = 0
     while max_batches is None or batches < max_batches:
-        with engine.begin() as conn, index.keys.use_connection(conn), keyring.using(conn):
-            query = select(*pks, source, *stored).order_by(*pks).limit(batch_size)
-            if share is not None:
-                query = query.where(pks[0] % share[1] == share[0])
-            if fix and conn.dialect.name != "sqlite":
-                query = query.with_for_update()  # a concurrent write waits: its tokens come after ours
-            found = conn.execute(query if last is None else query.where(pk > last)).all()
-            if not found:
-                break
-            # (key, value[, stored]): a composite key as a tuple
-            batch = [(r[0] if k == 1 else tuple(r[:k]), *r[k:]) for r in found]
-            last, batches = (batch[-1][0] if k == 1 else tuple_(*batch[-1][0])), batches + 1
-            (_check_arrays if stored else _check_batch)(conn, index, batch, report, fix)
+        done = retry_deadlocks(partial(_batch, engine, index, query, last, report, fix))
+        if done is None:
+            break
+        report, last = done
+        batches += 1
     else:
         report.stopped = True
         return report
     if not stored and (share is None or share[0] == 0):  # a row's array is in the row: none can outlive it
-        _check_orphans(engine, index, pks, report, fix)
+        retry_deadlocks(partial(_check_orphans, engine, index, pks, report, fix))
     return report
+
+
+def _copy(report: IndexReport) -> IndexReport:
+    """A batch counts into a copy: a deadlock retry starts it again from the counts before it."""
+    return replace(report, moving=dict(report.moving), examples=list(report.examples))
+
+
+def _batch(
+    engine: Any, index: Any, query: Any, last: Any, report: IndexReport, fix: bool
+) -> tuple[IndexReport, Any] | None:
+    """One batch, one transaction (READ COMMITTED on MariaDB: :mod:`..locking`):
+    the rows after ``last`` checked (and fixed); (a copy of ``report`` with
+    them counted, the new ``last``), or None when no row is left."""
+    report = _copy(report)
+    pks = rowkeys.columns_of(index)
+    k = len(pks)
+    pk = pks[0] if k == 1 else tuple_(*pks)
+    with read_committed(engine) as conn, conn.begin(), index.keys.use_connection(conn), keyring.using(conn):
+        if fix and conn.dialect.name != "sqlite":
+            query = query.with_for_update()  # a concurrent write waits: its tokens come after ours
+        found = conn.execute(query if last is None else query.where(pk > last)).all()
+        if not found:
+            return None
+        # (key, value[, stored]): a composite key as a tuple
+        batch = [(r[0] if k == 1 else tuple(r[:k]), *r[k:]) for r in found]
+        (_check_arrays if index.storage == "array" else _check_batch)(conn, index, batch, report, fix)
+    return report, (batch[-1][0] if k == 1 else tuple_(*batch[-1][0]))
 
 
 def _check_orphans(engine: Any, index: Any, pks: list[Any], report: IndexReport, fix: bool) -> None:
     tokens = index.tokens_table
-    with engine.begin() as conn:
+    with read_committed(engine) as conn, conn.begin():
         alive = select(rowkeys.sql(pks))
         orphans = and_(tokens.c.owner == index.owner, tokens.c.name == index.name, tokens.c.row_key.not_in(alive))
         report.orphan_tokens = len(conn.execute(select(tokens.c.row_key).where(orphans)).all())

@@ -20,7 +20,7 @@ DOC = PACKAGE.parent / "docs" / "architecture.md"
 
 # bottom first; a module may import from its own layer or the ones below
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "faults", "redact"),
+    ("errors", "faults", "redact", "locking"),
     ("envelope", "providers"),
     ("keys",),
     ("columns",),
