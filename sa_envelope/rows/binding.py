@@ -40,6 +40,7 @@ from ..envelope import ciphers
 from ..envelope import format as fmt
 from ..errors import DecryptionError
 from ..keys import table as kt
+from .keyrows import IN_CHUNK
 
 __all__ = [
     "DIGEST_SCOPE",
@@ -56,8 +57,6 @@ __all__ = [
 DIGEST_SCOPE = "row-digest"
 DIGEST_ALGORITHM = "HMAC-SHA256"
 _CONTEXT = b"sa-envelope row digest\x00"
-IN_CHUNK = 1_000
-PG_CHUNK = 10_000  # digests per = ANY(:array) query on PostgreSQL
 
 
 def pk_bytes(pk: Sequence[Any]) -> bytes:
@@ -191,7 +190,7 @@ def find_bound(
     wanted = list(dict.fromkeys(digests))
     found: list[tuple[int, bytes]] = []
     pg = conn.dialect.name == "postgresql"
-    step = PG_CHUNK if pg else IN_CHUNK
+    step = IN_CHUNK
     for start in range(0, len(wanted), step):
         chunk = wanted[start : start + step]
         # PostgreSQL: one array parameter, not thousands (the driver parses every placeholder)

@@ -53,13 +53,12 @@ from ..keys import table as kt
 from ..keys.cache import CacheLimits, CachedKey, KeyCache
 from ..keys.store import KeyStore
 from . import binding, keyrows
+from .keyrows import IN_CHUNK
 
 __all__ = ["ROW_CACHE_SIZE", "RowKeys"]
 
 T = TypeVar("T")
 ROW_CACHE_SIZE = 65_536
-IN_CHUNK = 1_000  # ids per IN (...) query
-PG_CHUNK = 10_000  # ids per = ANY(:array) query on PostgreSQL
 
 
 class RowKeys:
@@ -204,14 +203,14 @@ class RowKeys:
         return entry if entry.cipher is not None else None
 
     def load(self, conn: Connection, key_ids: Iterable[int], *, table: str, column: str | None) -> None:
-        """Load row keys into the cache with few queries (1,000 ids per ``IN``;
-        10,000 per ``= ANY(array)`` on PostgreSQL). Loaded keys are not marked
+        """Load row keys into the cache with few queries (:data:`keyrows.IN_CHUNK`
+        ids per ``IN``, or per ``= ANY(array)`` on PostgreSQL). Loaded keys are not marked
         as this transaction's: a key inserted by it was marked at creation."""
         # a tampered header may name an id no BIGINT holds: never stored, and
         # PostgreSQL would refuse the query (the caller reports it not found)
         ids = [k for k in key_ids if fmt.is_key_id(k)]
         pg = conn.dialect.name == "postgresql"
-        chunk_size = PG_CHUNK if pg else IN_CHUNK
+        chunk_size = IN_CHUNK
         stmt = self._select_keys(pg)
         raw = _plain_columns(stmt, conn.dialect)
         parents: dict[int, Any] = {}  # per table key: its cached entry, looked up once

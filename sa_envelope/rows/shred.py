@@ -19,7 +19,7 @@ from sqlalchemy.orm import attributes as orm_attributes
 
 from ..errors import EnvelopeError
 from . import binding
-from .keys import IN_CHUNK
+from .keyrows import IN_CHUNK
 from .specs import TableSpec, core_spec, pk_of, row_key_ids, specs
 
 __all__ = ["retire", "shred_deleted", "shred_instance", "shred_rows", "shred_table_row"]

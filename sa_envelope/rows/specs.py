@@ -16,7 +16,7 @@ from sqlalchemy.orm.state import InstanceState
 from ..columns.encrypted import EncryptedType
 from ..envelope import format as fmt
 from ..keys import table as kt
-from .keys import IN_CHUNK
+from .keyrows import IN_CHUNK
 
 __all__ = ["TableSpec", "core_spec", "pk_of", "row_key_ids", "specs"]
 

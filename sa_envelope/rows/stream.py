@@ -11,7 +11,7 @@ Instead the result's fetch strategy is SQLAlchemy's own
 fetches pass each batch of rows (a partition: ``yield_per``'s size, or the
 buffer's) through :class:`PartitionKeys` before SQLAlchemy processes them:
 the key ids are read from the value headers, the missing keys are loaded in
-one ``IN``/``ANY`` query per 1,000/10,000 ids **on another connection** of
+one ``IN``/``ANY`` query per 1,000 ids **on another connection** of
 the same engine (a second query on the streaming connection would cut an
 unbuffered MySQL/MariaDB result short), and the rows' bindings are checked
 as for a buffered result. SQLite has no server-side cursors but steps its
