@@ -222,3 +222,20 @@ def test_cli_sweep_guards(engine: Engine, db_url: str, tmp_path: Path) -> None:
 
     bad = _cli()
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def test_a_custom_key_table_sweeps_its_own_guard_table(engine: Engine, tmp_path: Path) -> None:
+    """``table_name="app_keys"``: its guards are in ``app_guards``; the default
+    guard table (another KeyManager's) is left alone."""
+    keys = KeyManager(engine, LocalKeyProvider.from_file(tmp_path / "k.key"), table_name="app_keys")
+    keys.create_table()
+    GUARDS.create(engine)
+    own = guard_table(MetaData(), "app_keys")
+    assert own.name == "app_guards"
+    with engine.begin() as conn:
+        conn.execute(insert(own), [{"guard": "a".ljust(64, "0"), "owner_table": "members"}])
+    _plant(engine, "members", 2)  # beside sa_envelope_keys
+    assert keys.sweep_guards() == GuardSweepReport(removed={"members": 1})
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(own)).scalar_one() == 0
+    assert _guards(engine) == {"members": 2}
