@@ -25,6 +25,7 @@ from .envelope import format as fmt
 from .jobs import warm as warming
 from .jobs.reencrypt import ReencryptReport, reencrypt_columns
 from .jobs.rewrap import RewrapReport, rewrap_keys
+from .jobs.guardsweep import GuardSweepReport, sweep_guards
 from .jobs.sweep import SweepReport, sweep_orphans
 from .keys import registry, table as kt
 from .keys.cache import CacheLimits, CachedKey
@@ -286,18 +287,9 @@ class KeyManager:
                 self._provider = target
         return report
 
-    def reencrypt(
-        self,
-        columns: Iterable[Column[Any]],
-        *,
-        key_id: int | str,
-        batch_size: int = 500,
-        workers: int = 1,
-        rate: float | None = None,
-        max_batches: int | None = None,
-        progress: bool | None = None,
-        engine: Any = None,
-    ) -> ReencryptReport:
+    def reencrypt(self, columns: Iterable[Column[Any]], *, key_id: int | str, batch_size: int = 500, workers: int = 1,
+                  rate: float | None = None, max_batches: int | None = None, progress: bool | None = None,
+                  engine: Any = None) -> ReencryptReport:  # fmt: skip
         """Re-encrypt the values of ``columns`` stored under ``key_id`` with the
         current key (rotated first if ``key_id`` is still the current one).
 
@@ -384,6 +376,13 @@ class KeyManager:
         (otherwise reflected). See docs/shredding.md."""
         rows = self.rows_for(engine)
         return sweep_orphans(rows, dry_run=dry_run, tables=tables, batch_size=batch_size, progress=progress)
+
+    def sweep_guards(self, table: str | None = None, *, dry_run: bool = False, engine: Any = None) -> GuardSweepReport:
+        """Delete (``dry_run``: count) the uniqueness guard rows of ``table``
+        (default: every table) that no rotation in progress needs; uses no key
+        material. Safe beside writers and rotations: docs/rotation.md."""
+        store = self.engines.select(engine).store
+        return sweep_guards(store.engine, store.table, table, dry_run=dry_run)
 
     def shred_key(self, key_id: int | str, conn: Connection | None = None, *, engine: Any = None) -> None:
         """Destroy one row key's material, on ``conn`` (the caller's transaction) or in its own (``engine``)."""

@@ -1,7 +1,7 @@
 """The ``sa-envelope`` command line. A leaf: nothing in the package imports it.
 
 The subcommands live by concern: :mod:`.keys` (``keys list``, ``keys
-sweep``, ``rotate``, ``shred``), :mod:`.data` (``rewrap``, ``verify``,
+sweep``, ``rotate``, ``shred``, ``sweep-guards``), :mod:`.data` (``rewrap``, ``verify``,
 ``reencrypt``, ``export``), :mod:`.migrate` (``encrypt-column``,
 ``decrypt-column``), :mod:`.demo`; what they share is in
 :mod:`.common`. A new command is one more ``(name, configure, help)`` entry

@@ -1,4 +1,4 @@
-"""The key commands: ``keys list``, ``keys sweep``, ``rotate``, ``shred``.
+"""The key-table commands: ``keys list``, ``keys sweep``, ``rotate``, ``shred``, ``sweep-guards``.
 
 Each is a ``configure(parser)`` function that adds its options and sets
 ``parser.set_defaults(run=..., interrupted=...)``; :data:`COMMANDS` lists
@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 
+from sqlalchemy import MetaData
+
 from ..envelope import format as fmt
 from ..errors import ConfigurationError
 from ..jobs import scan
+from ..jobs.guardsweep import sweep_guards
 from ..keys import table as kt
 from .common import (
     RESUMES,
@@ -155,6 +158,25 @@ def _shred(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run, interrupted="the shred commits in one transaction: run it again to be sure")
 
 
+def _sweep_guards(parser: argparse.ArgumentParser) -> None:
+    database_option(parser)
+    parser.add_argument("--table", help="only this table's guards (default: every table's)")
+    parser.add_argument("--dry-run", action="store_true", help="count the guards it would remove, remove none")
+
+    def run(ns: argparse.Namespace) -> int:
+        engine = engine_of(ns)  # the key rows are read, never unwrapped: no --cmk
+        try:
+            report = sweep_guards(engine, kt.key_table(MetaData()), ns.table, dry_run=ns.dry_run)
+        finally:
+            engine.dispose()
+        lines = [report, *(f"  {escape(t)}: {n}" for t, n in report.removed.items())]
+        data = {"removed": report.removed, "kept": report.kept, "total": report.total, "dry_run": report.dry_run}
+        emit(ns, data, lines)
+        return 0
+
+    parser.set_defaults(run=run, interrupted=RESUMES)
+
+
 def _key_id(text: str) -> int:
     try:
         return fmt.parse_key_id(text)
@@ -166,4 +188,5 @@ COMMANDS: tuple[tuple[str, Configure, str], ...] = (
     ("keys", _keys, "inspect the key table (keys list), shred orphaned row keys (keys sweep)"),
     ("rotate", _rotate, "roll a table key over now: new values use a new key, old ones stay readable"),
     ("shred", _shred, "crypto-shred a row key (--key) or every key of one row (--table, --pk)"),
+    ("sweep-guards", _sweep_guards, "remove the uniqueness guard rows no rotation in progress needs"),
 )

@@ -12,8 +12,9 @@ ciphertext the column itself would hold (docs/format.md) and the owner of
 the column's keys.
 
 Guards matter only while a column has more than one live key: the
-re-encryption job deletes a table's guards when it retires the old key
-(:func:`remove_guards`). A writer that still holds a guard lock makes that
+re-encryption job deletes a table's guards when it retires the old key, and
+the guard sweep (:mod:`sa_envelope.jobs.guardsweep`) those left after it
+(:func:`remove_settled`). A writer that still holds a guard lock makes that
 DELETE wait; a writer that comes after it makes the guards again (PostgreSQL
 upserts them, which locks the row it makes; MariaDB/MySQL makes the missing
 ones on a connection of its own, then locks them and makes them again while
@@ -27,12 +28,23 @@ import itertools
 import weakref
 from typing import Any
 
-from sqlalchemy import Column, Index, MetaData, String, Table, delete, inspect, select
+from sqlalchemy import Column, Index, MetaData, String, Table, delete, func, inspect, select
 from sqlalchemy.dialects import mysql, postgresql
 
-from ..keys.table import KEY_TABLE_NAME
+from ..keys.live import LIVE_STATUSES
+from ..keys.table import KEY_TABLE_NAME, SCOPE_DETERMINISTIC
 
-__all__ = ["GUARD_TABLE", "guard_table", "guard_table_name", "guards_of", "has_guards", "lock", "remove_guards"]
+__all__ = [
+    "GUARD_TABLE",
+    "guard_owners",
+    "guard_table",
+    "guard_table_name",
+    "guards_of",
+    "has_guards",
+    "lock",
+    "remove_guards",
+    "remove_settled",
+]
 
 GUARD_TABLE = "sa_envelope_guards"
 _HAS_GUARDS: weakref.WeakKeyDictionary[Any, set[tuple[str | None, str]]] = weakref.WeakKeyDictionary()  # per engine
@@ -152,3 +164,52 @@ def remove_guards(conn: Any, keys: Table, owner: str) -> int:
     if not has_guards(conn, guards):
         return 0
     return int(conn.execute(delete(guards).where(guards.c.owner_table == owner)).rowcount)
+
+
+def guard_owners(conn: Any, keys: Table) -> list[str]:
+    """The owners (``owner_table``) that have guard rows beside the key table ``keys``."""
+    guards = guards_of(keys)
+    if not has_guards(conn, guards):
+        return []
+    return sorted(conn.execute(select(guards.c.owner_table).distinct()).scalars())
+
+
+def remove_settled(conn: Any, keys: Table, owner: str, *, dry_run: bool = False) -> tuple[bool, int]:
+    """Delete ``owner``'s guards if no rotation of its deterministic key is in
+    progress (at most one live deterministic key), in ``conn``'s transaction;
+    (whether they were, the number of its guards removed or, with
+    ``dry_run`` or a rotation in progress, counted and left).
+
+    Safe against a rotation starting meanwhile: the live key rows are read
+    with a row lock (:func:`_live_keys`), which ``rotate_table_key`` takes
+    too (on the active key: keys.rollover ``lock_active``) before it makes
+    the new key. Either we lock first, and the rotation's new key, and so
+    every guard a writer makes for it (a writer makes them only once it sees
+    two live keys), comes after our commit; or the rotation commits first,
+    and our second read sees its key: two live keys, nothing removed. A
+    guard a writer holds makes the DELETE wait for it; one removed is made
+    again by the next writer of its value (module doc). SQLite: no guard is
+    locked or made there (it serialises writers), nothing to race with."""
+    guards = guards_of(keys)
+    if not has_guards(conn, guards):
+        return True, 0
+    settled = _live_keys(conn, keys, owner) <= 1
+    if settled and not dry_run:
+        return True, int(conn.execute(delete(guards).where(guards.c.owner_table == owner)).rowcount)
+    count = select(func.count()).select_from(guards).where(guards.c.owner_table == owner)
+    return settled, int(conn.execute(count).scalar_one())
+
+
+def _live_keys(conn: Any, keys: Table, owner: str) -> int:
+    """How many live deterministic keys ``owner`` has, read twice with a row
+    lock: the first read waits for a rotation holding the active key's row
+    to commit; the second, a statement of its own (READ COMMITTED's fresh
+    snapshot; InnoDB's locking reads see the newest rows anyway), also sees
+    the key it committed."""
+    stmt = select(keys.c.id).where(
+        keys.c.owner_table == owner, keys.c.scope == SCOPE_DETERMINISTIC, keys.c.status.in_(LIVE_STATUSES)
+    )
+    if conn.dialect.name != "sqlite":
+        stmt = stmt.with_for_update()
+    conn.execute(stmt).all()
+    return len(conn.execute(stmt).all())

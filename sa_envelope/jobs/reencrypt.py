@@ -35,12 +35,12 @@ from sqlalchemy import Column, Integer, LargeBinary, func, select, type_coerce
 from ..columns import binds
 from ..columns.blindindex import BlindIndexType
 from ..columns.encrypted import EncryptedType
-from ..columns.guardrows import remove_guards
+from ..columns.guardrows import remove_settled
 from ..columns.searchable import indexes_of
 from ..envelope import format as fmt
 from ..errors import ConfigurationError, EnvelopeError, KeyNotFoundError
 from ..keys import table as kt
-from ..keys.live import LIVE_STATUSES, LiveKeys, retire_drained
+from ..keys.live import LiveKeys, retire_drained
 from ..keys.store import KeyStore
 from ..search.verify import rebuild as rebuild_indexes
 from .moves import IndexBatches, Job, ReencryptReport, ValueBatches, under_key
@@ -330,8 +330,4 @@ def _retire(
 def _drop_guards(conn: Any, keys: Any, owner: str) -> None:
     """With one live deterministic key left, ``owner``'s uniqueness guards
     lock nothing any more (columns/guardrows): remove them in bulk."""
-    live = select(func.count()).where(
-        keys.c.owner_table == owner, keys.c.scope == kt.SCOPE_DETERMINISTIC, keys.c.status.in_(LIVE_STATUSES)
-    )
-    if conn.execute(live).scalar_one() <= 1:
-        remove_guards(conn, keys, owner)
+    remove_settled(conn, keys, owner)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import re
+import textwrap
 import sys
 import types
 from pathlib import Path
@@ -24,7 +25,8 @@ from support.rotation import key_statuses, provider_key_records
 
 
 def python_blocks(page: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), flags=re.S)
+    """The page's ```python blocks, a block inside a list item dedented."""
+    return [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), flags=re.S)]
 
 
 def test_getting_started_runs(
@@ -78,13 +80,14 @@ def test_rotation_runbook_python_examples_run(
         "KeyManager": fast, "RolloverPolicy": RolloverPolicy, "old_det_key_id": fmt.format_key_id(det),
     }
     blocks = python_blocks("rotation.md")
-    assert len(blocks) == 7
+    assert len(blocks) == 8
     try:
         for block in blocks:
             exec(compile(block, "rotation.md", "exec"), namespace)
     finally:
         kms_admin.delete_alias(AliasName="alias/app-data-2027")
     assert namespace["report"].reencrypted == 40
+    assert not namespace["swept"].kept  # the sweep block: no rotation left in progress
     arn = kms_admin.describe_key(KeyId=target)["KeyMetadata"]["Arn"]
     assert {r.wrapping_key_id for r in provider_key_records(engine)} == {arn}
     with Session(engine) as session:
