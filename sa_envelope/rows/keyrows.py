@@ -22,10 +22,9 @@ __all__ = ["COPY_MIN_ROWS", "IN_CHUNK", "VARYING", "insert_key_rows", "shared_va
 COPY_MIN_ROWS = 100  # below this, a plain executemany is as fast as COPY
 # Ids or digests per key-table query (``IN (...)``; ``= ANY(:array)`` on
 # PostgreSQL), on every backend. Not more on PostgreSQL: with 1,000,000 row
-# keys, 10,000 ids (1 %) per query made the planner scan the whole key table
-# (a sequential or a bitmap scan of the scope index: 80-230 ms a query) where
-# 1,000 probe the primary key (~3.5 ms): a streamed read of 1,000,000
-# row-scoped rows spent 16 of its 28 us per row waiting for those scans.
+# keys, 10,000 ids (1 %) a query made the planner choose a sequential scan
+# of the whole key table (80-110 ms a query, analysed or not) where 1,000
+# probe the primary key (2-6 ms).
 IN_CHUNK = 1_000
 MYSQL_CHUNK = 1_000  # key rows per multi-row INSERT (~300 bytes each, far below max_allowed_packet)
 

@@ -224,32 +224,40 @@ class RowKeys:
     def _select_keys(self, pg: bool) -> Any:
         """The key-row query, built once per dialect kind (SQLAlchemy's compiled
         cache then serves it): only the columns unwrapping needs, in the order
-        :func:`ciphers.open_many` reads, and only rows of scope ``row`` (as the
-        Python filter before: any other key row is left to the table-key path,
-        which checks it against its own associated data)."""
+        :func:`ciphers.open_many` reads, then the scope, checked in Python
+        (:meth:`_open_rows`). Not ``AND scope = 'row'`` in SQL: on a key table
+        PostgreSQL had not analysed yet (a bulk load just made its keys), the
+        planner took that condition for the selective one and answered every
+        1,000 ids with a bitmap scan of the scope index over every row key
+        (190-630 ms a query at 1,000,000 keys, against 2-6 ms by primary key):
+        a streamed read of those rows took 230 s. The ids alone leave it the
+        primary key."""
         cached = self._statements.get(pg)
         if cached is not None:
             return cached
         t = self.table
-        cols = (t.c.id, t.c.wrapped_key, t.c.row_digest, t.c.parent_id, t.c.owner_table, t.c.status)
+        cols = (t.c.id, t.c.wrapped_key, t.c.row_digest, t.c.parent_id, t.c.owner_table, t.c.status, t.c.scope)
         if pg:
             match = t.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger)))  # one array parameter
         else:
             match = t.c.id.in_(bindparam("ids", expanding=True))
-        stmt = self._statements[pg] = select(*cols).where(match, t.c.scope == kt.SCOPE_ROW)
+        stmt = self._statements[pg] = select(*cols).where(match)
         return stmt
 
     def _open_rows(self, rows: Sequence[Any], parents: dict[int, Any], table: str, column: str | None) -> None:
         """Unwrap and cache the row keys of key rows ``(id, wrapped, digest,
-        parent, owner, status)``: one :func:`ciphers.open_many` per (table key,
+        parent, owner, status, scope)``: one :func:`ciphers.open_many` per (table key,
         owner), tombstones cached with no cipher. A key row that does not
-        unwrap fails the whole batch (nothing of it cached), naming its key id."""
+        unwrap fails the whole batch (nothing of it cached), naming its key id.
+        A row of another scope, or with no parent, is no row key: it is left
+        to the table-key path, which checks it against its own associated data."""
         groups: dict[tuple[int, str], list[Any]] = {}
         dead: list[Any] = []
         bound: list[bytes | None] = []
         parent_id, owner, members = None, None, dead  # the group of the row before (one table key, usually)
+        row_scope = kt.SCOPE_ROW
         for r in rows:
-            if r[3] is None:  # no parent: not a row key (the table-key path refuses or serves it)
+            if r[3] is None or r[6] != row_scope:  # not a row key (the table-key path refuses or serves it)
                 continue
             if r[1] is None or r[5] == kt.SHREDDED:
                 dead.append(r)
