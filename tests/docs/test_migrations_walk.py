@@ -262,6 +262,8 @@ def test_walk_the_page(engine: Engine, db_url: str, app_data: str, tmp_path: Pat
     with engine.connect() as conn:
         (job,) = conn.execute(text(CLAIMS)).all()
     assert job[1] == job[2] and job[3] > 0, job  # every range done
+    again = shell(ENCRYPT_COMMAND, tmp_path, cli_env)  # "run it again": once done, nothing to do
+    assert ": 0 rows written" in again and "KMS calls: 0" in again, again
     assert stored(engine, keys) == {i: (v, v) for i, v in expected.items()}  # both halves: step 2's rollback
     with Session(engine) as session:
         assert {u.id: u.email for u in session.scalars(select(User))} == expected
