@@ -205,6 +205,13 @@ def backfill_under_writes(command: str, cwd: Path, env: dict[str, str], engine: 
     return out
 
 
+def same(got: dict[int, Any], expected: dict[int, Any]) -> None:
+    """``got`` is ``expected``; else the rows that differ, (got, expected), and how many."""
+    wrong = {i: (got.get(i, "<no row>"), expected.get(i, "<no row>")) for i in got.keys() | expected.keys()
+             if got.get(i, "<no row>") != expected.get(i, "<no row>")}  # fmt: skip
+    assert not wrong, f"{len(wrong)} of {len(expected)} rows differ (got, expected): {dict(sorted(wrong.items())[:10])}"
+
+
 def scalar(engine: Engine, query: str) -> Any:
     with engine.connect() as conn:
         return conn.execute(text(query)).scalar_one()
@@ -264,9 +271,9 @@ def test_walk_the_page(engine: Engine, db_url: str, app_data: str, tmp_path: Pat
     assert job[1] == job[2] and job[3] > 0, job  # every range done
     again = shell(ENCRYPT_COMMAND, tmp_path, cli_env)  # "run it again": once done, nothing to do
     assert ": 0 rows written" in again and "KMS calls: 0" in again, again
-    assert stored(engine, keys) == {i: (v, v) for i, v in expected.items()}  # both halves: step 2's rollback
+    same(stored(engine, keys), {i: (v, v) for i, v in expected.items()})  # both halves: step 2's rollback
     with Session(engine) as session:
-        assert {u.id: u.email for u in session.scalars(select(User))} == expected
+        same({u.id: u.email for u in session.scalars(select(User))}, expected)
 
     project.add("w4_contract", CONTRACT)  # 4. contract, with the final model
     project.run(UPGRADE)
@@ -275,7 +282,7 @@ def test_walk_the_page(engine: Engine, db_url: str, app_data: str, tmp_path: Pat
     User = model(FINAL_MODEL, keys, monkeypatch)
     some = next(i for i, v in expected.items() if v is not None)
     with Session(engine) as session:
-        assert {u.id: u.email for u in session.scalars(select(User))} == expected
+        same({u.id: u.email for u in session.scalars(select(User))}, expected)
         assert session.scalars(select(User.id).where(User.email == expected[some])).all() == [some]
 
     project.add("r1_expand", R_EXPAND)  # the reverse (step 4's rollback): 1. expand, and its rollback
@@ -288,14 +295,14 @@ def test_walk_the_page(engine: Engine, db_url: str, app_data: str, tmp_path: Pat
     out = backfill_under_writes(DECRYPT_COMMAND, tmp_path, cli_env, engine, User, expected, seed=2)  # 3.
     assert "rows written" in out, out
     assert scalar(engine, R_ROWS_LEFT) == 0
-    assert decrypted_shadow(engine, keys) == {i: (v, v) for i, v in expected.items()}
+    same(decrypted_shadow(engine, keys), {i: (v, v) for i, v in expected.items()})
     project.add("r4_contract", R_CONTRACT)  # 4.
     project.run(UPGRADE)
     User = model(R_FINAL_MODEL, keys, monkeypatch)
     with Session(engine) as session:
-        assert {u.id: u.email for u in session.scalars(select(User))} == expected
+        same({u.id: u.email for u in session.scalars(select(User))}, expected)
     with engine.connect() as conn:
-        assert dict(conn.execute(text("SELECT id, email FROM users")).all()) == expected  # plaintext, stored
+        same(dict(conn.execute(text("SELECT id, email FROM users")).all()), expected)  # plaintext, stored
     assert indexes(engine) == [("ix_users_email", True)]
 
 
