@@ -110,34 +110,34 @@ class RowKeys:
         ids = fmt.new_key_ids(count)
         bound: list[bytes | None] = list(digests) if digests is not None else [None] * count
         rows: list[tuple[Any, ...]] = []  # keyrows.VARYING
-        opened: list[tuple[int, Any, bytes]] = []
-        pending: list[tuple[int, Any]] = []  # (position, what bind() needs)
+        made: list[Any] = []  # RowKeyCipher, parallel to ids: no tuple per key (see cache.put_bound)
+        later: list[tuple[int, Any, list[bytes | None]]] = []  # chunks with keys for bind(): (start, table key, wraps)
         # each wrap is an AES-GCM encryption under the table key: all are counted
         step = max(1, self.store.budget.batch(2 * count) // 2)
         for start in range(0, count, step):
             chunk, chunk_bound = ids[start : start + step], bound[start : start + step]
             # one wrap per key (a deferred key's is made by bind()), two for a key bound later without defer
-            uses = len(chunk) + (0 if defer else chunk_bound.count(None))
+            unbound = chunk_bound.count(None)
             with self.tracker.use_connection(conn):  # at most one provider call per table key
-                parent = self.store.encryption_key(owner, kt.SCOPE_TABLE, uses=uses)
-            wrap = [d is not None or not defer for d in chunk_bound]
-            made = ciphers.wrap_row_keys(parent.cipher, parent.key_id, owner, chunk, chunk_bound, wrap)
-            for offset, (key_id, digest, (wrapped, cipher, plain)) in enumerate(zip(chunk, chunk_bound, made)):
-                if wrapped is not None:
-                    rows.append((key_id, parent.key_id, wrapped, digest))
-                if digest is None:
-                    pending.append((start + offset, (parent, wrapped, plain)))
-                opened.append((key_id, cipher, fmt.header(fmt.VERSION_GCM, key_id)))
+                parent = self.store.encryption_key(owner, kt.SCOPE_TABLE, uses=len(chunk) + (0 if defer else unbound))
+            wrap = [d is not None for d in chunk_bound] if defer and unbound else None
+            wrapped, cipher_objects = ciphers.wrap_row_keys(
+                parent.cipher, parent.key_id, owner, chunk, chunk_bound, wrap
+            )
+            made += cipher_objects
+            pid = parent.key_id
+            rows += [(k, pid, w, d) for k, w, d in zip(chunk, wrapped, chunk_bound) if w is not None]
+            if unbound:
+                later.append((start, parent, wrapped))
         self.tracker.state(conn).rows.update(ids)
         if rows:
             shared = keyrows.shared_values(owner, now)
             self.query(lambda: keyrows.insert_key_rows(conn, self.table, shared, rows), owner)
         self.keys_created += count
-        entries = self.cache.put_many(opened)
-        for entry, digest in zip(entries, bound):
-            entry.bound = digest
-        for i, wrapped in pending:
-            entries[i].wrapped = wrapped  # see bind()
+        head_byte, n = bytes((fmt.VERSION_GCM,)), fmt.KEY_ID_LEN
+        entries = self.cache.put_bound(ids, made, [head_byte + k.to_bytes(n, "big") for k in ids], bound)
+        for start, parent, wrapped in later:
+            _mark_unbound(entries, bound, start, parent, wrapped)
         return entries
 
     def bind(
@@ -155,7 +155,7 @@ class RowKeys:
         params: list[dict[str, Any]] = []
         done = [(entry, digest) for entry, digest in [*pairs, *((e, None) for e in unknown)] if entry.wrapped]
         for entry, digest, rewrapped in _wrapped_now(owner, done):
-            parent, wrapped, _ = entry.wrapped
+            parent, wrapped = entry.wrapped
             if wrapped is None:
                 rows.append((entry.key_id, parent.key_id, rewrapped, digest))
             elif digest is not None:
@@ -361,14 +361,30 @@ def _wrapped_now(
 ) -> list[tuple[CachedKey, bytes | None, bytes]]:
     """``(entry, digest, wrap)`` of keys :meth:`RowKeys.bind` binds: one
     :func:`ciphers.wrap_many` per table key (a batch made across a roll-over
-    has two), in the order given."""
+    has two), in the order given; the material from the entry's cipher."""
     groups: dict[int, list[int]] = {}
     for i, (entry, _) in enumerate(keys):
         groups.setdefault(id(entry.wrapped[0]), []).append(i)
     wraps: list[bytes] = [b""] * len(keys)
     for members in groups.values():
         parent = keys[members[0]][0].wrapped[0]
-        items = [(keys[i][0].key_id, keys[i][0].wrapped[2], keys[i][1]) for i in members]
-        for i, w in zip(members, ciphers.wrap_many(parent.cipher, parent.key_id, owner, items)):
+        key_ids = [keys[i][0].key_id for i in members]
+        plains = [keys[i][0].cipher.material for i in members]
+        made = ciphers.wrap_many(parent.cipher, parent.key_id, owner, key_ids, plains, [keys[i][1] for i in members])
+        for i, w in zip(members, made):
             wraps[i] = w
     return [(entry, digest, w) for (entry, digest), w in zip(keys, wraps)]
+
+
+def _mark_unbound(
+    entries: list[CachedKey], bound: list[bytes | None], start: int, parent: Any, wrapped: list[bytes | None]
+) -> None:
+    """What :meth:`RowKeys.bind` needs of each key of one chunk made without
+    a digest, in its entry's ``wrapped``: ``(table key, None)`` where its
+    insert waits for bind (one tuple shared by the chunk's keys: no object
+    per key), or ``(table key, version-1 wrap)`` where it was inserted
+    unbound (AUTOCOMMIT). The material stays in the entry's cipher only."""
+    deferred = (parent, None)
+    for j, w in enumerate(wrapped):
+        if bound[start + j] is None:
+            entries[start + j].wrapped = deferred if w is None else (parent, w)
