@@ -141,9 +141,15 @@ class RowKeys:
         return entries
 
     def bind(
-        self, conn: Connection, owner: str, pairs: Sequence[tuple[CachedKey, bytes]], unknown: Sequence[CachedKey] = ()
+        self,
+        conn: Connection,
+        owner: str,
+        entries: Sequence[CachedKey],
+        digests: Sequence[bytes | None],
+        unknown: Sequence[CachedKey] = (),
     ) -> None:
-        """Bind keys made by :meth:`create` without a digest to their rows,
+        """Bind keys made by :meth:`create` without a digest to their rows
+        (``entries`` and their rows' ``digests``, parallel: no tuple per key),
         once the rows' primary keys are known (after the INSERT: autoincrement),
         on ``conn``, in the same transaction. A key whose insert was deferred is
         wrapped once, bound (version 2), and inserted now; one inserted unbound
@@ -153,8 +159,10 @@ class RowKeys:
         now = kt.utcnow()
         rows: list[tuple[Any, ...]] = []  # keyrows.VARYING
         params: list[dict[str, Any]] = []
-        done = [(entry, digest) for entry, digest in [*pairs, *((e, None) for e in unknown)] if entry.wrapped]
-        for entry, digest, rewrapped in _wrapped_now(owner, done):
+        every, bound = [*entries, *unknown], [*digests, *([None] * len(unknown))]
+        keep = [i for i, entry in enumerate(every) if entry.wrapped]
+        done, done_digests = [every[i] for i in keep], [bound[i] for i in keep]
+        for entry, digest, rewrapped in zip(done, done_digests, _wrapped_now(owner, done, done_digests)):
             parent, wrapped = entry.wrapped
             if wrapped is None:
                 rows.append((entry.key_id, parent.key_id, rewrapped, digest))
@@ -175,7 +183,7 @@ class RowKeys:
                 )
             )
             self.query(lambda: conn.execute(stmt, params), owner)
-        for entry, digest in done:
+        for entry, digest in zip(done, done_digests):
             entry.bound, entry.wrapped = digest, None
 
     # -- loading --------------------------------------------------------------------
@@ -356,24 +364,22 @@ def _digest(value: Any) -> bytes | None:
     return value if value is None or type(value) is bytes else bytes(value)
 
 
-def _wrapped_now(
-    owner: str, keys: Sequence[tuple[CachedKey, bytes | None]]
-) -> list[tuple[CachedKey, bytes | None, bytes]]:
-    """``(entry, digest, wrap)`` of keys :meth:`RowKeys.bind` binds: one
-    :func:`ciphers.wrap_many` per table key (a batch made across a roll-over
-    has two), in the order given; the material from the entry's cipher."""
+def _wrapped_now(owner: str, entries: Sequence[CachedKey], digests: Sequence[bytes | None]) -> list[bytes]:
+    """The wraps of the keys :meth:`RowKeys.bind` binds, in the order given:
+    one :func:`ciphers.wrap_many` per table key (a batch made across a
+    roll-over has two); the material from each entry's cipher."""
     groups: dict[int, list[int]] = {}
-    for i, (entry, _) in enumerate(keys):
+    for i, entry in enumerate(entries):
         groups.setdefault(id(entry.wrapped[0]), []).append(i)
-    wraps: list[bytes] = [b""] * len(keys)
+    wraps: list[bytes] = [b""] * len(entries)
     for members in groups.values():
-        parent = keys[members[0]][0].wrapped[0]
-        key_ids = [keys[i][0].key_id for i in members]
-        plains = [keys[i][0].cipher.material for i in members]
-        made = ciphers.wrap_many(parent.cipher, parent.key_id, owner, key_ids, plains, [keys[i][1] for i in members])
+        parent = entries[members[0]].wrapped[0]
+        key_ids = [entries[i].key_id for i in members]
+        plains = [entries[i].cipher.material for i in members]
+        made = ciphers.wrap_many(parent.cipher, parent.key_id, owner, key_ids, plains, [digests[i] for i in members])
         for i, w in zip(members, made):
             wraps[i] = w
-    return [(entry, digest, w) for (entry, digest), w in zip(keys, wraps)]
+    return wraps
 
 
 def _mark_unbound(
