@@ -41,8 +41,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-from sqlalchemy import BigInteger, Connection, Table, any_, bindparam, select, update
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import Connection, Table, any_, bindparam, select, update
 from sqlalchemy.engine.cursor import _DEFAULT_FETCH
 
 from ..envelope import ciphers
@@ -52,7 +51,7 @@ from ..faults import fault_point
 from ..keys import table as kt
 from ..keys.cache import CacheLimits, CachedKey, KeyCache
 from ..keys.store import KeyStore
-from . import binding, keyrows
+from . import binding, keyrows, pgarrays
 
 __all__ = ["ROW_CACHE_SIZE", "RowKeys"]
 
@@ -73,7 +72,7 @@ class RowKeys:
         self.cache = KeyCache(CacheLimits(max(ROW_CACHE_SIZE, limits.max_size), limits.max_age, limits.max_uses))
         self.tracker.row_cache = self.cache  # evicted with the transactions that made them
         self.keys_created = 0
-        self._statements: dict[bool, Any] = {}  # the key-row query, per dialect kind (PostgreSQL or not)
+        self._statements: dict[tuple[bool, bool], Any] = {}  # the key-row query: (PostgreSQL?, psycopg?)
         self.key_queries = 0
         store.on_rollover.append(lambda conn, owner, parent: binding.follow_table_key(self, conn, owner, parent))
 
@@ -220,8 +219,9 @@ class RowKeys:
         ids = [k for k in key_ids if fmt.is_key_id(k)]
         pg = conn.dialect.name == "postgresql"
         chunk_size = PG_CHUNK if pg else IN_CHUNK
-        stmt = self._select_keys(pg)
+        stmt = self._select_keys(conn, pg)
         raw = _plain_columns(stmt, conn.dialect)
+        pgarrays.prepare(conn)
         parents: dict[int, Any] = {}  # per table key: its cached entry, looked up once
         for start in range(0, len(ids), chunk_size):
             chunk = ids[start : start + chunk_size]
@@ -230,22 +230,23 @@ class RowKeys:
             rows = self.query(lambda: _fetch(conn, stmt, params, raw), table)
             self._open_rows(rows, parents, table, column)
 
-    def _select_keys(self, pg: bool) -> Any:
-        """The key-row query, built once per dialect kind (SQLAlchemy's compiled
-        cache then serves it): only the columns unwrapping needs, in the order
+    def _select_keys(self, conn: Connection, pg: bool) -> Any:
+        """The key-row query, built once per dialect kind and driver (SQLAlchemy's
+        compiled cache then serves it): only the columns unwrapping needs, in the order
         :func:`ciphers.open_many` reads, and only rows of scope ``row`` (as the
         Python filter before: any other key row is left to the table-key path,
         which checks it against its own associated data)."""
-        cached = self._statements.get(pg)
+        kind = (pg, conn.dialect.driver in pgarrays.PSYCOPG)
+        cached = self._statements.get(kind)
         if cached is not None:
             return cached
         t = self.table
         cols = (t.c.id, t.c.wrapped_key, t.c.row_digest, t.c.parent_id, t.c.owner_table, t.c.status)
         if pg:
-            match = t.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger)))  # one array parameter
+            match = t.c.id == any_(pgarrays.array_param(conn, "ids", "bigint"))  # one array parameter
         else:
             match = t.c.id.in_(bindparam("ids", expanding=True))
-        stmt = self._statements[pg] = select(*cols).where(match, t.c.scope == kt.SCOPE_ROW)
+        stmt = self._statements[kind] = select(*cols).where(match, t.c.scope == kt.SCOPE_ROW)
         return stmt
 
     def _open_rows(self, rows: Sequence[Any], parents: dict[int, Any], table: str, column: str | None) -> None:
