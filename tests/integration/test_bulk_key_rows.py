@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import pytest
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 
@@ -93,3 +94,24 @@ def test_new_row_keys_hold_their_bytes_and_leave_with_the_cache(engine: Engine) 
         assert current_aead().pair[0] is not None
         trans.rollback()
     assert current_aead().pair == (None, None) and not [e for e in keys.rows.cache._entries.values() if e.bound]
+
+
+@pytest.mark.backends("postgresql")
+def test_copy_is_binary_only_where_the_key_table_types_allow(engine: Engine) -> None:
+    """psycopg: the key rows' COPY is binary into a key table as
+    ``create_table`` makes it, text into one whose column types differ
+    (a binary COPY into them would fail); both store the rows."""
+    if engine.dialect.driver != "psycopg":
+        pytest.skip("psycopg only")
+    names = [*keyrows.VARYING, *keyrows.shared_values("x", kt.utcnow())]
+    made = KeyManager(engine, LocalKeyProvider(os.urandom(32)))
+    made.create_table()
+    other = KeyManager(engine, LocalKeyProvider(os.urandom(32)), table_name="bulk_other_keys")
+    other.create_table()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE bulk_other_keys ALTER COLUMN created_at TYPE timestamp without time zone")
+    for keys, binary in ((made, True), (other, False)):
+        with engine.begin() as conn:
+            assert (keyrows._binary_types(conn, keys.table, names) is not None) is binary
+            keyrows.insert_key_rows(conn, keys.table, keyrows.shared_values("copied", kt.utcnow()), _key_rows(MANY, 10**12))
+        assert len(_stored(engine, keys, "copied")) == MANY
