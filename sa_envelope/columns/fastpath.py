@@ -68,7 +68,7 @@ def _row_bind(coltype: Any, encrypt: Callable[[Any, Any], bytes], store: Any, im
             if c is not None and head[0] == gcm:
                 try:  # the row key's AESGCM object from the thread's slot, if the row's first value made it
                     pair = slot.pair
-                    sealed = seal(pair[1] if pair[0] is c else c, head, encode(value.value), coltype._ctx)
+                    sealed = seal(pair[1] if pair[0] is c else c.aead(), head, encode(value.value), coltype._ctx)
                     return sealed if impl is None else impl(sealed)
                 except Exception:
                     pass  # the full path below says why, from a frame without the value
@@ -251,7 +251,7 @@ def _row_result(coltype: Any, decrypt: Any, decode: Any, impl: Any, via: Via) ->
             entry = entries.get(from_bytes(value[id_slice], "big"))
             if entry is not None and (c := entry.cipher) is not None and entry.expires > clock.now and value[0] == gcm:
                 pair = slot.pair
-                aead = pair[1] if pair[0] is c else c
+                aead = pair[1] if pair[0] is c else c.aead()  # RowKeyCipher: made current here
                 return decode(aead.decrypt(value[nonce_slice], value[body:], value[head_slice] + coltype._ctx))
         except Exception:
             pass
