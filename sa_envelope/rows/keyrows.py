@@ -151,7 +151,7 @@ def _driver_rows(conn: Connection, table: Table, shared: dict[str, Any], rows: S
     template: list[Any] = []
     slots: list[tuple[int, int, Any]] = []  # (position in the statement, position in the row, processor)
     for pos, name in enumerate(order):
-        process = table.c[name].type._cached_bind_processor(conn.dialect)
+        process = _processor(table, conn.dialect, name)
         if name in shared:
             value = shared[name]
             template.append(value if process is None or value is None else process(value))
@@ -167,6 +167,17 @@ def _driver_rows(conn: Connection, table: Table, shared: dict[str, Any], rows: S
         converted.append(tuple(values))
     params: Any = converted if compiled.positional else [dict(zip(order, values)) for values in converted]
     conn.exec_driver_sql(compiled.string, params)
+
+
+def _processor(table: Table, dialect: Any, name: str) -> Any:
+    """Column ``name``'s bind processor, but none for the wrap and the digest
+    on pysqlite: SQLAlchemy wraps bytes in ``sqlite3.Binary`` (a
+    ``memoryview``), which sqlite3 binds as the BLOB it binds the bytes as;
+    two memoryviews and their buffers per key row were four more objects for
+    the garbage collector."""
+    if dialect.driver == "pysqlite" and name in ("wrapped_key", "row_digest"):
+        return None
+    return table.c[name].type._cached_bind_processor(dialect)
 
 
 def shred_many(conn: Connection, table: Table, key_ids: Sequence[int], owner: str) -> None:
