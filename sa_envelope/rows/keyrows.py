@@ -107,7 +107,7 @@ def _binary_types(conn: Connection, table: Table, names: list[str]) -> list[str]
             "SELECT a.attname, format_type(a.atttypid, NULL) FROM pg_attribute a"
             " WHERE a.attrelid = to_regclass(:t) AND a.attnum > 0 AND NOT a.attisdropped"
         )
-        found: dict[str, str] = dict(conn.execute(query, {"t": name}).tuples().all())
+        found: dict[str, str] = {r[0]: r[1] for r in conn.execute(query, {"t": name})}
         types = [_BINARY.get(found.get(n, "")) for n in names]
         known[name] = None if None in types else [t for t in types if t is not None]
     return known[name]
