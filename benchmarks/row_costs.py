@@ -36,7 +36,7 @@ __all__ = ["STEPS", "main"]
 STEPS: list[tuple[Any, str, str]] = [
     (core._CoreWrites, "before", "Core hook before the INSERT"),
     (core, "plan_for", "  plan (who writes what)"),
-    (row_keys.RowKeys, "create", "  row keys made (material, one AESGCM each, cached)"),
+    (row_keys.RowKeys, "create", "  row keys made (material, a RowKeyCipher each, cached)"),
     (core, "_rewrite", "  parameters paired with their keys"),
     (core._CoreWrites, "after", "Core hook after the INSERT"),
     (binding, "row_digests", "  row digests (HMAC-SHA256)"),

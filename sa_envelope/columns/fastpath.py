@@ -15,7 +15,9 @@ decided there, not here (profile in benchmarks/README.md):
   holds its live write key (:mod:`sa_envelope.keys.live`, which follows a
   rotation's two-phase switch), found once per statement the same way.
 * **write, row scope**: the row key travels with the value (``RowValue``),
-  sealed in one call layer.
+  sealed in one call layer; its ``AESGCM`` object from the thread's
+  current-row-key slot (``envelope.ciphers.RowKeyCipher``) once the row's
+  first value made it.
 * **read, table scope**: the column's read memo maps a value's 9 header
   bytes to an opener with the associated data precomputed; an entry is
   checked again (alive, younger than ``max_age``) when a statement starts.
@@ -55,15 +57,18 @@ def _row_bind(coltype: Any, encrypt: Callable[[Any, Any], bytes], store: Any, im
     failure) takes ``encrypt``, which refuses or says why."""
     encode = coltype._codec.fast_encode or coltype._codec.encode
     seal, gcm = fmt.encrypt_gcm, fmt.VERSION_GCM
+    slot = ciphers.current_aead()
 
     def process(value: Any) -> Any:
         if value is None:
             return None
         if type(value) is RowValue:
             key = value.key
-            if key.cipher is not None and key.head[0] == gcm:
-                try:
-                    sealed = seal(key.cipher, key.head, encode(value.value), coltype._ctx)
+            c, head = key.cipher, key.head
+            if c is not None and head[0] == gcm:
+                try:  # the row key's AESGCM object from the thread's slot, if the row's first value made it
+                    pair = slot.pair
+                    sealed = seal(pair[1] if pair[0] is c else c.aead(), head, encode(value.value), coltype._ctx)
                     return sealed if impl is None else impl(sealed)
                 except Exception:
                     pass  # the full path below says why, from a frame without the value
@@ -246,7 +251,7 @@ def _row_result(coltype: Any, decrypt: Any, decode: Any, impl: Any, via: Via) ->
             entry = entries.get(from_bytes(value[id_slice], "big"))
             if entry is not None and (c := entry.cipher) is not None and entry.expires > clock.now and value[0] == gcm:
                 pair = slot.pair
-                aead = pair[1] if pair[0] is c else c
+                aead = pair[1] if pair[0] is c else c.aead()  # RowKeyCipher: made current here
                 return decode(aead.decrypt(value[nonce_slice], value[body:], value[head_slice] + coltype._ctx))
         except Exception:
             pass

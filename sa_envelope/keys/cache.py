@@ -50,7 +50,7 @@ class CachedKey:
     cipher: Any
     head: bytes  # the value header for this key: version byte + key id
     expires: float
-    # ``None`` until first counted (row keys read back: KeyCache.put_bound):
+    # ``None`` until first counted (row keys, made or read back: KeyCache.put_bound):
     # one object fewer per key for every garbage collection to walk
     uses: itertools.count[int] | None = field(default_factory=itertools.count)
     alive: bool = True  # False once evicted: per-column read memos check it
@@ -85,9 +85,7 @@ class CachedKey:
             holder.pop(slot, None)
 
     bound: bytes | None = None  # row keys: the authenticated digest of their row (rows.binding)
-    wrapped: Any = (
-        None  # row keys made unbound, until bound: (parent key, version-1 wrap or None if deferred, material)
-    )
+    wrapped: Any = None  # row keys made unbound, until bound: (parent key, version-1 wrap or None if deferred)
 
     def __repr__(self) -> str:
         return f"CachedKey({self.key_id:016x})"
@@ -206,12 +204,18 @@ class KeyCache:
         self._store_many(entries)
         return entries
 
-    def put_bound(self, key_ids: list[int], ciphers: list[Any], heads: list[bytes], bound: list[bytes | None]) -> None:
-        """Cache row keys read back: as :meth:`put_many`, from parallel lists
-        (no tuple per key), each entry's row digest set as it is made."""
+    def put_bound(
+        self, key_ids: list[int], ciphers: list[Any], heads: list[bytes], bound: list[bytes | None]
+    ) -> list[CachedKey]:
+        """Cache row keys (made for an INSERT, or read back): as
+        :meth:`put_many`, from parallel lists (no tuple per key), each
+        entry's row digest set as it is made, its use counter made at its
+        first counted use (one object fewer per key for the collector)."""
         expires = time.monotonic() + self.limits.max_age
         make = CachedKey
-        self._store_many([make(k, c, h, expires, None, bound=b) for k, c, h, b in zip(key_ids, ciphers, heads, bound)])
+        entries = [make(k, c, h, expires, None, bound=b) for k, c, h, b in zip(key_ids, ciphers, heads, bound)]
+        self._store_many(entries)
+        return entries
 
     def _store_many(self, entries: list[CachedKey]) -> None:
         """Add entries under one lock (``_store`` inlined: 10,000 a partition)."""

@@ -33,13 +33,13 @@ import os
 import uuid
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import Connection, LargeBinary, and_, any_, bindparam, select, update
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import Connection, and_, any_, select, update
 
 from ..envelope import ciphers
 from ..envelope import format as fmt
 from ..errors import DecryptionError
 from ..keys import table as kt
+from . import pgarrays
 from .keyrows import IN_CHUNK
 
 __all__ = [
@@ -191,11 +191,12 @@ def find_bound(
     found: list[tuple[int, bytes]] = []
     pg = conn.dialect.name == "postgresql"
     step = IN_CHUNK
+    pgarrays.prepare(conn)
     for start in range(0, len(wanted), step):
         chunk = wanted[start : start + step]
         # PostgreSQL: one array parameter, not thousands (the driver parses every placeholder)
         if pg:
-            match = t.c.row_digest == any_(bindparam("digests", chunk, type_=ARRAY(LargeBinary)))
+            match = t.c.row_digest == any_(pgarrays.array_param(conn, "digests", "bytea", chunk))
         else:
             match = t.c.row_digest.in_(chunk)
         where = [t.c.owner_table == owner, t.c.scope == kt.SCOPE_ROW, match]

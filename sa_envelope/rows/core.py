@@ -167,7 +167,7 @@ class _CoreWrites:
         existing row's keys)."""
         if unbound or digests:
             made = {k.key_id for k in keys if k is not None}
-            conn.info[self.pending_key] = (stmt, spec, [(i, keys[i]) for i in unbound], digests, made, source)
+            conn.info[self.pending_key] = (stmt, spec, unbound, [keys[i] for i in unbound], digests, made, source)
 
     def _multi_values(self, conn: Connection, spec: TableSpec, stmt: Any, multiparams: Any, params: Any) -> Any:
         """``insert().values([{...}, {...}])``: one key per row of the VALUES
@@ -195,16 +195,23 @@ class _CoreWrites:
         if pending is None or pending[0] is not stmt:
             return
         del conn.info[self.pending_key]
-        _, spec, items, digests, made, source = pending
+        _, spec, unbound, unbound_keys, digests, made, source = pending
         _retire_others(conn, spec, digests, made)
         if source[2] is not None:
             result.context._rowcount = source[2]  # what CursorResult.rowcount reports
-        if items:
+        if unbound:
             pk_rows = _made_pks(conn, result, source)
-            pairs = [(key, tuple(pk_rows[i])) for i, key in items if i < len(pk_rows) and known(pk_rows[i])]
-            paired = {id(key) for key, _ in pairs}
+            count = len(pk_rows)
+            entries, pks, unknown = [], [], []  # parallel lists: no tuple per row
+            for i, key in zip(unbound, unbound_keys):
+                pk = known(pk_rows[i]) if i < count else None
+                if pk is None:
+                    unknown.append(key)
+                else:
+                    entries.append(key)
+                    pks.append(pk)
             try:
-                _bind_after(conn, spec, pairs, [key for _, key in items if id(key) not in paired])
+                _bind_after(conn, spec, entries, pks, unknown)
             except BaseException:
                 # the rows are in, their keys are not: a caller who caught the error must
                 # not be able to commit them (MySQL and SQLite keep a transaction open
@@ -333,18 +340,18 @@ def _retire_others(conn: Connection, spec: TableSpec, digests: list[bytes], keep
 
 
 def _bind_after(
-    conn: Connection, spec: TableSpec, pairs: list[tuple[CachedKey, tuple[Any, ...]]], unknown: list[CachedKey]
+    conn: Connection, spec: TableSpec, entries: list[CachedKey], pks: list[tuple[Any, ...]], unknown: list[CachedKey]
 ) -> None:
     """Bind (and, deferred, insert) the keys of rows whose primary key the
-    INSERT just made; ``unknown``: keys of rows whose primary key it did not tell."""
+    INSERT just made (``entries`` and those primary keys, parallel);
+    ``unknown``: keys of rows whose primary key it did not tell."""
     rows = spec.manager.rows_for(conn)
-    bound: list[tuple[CachedKey, bytes]] = []
-    if pairs:
+    digests: list[bytes | None] = []
+    if entries:
         dkey = binding.digest_key(rows, conn, spec.owner, create=True)
-        digests = binding.row_digests(dkey, [pk for _, pk in pairs])
-        bound = [(key, d) for (key, _), d in zip(pairs, digests) if d is not None]
-        retire(conn, spec, [d for _, d in bound])
-    rows.bind(conn, spec.owner, bound, unknown)
+        digests = binding.row_digests(dkey, pks)  # never None: every primary key is known
+        retire(conn, spec, [d for d in digests if d is not None])
+    rows.bind(conn, spec.owner, entries, digests, unknown)
 
 
 # -- the rewritten statement -----------------------------------------------------------------

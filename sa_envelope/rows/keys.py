@@ -41,8 +41,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-from sqlalchemy import BigInteger, Connection, Table, any_, bindparam, select, update
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import Connection, Table, any_, bindparam, select, update
 from sqlalchemy.engine.cursor import _DEFAULT_FETCH
 
 from ..envelope import ciphers
@@ -52,7 +51,7 @@ from ..faults import fault_point
 from ..keys import table as kt
 from ..keys.cache import CacheLimits, CachedKey, KeyCache
 from ..keys.store import KeyStore
-from . import binding, keyrows
+from . import binding, keyrows, pgarrays
 from .keyrows import IN_CHUNK
 
 __all__ = ["ROW_CACHE_SIZE", "RowKeys"]
@@ -72,7 +71,7 @@ class RowKeys:
         self.cache = KeyCache(CacheLimits(max(ROW_CACHE_SIZE, limits.max_size), limits.max_age, limits.max_uses))
         self.tracker.row_cache = self.cache  # evicted with the transactions that made them
         self.keys_created = 0
-        self._statements: dict[bool, Any] = {}  # the key-row query, per dialect kind (PostgreSQL or not)
+        self._statements: dict[tuple[bool, bool], Any] = {}  # the key-row query: (PostgreSQL?, psycopg?)
         self.key_queries = 0
         store.on_rollover.append(lambda conn, owner, parent: binding.follow_table_key(self, conn, owner, parent))
 
@@ -109,40 +108,46 @@ class RowKeys:
         ids = fmt.new_key_ids(count)
         bound: list[bytes | None] = list(digests) if digests is not None else [None] * count
         rows: list[tuple[Any, ...]] = []  # keyrows.VARYING
-        opened: list[tuple[int, Any, bytes]] = []
-        pending: list[tuple[int, Any]] = []  # (position, what bind() needs)
+        made: list[Any] = []  # RowKeyCipher, parallel to ids: no tuple per key (see cache.put_bound)
+        later: list[tuple[int, Any, list[bytes | None]]] = []  # chunks with keys for bind(): (start, table key, wraps)
         # each wrap is an AES-GCM encryption under the table key: all are counted
         step = max(1, self.store.budget.batch(2 * count) // 2)
         for start in range(0, count, step):
             chunk, chunk_bound = ids[start : start + step], bound[start : start + step]
             # one wrap per key (a deferred key's is made by bind()), two for a key bound later without defer
-            uses = len(chunk) + (0 if defer else chunk_bound.count(None))
+            unbound = chunk_bound.count(None)
             with self.tracker.use_connection(conn):  # at most one provider call per table key
-                parent = self.store.encryption_key(owner, kt.SCOPE_TABLE, uses=uses)
-            wrap = [d is not None or not defer for d in chunk_bound]
-            made = ciphers.wrap_row_keys(parent.cipher, parent.key_id, owner, chunk, chunk_bound, wrap)
-            for offset, (key_id, digest, (wrapped, cipher, plain)) in enumerate(zip(chunk, chunk_bound, made)):
-                if wrapped is not None:
-                    rows.append((key_id, parent.key_id, wrapped, digest))
-                if digest is None:
-                    pending.append((start + offset, (parent, wrapped, plain)))
-                opened.append((key_id, cipher, fmt.header(fmt.VERSION_GCM, key_id)))
+                parent = self.store.encryption_key(owner, kt.SCOPE_TABLE, uses=len(chunk) + (0 if defer else unbound))
+            wrap = [d is not None for d in chunk_bound] if defer and unbound else None
+            wrapped, cipher_objects = ciphers.wrap_row_keys(
+                parent.cipher, parent.key_id, owner, chunk, chunk_bound, wrap
+            )
+            made += cipher_objects
+            pid = parent.key_id
+            rows += [(k, pid, w, d) for k, w, d in zip(chunk, wrapped, chunk_bound) if w is not None]
+            if unbound:
+                later.append((start, parent, wrapped))
         self.tracker.state(conn).rows.update(ids)
         if rows:
             shared = keyrows.shared_values(owner, now)
             self.query(lambda: keyrows.insert_key_rows(conn, self.table, shared, rows), owner)
         self.keys_created += count
-        entries = self.cache.put_many(opened)
-        for entry, digest in zip(entries, bound):
-            entry.bound = digest
-        for i, wrapped in pending:
-            entries[i].wrapped = wrapped  # see bind()
+        head_byte, n = bytes((fmt.VERSION_GCM,)), fmt.KEY_ID_LEN
+        entries = self.cache.put_bound(ids, made, [head_byte + k.to_bytes(n, "big") for k in ids], bound)
+        for start, parent, wrapped in later:
+            _mark_unbound(entries, bound, start, parent, wrapped)
         return entries
 
     def bind(
-        self, conn: Connection, owner: str, pairs: Sequence[tuple[CachedKey, bytes]], unknown: Sequence[CachedKey] = ()
+        self,
+        conn: Connection,
+        owner: str,
+        entries: Sequence[CachedKey],
+        digests: Sequence[bytes | None],
+        unknown: Sequence[CachedKey] = (),
     ) -> None:
-        """Bind keys made by :meth:`create` without a digest to their rows,
+        """Bind keys made by :meth:`create` without a digest to their rows
+        (``entries`` and their rows' ``digests``, parallel: no tuple per key),
         once the rows' primary keys are known (after the INSERT: autoincrement),
         on ``conn``, in the same transaction. A key whose insert was deferred is
         wrapped once, bound (version 2), and inserted now; one inserted unbound
@@ -152,9 +157,11 @@ class RowKeys:
         now = kt.utcnow()
         rows: list[tuple[Any, ...]] = []  # keyrows.VARYING
         params: list[dict[str, Any]] = []
-        done = [(entry, digest) for entry, digest in [*pairs, *((e, None) for e in unknown)] if entry.wrapped]
-        for entry, digest, rewrapped in _wrapped_now(owner, done):
-            parent, wrapped, _ = entry.wrapped
+        every, bound = [*entries, *unknown], [*digests, *([None] * len(unknown))]
+        keep = [i for i, entry in enumerate(every) if entry.wrapped]
+        done, done_digests = [every[i] for i in keep], [bound[i] for i in keep]
+        for entry, digest, rewrapped in zip(done, done_digests, _wrapped_now(owner, done, done_digests)):
+            parent, wrapped = entry.wrapped
             if wrapped is None:
                 rows.append((entry.key_id, parent.key_id, rewrapped, digest))
             elif digest is not None:
@@ -174,7 +181,7 @@ class RowKeys:
                 )
             )
             self.query(lambda: conn.execute(stmt, params), owner)
-        for entry, digest in done:
+        for entry, digest in zip(done, done_digests):
             entry.bound, entry.wrapped = digest, None
 
     # -- loading --------------------------------------------------------------------
@@ -211,8 +218,9 @@ class RowKeys:
         ids = [k for k in key_ids if fmt.is_key_id(k)]
         pg = conn.dialect.name == "postgresql"
         chunk_size = IN_CHUNK
-        stmt = self._select_keys(pg)
+        stmt = self._select_keys(conn, pg)
         raw = _plain_columns(stmt, conn.dialect)
+        pgarrays.prepare(conn)
         parents: dict[int, Any] = {}  # per table key: its cached entry, looked up once
         for start in range(0, len(ids), chunk_size):
             chunk = ids[start : start + chunk_size]
@@ -221,10 +229,10 @@ class RowKeys:
             rows = self.query(lambda: _fetch(conn, stmt, params, raw), table)
             self._open_rows(rows, parents, table, column)
 
-    def _select_keys(self, pg: bool) -> Any:
-        """The key-row query, built once per dialect kind (SQLAlchemy's compiled
-        cache then serves it): only the columns unwrapping needs, in the order
-        :func:`ciphers.open_many` reads, then the scope, checked in Python
+    def _select_keys(self, conn: Connection, pg: bool) -> Any:
+        """The key-row query, built once per dialect kind and driver (SQLAlchemy's
+        compiled cache then serves it): only the columns unwrapping needs, in the
+        order :func:`ciphers.open_many` reads, then the scope, checked in Python
         (:meth:`_open_rows`). Not ``AND scope = 'row'`` in SQL: on a key table
         PostgreSQL had not analysed yet (a bulk load just made its keys), the
         planner took that condition for the selective one and answered every
@@ -232,16 +240,17 @@ class RowKeys:
         (190-630 ms a query at 1,000,000 keys, against 2-6 ms by primary key):
         a streamed read of those rows took 230 s. The ids alone leave it the
         primary key."""
-        cached = self._statements.get(pg)
+        kind = (pg, conn.dialect.driver in pgarrays.PSYCOPG)
+        cached = self._statements.get(kind)
         if cached is not None:
             return cached
         t = self.table
         cols = (t.c.id, t.c.wrapped_key, t.c.row_digest, t.c.parent_id, t.c.owner_table, t.c.status, t.c.scope)
         if pg:
-            match = t.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger)))  # one array parameter
+            match = t.c.id == any_(pgarrays.array_param(conn, "ids", "bigint"))  # one array parameter
         else:
             match = t.c.id.in_(bindparam("ids", expanding=True))
-        stmt = self._statements[pg] = select(*cols).where(match)
+        stmt = self._statements[kind] = select(*cols).where(match)
         return stmt
 
     def _open_rows(self, rows: Sequence[Any], parents: dict[int, Any], table: str, column: str | None) -> None:
@@ -363,19 +372,33 @@ def _digest(value: Any) -> bytes | None:
     return value if value is None or type(value) is bytes else bytes(value)
 
 
-def _wrapped_now(
-    owner: str, keys: Sequence[tuple[CachedKey, bytes | None]]
-) -> list[tuple[CachedKey, bytes | None, bytes]]:
-    """``(entry, digest, wrap)`` of keys :meth:`RowKeys.bind` binds: one
-    :func:`ciphers.wrap_many` per table key (a batch made across a roll-over
-    has two), in the order given."""
+def _wrapped_now(owner: str, entries: Sequence[CachedKey], digests: Sequence[bytes | None]) -> list[bytes]:
+    """The wraps of the keys :meth:`RowKeys.bind` binds, in the order given:
+    one :func:`ciphers.wrap_many` per table key (a batch made across a
+    roll-over has two); the material from each entry's cipher."""
     groups: dict[int, list[int]] = {}
-    for i, (entry, _) in enumerate(keys):
+    for i, entry in enumerate(entries):
         groups.setdefault(id(entry.wrapped[0]), []).append(i)
-    wraps: list[bytes] = [b""] * len(keys)
+    wraps: list[bytes] = [b""] * len(entries)
     for members in groups.values():
-        parent = keys[members[0]][0].wrapped[0]
-        items = [(keys[i][0].key_id, keys[i][0].wrapped[2], keys[i][1]) for i in members]
-        for i, w in zip(members, ciphers.wrap_many(parent.cipher, parent.key_id, owner, items)):
+        parent = entries[members[0]].wrapped[0]
+        key_ids = [entries[i].key_id for i in members]
+        plains = [entries[i].cipher.material for i in members]
+        made = ciphers.wrap_many(parent.cipher, parent.key_id, owner, key_ids, plains, [digests[i] for i in members])
+        for i, w in zip(members, made):
             wraps[i] = w
-    return [(entry, digest, w) for (entry, digest), w in zip(keys, wraps)]
+    return wraps
+
+
+def _mark_unbound(
+    entries: list[CachedKey], bound: list[bytes | None], start: int, parent: Any, wrapped: list[bytes | None]
+) -> None:
+    """What :meth:`RowKeys.bind` needs of each key of one chunk made without
+    a digest, in its entry's ``wrapped``: ``(table key, None)`` where its
+    insert waits for bind (one tuple shared by the chunk's keys: no object
+    per key), or ``(table key, version-1 wrap)`` where it was inserted
+    unbound (AUTOCOMMIT). The material stays in the entry's cipher only."""
+    deferred = (parent, None)
+    for j, w in enumerate(wrapped):
+        if bound[start + j] is None:
+            entries[start + j].wrapped = deferred if w is None else (parent, w)

@@ -163,9 +163,9 @@ def _bind_pending(session: Session) -> None:
     for (conn, spec), items in groups.items():
         rows = spec.manager.rows_for(conn)
         dkey = binding.digest_key(rows, conn, spec.owner, create=True)
-        pairs = [(key, binding.row_digest(dkey, pk_of(state, spec))) for state, key in items]
-        retire(conn, spec, [d for _, d in pairs])
-        rows.bind(conn, spec.owner, pairs)
+        digests = [binding.row_digest(dkey, pk_of(state, spec)) for state, _ in items]
+        retire(conn, spec, digests)
+        rows.bind(conn, spec.owner, [key for _, key in items], digests)
 
 
 def _after_flush(session: Session, *args: Any) -> None:

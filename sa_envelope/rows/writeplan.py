@@ -106,11 +106,12 @@ def literal(value: Any) -> Any:
 
 def known(pk: Sequence[Any]) -> tuple[Any, ...] | None:
     """The primary key as a tuple, or ``None`` if any of its values is unknown
-    (runs once per row of an executemany: no generator)."""
+    (runs once per row of an executemany: no generator, and a tuple given is
+    returned as it is, not copied: one object fewer per row)."""
     for v in pk:
         if v is None:
             return None
-    return tuple(pk)
+    return pk if type(pk) is tuple else tuple(pk)
 
 
 def _key_of(table: Table, key: Any) -> str | None:
@@ -159,32 +160,38 @@ def plan_for(spec: TableSpec, stmt: Any, plist: list[Mapping[str, Any]]) -> Plan
         plan.pks.append,
         plan.raw_pks.append,
     )
+    single = pk_cols[0] if len(pk_cols) == 1 else None
     for params in plist:  # once per row of an executemany: plain loops, no generators, no lookups
         get = params.get
-        row = {k: get(n) for k, n in names}
-        if fixed:
+        if fixed or defaults:
+            row = {k: get(n) for k, n in names}
             row.update(fixed)
-        for key, default in defaults:
-            if plan.names.get(key, key) not in params and key not in clause:
-                row[key] = _default_value(default, params)
-        values: dict[str, Any] = {}
+            for key, default in defaults:
+                if plan.names.get(key, key) not in params and key not in clause:
+                    row[key] = _default_value(default, params)
+            values = {k: v for k, v in row.items() if v is not None}
+        else:  # the usual executemany: one dict per row, straight from the parameters
+            values = {k: v for k, n in names if (v := get(n)) is not None}
         existing = None
-        for k, v in row.items():
-            if v is None:
-                continue
-            if type(v) is not RowValue:
-                values[k] = v
-            elif existing is None:
+        for v in values.values():
+            if type(v) is RowValue:  # paired already (the ORM's): its key is the row's
                 existing = v.key
+                break
+        if existing is not None:
+            values = {k: v for k, v in values.items() if type(v) is not RowValue}
         add_values(values)
         add_existing(existing)
         if is_update:
             add_pk(None if where is None else known([_pk_value(w, params) for w in where]))
         else:
-            raw = tuple([_insert_pk(c, clause, params) for c in pk_cols])
+            raw = (_insert_pk(single, clause, params),) if single is not None else _raw_pk(pk_cols, clause, params)
             add_raw(raw)
             add_pk(known(raw))
     return plan
+
+
+def _raw_pk(pk_cols: Sequence[Any], clause: dict[str, Any], params: Mapping[str, Any]) -> tuple[Any, ...]:
+    return tuple([_insert_pk(c, clause, params) for c in pk_cols])
 
 
 def replace_values(stmt: Any, replacements: Mapping[str, Any]) -> Any:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import pytest
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 
 from sa_envelope import KeyManager, LocalKeyProvider
+from sa_envelope.envelope.ciphers import RowKeyCipher, current_aead
 from sa_envelope.keys import table as kt
 from sa_envelope.rows import keyrows
 from support.paths import assert_bound, setup
@@ -69,3 +71,47 @@ def test_an_executemany_of_many_rows_reads_back_cold(engine: Engine) -> None:
     with engine.connect() as conn:
         got = conn.execute(select(c.tbl, c.det, c.row).order_by(c.id)).all()
     assert [tuple(r) for r in got] == [(r["tbl"], r["det"], r["row"]) for r in rows]
+
+
+def test_new_row_keys_hold_their_bytes_and_leave_with_the_cache(engine: Engine) -> None:
+    """Keys made for an INSERT are cached as ``RowKeyCipher`` (32 bytes, no
+    OpenSSL context each, no use counter until one is counted, no second copy
+    of the material once bound): the thread's one ``AESGCM`` slot holds the
+    last row's key, and a rollback or an emptied cache takes it out."""
+    keys, Item = setup(engine, autoincrement=True)
+    rows = [{"tbl": f"t{i}", "det": f"d{i}", "row": {"i": i}} for i in range(MANY)]
+    with engine.begin() as conn:
+        conn.execute(insert(Item.__table__), rows)
+    made = [e for e in keys.rows.cache._entries.values() if e.bound is not None]
+    assert len(made) == MANY
+    assert all(type(e.cipher) is RowKeyCipher and e.wrapped is None and e.uses is None for e in made)
+    assert current_aead().pair[0] in {e.cipher for e in made}
+    keys.clear_cache()
+    assert current_aead().pair == (None, None)
+    with engine.connect() as conn:
+        trans = conn.begin()
+        conn.execute(insert(Item.__table__), rows)
+        assert current_aead().pair[0] is not None
+        trans.rollback()
+    assert current_aead().pair == (None, None) and not [e for e in keys.rows.cache._entries.values() if e.bound]
+
+
+@pytest.mark.backends("postgresql")
+def test_copy_is_binary_only_where_the_key_table_types_allow(engine: Engine) -> None:
+    """psycopg: the key rows' COPY is binary into a key table as
+    ``create_table`` makes it, text into one whose column types differ
+    (a binary COPY into them would fail); both store the rows."""
+    if engine.dialect.driver != "psycopg":
+        pytest.skip("psycopg only")
+    names = [*keyrows.VARYING, *keyrows.shared_values("x", kt.utcnow())]
+    made = KeyManager(engine, LocalKeyProvider(os.urandom(32)))
+    made.create_table()
+    other = KeyManager(engine, LocalKeyProvider(os.urandom(32)), table_name="bulk_other_keys")
+    other.create_table()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE bulk_other_keys ALTER COLUMN created_at TYPE timestamp without time zone")
+    for keys, binary in ((made, True), (other, False)):
+        with engine.begin() as conn:
+            assert (keyrows._binary_types(conn, keys.table, names) is not None) is binary
+            keyrows.insert_key_rows(conn, keys.table, keyrows.shared_values("copied", kt.utcnow()), _key_rows(MANY, 10**12))
+        assert len(_stored(engine, keys, "copied")) == MANY

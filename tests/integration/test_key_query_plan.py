@@ -40,7 +40,7 @@ def test_the_row_key_query_never_scans_the_scope_index_of_an_unanalysed_key_tabl
         ids = [
             r[0] for r in conn.execute(text("SELECT id FROM sa_envelope_keys ORDER BY id LIMIT :n"), {"n": IN_CHUNK})
         ]
-        stmt = keys.rows._select_keys(True)
+        stmt = keys.rows._select_keys(conn, True)
         compiled = stmt.compile(dialect=conn.dialect)
         sql, params = str(compiled), {**compiled.params, "ids": ids}
         plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql, params))

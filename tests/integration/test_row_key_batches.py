@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -60,3 +60,34 @@ def test_a_tampered_key_row_fails_its_batch_naming_table_and_key(engine: Engine)
     with Session(engine) as session:  # the other rows, read without the tampered one, still open
         rows = session.scalars(select(cold_patient).where(cold_patient.id != 7).order_by(cold_patient.id)).all()
         assert [r.notes for r in rows] == [{"i": i} for i in IDS if i != 7]
+
+
+@pytest.mark.backends("postgresql")
+def test_key_ids_and_row_digests_reach_psycopg_as_binary_arrays(engine: Engine) -> None:
+    """On psycopg the ``= ANY()`` parameters of the key-row queries (the
+    digests an INSERT looks up, the ids a cold read loads) are dumped with the
+    binary list dumper (rows/pgarrays.py), and the rows still read back."""
+    if engine.dialect.driver != "psycopg":
+        pytest.skip("psycopg only")
+    from psycopg.adapt import PyFormat
+    from psycopg.types.array import ListBinaryDumper
+
+    from sa_envelope.rows.pgarrays import BinaryArray
+
+    seen: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        for value in (params.values() if isinstance(params, dict) else ()):
+            if isinstance(value, list) and "ANY" in statement.upper():
+                seen.append((type(value).__name__, cursor.adapters.get_dumper(type(value), PyFormat.AUTO)))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        keys, patient = _written(engine, os.urandom(32))  # ids given: each row's digest looked up
+        keys.clear_cache()
+        with Session(engine) as session:
+            got = session.scalars(select(patient).order_by(patient.id)).all()
+            assert [p.ssn for p in got] == [f"s{i}" for i in IDS]
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert len(seen) >= 2 and all(s == (BinaryArray.__name__, ListBinaryDumper) for s in seen)
