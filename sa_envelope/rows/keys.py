@@ -230,16 +230,11 @@ class RowKeys:
             self._open_rows(rows, parents, table, column)
 
     def _select_keys(self, conn: Connection, pg: bool) -> Any:
-        """The key-row query, built once per dialect kind and driver (SQLAlchemy's
-        compiled cache then serves it): only the columns unwrapping needs, in the
-        order :func:`ciphers.open_many` reads, then the scope, checked in Python
-        (:meth:`_open_rows`). Not ``AND scope = 'row'`` in SQL: on a key table
-        PostgreSQL had not analysed yet (a bulk load just made its keys), the
-        planner took that condition for the selective one and answered every
-        1,000 ids with a bitmap scan of the scope index over every row key
-        (190-630 ms a query at 1,000,000 keys, against 2-6 ms by primary key):
-        a streamed read of those rows took 230 s. The ids alone leave it the
-        primary key."""
+        """The key-row query, once per dialect kind and driver: the columns
+        :func:`ciphers.open_many` reads, then the scope, checked in Python
+        (:meth:`_open_rows`): with ``AND scope = 'row'``, PostgreSQL on an
+        unanalysed key table bitmap-scanned the scope index over every row key
+        for each 1,000 ids (1,000,000 keys: 190-630 ms a query, 2-6 ms by id)."""
         kind = (pg, conn.dialect.driver in pgarrays.PSYCOPG)
         cached = self._statements.get(kind)
         if cached is not None:
