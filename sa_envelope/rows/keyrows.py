@@ -51,7 +51,8 @@ def shared_values(owner: str, now: Any) -> dict[str, Any]:
 def insert_key_rows(conn: Connection, table: Table, shared: dict[str, Any], rows: Sequence[tuple[Any, ...]]) -> None:
     """Insert key rows (``VARYING`` tuples, plus ``shared``) on ``conn``, in
     the caller's transaction. With psycopg 3, a COPY on the same DBAPI
-    connection (binary where the key table's types allow); with PyMySQL,
+    connection (binary where the key table's types allow; not through its
+    async dialect, whose cursors SQLAlchemy adapts); with PyMySQL,
     multi-row INSERTs on it; elsewhere, from 100 rows, one DBAPI executemany
     whose shared values are converted once per batch, not once per row
     (SQLAlchemy's own executemany converts all eleven columns of every row:
@@ -59,7 +60,7 @@ def insert_key_rows(conn: Connection, table: Table, shared: dict[str, Any], rows
     fault_point("rowkey.create.before_insert")
     if len(rows) < COPY_MIN_ROWS:
         conn.execute(table.insert(), [{**dict(zip(VARYING, row)), **shared} for row in rows])
-    elif conn.dialect.driver == "psycopg":
+    elif conn.dialect.driver == "psycopg" and not conn.dialect.is_async:  # psycopg_async says "psycopg" too
         _copy_rows(conn, table, shared, rows)
     elif conn.dialect.driver == "pymysql":
         _pymysql_rows(conn, table, shared, rows)

@@ -179,7 +179,9 @@ def make_notes(keys: KeyManager) -> type:
     return Note
 
 
-@pytest.mark.parametrize("path", ["orm", "executemany", "return_defaults", "return_defaults_many", "multi_values", "returning"])
+@pytest.mark.parametrize(
+    "path", ["orm", "executemany", "return_defaults", "return_defaults_many", "multi_values", "returning"]
+)
 def test_async_autoincrement_writes_bind_row_keys(aengine: AsyncEngine, engine: Engine, path: str) -> None:
     """The database makes the primary key, through asyncpg and aiosqlite: table-scoped
     values under the table key, each row-scoped value under a key bound to its row."""
@@ -238,3 +240,39 @@ def test_async_autoincrement_writes_bind_row_keys(aengine: AsyncEngine, engine: 
         assert scopes[fmt.read_header(row)[1]] == "row"
     keys.bind(engine)
     assert sorted(assert_bound(engine, keys)) == [1, 2, 3]
+
+
+@pytest.mark.backends("postgresql")
+def test_psycopg_async_inserts_many_row_scoped_rows(engine: Engine, db_url: str) -> None:
+    """psycopg's async dialect (``postgresql+psycopg_async``) names its driver
+    ``psycopg`` too: from 100 new row keys in one statement the key rows went
+    to the sync driver's COPY path, which failed with a TypeError on its
+    AsyncCursor. They now take the executemany path; Core and ORM, read back."""
+    from sqlalchemy import Integer, insert
+    from sqlalchemy.engine import make_url
+
+    url = make_url(db_url).set(drivername="postgresql+psycopg_async").render_as_string(hide_password=False)
+    aengine = create_async_engine(url)
+
+    async def main() -> None:
+        keys = KeyManager(aengine, LocalKeyProvider(os.urandom(32)))
+        Base = new_base()
+
+        class Note(Base):
+            __tablename__ = "async_row_notes"
+            id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+            body: Mapped[str] = mapped_column(EncryptedType(String(60), keys, scope="row"))
+
+        await keys.create_table_async()
+        async with aengine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+            await conn.execute(insert(Note.__table__), [{"id": i, "body": f"core {i}"} for i in range(150)])
+        async with AsyncSession(aengine) as session:
+            session.add_all(Note(id=i, body=f"orm {i}") for i in range(150, 300))
+            await session.commit()
+        async with AsyncSession(aengine) as session:
+            bodies = {n.id: n.body for n in (await session.scalars(select(Note))).all()}
+        assert bodies == {i: f"core {i}" if i < 150 else f"orm {i}" for i in range(300)}
+        await aengine.dispose()
+
+    asyncio.run(main())
