@@ -137,17 +137,25 @@ def models(keys: KeyManager, notes_length: int = 200) -> tuple[Any, Any, Any]:
     return Patient, Twin, (Plain, Indexed, Deferred)
 
 
-def _median_ms(run: Callable[[Any], Any], needles: list[Any], repeats: int = 3) -> float:
-    """The median over ``repeats`` passes of the needles, after one untimed pass (plans, caches)."""
+def _paired_ms(
+    ours: Callable[[Any], Any], theirs: Callable[[Any], Any], needles: list[Any], repeats: int = 3
+) -> tuple[float, float]:
+    """The median times of ``ours`` and ``theirs`` over ``repeats`` passes of
+    the needles, after one untimed pass (plans, caches), the two timed
+    alternately needle by needle: on a shared machine whose load drifts,
+    both sides of a ratio see the same load (timing all of one, then all of
+    the other, moved ratios by 30-50% between runs)."""
     for needle in needles:
-        run(needle)
-    times = []
+        ours(needle)
+        theirs(needle)
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
         for needle in needles:
-            start = time.perf_counter()
-            run(needle)
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+            for side, run in zip(times, (ours, theirs)):
+                start = time.perf_counter()
+                run(needle)
+                side.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def _trigram_indexes(engine: Engine) -> str:
@@ -251,11 +259,11 @@ def _time_lookups(session: Session, Twin: Any, kinds: Any, result: dict[str, Any
     for kind, needles, ours, theirs in kinds:
         hits = [len(ours(n)) for n in needles]
         assert hits == [len(session.scalars(select(Twin).where(theirs(n))).all()) for n in needles]
-        result[f"{kind}_ms{suffix}"] = round(_median_ms(ours, needles), 2)
+        # the twin again in each phase: ratios taken side by side
+        mine, twin = _paired_ms(ours, lambda n: session.scalars(select(Twin).where(theirs(n))).all(), needles)
+        result[f"{kind}_ms{suffix}"] = round(mine, 2)
         result[f"{kind}_median_hits"] = statistics.median(hits)
-        result[f"{kind}_twin_ms{suffix}"] = round(  # the twin again in each phase: ratios taken side by side
-            _median_ms(lambda n: session.scalars(select(Twin).where(theirs(n))).all(), needles), 2
-        )
+        result[f"{kind}_twin_ms{suffix}"] = round(twin, 2)
         result[f"{kind}_ratio{suffix}"] = round(result[f"{kind}_ms{suffix}"] / result[f"{kind}_twin_ms{suffix}"], 2)
         session.expunge_all()
 
@@ -274,9 +282,7 @@ def _during_rotation(session: Session, keys: KeyManager, Patient: Any, Twin: Any
 
 def run_backend(name: str, url: str, rows: int, rotation: bool = True) -> dict[str, Any]:
     engine = create_engine(url)
-    keys = KeyManager(
-        engine, LocalKeyProvider(os.urandom(32)), table_name="bench_sa_envelope_keys", live=ROTATING
-    )
+    keys = KeyManager(engine, LocalKeyProvider(os.urandom(32)), table_name="bench_sa_envelope_keys", live=ROTATING)
     keys.create_table()
     Patient, Twin, (Plain, Indexed, Deferred) = models(keys)
     Patient.metadata.create_all(engine)

@@ -187,8 +187,13 @@ class SearchIndex(Portable, SchemaItem):
         """(inputs, all_required): what a needle's rows hold tokens of."""
         raise NotImplementedError
 
-    def accepts(self, value: Any, needle: Any) -> bool:  # pragma: no cover
+    def accepts(self, value: Any, needle: Any) -> bool:
         """The exact test of one decrypted value (the re-check)."""
+        return self.acceptor(needle)(value)
+
+    def acceptor(self, needle: Any) -> Callable[[Any], bool]:  # pragma: no cover
+        """:meth:`accepts` for one needle, run on every candidate of a lookup:
+        the needle is prepared once (normalised, bounds read)."""
         raise NotImplementedError
 
     def loose(self, needle: Any) -> bool:
@@ -247,8 +252,9 @@ class PrefixIndex(SearchIndex):
         text = self._text_needle(needle)
         return self.query_of([text[: self.max_length].encode("utf-8")], True)
 
-    def accepts(self, value: Any, needle: Any) -> bool:
-        return value is not None and self.normalise(value).startswith(self.normalise(needle))
+    def acceptor(self, needle: Any) -> Callable[[Any], bool]:
+        wanted, normalise = self.normalise(needle), self.normalise
+        return lambda value: value is not None and normalise(value).startswith(wanted)
 
     def loose(self, needle: Any) -> bool:
         """A needle past ``max_length``: its rows share only its first characters."""
@@ -303,8 +309,9 @@ class SubstringIndex(SearchIndex):
             grams = [grams[round(i * (len(grams) - 1) / max(1, most - 1))] for i in range(most)]
         return self.query_of([g.encode("utf-8") for g in grams], True)
 
-    def accepts(self, value: Any, needle: Any) -> bool:
-        return value is not None and self.normalise(needle) in self.normalise(value)
+    def acceptor(self, needle: Any) -> Callable[[Any], bool]:
+        wanted, normalise = self.normalise(needle), self.normalise
+        return lambda value: value is not None and wanted in normalise(value)
 
     def loose(self, needle: Any) -> bool:
         """Always: a row may hold the needle's n-grams apart."""

@@ -160,7 +160,8 @@ def find(index: Any, session: Session, attribute: Any, needle: Any, where: Seque
         found = _prechecked(index, session, attribute, needle, criterion, where)
     else:
         found = session.scalars(select(attribute.parent.entity).where(criterion, *where)).all()
-    return [obj for obj in found if index.accepts(getattr(obj, attribute.key), needle)]
+    accepts, key = index.acceptor(needle), attribute.key
+    return [obj for obj in found if accepts(getattr(obj, key))]
 
 
 def _prechecked(
@@ -176,7 +177,8 @@ def _prechecked(
     entity, mapper = attribute.parent.entity, attribute.parent.mapper
     keys = [getattr(entity, mapper.get_property_by_column(c).key) for c in mapper.primary_key]
     rows = session.execute(select(*keys, attribute).where(criterion, *where)).all()
-    hits = [tuple(row[:-1]) for row in rows if index.accepts(row[-1], needle)]
+    accepts = index.acceptor(needle)
+    hits = [tuple(row[:-1]) for row in rows if accepts(row[-1])]
     found: list[Any] = []
     for start in range(0, len(hits), LOAD_CHUNK):
         chunk = hits[start : start + LOAD_CHUNK]

@@ -217,14 +217,18 @@ class RangeIndex(SearchIndex):
             return [], False
         return self.query_of([self._input(n, b) for n, b in self.cover(f_lo, f_hi)], False)
 
-    def accepts(self, value: Any, needle: Any) -> bool:
-        lo, hi = _bounds(needle, self.refuse)
-        if value is None:
-            return False
-        try:
-            return bool(_comparable(lo) <= _comparable(value) <= _comparable(hi))
-        except TypeError:
-            raise self.refuse(f"cannot compare a {type(value).__name__} value with the range's bounds") from None
+    def acceptor(self, needle: Any) -> Callable[[Any], bool]:
+        lo, hi = (_comparable(b) for b in _bounds(needle, self.refuse))
+
+        def accepts(value: Any) -> bool:
+            if value is None:
+                return False
+            try:
+                return bool(lo <= _comparable(value) <= hi)
+            except TypeError:
+                raise self.refuse(f"cannot compare a {type(value).__name__} value with the range's bounds") from None
+
+        return accepts
 
 
 def _comparable(value: Any) -> Any:

@@ -27,7 +27,7 @@ the tokens of a row live in its own table instead (:mod:`.arrays`).
 from __future__ import annotations
 
 import struct
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from sqlalchemy import (
     BigInteger,
@@ -57,6 +57,7 @@ _U16 = struct.Struct(">H")
 # 0xffff first: never the u16 table-name length a BlindIndexType's context starts with
 _CONTEXT_LABEL = b"\xff\xffsa-envelope search v2\x00"  # v1: one HMAC per token
 _CHUNK = 500
+_MYSQL_ROWS = 5000  # entries per multi-row INSERT: ~0.4 MB, under any max_allowed_packet
 
 
 def token_table_name(key_table_name: str) -> str:
@@ -99,42 +100,80 @@ Entry = tuple[str, str, int]  # (name, row_key, token) of one owner
 def insert_tokens(conn: Connection, tokens: Table, owner: str, entries: Sequence[Entry]) -> None:
     """Insert ``owner``'s token entries on ``conn`` (the writing statement's transaction).
 
-    Sent straight to the driver's executemany on the connection's own DBAPI
-    connection (a value of 136 n-grams is 136 entries: SQLAlchemy's
-    per-row compilation and checks cost more than the database's insert),
-    in row order (one row's entries are neighbours in the ``(owner,
-    row_key)`` index; sorting by token measured slower on InnoDB). An
-    entry already there is skipped (``OR IGNORE`` / ``ON CONFLICT DO
-    NOTHING``; MariaDB: ``ON DUPLICATE KEY UPDATE`` of nothing, which unlike
-    ``INSERT IGNORE`` keeps strict mode's errors): it is the token wanted.
-    On PostgreSQL, one ``INSERT ... SELECT FROM unnest(arrays)`` per chunk:
-    psycopg's executemany sends a statement per row, ~20 times slower."""
+    Sent straight to the DBAPI connection under ``conn`` (a value of 136
+    n-grams is 136 entries: SQLAlchemy's per-row compilation and checks
+    cost more than the database's insert), in row order (one row's entries
+    are neighbours in the ``(owner, row_key)`` index; sorting by token
+    measured slower on InnoDB and on SQLite). An entry already there is
+    skipped (``OR IGNORE`` / ``ON CONFLICT DO NOTHING``; MariaDB: ``ON
+    DUPLICATE KEY UPDATE`` of nothing, which unlike ``INSERT IGNORE`` keeps
+    strict mode's errors): it is the token wanted. On PostgreSQL, one
+    ``INSERT ... SELECT FROM unnest(arrays)`` per chunk: psycopg's
+    executemany sends a statement per row, ~20 times slower. On MariaDB,
+    multi-row INSERTs written here (:func:`_mysql_values`)."""
     if not entries:
         return
-    ordered = list(entries)
+    owner = str(owner)  # not the table's quoted_name: sqlite3 asks every str subclass for __conform__
     table = conn.dialect.identifier_preparer.format_table(tokens)
     columns = "(owner, name, row_key, token)"
     if conn.dialect.name == "postgresql":
-        statement = text(  # text(): every PostgreSQL driver's paramstyle (asyncpg's $1)
-            f"INSERT INTO {table} {columns} SELECT :o, * FROM unnest(CAST(:n AS varchar[]), "
-            "CAST(:r AS varchar[]), CAST(:t AS bigint[])) ON CONFLICT DO NOTHING"
-        )
-        for start in range(0, len(ordered), _CHUNK * 100):
-            chunk = ordered[start : start + _CHUNK * 100]
-            arrays = {"o": owner, "n": [e[0] for e in chunk], "r": [e[1] for e in chunk], "t": [e[2] for e in chunk]}
-            conn.execute(statement, arrays)
+        _insert_unnest(conn, table, columns, owner, entries)
         return
     values = ", ".join(["?" if conn.dialect.paramstyle == "qmark" else "%s"] * 4)
     if conn.dialect.name == "sqlite":
         sql = f"INSERT OR IGNORE INTO {table} {columns} VALUES ({values})"
-    else:  # MariaDB / MySQL: PyMySQL and mysqlclient fold the executemany into multi-row INSERTs
+    else:
         sql = f"INSERT INTO {table} {columns} VALUES ({values}) ON DUPLICATE KEY UPDATE token = token"
-    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    dbapi = conn.connection.dbapi_connection
+    cursor = dbapi.cursor()  # type: ignore[union-attr]
     try:
-        for start in range(0, len(ordered), _CHUNK * 100):
-            cursor.executemany(sql, [(owner, n, r, t) for n, r, t in ordered[start : start + _CHUNK * 100]])
+        if conn.dialect.name != "sqlite" and type(dbapi).__module__.startswith("pymysql"):
+            head, _, tail = sql.partition(f"({values})")
+            for statement in _mysql_values(dbapi, head, tail, owner, entries):
+                cursor.execute(statement)
+            return
+        for start in range(0, len(entries), _CHUNK * 100):
+            cursor.executemany(sql, [(owner, n, r, t) for n, r, t in entries[start : start + _CHUNK * 100]])
     finally:
         cursor.close()
+
+
+def _insert_unnest(conn: Connection, table: str, columns: str, owner: str, entries: Sequence[Entry]) -> None:
+    statement = text(  # text(): every PostgreSQL driver's paramstyle (asyncpg's $1)
+        f"INSERT INTO {table} {columns} SELECT :o, * FROM unnest(CAST(:n AS varchar[]), "
+        "CAST(:r AS varchar[]), CAST(:t AS bigint[])) ON CONFLICT DO NOTHING"
+    )
+    for start in range(0, len(entries), _CHUNK * 100):
+        chunk = entries[start : start + _CHUNK * 100]
+        conn.execute(
+            statement, {"o": owner, "n": [e[0] for e in chunk], "r": [e[1] for e in chunk], "t": [e[2] for e in chunk]}
+        )
+
+
+def _mysql_values(dbapi: Any, head: str, tail: str, owner: str, entries: Sequence[Entry]) -> Iterator[bytes]:
+    """PyMySQL: ``head (..), (..) tail`` statements of :data:`_MYSQL_ROWS`
+    entries each, the strings quoted by PyMySQL's own ``escape()`` (as its
+    executemany does, for the connection's charset and SQL mode), once per
+    owner, index and row key, the tokens written as integers (``%d``:
+    nothing else formats). PyMySQL's executemany builds the same statements
+    but escapes four parameters per entry in Python. Other drivers keep
+    their executemany."""
+    encoding = dbapi.encoding
+
+    def quote(value: str) -> bytes:
+        return dbapi.escape(value).encode(encoding)  # type: ignore[no-any-return]
+
+    owner_sql = b"(" + quote(owner) + b", "
+    start_sql, end_sql = head.encode(encoding), tail.encode(encoding)
+    prefixes: dict[tuple[str, str], bytes] = {}
+    for start in range(0, len(entries), _MYSQL_ROWS):
+        rows = []
+        for name, row_key, token in entries[start : start + _MYSQL_ROWS]:
+            prefix = prefixes.get((name, row_key))
+            if prefix is None:
+                prefix = prefixes[(name, row_key)] = owner_sql + quote(name) + b", " + quote(row_key) + b", "
+            rows.append(prefix + b"%d)" % token)
+        yield start_sql + b", ".join(rows) + end_sql
 
 
 def delete_row_tokens(

@@ -122,3 +122,20 @@ def test_a_composite_key_of_other_types_is_refused_for_the_token_table(engine: E
         conn.execute(insert(Dated.__table__).values(day=dt.date(2000, 1, 1), n=1, title="abc"))
     with engine.connect() as conn:
         assert conn.execute(select(Dated.__table__)).all() == []  # refused before it ran
+
+
+def test_row_keys_that_need_quoting_are_stored_as_given(engine: Engine, local_keys: KeyManager) -> None:
+    """The token table's rows are written without bound parameters on
+    PyMySQL (tokens.py quotes the strings itself): a key with quotes,
+    backslashes, a ``%s`` or non-ASCII text is stored and found as it is."""
+    Item = _model(local_keys, "table")
+    Item.metadata.create_all(engine)
+    codes = ["o'brien", "back\\slash", "100%s", '"q"', "naïve ✓", "a\\'b"]
+    with engine.begin() as conn:
+        conn.execute(insert(Item.__table__), [{"tenant": 5, "code": c, "title": f"penicillin {c}"} for c in codes])
+    assert _found(engine, Item, contains="penicillin") == {(5, c) for c in codes}
+    assert _found(engine, Item, startswith="peni") == {(5, c) for c in codes}
+    with engine.connect() as conn:
+        stored = set(conn.execute(select(local_keys.search_table.c.row_key)).scalars())
+    assert stored == {rowkeys.encode([5, c]) for c in codes}
+    assert all(r.ok for r in local_keys.verify_index(Item.__table__))
