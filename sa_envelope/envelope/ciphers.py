@@ -110,31 +110,43 @@ class RowKeyCipher:
     Why: an ``AESGCM`` object holds about 2.5 KB of OpenSSL state from its
     construction on; a stream caches a partition's row keys (10,000 for
     ``yield_per=10_000``), and one object per cached key was 25 MiB more RSS
-    than a table-scope stream; an INSERT of 20,000 rows made and kept 20,000
-    (1.7 us each, against 0.8 us for one built, used and dropped). This
-    object holds the 32 bytes and nothing else; the ``AESGCM`` object of the key a thread used last is kept in a
-    per-thread slot (:func:`current_aead`). A row's values are opened one
-    after the other with the row's key: one construction per row, as
-    before, and one OpenSSL context per thread instead of one per cached key.
+    than a table-scope stream. A key read back holds the 32 bytes and
+    nothing else; the ``AESGCM`` object of the key a thread used last is
+    kept in a per-thread slot (:func:`current_aead`). A row's values are
+    opened one after the other with the row's key: one construction per
+    row, and one OpenSSL context per thread instead of one per cached key.
     The slot is emptied when the key's cache entry dies (:meth:`release`,
     from that thread) or replaced at the thread's next row key: a key
     outlives its cache entry in at most one slot per thread.
-    Same ``encrypt``/``decrypt`` signature as ``AESGCM``."""
 
-    __slots__ = ("_key",)
+    A key made for an INSERT (``keep=True``) keeps the object its first use
+    built (sealing its row's values): the process that wrote the rows
+    usually reads them back (an ORM load after the commit), and building
+    one per row again made that warm read 1.2-1.3x slower; the key was
+    built once either way. Same ``encrypt``/``decrypt`` signature as ``AESGCM``."""
 
-    def __init__(self, key: bytes) -> None:
+    __slots__ = ("_key", "_keep", "_kept")
+
+    def __init__(self, key: bytes, *, keep: bool = False) -> None:
         if len(key) != ROW_KEY_BYTES:
             raise ValueError("a row key is 32 bytes")
         self._key = key
+        self._keep = keep
+        self._kept: AESGCM | None = None
 
     def aead(self) -> AESGCM:
-        """This key's ``AESGCM`` object: the thread's current one, or a new one made current."""
+        """This key's ``AESGCM`` object: the kept one, the thread's current
+        one, or a new one made current (and kept, for a key made here)."""
+        kept = self._kept
+        if kept is not None:
+            return kept
         pair = _CURRENT.pair
         if pair[0] is self:
             return pair[1]  # type: ignore[no-any-return]
         aead = AESGCM(self._key)
         _CURRENT.pair = (self, aead)
+        if self._keep:
+            self._kept = aead
         return aead
 
     def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
@@ -240,8 +252,7 @@ def wrap_row_keys(
     Runs once per new row (20,000 times for 20,000 rows): one ``os.urandom``
     call for all the material, the wraps made by :func:`wrap_many` in one
     call, no tuple per key. A key's ``AESGCM`` object is made when its
-    values are sealed, in the thread's slot (:class:`RowKeyCipher`): one
-    OpenSSL context per thread, not one per cached key.
+    values are sealed, and kept for reading them back (:class:`RowKeyCipher`).
     """
     count, size = len(key_ids), ROW_KEY_BYTES
     material = os.urandom(size * count)
@@ -262,7 +273,7 @@ def wrap_row_keys(
         for i, w in zip(wanted, made):
             wrapped[i] = w
     cipher = RowKeyCipher
-    return wrapped, [cipher(p) for p in plains]
+    return wrapped, [cipher(p, keep=True) for p in plains]
 
 
 def open_row_key(

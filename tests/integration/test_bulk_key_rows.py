@@ -15,6 +15,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 
 from sa_envelope import KeyManager, LocalKeyProvider
+from sa_envelope.envelope import ciphers
 from sa_envelope.envelope.ciphers import RowKeyCipher, current_aead
 from sa_envelope.keys import table as kt
 from sa_envelope.rows import keyrows
@@ -73,19 +74,28 @@ def test_an_executemany_of_many_rows_reads_back_cold(engine: Engine) -> None:
     assert [tuple(r) for r in got] == [(r["tbl"], r["det"], r["row"]) for r in rows]
 
 
-def test_new_row_keys_hold_their_bytes_and_leave_with_the_cache(engine: Engine) -> None:
-    """Keys made for an INSERT are cached as ``RowKeyCipher`` (32 bytes, no
-    OpenSSL context each, no use counter until one is counted, no second copy
-    of the material once bound): the thread's one ``AESGCM`` slot holds the
-    last row's key, and a rollback or an emptied cache takes it out."""
+def test_new_row_keys_hold_their_bytes_and_leave_with_the_cache(engine: Engine, monkeypatch: Any) -> None:
+    """Keys made for an INSERT are cached as ``RowKeyCipher`` (no use counter
+    until one is counted, no second copy of the material once bound), each
+    keeping the one ``AESGCM`` object its row's sealing built, so reading the
+    rows back in this process builds none; the thread's slot holds the last
+    row's key, and a rollback or an emptied cache takes it out."""
     keys, Item = setup(engine, autoincrement=True)
     rows = [{"tbl": f"t{i}", "det": f"d{i}", "row": {"i": i}} for i in range(MANY)]
+    built = []
+    real = ciphers.AESGCM
+    monkeypatch.setattr(ciphers, "AESGCM", lambda key: built.append(1) or real(key))
     with engine.begin() as conn:
         conn.execute(insert(Item.__table__), rows)
+    assert len(built) == MANY  # one per new key, when its row's value was sealed
     made = [e for e in keys.rows.cache._entries.values() if e.bound is not None]
     assert len(made) == MANY
     assert all(type(e.cipher) is RowKeyCipher and e.wrapped is None and e.uses is None for e in made)
     assert current_aead().pair[0] in {e.cipher for e in made}
+    with engine.connect() as conn:  # the warm read back: the kept objects, none built
+        assert len(conn.execute(select(Item.__table__.c.row)).all()) == MANY
+    assert len(built) == MANY
+    monkeypatch.undo()
     keys.clear_cache()
     assert current_aead().pair == (None, None)
     with engine.connect() as conn:
