@@ -195,7 +195,7 @@ def remove_settled(conn: Any, keys: Table, owner: str, *, dry_run: bool = False)
         return True, 0
     settled = _live_keys(conn, keys, owner) <= 1
     if settled and not dry_run:
-        return True, int(conn.execute(delete(guards).where(guards.c.owner_table == owner)).rowcount)
+        return True, remove_guards(conn, keys, owner)
     count = select(func.count()).select_from(guards).where(guards.c.owner_table == owner)
     return settled, int(conn.execute(count).scalar_one())
 

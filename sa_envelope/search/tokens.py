@@ -127,7 +127,7 @@ def insert_tokens(conn: Connection, tokens: Table, owner: str, entries: Sequence
     dbapi = conn.connection.dbapi_connection
     cursor = dbapi.cursor()  # type: ignore[union-attr]
     try:
-        if conn.dialect.name != "sqlite" and type(dbapi).__module__.startswith("pymysql"):
+        if conn.dialect.driver == "pymysql":  # as rows/keyrows tells PyMySQL
             head, _, tail = sql.partition(f"({values})")
             for statement in _mysql_values(dbapi, head, tail, owner, entries):
                 cursor.execute(statement)

@@ -21,27 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
+from sqlalchemy import MetaData, Table, func, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from sa_envelope import DuplicateValueError, EncryptedType, KeyManager, LivePolicy, LocalKeyProvider
+from sa_envelope import DuplicateValueError, KeyManager, LocalKeyProvider
 from sa_envelope.columns.guardrows import guard_table
 from sa_envelope.faults import inject
 from sa_envelope.jobs.guardsweep import GuardSweepReport
 from sa_envelope.keys import table as kt
+from integration.test_guard_removal import FAST, GUARDS, _table
 from support.rotation import PYTHON, key_statuses, subprocess_env
 
-FAST = LivePolicy(ttl=0.2, grace=1.0)
-GUARDS = guard_table(MetaData())
-
-
-def _table(keys: KeyManager, name: str) -> Table:
-    return Table(
-        name, MetaData(),
-        Column("id", Integer, primary_key=True, autoincrement=False),
-        Column("email", EncryptedType(String(100), keys, deterministic=True), unique=True),
-    )  # fmt: skip
 
 
 def _filled(engine: Engine, keys: KeyManager, names: tuple[str, ...]) -> dict[str, Table]:
