@@ -1,7 +1,8 @@
-"""Run the real ``sa-envelope`` CLI in this process, held inside its first worker's spawn.
+"""Run the real ``sa-envelope`` CLI in this process, held inside its first worker's start.
 
 ``python cli_spawn_held.py MODE LOG ARGS...``: each worker process the
-command starts (multiprocessing's spawn launch) appends its pid to LOG.
+command starts (multiprocessing's fork or spawn launch, whichever
+jobs/processes.py chose) appends its pid to LOG.
 Right after the first is launched, still inside the parent's start window
 (where SIGINT is held: jobs/processes.py ``_start``):
 
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from multiprocessing import popen_spawn_posix
+from multiprocessing import popen_fork, popen_spawn_posix
 
 from sa_envelope.cli import main
 
@@ -32,10 +33,16 @@ HOLD = 60.0  # seconds at most
 
 
 def run(mode: str, log: Path, argv: list[str]) -> int:
-    launch = popen_spawn_posix.Popen._launch
+    for popen in (popen_fork.Popen, popen_spawn_posix.Popen):
+        popen._launch = _held(popen._launch, mode, log)  # type: ignore[method-assign]
+    return main(argv)
+
+
+def _held(launch: Any, mode: str, log: Path) -> Any:
+    """``launch`` (one start method's), then the log line and the hold or the signal."""
 
     def held(self: Any, process_obj: Any) -> None:
-        launch(self, process_obj)
+        launch(self, process_obj)  # a forked child never returns from it: this is the parent
         first = not log.exists()
         with log.open("a") as f:
             f.write(f"{self.pid}\n")
@@ -63,8 +70,7 @@ def run(mode: str, log: Path, argv: list[str]) -> int:
         finally:
             signal.signal(signal.SIGINT, window)
 
-    popen_spawn_posix.Popen._launch = held  # type: ignore[method-assign]
-    return main(argv)
+    return held
 
 
 if __name__ == "__main__":

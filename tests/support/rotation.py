@@ -93,10 +93,12 @@ def table_names(engine: Engine) -> set[str]:
 
 
 def worker_processes(pid: int) -> list[int]:
-    """The worker processes a CLI command (process ``pid``) spawned for ``--workers``
-    (multiprocessing's other children, such as its resource tracker, left out)."""
+    """The worker processes a CLI command (process ``pid``) started for ``--workers``:
+    forked (the command's own command line) or spawned (multiprocessing's
+    ``spawn_main``); its other children, such as a resource tracker, left out."""
     try:
         children = (Path("/proc") / str(pid) / "task" / str(pid) / "children").read_text().split()
+        own = (Path("/proc") / str(pid) / "cmdline").read_bytes()
     except OSError:  # the command ended
         return []
     found = []
@@ -105,6 +107,6 @@ def worker_processes(pid: int) -> list[int]:
             command = (Path("/proc") / child / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"spawn_main" in command:
+        if b"spawn_main" in command or command == own:
             found.append(int(child))
     return found
