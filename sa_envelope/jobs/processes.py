@@ -116,9 +116,19 @@ def _ours(exc: BaseException) -> bool:
 
 def start_method() -> str:
     """``"fork"`` on Linux in a process with one thread, else ``"spawn"`` (module doc)."""
-    if sys.platform.startswith("linux") and threading.active_count() == 1:
+    if sys.platform.startswith("linux") and threading.active_count() == 1 and _os_threads() == 1:
         return "fork"
     return "spawn"
+
+
+def _os_threads() -> int:
+    """The threads the kernel counts in this process: also those a C library
+    started, which :mod:`threading` does not know of."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0  # unknown: not forked
 
 
 def run_processes(target: Callable[..., Any], args: tuple[Any, ...], count: int, bar: Any) -> list[Any]:
