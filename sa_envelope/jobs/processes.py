@@ -28,8 +28,8 @@ one thread (the CLI), they are *forked*. A spawned child is a fresh
 interpreter that imports the library, SQLAlchemy and boto3 again before its
 first row: 0.9-1.3 s of wall time and 0.5-0.65 s of CPU each, measured
 (benchmarks/README.md), which held two workers to 1.37x one on a
-300,000-row job (median) although their rows ran at 1.9-2x. A forked child starts
-with all of that loaded. It inherits the parent's memory, and so its pooled
+300,000-row job (median) although their rows ran at 1.9-2x. A forked
+child starts with all of that loaded. It inherits the parent's memory, and so its pooled
 database connections: it never uses them (it makes its own engine from the
 URL), never finalizes them (the parent's objects are frozen out of the
 garbage collector around the fork, :func:`gc.freeze`) and never runs the
