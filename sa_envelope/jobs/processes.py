@@ -23,22 +23,22 @@ batch and, at the end, its result or its error as one line. Then:
 * Ctrl-C in the parent interrupts every child the same way, waits for them,
   and re-raises ``KeyboardInterrupt``.
 
-How children start (:func:`start_method`): on Linux, from a parent with
-one thread (the CLI), they are *forked*. A spawned child is a fresh
-interpreter that imports the library, SQLAlchemy and boto3 again before its
-first row: 0.9-1.3 s of wall time and 0.5-0.65 s of CPU each, measured
-(benchmarks/README.md), which held two workers to 1.37x one on a
-300,000-row job (median) although their rows ran at 1.9-2x. A forked
-child starts with all of that loaded. It inherits the parent's memory, and so its pooled
+How children start (:func:`start_method`): on Linux, from a parent with one
+thread (the CLI), they are *forked*. A spawned child is a fresh interpreter
+that imports the library, SQLAlchemy and boto3 again before its first row:
+0.9-1.3 s of wall time and 0.5-0.65 s of CPU each, measured
+(benchmarks/README.md), which held two workers to 1.37x one on a 300,000-row
+job (median) although their rows ran at 1.9-2x. A forked child starts with
+all of that loaded. It inherits the parent's memory, and so its pooled
 database connections: it never uses them (it makes its own engine from the
 URL), never finalizes them (the parent's objects are frozen out of the
 garbage collector around the fork, :func:`gc.freeze`) and never runs the
 interpreter's teardown (multiprocessing ends a forked child with
 ``os._exit``). Forking a process with other threads can copy a lock another
 thread holds, so with more than one thread, or on another system (macOS
-forbids forking its frameworks), children are spawned as before. Either
-way ``target`` must be a module-level function, its arguments picklable.
-POSIX signals are used to stop children.
+forbids forking its frameworks), children are spawned as before. Either way
+``target`` must be a module-level function, its arguments picklable. POSIX
+signals are used to stop children.
 """
 
 from __future__ import annotations
