@@ -141,17 +141,24 @@ def run_processes(target: Callable[..., Any], args: tuple[Any, ...], count: int,
     pipes: list[Connection] = []
     ready: set[int] = set()
     try:
-        _start_all(ctx, children, pipes, (target, args, count))
+        _start_all(ctx, children, pipes, target, args, count)
         return _collect(children, pipes, bar, ready)
     except BaseException:
         _stop(children, pipes, ready)
         raise
 
 
-def _start_all(ctx: Any, children: list[Any], pipes: list[Connection], job: tuple[Any, ...]) -> None:
+def _start_all(
+    ctx: Any,
+    children: list[Any],
+    pipes: list[Connection],
+    target: Callable[..., Any],
+    args: tuple[Any, ...],
+    count: int,
+) -> None:
     """Start the children one by one, each with a pipe of its own; the parent's
     objects stay frozen out of the garbage collector meanwhile (module doc)."""
-    target, args, count = job
+    spawned = ctx.get_start_method() == "spawn"
     gc.freeze()
     try:
         for i in range(count):
@@ -160,7 +167,7 @@ def _start_all(ctx: Any, children: list[Any], pipes: list[Connection], job: tupl
             children.append(proc)  # before it starts: a Ctrl-C raised as it starts must stop it too
             pipes.append(reader)
             try:
-                _start(proc, spawned=ctx.get_start_method() == "spawn")
+                _start(proc, spawned=spawned)
             finally:
                 writer.close()  # the child's end: EOF here once the child is gone
     finally:
